@@ -1,0 +1,1 @@
+"""ColorFlow models (Colorization Guider, GSRP fusion net): one model per file, diffusers-style ConfigMixin."""

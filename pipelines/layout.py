@@ -1,0 +1,94 @@
+"""Where each stage keeps its outputs under the data folder OUT: one place, so stages never guess paths.
+
+OUT/
+  manifest.parquet                         chapters found in the input (MANIFEST)
+  ingest/pages/<chapter_id>.parquet        per-chapter parts of the pages table (+ .done.json markers)
+  ingest/chapters/<chapter_id>.parquet     per-chapter row of the chapters table
+  pagestore/<chapter_id>.parquet           normalised colour frames of kept chapters (PAGE_STORE)
+  pages.parquet, chapters.parquet          consolidated tables, written when the stage completes
+  ingest.summary.json                      run summary, written last: the stage's completion marker
+  retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids), one folder per encoder
+  retrieval/runs/<run_id>/                 pools and retrievals of one (encoder, refs, k, seed, size) setting
+  pools.parquet, retrievals.parquet        consolidated tables of the latest retrieval run
+  screentone/<renderer_id>/<WxH>/          per-chapter screentone renderings (SCREENTONE)
+  splits.parquet                           series -> split
+  shards/<split>/                          WebDataset tars, Parquet indexes, stats markers, manifest.json
+  benchmark/                               ColorFlow-Bench-style held-out chapters
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike) -> DataLayout:
+        return cls(Path(root))
+
+    # ingestion
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.parquet"
+
+    @property
+    def ingest_pages(self) -> Path:
+        return self.root / "ingest" / "pages"
+
+    @property
+    def ingest_chapters(self) -> Path:
+        return self.root / "ingest" / "chapters"
+
+    @property
+    def pagestore(self) -> Path:
+        return self.root / "pagestore"
+
+    def pagestore_chapter(self, chapter_id: str) -> Path:
+        return self.pagestore / f"{chapter_id}.parquet"
+
+    @property
+    def pages(self) -> Path:
+        return self.root / "pages.parquet"
+
+    @property
+    def chapters(self) -> Path:
+        return self.root / "chapters.parquet"
+
+    def summary(self, stage: str) -> Path:
+        return self.root / f"{stage}.summary.json"
+
+    # retrieval
+    def embeddings(self, encoder_id: str) -> Path:
+        return self.root / "retrieval" / "embeddings" / encoder_id
+
+    def retrieval_run(self, run_id: str) -> Path:
+        return self.root / "retrieval" / "runs" / run_id
+
+    @property
+    def pools(self) -> Path:
+        return self.root / "pools.parquet"
+
+    @property
+    def retrievals(self) -> Path:
+        return self.root / "retrievals.parquet"
+
+    # screentone
+    def screentone(self, renderer_id: str, width: int, height: int) -> Path:
+        return self.root / "screentone" / renderer_id / f"{width}x{height}"
+
+    # shards and splits
+    @property
+    def splits(self) -> Path:
+        return self.root / "splits.parquet"
+
+    def shards(self, split: str) -> Path:
+        return self.root / "shards" / split
+
+    @property
+    def benchmark(self) -> Path:
+        return self.root / "benchmark"

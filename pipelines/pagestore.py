@@ -1,0 +1,54 @@
+"""The page store: kept colour pages, normalised once (RGB, upright, bounded size) and encoded per chapter.
+
+One Parquet file per chapter keeps the file count at the chapter count (not the page count) and matches
+the unit every later stage works in.
+"""
+
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+from PIL import Image
+
+from pipelines.layout import DataLayout
+from pipelines.schemas import PAGE_STORE
+from pipelines.storage import read_parquet, write_parquet
+
+ENCODINGS = ("jpeg", "png", "webp")
+
+
+def encode_page(image: Image.Image, encoding: str = "jpeg", quality: int = 95) -> bytes:
+    """Encode an RGB page; JPEG keeps full chroma resolution (4:4:4) since colour is the training target."""
+    buf = io.BytesIO()
+    if encoding == "jpeg":
+        image.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=True)
+    elif encoding == "png":
+        image.save(buf, format="PNG", compress_level=6)
+    elif encoding == "webp":
+        image.save(buf, format="WEBP", lossless=True, quality=100, method=4)
+    else:
+        raise ValueError(f"unknown page-store encoding {encoding!r}; choose one of {ENCODINGS}")
+    return buf.getvalue()
+
+
+def decode_page(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image.convert("RGB")
+
+
+def write_chapter_pages(layout: DataLayout, chapter_id: str, rows: list[dict]) -> None:
+    """Write a chapter's stored pages (rows with PAGE_STORE columns) as one file, atomically."""
+    rows = sorted(rows, key=lambda r: r["page_id"])
+    write_parquet(pa.Table.from_pylist(rows, schema=PAGE_STORE), layout.pagestore_chapter(chapter_id), PAGE_STORE)
+
+
+def read_chapter_pages(layout: DataLayout, chapter_id: str) -> dict[str, bytes]:
+    """page_id -> encoded image bytes for one chapter."""
+    table = read_parquet(layout.pagestore_chapter(chapter_id), PAGE_STORE)
+    return dict(zip(table.column("page_id").to_pylist(), table.column("image").to_pylist(), strict=True))
+
+
+def load_chapter_images(layout: DataLayout, chapter_id: str) -> dict[str, Image.Image]:
+    return {page_id: decode_page(data) for page_id, data in read_chapter_pages(layout, chapter_id).items()}

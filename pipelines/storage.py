@@ -1,0 +1,105 @@
+"""Atomic, idempotent file output shared by every stage.
+
+A file appears under its final name only when complete (write to a temporary sibling, then rename), and a unit
+of work is done only when its completion marker exists; the marker is written last. A killed run therefore
+leaves either nothing or temporary files that the next run sweeps, never a partial file under a final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_TAG = ".tmp-"
+MARKER_SUFFIX = ".done.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON with sorted keys so identical content gives identical bytes across reruns."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike, schema: pa.Schema | None = None) -> None:
+    """Write one Parquet file atomically; `schema` casts (and so validates) the table first."""
+    if schema is not None:
+        table = table.select(schema.names).cast(schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa.Table:
+    table = pq.read_table(path)
+    return table.select(schema.names).cast(schema) if schema is not None else table
+
+
+def read_parquet_parts(folder: str | os.PathLike, schema: pa.Schema) -> pa.Table:
+    """Concatenate every completed part of a table folder in name order (deterministic row order)."""
+    parts = sorted(p for p in Path(folder).glob("*.parquet") if TMP_TAG not in p.name) if Path(folder).exists() else []
+    tables = [read_parquet(p, schema) for p in parts]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def marker_path(output: str | os.PathLike) -> Path:
+    """The completion marker of an output (file or folder): `<output>.done.json`."""
+    output = Path(output)
+    return output.with_name(output.name + MARKER_SUFFIX)
+
+
+def is_done(output: str | os.PathLike) -> bool:
+    return marker_path(output).exists()
+
+
+def write_marker(output: str | os.PathLike, stats: dict[str, Any]) -> None:
+    """Mark an output complete; call only after every file of the unit is in place."""
+    atomic_write_json(marker_path(output), stats)
+
+
+def read_marker(output: str | os.PathLike) -> dict[str, Any]:
+    return read_json(marker_path(output))
+
+
+def sweep_tmp(folder: str | os.PathLike) -> int:
+    """Delete temporary files a killed run left behind; returns how many were removed."""
+    folder = Path(folder)
+    if not folder.exists():
+        return 0
+    removed = 0
+    for path in folder.rglob(f"*{TMP_TAG}*"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

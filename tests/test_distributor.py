@@ -1,0 +1,61 @@
+"""The resumable fan-out every stage uses: skipping done units, containing failures, deterministic order."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines.distributor import Unit, run_units
+from pipelines.schemas import STATUS_ERROR, STATUS_OK
+from pipelines.storage import is_done, write_marker
+
+
+def _square_worker(unit: Unit) -> dict:
+    out_dir, value = unit.payload
+    if value == 3:
+        raise ValueError("three is broken")
+    if value == 5:
+        os._exit(1)  # a worker process dying (OOM kill, segfault) must not kill the job
+    write_marker(Path(out_dir) / unit.key, {"square": value * value})
+    return {"square": value * value}
+
+
+def _units(tmp_path: Path, values: list[int]) -> list[Unit]:
+    return [Unit(key=f"u{v:02d}", payload=(str(tmp_path), v)) for v in values]
+
+
+def _done(tmp_path: Path):
+    return lambda unit: is_done(tmp_path / unit.key)
+
+
+def test_local_run_contains_a_failing_unit(tmp_path: Path) -> None:
+    report = run_units(_units(tmp_path, [1, 2, 3, 4]), _square_worker, is_done=_done(tmp_path), desc="t", local=True)
+    assert [r["key"] for r in report.results] == ["u01", "u02", "u03", "u04"]
+    assert [r["status"] for r in report.results] == [STATUS_OK, STATUS_OK, STATUS_ERROR, STATUS_OK]
+    failure = report.failed[0]
+    assert "u03" in failure["error"] and "three is broken" in failure["error"]
+    assert report.summary()["units_failed"] == 1
+
+
+def test_rerun_skips_done_units(tmp_path: Path) -> None:
+    units = _units(tmp_path, [1, 2, 4])
+    first = run_units(units, _square_worker, is_done=_done(tmp_path), desc="t", local=True)
+    assert len(first.results) == 3 and not first.skipped
+    second = run_units(units, _square_worker, is_done=_done(tmp_path), desc="t", local=True)
+    assert second.results == [] and second.skipped == ["u01", "u02", "u04"]
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_ray_run_survives_a_crashed_worker(tmp_path: Path) -> None:
+    units = _units(tmp_path, [1, 2, 3, 4, 5, 6])
+    report = run_units(
+        units, _square_worker, is_done=_done(tmp_path), desc="t", units_per_task=1, max_retries=0
+    )
+    by_key = {r["key"]: r for r in report.results}
+    assert [r["key"] for r in report.results] == [u.key for u in units]
+    assert by_key["u02"]["square"] == 4 and by_key["u06"]["square"] == 36
+    assert by_key["u03"]["status"] == STATUS_ERROR
+    assert by_key["u05"]["status"] == STATUS_ERROR and "task crashed" in by_key["u05"]["error"]
+    assert not is_done(tmp_path / "u05") and is_done(tmp_path / "u06")

@@ -1,0 +1,1 @@
+"""accelerate training scripts for ICP and GSRP; they read the WebDataset shards written by `pipelines/`."""
