@@ -79,6 +79,13 @@ def fit_image(image: Image.Image, width: int, height: int, tolerance: float = AS
     return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
 
 
+def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """The GSRP size: `scale` times the training size, rounded to multiples of 8 (the VAE's factor)."""
+    if scale <= 0:
+        raise ValueError(f"hires scale must be positive, got {scale}")
+    return max(8, 8 * round(width * scale / 8)), max(8, 8 * round(height * scale / 8))
+
+
 @dataclass(frozen=True)
 class CompositeLayout:
     """The 2W x 2H canvas: a 4x4 grid of W/2 x H/2 cells, the frame in the centre 2x2, references on the ring."""

@@ -1,0 +1,35 @@
+"""Argument helpers every job shares: where Ray runs, and sizes written as WxH."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x800' -> (512, 800); argparse reports the ValueError text to the user."""
+    try:
+        width, height = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x800") from None
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return width, height
+
+
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("where it runs")
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to join (default: RAY_ADDRESS, which `ray job submit` sets; else a local Ray in-process)",
+    )
+    group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    group.add_argument("--local", action="store_true", help="run in this process without Ray (debugging, tiny runs)")
+
+
+def start_ray(args: argparse.Namespace) -> None:
+    if args.local:
+        return
+    from pipelines.runtime import init_ray
+
+    init_ray(args.ray_address, num_cpus=args.num_cpus)

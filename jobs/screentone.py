@@ -1,0 +1,49 @@
+"""Render the screentone of every frame: `python -m jobs.screentone --data OUT [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from jobs.common import add_ray_arguments, parse_size, start_ray
+from pipelines.screentone_job import ScreentoneOptions, run_screentone
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.screentone", description=__doc__)
+    parser.add_argument("--data", required=True, help="the data folder written by jobs.ingest (OUT)")
+    parser.add_argument(
+        "--renderer",
+        default="halftone",
+        help="'halftone' (weight-free, default), 'screenstyle:<weights folder>' or "
+        "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
+    )
+    parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
+    parser.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
+    parser.add_argument("--chapters-per-task", type=int, default=1)
+    add_ray_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_ray(args)
+    options = ScreentoneOptions(
+        renderer=args.renderer,
+        width=args.size[0],
+        height=args.size[1],
+        hires_scale=args.hires_scale,
+        seed=args.seed,
+        device=args.device,
+    )
+    summary = run_screentone(args.data, options, chapters_per_task=args.chapters_per_task, local=args.local)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

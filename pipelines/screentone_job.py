@@ -1,0 +1,189 @@
+"""The screentone stage: render every frame's screentone at the sizes the shards use, once, beside the page store.
+
+Units are kept chapters. Each frame is fitted to the training size W x H and to the GSRP size, and the colour
+page is rendered at exactly that size (tone is never resampled afterwards). A frame that fails becomes an error
+row; a chapter is done when its marker exists, so reruns only render what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from PIL import Image
+
+from pipelines.distributor import Unit, run_units
+from pipelines.geometry import CompositeLayout, fit_image, hires_size
+from pipelines.layout import DataLayout
+from pipelines.pagestore import decode_page, read_chapter_pages
+from pipelines.schemas import CHAPTERS, SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
+from pipelines.seeding import derive_seed
+from pipelines.storage import atomic_write_json, is_done, read_marker, read_parquet, write_marker, write_parquet
+
+STAGE = "screentone"
+VARIANT_TRAIN = "train"
+VARIANT_HIRES = "hires"
+
+_RENDERERS: dict[tuple[str, str | None], Any] = {}
+
+
+@dataclass(frozen=True)
+class ScreentoneOptions:
+    renderer: str = "halftone"  # spec for screentone.render.make_renderer
+    width: int = 512
+    height: int = 800
+    hires_scale: float = 1.5
+    seed: int = 0
+    device: str | None = None
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        return {
+            VARIANT_TRAIN: (self.width, self.height),
+            VARIANT_HIRES: hires_size(self.width, self.height, self.hires_scale),
+        }
+
+
+def renderer_for(spec: str, device: str | None = None):
+    """One renderer per worker process and spec: weights load once, not once per chapter."""
+    from screentone.render import make_renderer
+
+    key = (spec, device)
+    if key not in _RENDERERS:
+        _RENDERERS[key] = make_renderer(spec, device=device)
+    return _RENDERERS[key]
+
+
+def frame_seed(seed: int, frame_id: str, variant: str) -> int:
+    return derive_seed(seed, "screentone", frame_id, variant)
+
+
+def render_frame(page: Image.Image, frame_id: str, options: ScreentoneOptions, renderer) -> dict[str, bytes]:
+    """PNG-encoded tone per variant for one colour frame."""
+    out: dict[str, bytes] = {}
+    for variant, (width, height) in options.sizes.items():
+        fitted = np.asarray(fit_image(page, width, height))
+        tone = renderer.render(fitted, frame_seed(options.seed, frame_id, variant))
+        buf = io.BytesIO()
+        Image.fromarray(tone, mode="L").save(buf, format="PNG", compress_level=6)
+        out[variant] = buf.getvalue()
+    return out
+
+
+def _chapter_worker(unit: Unit) -> dict[str, Any]:
+    data, options, renderer_id = unit.payload
+    layout = DataLayout.at(data)
+    options = ScreentoneOptions(**options)
+    renderer = renderer_for(options.renderer, options.device)
+    if renderer.id != renderer_id:
+        raise RuntimeError(f"worker built renderer {renderer.id}, the driver planned {renderer_id}: weights differ")
+    rows: list[dict[str, Any]] = []
+    for frame_id, data_bytes in sorted(read_chapter_pages(layout, unit.key).items()):
+        base = {"frame_id": frame_id, "chapter_id": unit.key, "renderer": renderer_id}
+        try:
+            tones = render_frame(decode_page(data_bytes), frame_id, options, renderer)
+        except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
+            error = f"frame {frame_id} of chapter {unit.key}: {type(exc).__name__}: {exc}"
+            failed = {"width": None, "height": None, "image": None, "status": STATUS_ERROR, "error": error}
+            rows += [{**base, "variant": variant, **failed} for variant in options.sizes]
+            continue
+        for variant, png in tones.items():
+            width, height = options.sizes[variant]
+            rows.append(
+                {**base, "variant": variant, "width": width, "height": height, "image": png}
+                | {"status": STATUS_OK, "error": None}
+            )
+    output = _chapter_output(layout, renderer_id, options, unit.key)
+    write_parquet(table_from_rows(rows, SCREENTONE), output, SCREENTONE)
+    stats = {
+        "options": asdict(options) | {"renderer_id": renderer_id},
+        "frames": len({r["frame_id"] for r in rows}),
+        "errors": len({r["frame_id"] for r in rows if r["status"] == STATUS_ERROR}),
+    }
+    write_marker(output, stats)
+    return stats
+
+
+def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str) -> bool:
+    """Done = marker present and written with the same options (another seed or scale renders again)."""
+    output = _chapter_output(layout, renderer_id, options, chapter_id)
+    return is_done(output) and read_marker(output).get("options") == asdict(options) | {"renderer_id": renderer_id}
+
+
+def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
+    return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
+
+
+def kept_chapter_ids(layout: DataLayout) -> list[str]:
+    """Chapters whose colour pages are frames, as ingestion decided."""
+    if not layout.summary("ingest").exists():
+        raise FileNotFoundError(f"{layout.summary('ingest')} is missing: run the ingestion job on {layout.root} first")
+    chapters = read_parquet(layout.chapters, CHAPTERS)
+    return sorted(chapters.filter(pc.field("kept")).column("chapter_id").to_pylist())
+
+
+def run_screentone(
+    data: str,
+    options: ScreentoneOptions = ScreentoneOptions(),
+    *,
+    chapters_per_task: int = 1,
+    local: bool = False,
+) -> dict[str, Any]:
+    """Render the screentone of every frame; returns (and writes) the stage summary."""
+    from pipelines.runtime import cluster_has_gpus
+
+    CompositeLayout(options.width, options.height)  # validates the size before any work
+    layout = DataLayout.at(data)
+    renderer = renderer_for(options.renderer, options.device)
+    neural = not renderer.id.startswith("halftone")
+    num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
+    chapter_ids = kept_chapter_ids(layout)
+    payload = (str(layout.root), asdict(options), renderer.id)
+    units = [Unit(key=chapter_id, payload=payload) for chapter_id in chapter_ids]
+    started = time.perf_counter()
+    report = run_units(
+        units,
+        _chapter_worker,
+        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key),
+        desc="screentone chapters",
+        units_per_task=chapters_per_task,
+        num_gpus=num_gpus,
+        local=local,
+    )
+    seconds = time.perf_counter() - started
+    frames = sum(r.get("frames", 0) for r in report.results)
+    summary = {
+        "stage": STAGE,
+        "renderer_id": renderer.id,
+        "options": asdict(options),
+        "sizes": {variant: list(size) for variant, size in options.sizes.items()},
+        "folder": str(layout.screentone(renderer.id, options.width, options.height).relative_to(layout.root)),
+        "chapters": len(units),
+        "chapters_rendered": len(report.results),
+        "chapters_reused": len(report.skipped),
+        "frames_rendered": frames,
+        "frame_errors": sum(r.get("errors", 0) for r in report.results),
+        "frames_per_second": round(frames / seconds, 3) if seconds > 0 else None,
+        "distributor": report.summary(),
+    }
+    atomic_write_json(layout.summary(STAGE), summary)
+    return summary
+
+
+def load_screentone(layout: DataLayout, renderer_id: str, width: int, height: int, chapter_id: str) -> dict:
+    """(frame_id, variant) -> PNG bytes of the chapter's successful renderings."""
+    table = read_parquet(layout.screentone(renderer_id, width, height) / f"{chapter_id}.parquet", SCREENTONE)
+    table = table.filter(pc.field("status") == STATUS_OK)
+    return {
+        (frame, variant): image
+        for frame, variant, image in zip(
+            table.column("frame_id").to_pylist(),
+            table.column("variant").to_pylist(),
+            table.column("image").to_pylist(),
+            strict=True,
+        )
+    }
