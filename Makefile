@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m jobs.pipeline --generate-sample $(DEMO_DIR)/corpus --output $(DEMO_DIR)/data --report $(DEMO_DIR)/report
+	$(PY) -m jobs.pipeline --generate-sample $(DEMO_DIR)/corpus --output $(DEMO_DIR)/data --report $(DEMO_DIR)/report \
+		--encoder weightfree --renderer halftone $(DEMO_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -7,13 +7,17 @@ OUT/
   pagestore/<chapter_id>.parquet           normalised colour frames of kept chapters (PAGE_STORE)
   pages.parquet, chapters.parquet          consolidated tables, written when the stage completes
   ingest.summary.json                      run summary, written last: the stage's completion marker
-  retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids), one folder per encoder
-  retrieval/runs/<run_id>/                 pools and retrievals of one (encoder, refs, k, seed, size) setting
+  retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids, pages/ hashes), one
+                                           folder per encoder and page size (the id hashes both)
+  retrieval/runs/<run_id>/                 pools and retrievals of one (encoder, size, refs, k, seed) setting
   pools.parquet, retrievals.parquet        consolidated tables of the latest retrieval run
   screentone/<renderer_id>/<WxH>/          per-chapter screentone renderings (SCREENTONE)
   splits.parquet                           series -> split
+  duplicates.parquet                       leakage check: held-out pages and their training near-duplicates
   shards/<split>/                          WebDataset tars, Parquet indexes, stats markers, manifest.json
+  shards/manifest.json                     the dataset manifest (every split and shard, config, code version)
   benchmark/                               ColorFlow-Bench-style held-out chapters
+  shards.summary.json                      run summary of the shard job, written last
 """
 
 from __future__ import annotations
@@ -92,3 +96,11 @@ class DataLayout:
     @property
     def benchmark(self) -> Path:
         return self.root / "benchmark"
+
+    @property
+    def duplicates(self) -> Path:
+        return self.root / "duplicates.parquet"
+
+    @property
+    def shards_manifest(self) -> Path:
+        return self.root / "shards" / "manifest.json"

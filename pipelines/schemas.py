@@ -11,15 +11,17 @@ import pyarrow as pa
 # Status values shared by every per-item table: an item is either processed or recorded with its reason.
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
+STATUS_EXCLUDED = "excluded"  # usable, but left out by a documented rule (e.g. a retrieval pool too small)
 
 # Features the colour classifier computes per page. Stored so thresholds can be re-cut without decoding again.
 COLOR_FEATURE_FIELDS: list[pa.Field] = [
     pa.field("chromatic_fraction", pa.float32()),  # share of non-dark pixels in solid areas of clear colour
     pa.field("raw_chromatic_fraction", pa.float32()),  # the same before erosion (fringes and noise included)
+    pa.field("vivid_fraction", pa.float32()),  # share of non-dark pixels in solid areas of vivid colour (chroma >= 30)
     pa.field("chroma_p99", pa.float32()),  # 99th percentile of paper-corrected chroma of non-dark pixels (Lab)
     pa.field("chroma_p90", pa.float32()),
-    pa.field("hue_spread", pa.float32()),  # circular variance of the chromatic pixels' hues (0..1)
-    pa.field("secondary_hue_share", pa.float32()),  # chromatic pixels > 60 degrees from the dominant hue
+    pa.field("hue_spread", pa.float32()),  # circular variance of the hues of chromatic areas (0..1)
+    pa.field("secondary_hue_share", pa.float32()),  # chromatic pixels outside the densest 60-degree hue arc
     pa.field("hue_bins", pa.int16()),  # 30-degree hue sectors holding >= 5% of the chromatic pixels
     pa.field("tint_a", pa.float32()),  # paper tint: Lab a*, b* of the median colour of the brightest pixels
     pa.field("tint_b", pa.float32()),
@@ -100,6 +102,19 @@ EMBEDDINGS = pa.schema(
         pa.field("role", pa.string(), nullable=False),  # "query" (B&W crop) | "ref" (colour crop)
         pa.field("patch", pa.int8(), nullable=False),
         pa.field("row", pa.int32(), nullable=False),  # row of the vector in the companion .npy matrix
+    ]
+)
+
+# Per chapter, beside the embeddings: every stored page once, so a rerun embeds only new or changed pages and
+# the pool stage finds near-duplicates without decoding pages again.
+EMBEDDED_PAGES = pa.schema(
+    [
+        pa.field("page_id", pa.string(), nullable=False),
+        pa.field("chapter_id", pa.string(), nullable=False),
+        pa.field("image_sha1", pa.string(), nullable=False),  # of the stored bytes: changed bytes are re-embedded
+        pa.field("hashes", pa.list_(pa.binary()), nullable=False),  # edge hashes (pipelines.pools.page_hashes)
+        pa.field("status", pa.string(), nullable=False),  # "error": undecodable page, no vectors, never in a pool
+        pa.field("error", pa.string()),
     ]
 )
 
@@ -197,8 +212,8 @@ DUPLICATES = pa.schema(
         pa.field("train_series", pa.string(), nullable=False),
         pa.field("train_chapter_id", pa.string(), nullable=False),
         pa.field("score", pa.float32(), nullable=False),  # cosine similarity of the whole-page embeddings
-        pa.field("phash_distance", pa.int16()),  # Hamming distance of 64-bit DCT hashes; null when not checked
-        pa.field("duplicate", pa.bool_(), nullable=False),  # False: a candidate the perceptual hash rejected
+        pa.field("hash_distance", pa.float32()),  # edge-hash distance (pipelines.pools); null when not checked
+        pa.field("duplicate", pa.bool_(), nullable=False),  # False: a candidate the edge-hash check rejected
     ]
 )
 
@@ -229,6 +244,7 @@ TABLES: dict[str, pa.Schema] = {
     "chapters": CHAPTERS,
     "page store": PAGE_STORE,
     "embeddings ids": EMBEDDINGS,
+    "embedded pages": EMBEDDED_PAGES,
     "pools": POOLS,
     "retrievals": RETRIEVALS,
     "screentone": SCREENTONE,

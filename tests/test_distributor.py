@@ -50,9 +50,7 @@ def test_rerun_skips_done_units(tmp_path: Path) -> None:
 @pytest.mark.usefixtures("ray_local")
 def test_ray_run_survives_a_crashed_worker(tmp_path: Path) -> None:
     units = _units(tmp_path, [1, 2, 3, 4, 5, 6])
-    report = run_units(
-        units, _square_worker, is_done=_done(tmp_path), desc="t", units_per_task=1, max_retries=0
-    )
+    report = run_units(units, _square_worker, is_done=_done(tmp_path), desc="t", units_per_task=1, max_retries=0)
     by_key = {r["key"]: r for r in report.results}
     assert [r["key"] for r in report.results] == [u.key for u in units]
     assert by_key["u02"]["square"] == 4 and by_key["u06"]["square"] == 36

@@ -1,0 +1,125 @@
+"""`python -m jobs.ingest --input ROOT --output OUT`: keep the colour pages of a raw manga dump.
+
+Also runs as `ray job submit --working-dir . -- python -m jobs.ingest ...` against a running cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+
+from jobs.common import add_ray_arguments
+from pipelines.colour import ColourThresholds, FeatureParams
+from pipelines.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
+from pipelines.ingest import (
+    DEFAULT_CHAPTERS_PER_TASK,
+    DEFAULT_MIN_COLOR_PAGES,
+    DEFAULT_STORE_LONGEST_SIDE,
+    IngestOptions,
+    run_ingest,
+)
+from pipelines.pagestore import ENCODINGS
+from pipelines.sources import DEFAULT_MAX_FILE_BYTES
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.ingest",
+        description="List the chapters of a raw dump (<series>/<chapter>/ or <series>/<chapter>.cbz|.zip), "
+        "classify every page as colour or B&W, keep chapters with enough colour pages and store their colour "
+        "pages once, normalised. Reruns skip chapters already done and rewrite identical outputs.",
+    )
+    parser.add_argument("--input", required=True, help="root of the dump: a local path or an fsspec URI")
+    parser.add_argument("--output", required=True, help="data folder OUT (tables, page store, summary)")
+    parser.add_argument(
+        "--min-color-pages",
+        type=_positive_int,
+        default=DEFAULT_MIN_COLOR_PAGES,
+        help="colour pages a chapter needs to be kept (default %(default)s: a frame plus 20 references)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse images declaring more pixels than this, before decoding (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-file-bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_FILE_BYTES,
+        help="refuse page files larger than this, before reading them (default %(default)s)",
+    )
+    parser.add_argument(
+        "--analysis-side",
+        type=_positive_int,
+        default=DEFAULT_ANALYSIS_SIDE,
+        help="longest side (at least) of the reduced decode the classifier sees (default %(default)s)",
+    )
+    parser.add_argument(
+        "--store-longest-side",
+        type=int,
+        default=DEFAULT_STORE_LONGEST_SIDE,
+        help="downscale stored pages to this longest side, never upscaling; 0 keeps the full size "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--store-encoding", choices=ENCODINGS, default="jpeg", help="page-store encoding")
+    parser.add_argument("--store-quality", type=_positive_int, default=95, help="JPEG quality of the page store")
+    parser.add_argument(
+        "--color-threshold",
+        type=float,
+        default=ColourThresholds().threshold,
+        help="colour iff color_score >= this (default %(default)s; see pipelines/colour.py)",
+    )
+    parser.add_argument(
+        "--chapters-per-task",
+        type=_positive_int,
+        default=DEFAULT_CHAPTERS_PER_TASK,
+        help="chapters per Ray task (default %(default)s)",
+    )
+    parser.add_argument("--task-memory-mb", type=_positive_int, default=None, help="memory Ray reserves per task")
+    parser.add_argument("--limit", type=_positive_int, default=None, help="only the first N chapters (trial runs)")
+    add_ray_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def options_from_args(args: argparse.Namespace) -> IngestOptions:
+    return IngestOptions(
+        min_color_pages=args.min_color_pages,
+        max_pixels=args.max_pixels,
+        max_file_bytes=args.max_file_bytes,
+        analysis_side=args.analysis_side,
+        store_longest_side=args.store_longest_side or None,
+        store_encoding=args.store_encoding,
+        store_quality=args.store_quality,
+        features=FeatureParams(),
+        thresholds=dataclasses.replace(ColourThresholds(), threshold=args.color_threshold),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary = run_ingest(
+        args.input,
+        args.output,
+        options=options_from_args(args),
+        chapters_per_task=args.chapters_per_task,
+        limit=args.limit,
+        local=args.local,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        task_memory=args.task_memory_mb * 1024 * 1024 if args.task_memory_mb else None,
+    )
+    return 1 if summary["run"]["chapters_failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Contact sheets of the retrieval cache: `python -m jobs.inspect_retrieval --data OUT --frame ID [--out PNG]`
+or `--random N --seed S --out-dir DIR`. Each sheet shows the B&W frame with its four query boxes and, per box,
+the retrieved reference patches with their page ids and scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from pipelines.retrieval_eval import write_contact_sheets
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.inspect_retrieval", description=__doc__)
+    parser.add_argument("--data", required=True, help="the data folder of the retrieval job (OUT)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--frame", action="append", help="frame (page) id; repeat for several")
+    which.add_argument("--random", type=int, metavar="N", help="N frames drawn at random (with --seed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="output PNG for a single --frame (default <out-dir>/<id>.png)")
+    parser.add_argument("--out-dir", default="contact_sheets", help="output folder (default ./contact_sheets)")
+    args = parser.parse_args(argv)
+    if args.out and (args.random is not None or len(args.frame) != 1):
+        parser.error("--out names one file: use it with a single --frame, else --out-dir")
+    if args.random is not None and args.random < 1:
+        parser.error("--random needs a positive count")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = parse_args(argv)
+    written = write_contact_sheets(
+        args.data,
+        frame_ids=args.frame,
+        random_frames=args.random or 0,
+        seed=args.seed,
+        out=args.out,
+        out_dir=args.out_dir,
+    )
+    for path in written:
+        print(path)
+    return [str(p) for p in written]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Write the training shards, splits, benchmark and leakage report: `python -m jobs.shards --data OUT [options]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+
+from jobs.common import add_ray_arguments, parse_size, start_ray
+from pipelines.shard_job import ShardJobOptions, run_shards
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GB', '500MB', '2GiB', '123456' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a byte count such as 1GB, 500MB or 2GiB")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.shards", description=__doc__)
+    parser.add_argument("--data", required=True, help="the data folder of the earlier stages (OUT)")
+    samples = parser.add_argument_group("samples")
+    samples.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
+    samples.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
+    samples.add_argument("--renderer", default="halftone", help="screentone renderer spec used by jobs.screentone")
+    samples.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the colour members")
+    shards = parser.add_argument_group("shards")
+    shards.add_argument("--shard-size", type=parse_bytes, default=10**9, help="target bytes per tar (default 1GB)")
+    shards.add_argument("--max-samples", type=int, default=None, help="cap on samples per tar")
+    shards.add_argument("--estimate-frames", type=int, default=8, help="frames built to measure bytes per sample")
+    splits = parser.add_argument_group("splits and benchmark")
+    splits.add_argument("--val-fraction", type=float, default=0.05, help="share of non-benchmark series in val")
+    splits.add_argument("--bench-chapters", type=int, default=30, help="benchmark chapters (0: no benchmark)")
+    splits.add_argument("--bench-refs", type=int, default=40, help="colour reference pages per benchmark chapter")
+    splits.add_argument("--bench-bw", type=int, default=50, help="black-and-white pages per benchmark chapter")
+    splits.add_argument("--bench-size", type=parse_size, default=None, help="benchmark page size (default: GSRP)")
+    splits.add_argument(
+        "--bench-max-series-fraction", type=float, default=0.1, help="cap on the share of series held out"
+    )
+    splits.add_argument("--bench-series", nargs="+", default=None, help="hold out exactly these series")
+    splits.add_argument("--seed", type=int, default=0)
+    leakage = parser.add_argument_group("leakage check")
+    leakage.add_argument("--leakage-threshold", type=float, default=0.95, help="cosine of a duplicate candidate")
+    leakage.add_argument("--no-leakage-confirm", action="store_true", help="skip the edge-hash confirmation")
+    leakage.add_argument("--ivf-min-train", type=int, default=100_000, help="training pages from which IVF is used")
+    leakage.add_argument(
+        "--keep-frames-referencing-duplicates",
+        action="store_true",
+        help="drop only the duplicate pages, not also the training frames whose references show them",
+    )
+    parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
+    add_ray_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start_ray(args)
+    options = ShardJobOptions(
+        size=args.size,
+        hires_scale=args.hires_scale,
+        shard_size=args.shard_size,
+        max_samples=args.max_samples,
+        estimate_frames=args.estimate_frames,
+        jpeg_quality=args.jpeg_quality,
+        val_fraction=args.val_fraction,
+        bench_chapters=args.bench_chapters,
+        bench_refs=args.bench_refs,
+        bench_bw=args.bench_bw,
+        bench_size=args.bench_size,
+        bench_max_series_fraction=args.bench_max_series_fraction,
+        bench_series=tuple(args.bench_series) if args.bench_series else None,
+        seed=args.seed,
+        renderer=args.renderer,
+        leakage_threshold=args.leakage_threshold,
+        leakage_confirm=not args.no_leakage_confirm,
+        ivf_min_train=args.ivf_min_train,
+        drop_frames_referencing_duplicates=not args.keep_frames_referencing_duplicates,
+    )
+    summary = run_shards(args.data, options, local=args.local, rebuild=args.rebuild)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

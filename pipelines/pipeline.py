@@ -1,0 +1,213 @@
+"""The whole data pipeline in order: ingest -> retrieval -> screentone -> shards, then an optional report.
+
+A stage is skipped when its summary exists and the pipeline's record says it completed with the same settings
+(and, for ingestion, the same chapters in the input); when a stage runs again, every later stage runs too. Each
+stage is itself resumable unit by unit, so even a stage that runs again redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.layout import DataLayout
+from pipelines.storage import atomic_write_json, read_json
+
+STAGES = ("ingest", "retrieval", "screentone", "shards")
+RECORD = "pipeline.summary.json"
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Settings of every stage; each stage's slice of it decides whether that stage's outputs are current."""
+
+    size: tuple[int, int] = (512, 800)
+    hires_scale: float = 1.5
+    seed: int = 0
+    # ingestion
+    min_color_pages: int = 21
+    chapters_per_task: int = 4
+    # retrieval
+    encoder: str = "open_clip:ViT-H-14:laion2b_s32b_b79k"
+    refs: int = 20
+    min_refs: int = 10
+    k_per_patch: int = 3
+    # screentone
+    renderer: str = "halftone"
+    # shards, splits, benchmark
+    shard_size: int = 1_000_000_000
+    max_samples: int | None = None
+    val_fraction: float = 0.05
+    bench_chapters: int = 30
+    bench_refs: int = 40
+    bench_bw: int = 50
+    bench_max_series_fraction: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        common = {"size": list(self.size), "hires_scale": self.hires_scale, "seed": self.seed}
+        by_stage = {
+            "ingest": {"min_color_pages": self.min_color_pages},
+            "retrieval": {
+                "encoder": self.encoder,
+                "refs": self.refs,
+                "min_refs": self.min_refs,
+                "k_per_patch": self.k_per_patch,
+                "size": list(self.size),
+                "seed": self.seed,
+            },
+            "screentone": {"renderer": self.renderer, **common},
+            "shards": {**asdict(self), "chapters_per_task": None},
+        }
+        return by_stage[stage]
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _input_fingerprint(input_root: str) -> str:
+    """The chapters the input holds now: a new or removed chapter makes ingestion run again."""
+    from pipelines.sources import InputRoot, list_chapters
+
+    return _fingerprint({"chapters": [c.chapter_id for c in list_chapters(InputRoot(input_root))]})
+
+
+def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
+    width, height = options.size
+    if stage == "ingest":
+        from pipelines.ingest import IngestOptions, run_ingest
+
+        return run_ingest(
+            input_root,
+            layout.root,
+            options=IngestOptions(min_color_pages=options.min_color_pages),
+            chapters_per_task=options.chapters_per_task,
+            local=local,
+        )
+    if stage == "retrieval":
+        from pipelines.retrieval import run_retrieval
+
+        return run_retrieval(
+            layout.root,
+            encoder=options.encoder,
+            refs=options.refs,
+            min_refs=options.min_refs,
+            k_per_patch=options.k_per_patch,
+            seed=options.seed,
+            width=width,
+            height=height,
+            local=local,
+        )
+    if stage == "screentone":
+        from pipelines.screentone_job import ScreentoneOptions, run_screentone
+
+        screentone = ScreentoneOptions(
+            renderer=options.renderer, width=width, height=height, hires_scale=options.hires_scale, seed=options.seed
+        )
+        return run_screentone(str(layout.root), screentone, local=local)
+    from pipelines.shard_job import ShardJobOptions, run_shards
+
+    shard_options = ShardJobOptions(
+        size=options.size,
+        hires_scale=options.hires_scale,
+        shard_size=options.shard_size,
+        max_samples=options.max_samples,
+        val_fraction=options.val_fraction,
+        bench_chapters=options.bench_chapters,
+        bench_refs=options.bench_refs,
+        bench_bw=options.bench_bw,
+        bench_max_series_fraction=options.bench_max_series_fraction,
+        seed=options.seed,
+        renderer=options.renderer,
+    )
+    return run_shards(layout.root, shard_options, local=local)
+
+
+def run_pipeline(
+    input_root: str | os.PathLike,
+    output: str | os.PathLike,
+    options: PipelineOptions = PipelineOptions(),
+    *,
+    local: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+) -> dict[str, Any]:
+    """Run every stage that is not current; returns the per-stage summaries and what was skipped."""
+    input_root = os.fspath(input_root)
+    layout = DataLayout.at(output)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if not local:
+        from pipelines.runtime import init_ray
+
+        init_ray(ray_address, num_cpus=num_cpus)
+    record_path = layout.root / RECORD
+    previous = read_json(record_path).get("stages", {}) if record_path.exists() else {}
+    record: dict[str, Any] = {"input": input_root, "stages": {}}
+    rerun_downstream = False
+    started = time.perf_counter()
+    for stage in STAGES:
+        settings = options.stage_settings(stage)
+        if stage == "ingest":
+            settings = {**settings, "input": input_root, "chapters": _input_fingerprint(input_root)}
+        fingerprint = _fingerprint(settings)
+        before = previous.get(stage, {})
+        current = (
+            not rerun_downstream
+            and before.get("fingerprint") == fingerprint
+            and layout.summary(stage).exists()
+            and read_json(layout.summary(stage)).get("complete", True) is not False
+        )
+        stage_started = time.perf_counter()
+        if current:
+            summary, skipped = read_json(layout.summary(stage)), True
+        else:
+            summary, skipped = _run_stage(stage, input_root, layout, options, local), False
+            rerun_downstream = True
+        record["stages"][stage] = {
+            "fingerprint": fingerprint,
+            "skipped": skipped,
+            "seconds": round(time.perf_counter() - stage_started, 3),
+            "summary": summary,
+        }
+        # Saved after every stage: a kill between stages keeps what finished.
+        atomic_write_json(record_path, record)
+    record["seconds"] = round(time.perf_counter() - started, 3)
+    atomic_write_json(record_path, record)
+    return record
+
+
+def stage_lines(record: dict[str, Any]) -> list[str]:
+    """One line per stage for the final console summary."""
+    lines = []
+    for stage, entry in record["stages"].items():
+        state = "skipped (outputs current)" if entry["skipped"] else f"ran in {entry['seconds']:.1f} s"
+        lines.append(f"{stage:<11} {state}: {_headline(stage, entry['summary'])}")
+    return lines
+
+
+def _headline(stage: str, summary: dict[str, Any]) -> str:
+    if stage == "ingest":
+        c, p = summary["chapters"], summary["pages"]
+        return (
+            f"chapters {c['kept']} kept / {c['dropped']} dropped; pages {p['color']} colour, {p['bw']} B&W, "
+            f"{p['error']} error"
+        )
+    if stage == "screentone":
+        return f"{summary['frames_rendered']} frames rendered, {summary['chapters_reused']} chapters reused"
+    keys = ("frames", "retrievals", "chapters_searched", "samples", "shards", "duplicates")
+    flat = {k: v for k, v in _flatten(summary).items() if k.split(".")[-1] in keys and isinstance(v, int | float)}
+    return ", ".join(f"{k} {v}" for k, v in list(flat.items())[:6]) or "done"
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        return {prefix: obj}
+    out: dict[str, Any] = {}
+    for key, value in obj.items():
+        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out

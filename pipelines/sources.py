@@ -1,0 +1,274 @@
+"""The input reader: chapters of a raw dump (folders or .cbz/.zip archives) and their pages in reading order.
+
+A dump is laid out as `<series>/<chapter>/<pages>` or `<series>/<chapter>.cbz|.zip`. Listing chapters is cheap
+(two directory levels), so the manifest is built before any page is touched; pages are listed per chapter by the
+worker that processes it. Every identifier is derived from the source path relative to the input root, so the
+same dump gives the same ids on every run and on every machine.
+
+Paths may be local or any URI fsspec understands (`file://`, `s3://`, `memory://`, ...): the reader only lists
+directories, opens files and reads bytes through the filesystem object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+from fsspec.implementations.local import LocalFileSystem
+
+from pipelines.schemas import MANIFEST
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
+)
+ARCHIVE_EXTENSIONS = frozenset({".cbz", ".zip"})
+JUNK_FILE_NAMES = frozenset({"thumbs.db", "desktop.ini", "ehthumbs.db"})
+JUNK_FOLDER_NAMES = frozenset({"__macosx"})
+KIND_FOLDER = "folder"
+KIND_ARCHIVE = "archive"
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024  # one page file; larger is refused before it is read into memory
+
+
+class PageReadError(Exception):
+    """A page's bytes cannot be read: the message names the page and the cause."""
+
+
+def stable_id(source: str) -> str:
+    """16 hex chars of sha1 of a source path: deterministic ids for chapters and pages."""
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:16]
+
+
+def natural_key(path: str) -> tuple:
+    """Sort key putting `2.jpg` before `10.jpg`, case-insensitive; defines a page's `page_index`."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", path))
+
+
+def reading_order_key(path: str) -> tuple:
+    """Natural order, then the raw name, so names equal under the natural key (`1.jpg`, `01.jpg`) stay ordered."""
+    return (natural_key(path), path)
+
+
+def is_junk(relative: str) -> bool:
+    """Entries a dump carries that are never pages: dotfiles, `__MACOSX/`, Thumbs.db and friends."""
+    parts = [p for p in relative.split("/") if p]
+    if not parts:
+        return True
+    if any(p.startswith(".") and p != ".." for p in parts):
+        return True
+    if any(p.lower() in JUNK_FOLDER_NAMES for p in parts[:-1]):
+        return True
+    return parts[-1].lower() in JUNK_FILE_NAMES
+
+
+def is_image_name(name: str) -> bool:
+    return posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def escape_reason(name: str) -> str | None:
+    """Why an archive member name would land outside the archive (zip-slip), or None if it is safe."""
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in name.split("/"):
+        return "'..' component escapes the archive"
+    return None
+
+
+@dataclass(frozen=True)
+class ChapterEntry:
+    """One chapter of the dump: a row of the manifest."""
+
+    series: str
+    chapter: str
+    source: str  # folder or archive, relative to the input root, '/'-separated
+    kind: str  # KIND_FOLDER | KIND_ARCHIVE
+
+    @property
+    def chapter_id(self) -> str:
+        return stable_id(self.source)
+
+    def row(self) -> dict[str, str]:
+        return {
+            "chapter_id": self.chapter_id,
+            "series": self.series,
+            "chapter": self.chapter,
+            "source": self.source,
+            "kind": self.kind,
+        }
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ChapterEntry:
+        return cls(series=row["series"], chapter=row["chapter"], source=row["source"], kind=row["kind"])
+
+
+@dataclass(frozen=True)
+class PageEntry:
+    """One image file of a chapter, in reading order; `refused` says why it must not be read."""
+
+    name: str  # path inside the chapter folder, or the archive member name
+    source: str  # relative to the input root; archive members as `<archive>/<member>`
+    page_index: int
+    file_bytes: int | None
+    refused: str | None = None
+
+    @property
+    def page_id(self) -> str:
+        return stable_id(self.source)
+
+
+class InputRoot:
+    """The dump's root on a local or fsspec filesystem."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.uri = os.fspath(root)
+        self.fs, path = fsspec.core.url_to_fs(self.uri)
+        self.path = path.rstrip("/") or "/"
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        if not self.fs.isdir(self.path):
+            raise NotADirectoryError(f"input root {self.uri} is not a directory")
+
+    def full(self, relative: str) -> str:
+        return f"{self.path}/{relative}" if relative else self.path
+
+    def listdir(self, relative: str) -> list[dict[str, Any]]:
+        return sorted(self.fs.ls(self.full(relative), detail=True), key=lambda info: info["name"])
+
+
+def list_chapters(root: str | os.PathLike | InputRoot) -> list[ChapterEntry]:
+    """Every chapter under the root, sorted by series then chapter in natural order.
+
+    A series is a folder of the root; a chapter is a folder or a .cbz/.zip archive inside it. Other files at
+    either level (loose images, metadata, dotfiles) are not chapters and are ignored.
+    """
+    root = root if isinstance(root, InputRoot) else InputRoot(root)
+    chapters: list[ChapterEntry] = []
+    for series_info in root.listdir(""):
+        series = posixpath.basename(series_info["name"].rstrip("/"))
+        if series_info["type"] != "directory" or is_junk(series):
+            continue
+        for info in root.listdir(series):
+            name = posixpath.basename(info["name"].rstrip("/"))
+            if is_junk(name):
+                continue
+            stem, ext = posixpath.splitext(name)
+            if info["type"] == "directory":
+                chapters.append(ChapterEntry(series, name, f"{series}/{name}", KIND_FOLDER))
+            elif ext.lower() in ARCHIVE_EXTENSIONS:
+                chapters.append(ChapterEntry(series, stem, f"{series}/{name}", KIND_ARCHIVE))
+    chapters.sort(key=lambda c: (natural_key(c.series), c.series, natural_key(c.chapter), c.source))
+    return chapters
+
+
+def manifest_table(chapters: list[ChapterEntry]) -> pa.Table:
+    return pa.Table.from_pylist([c.row() for c in chapters], schema=MANIFEST)
+
+
+def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | None, str | None]]) -> list[PageEntry]:
+    """(name, size, refused) candidates -> PageEntry list numbered in natural order."""
+    candidates = sorted(candidates, key=lambda c: reading_order_key(c[0]))
+    return [
+        PageEntry(name=name, source=f"{chapter_source}/{name}", page_index=i, file_bytes=size, refused=refused)
+        for i, (name, size, refused) in enumerate(candidates)
+    ]
+
+
+class ChapterReader:
+    """Lists a chapter's pages and reads their bytes; an archive is opened once for the whole chapter.
+
+    Opening raises (OSError, zipfile.BadZipFile, ...) when the chapter cannot be read at all; the caller turns
+    that into a chapter row with status error. Reading one page raises PageReadError naming the page.
+    """
+
+    def __init__(self, root: InputRoot, chapter: ChapterEntry, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+        self.root, self.chapter, self.max_file_bytes = root, chapter, max_file_bytes
+        self._handle: IO[bytes] | None = None
+        self._archive: zipfile.ZipFile | None = None
+        self._members: dict[str, zipfile.ZipInfo] = {}
+        self.pages: list[PageEntry] = []
+        self._opened = False
+
+    def open(self) -> ChapterReader:
+        """List the pages (opening the archive) once; raises if the chapter cannot be read at all."""
+        if self._opened:
+            return self
+        try:
+            self.pages = self._list_archive() if self.chapter.kind == KIND_ARCHIVE else self._list_folder()
+        except BaseException:
+            self.close()
+            raise
+        self._opened = True
+        return self
+
+    def __enter__(self) -> ChapterReader:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._archive is not None:
+            self._archive.close()
+            self._archive = None
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _list_folder(self) -> list[PageEntry]:
+        base = self.root.full(self.chapter.source)
+        if not self.root.fs.isdir(base):
+            raise NotADirectoryError(f"chapter folder {self.chapter.source} is missing or not a directory")
+        real_root = os.path.realpath(self.root.path) if self.root.is_local else None
+        candidates = []
+        for full, info in self.root.fs.find(base, withdirs=False, detail=True).items():
+            name = full[len(base) + 1 :]
+            if is_junk(name) or not is_image_name(name):
+                continue
+            refused = None
+            if real_root is not None and info.get("islink"):
+                target = os.path.realpath(full)
+                if os.path.commonpath([real_root, target]) != real_root:
+                    refused = f"symbolic link to {target} escapes the input root"
+            candidates.append((name, info.get("size"), refused))
+        return _in_reading_order(self.chapter.source, candidates)
+
+    def _list_archive(self) -> list[PageEntry]:
+        self._handle = self.root.fs.open(self.root.full(self.chapter.source), "rb")
+        self._archive = zipfile.ZipFile(self._handle)
+        infos = [info for info in self._archive.infolist() if not info.is_dir()]
+        counts = Counter(info.filename.replace("\\", "/") for info in infos)
+        candidates = []
+        for info in infos:
+            name = info.filename.replace("\\", "/")
+            refused = escape_reason(name)
+            if refused is None and (is_junk(name) or not is_image_name(name)):
+                continue
+            if name in self._members:
+                continue
+            if refused is None and counts[name] > 1:
+                refused = f"the archive holds {counts[name]} members named {name!r}; ambiguous page"
+            self._members[name] = info
+            candidates.append((name, info.file_size, f"member name refused: {refused}" if refused else None))
+        return _in_reading_order(self.chapter.source, candidates)
+
+    def read(self, page: PageEntry) -> bytes:
+        """The page's raw bytes, after the size limit is checked; raises PageReadError."""
+        if page.refused:
+            raise PageReadError(f"{page.source}: {page.refused}")
+        if page.file_bytes is not None and page.file_bytes > self.max_file_bytes:
+            raise PageReadError(
+                f"{page.source}: file is {page.file_bytes} bytes, above the limit of {self.max_file_bytes} bytes"
+            )
+        try:
+            if self._archive is not None:
+                with self._archive.open(self._members[page.name]) as member:
+                    return member.read(self.max_file_bytes + 1)
+            return self.root.fs.cat_file(self.root.full(f"{self.chapter.source}/{page.name}"))
+        except Exception as exc:  # noqa: BLE001 - any read failure (CRC, encryption, I/O) is this page's error
+            raise PageReadError(f"{page.source}: cannot read: {type(exc).__name__}: {exc}") from exc

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real local Ray for the session, the generated sample corpus, the repository root."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A real Ray started in-process with 2 CPUs, shared by the whole session.
+
+    Workers get the repository and tests/ on PYTHONPATH, so functions defined in test modules can run as tasks.
+    """
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        python_path = os.pathsep.join(
+            p for p in (str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")) if p
+        )
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": python_path, "OMP_NUM_THREADS": "1"}},
+        )
+        started_here = True
+    yield
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory):
+    """The `tiny` preset of the sample corpus (seed 0), generated once: a CorpusInfo (root, labels_path, ...)."""
+    from pipelines.sample_corpus import generate_corpus
+
+    return generate_corpus(tmp_path_factory.mktemp("corpus") / "tiny", preset="tiny", seed=0)

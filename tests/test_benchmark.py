@@ -1,0 +1,142 @@
+"""The ColorFlow-Bench-shaped benchmark: chapter and page choice, folder contents, idempotence and resumption."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from shard_inputs import build_corpus
+
+from pipelines.benchmark import (
+    BenchmarkConfig,
+    eligible_chapters,
+    eligible_per_series,
+    frame_pages,
+    select_benchmark,
+    write_benchmark,
+)
+from pipelines.layout import DataLayout
+from pipelines.pagestore import read_chapter_pages
+from pipelines.schemas import CHAPTERS, PAGES
+from pipelines.storage import TMP_TAG, marker_path, read_parquet
+
+CONFIG = BenchmarkConfig(chapters=3, refs=3, bw=4, width=96, height=144, seed=1)
+BENCH_SERIES = ["s0", "s1"]
+
+
+@pytest.fixture(scope="module")
+def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "out"
+    build_corpus(root, series=3, chapters_per_series=2, pages_per_chapter=8, render=None)
+    return root
+
+
+def _eligible(root: Path, config: BenchmarkConfig) -> dict:
+    layout = DataLayout.at(root)
+    frames = frame_pages(read_parquet(layout.pages, PAGES), read_parquet(layout.chapters, CHAPTERS))
+    return eligible_chapters(frames, config)
+
+
+def _files(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _open(path: Path) -> Image.Image:
+    image = Image.open(io.BytesIO(path.read_bytes()))
+    image.load()
+    return image
+
+
+def test_chapters_and_pages_are_a_seeded_choice_among_eligible_benchmark_chapters(corpus_root: Path) -> None:
+    eligible = _eligible(corpus_root, CONFIG)
+    assert len(eligible) == 6 and eligible_per_series(eligible) == {"s0": 2, "s1": 2, "s2": 2}
+    plan = select_benchmark(eligible, BENCH_SERIES, CONFIG)
+    assert len(plan.chapters) == 3 and plan.eligible == 4 and not plan.notes
+    assert {c.series for c in plan.chapters} <= set(BENCH_SERIES)
+    for chapter in plan.chapters:
+        refs, bw = {p for p, _ in chapter.refs}, {p for p, _ in chapter.bw}
+        assert len(refs) == 3 and len(bw) == 4 and not refs & bw
+        assert refs | bw <= {p for p, _ in eligible[chapter.chapter_id]["pages"]}
+        assert [i for _, i in chapter.bw] == sorted(i for _, i in chapter.bw)
+    assert select_benchmark(eligible, BENCH_SERIES, CONFIG).chapters == plan.chapters
+    other = select_benchmark(eligible, BENCH_SERIES, BenchmarkConfig(**{**CONFIG.__dict__, "seed": 2}))
+    assert [c.page_ids for c in other.chapters] != [c.page_ids for c in plan.chapters]
+
+
+def test_too_few_pages_or_chapters_are_reported_not_hidden(corpus_root: Path) -> None:
+    assert _eligible(corpus_root, BenchmarkConfig(refs=5, bw=4)) == {}  # 9 pages needed, chapters have 8
+    eligible = _eligible(corpus_root, CONFIG)
+    short = select_benchmark(eligible, BENCH_SERIES, BenchmarkConfig(**{**CONFIG.__dict__, "chapters": 10}))
+    assert len(short.chapters) == 4 and short.notes and "shortfall: 4 of 10" in short.notes[0]
+
+
+def test_folder_holds_refs_bw_styles_and_ground_truth(corpus_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    shutil.copytree(corpus_root, root)
+    layout = DataLayout.at(root)
+    plan = select_benchmark(_eligible(root, CONFIG), BENCH_SERIES, CONFIG)
+    summary = write_benchmark(root, plan, code_version={"version": "test"}, local=True)
+    assert summary["complete"] and summary["chapters"] == 3 and summary["bw_pages"] == 12
+    top = json.loads((layout.benchmark / "benchmark.json").read_text())
+    assert top["renderer_id"].startswith("halftone") and top["code_version"] == {"version": "test"}
+    assert [c["chapter_id"] for c in top["chapters"]] == [c.chapter_id for c in plan.chapters]
+    for chapter in plan.chapters:
+        folder = layout.benchmark / chapter.chapter_id
+        index = json.loads((folder / "index.json").read_text())
+        assert index["size"] == [96, 144] and index["series"] == chapter.series
+        stored = read_chapter_pages(layout, chapter.chapter_id)
+        for ref in index["refs"]:
+            assert (folder / ref["file"]).read_bytes() == stored[ref["page_id"]]  # references as stored
+        assert [b["page_id"] for b in index["bw"]] == [p for p, _ in chapter.bw]
+        for page in index["bw"]:
+            gt, grey, tone = (_open(folder / page[k]) for k in ("gt", "grey", "screenstyle"))
+            assert (gt.format, gt.mode, gt.size) == ("JPEG", "RGB", (96, 144))
+            assert (grey.format, grey.mode, grey.size) == ("PNG", "L", (96, 144))
+            assert (tone.format, tone.mode, tone.size) == ("PNG", "L", (96, 144))
+            grey_px, tone_px = np.asarray(grey, np.int16), np.asarray(tone, np.int16)
+            assert np.abs(np.asarray(gt.convert("L"), np.int16) - grey_px).mean() < 3  # aligned pixel for pixel
+            assert np.isin(tone_px, (0, 255)).mean() > 0.95 and np.abs(tone_px - grey_px).mean() > 10
+        assert len(list((folder / "bw_screenstyle").iterdir())) == 4 and len(list((folder / "refs").iterdir())) == 3
+
+
+def test_rerun_is_idempotent_and_resumes_a_lost_chapter(corpus_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    shutil.copytree(corpus_root, root)
+    layout = DataLayout.at(root)
+    plan = select_benchmark(_eligible(root, CONFIG), BENCH_SERIES, CONFIG)
+    write_benchmark(root, plan, local=True)
+    before = _files(layout.benchmark)
+    assert write_benchmark(root, plan, local=True)["skipped"]
+    # a run killed after one chapter's folder was swapped in but before its marker and benchmark.json
+    victim = plan.chapters[1].chapter_id
+    marker_path(layout.benchmark / victim).unlink()
+    (layout.benchmark / "benchmark.json").unlink()
+    (layout.benchmark / victim / "gt" / "partial.jpg").write_bytes(b"half")
+    (layout.benchmark / f"{victim}{TMP_TAG}dead").mkdir()
+    again = write_benchmark(root, plan, local=True)
+    assert again["units_run"] == 1 and again["units_skipped"] == 2 and again["complete"]
+    assert _files(layout.benchmark) == before
+
+
+def test_a_new_configuration_replaces_the_old_benchmark(corpus_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    shutil.copytree(corpus_root, root)
+    layout = DataLayout.at(root)
+    write_benchmark(root, select_benchmark(_eligible(root, CONFIG), BENCH_SERIES, CONFIG), local=True)
+    smaller = BenchmarkConfig(**{**CONFIG.__dict__, "chapters": 1, "seed": 5})
+    plan = select_benchmark(_eligible(root, smaller), BENCH_SERIES, smaller)
+    write_benchmark(root, plan, local=True)
+    folders = sorted(p.name for p in layout.benchmark.iterdir() if p.is_dir())
+    assert folders == [plan.chapters[0].chapter_id]
+    top = json.loads((layout.benchmark / "benchmark.json").read_text())
+    assert len(top["chapters"]) == 1 and top["config"]["seed"] == 5

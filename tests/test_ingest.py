@@ -1,0 +1,253 @@
+"""The ingestion job end to end on the generated corpus: tables, page store, errors, reruns, resume after a kill."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from jobs.ingest import main as ingest_main
+from jobs.ingest import parse_args
+from pipelines.colour import classify_features
+from pipelines.ingest import IngestOptions, pages_part, run_ingest
+from pipelines.layout import DataLayout
+from pipelines.pagestore import load_chapter_images
+from pipelines.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
+from pipelines.storage import marker_path
+
+SUMMARY = "ingest.summary.json"
+
+
+def _labels(info) -> dict[str, dict]:
+    lines = Path(info.labels_path).read_text().splitlines()
+    return {lb["source"]: lb for lb in (json.loads(line) for line in lines if line.strip())}
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every output file except the run summary (it holds this run's timings)."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != SUMMARY
+    }
+
+
+def _stable_summary(folder: Path) -> dict:
+    summary = json.loads((folder / SUMMARY).read_text())
+    summary.pop("run")
+    summary.pop("output")
+    return summary
+
+
+@pytest.fixture(scope="module")
+def ingested(tiny_corpus, ray_local, tmp_path_factory):
+    """The corpus ingested once through Ray (2 chapters per task); tests copy it before changing anything."""
+    out = tmp_path_factory.mktemp("ingest") / "out"
+    summary = run_ingest(tiny_corpus.root, out, chapters_per_task=2)
+    return tiny_corpus, out, summary
+
+
+def test_outputs_follow_the_schemas(ingested) -> None:
+    _, out, summary = ingested
+    layout = DataLayout.at(out)
+    assert pq.read_schema(layout.pages).remove_metadata() == PAGES
+    assert pq.read_schema(layout.chapters).remove_metadata() == CHAPTERS
+    assert pq.read_schema(layout.manifest).remove_metadata() == MANIFEST
+    assert summary == json.loads(layout.summary("ingest").read_text())
+    assert summary["run"]["mode"] == "ray" and summary["run"]["chapters_failed"] == 0
+
+
+def test_one_row_per_file_and_one_error_row_per_broken_file(ingested) -> None:
+    info, out, _ = ingested
+    labels = _labels(info)
+    pages = pq.read_table(DataLayout.at(out).pages).to_pylist()
+    assert len(pages) == len(labels) == len({p["page_id"] for p in pages})
+    by_source = {p["source"]: p for p in pages}
+    assert set(by_source) == set(labels)
+    for source, label in labels.items():
+        row = by_source[source]
+        assert row["page_id"] == hashlib.sha1(source.encode()).hexdigest()[:16]
+        assert (row["series"], row["chapter"], row["page_index"]) == (
+            label["series"],
+            label["chapter"],
+            label["page_index"],
+        )
+        if label["broken"]:
+            assert row["status"] == STATUS_ERROR and row["is_color"] is None and not row["stored"]
+            assert source in row["error"], row["error"]
+        else:
+            assert row["status"] == STATUS_OK and row["error"] is None
+            assert (row["width"], row["height"]) == (label["width"], label["height"]), source
+            assert row["format"] == label["format"] and row["mode"] == label["mode"]
+    causes = {labels[s]["broken"]: by_source[s]["error"] for s in labels if labels[s]["broken"]}
+    assert set(causes) == {"truncated", "empty", "not_image", "decompression_bomb"}
+    assert "truncated" in causes["truncated"] and "empty file" in causes["empty"]
+    assert "not an image" in causes["not_image"] and "decompression bomb" in causes["decompression_bomb"]
+
+
+def test_colour_precision_and_recall(ingested) -> None:
+    info, out, _ = ingested
+    labels = _labels(info)
+    pages = [p for p in pq.read_table(DataLayout.at(out).pages).to_pylist() if p["status"] == STATUS_OK]
+    truth = np.array([labels[p["source"]]["is_color"] for p in pages])
+    predicted = np.array([p["is_color"] for p in pages])
+    true_positives = int((truth & predicted).sum())
+    assert true_positives / predicted.sum() >= 0.98 and true_positives / truth.sum() >= 0.98
+    hard = {labels[p["source"]]["style"] for p in pages if not p["is_color"]}
+    assert {"sepia", "screentone", "chroma_noise", "grey"} <= hard
+    scores, recut = classify_features(pq.read_table(DataLayout.at(out).pages))
+    ok = np.array([p["status"] == STATUS_OK for p in pq.read_table(DataLayout.at(out).pages).to_pylist()])
+    assert (
+        recut[ok].tolist()
+        == pq.read_table(DataLayout.at(out).pages).column("is_color").to_numpy(zero_copy_only=False)[ok].tolist()
+    )
+
+
+def test_chapter_decisions_and_page_store(ingested) -> None:
+    info, out, summary = ingested
+    labels = _labels(info)
+    layout = DataLayout.at(out)
+    chapters = {c["source"]: c for c in pq.read_table(layout.chapters).to_pylist()}
+    pages = pq.read_table(layout.pages).to_pylist()
+    assert sorted(chapters) == sorted(c.source for c in info.chapters)
+    assert {s for s, c in chapters.items() if c["kept"]} == set(info.chapter_sources(min_color_pages=21))
+    for chapter in chapters.values():
+        assert chapter["status"] == STATUS_OK
+        if not chapter["kept"]:
+            assert "fewer than min_color_pages=21" in chapter["reason"]
+    stored = {p["page_id"] for p in pages if p["stored"]}
+    kept_sources = {s for s, c in chapters.items() if c["kept"]}
+    expected = {p["page_id"] for p in pages if p["is_color"] and labels[p["source"]]["chapter_source"] in kept_sources}
+    assert stored == expected and summary["pages"]["stored"] == len(stored)
+    covers = [p for p in pages if labels[p["source"]]["style"] == "cover"]
+    assert covers and all(p["is_color"] and not p["stored"] for p in covers)  # colour page of a dropped chapter
+    seen = set()
+    for chapter in chapters.values():
+        store = layout.pagestore_chapter(chapter["chapter_id"])
+        assert store.exists() == chapter["kept"]
+        if chapter["kept"]:
+            images = load_chapter_images(layout, chapter["chapter_id"])
+            seen |= set(images)
+            for page_id, image in images.items():
+                label = labels[next(p["source"] for p in pages if p["page_id"] == page_id)]
+                assert image.mode == "RGB" and image.size == (label["width"], label["height"])
+    assert seen == stored
+    counts = summary["chapters"]
+    assert counts["kept"] == 2 and counts["kept"] + counts["dropped"] == len(chapters) == counts["total"]
+
+
+def test_rerun_is_byte_identical_and_skips_done_chapters(ingested, tmp_path) -> None:
+    info, out, first = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _hashes(copy)
+    second = run_ingest(info.root, copy, chapters_per_task=3)
+    assert second["run"]["chapters_reused"] == first["chapters"]["total"]
+    assert second["run"]["chapters_processed"] == 0
+    assert _hashes(copy) == before
+    assert _stable_summary(copy) == _stable_summary(out)
+
+
+def test_resume_after_lost_outputs_gives_the_same_bytes(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    layout = DataLayout.at(copy)
+    kept = [c["chapter_id"] for c in pq.read_table(layout.chapters).to_pylist() if c["kept"]]
+    dropped = [c["chapter_id"] for c in pq.read_table(layout.chapters).to_pylist() if not c["kept"]]
+    for chapter_id in (kept[0], dropped[0]):
+        marker_path(pages_part(layout, chapter_id)).unlink()  # as if killed before the marker
+    layout.pagestore_chapter(kept[0]).unlink()
+    pages_part(layout, dropped[0]).write_bytes(b"partial garbage from a killed writer")
+    (layout.ingest_pages / "x.parquet.tmp-123-abcd").write_bytes(b"leftover temporary file")
+    (copy / SUMMARY).unlink()
+    summary = run_ingest(info.root, copy, local=True, verbose=False)
+    assert summary["run"]["chapters_processed"] == 2
+    assert summary["run"]["chapters_reused"] == summary["chapters"]["total"] - 2
+    assert _hashes(copy) == _hashes(out)
+
+
+def test_kill_mid_run_then_rerun(ingested, tmp_path, repo_root) -> None:
+    info, reference, _ = ingested
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.ingest", "--input", str(info.root), "--output", str(out), "--local"]
+    process = subprocess.Popen(command, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list((out / "ingest" / "pages").glob("*.done.json")) and time.monotonic() < deadline:
+            assert process.poll() is None, "the job ended before any chapter was done"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert not (out / SUMMARY).exists(), "the kill came after the end of the run"
+    done_before = len(list((out / "ingest" / "pages").glob("*.done.json")))
+    summary = run_ingest(info.root, out, local=True, verbose=False)
+    assert summary["run"]["chapters_reused"] == done_before >= 1
+    assert _hashes(out) == _hashes(reference)
+
+
+def test_changed_options_redo_chapters_and_drop_stale_store(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    summary = run_ingest(info.root, copy, options=IngestOptions(min_color_pages=100), local=True, verbose=False)
+    assert summary["run"]["chapters_reused"] == 0 and summary["chapters"]["kept"] == 0
+    assert not list((copy / "pagestore").glob("*.parquet"))
+    assert not any(pq.read_table(copy / "pages.parquet").column("stored").to_pylist())
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 60), colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_unreadable_chapter_and_escaping_member_become_rows(tmp_path) -> None:
+    root = tmp_path / "dump"
+    (root / "s1" / "ok").mkdir(parents=True)
+    (root / "s1" / "ok" / "1.png").write_bytes(_png((128, 128, 128)))
+    (root / "s1" / "corrupt.cbz").write_bytes(b"PK\x03\x04 truncated archive")
+    with zipfile.ZipFile(root / "s1" / "slip.cbz", "w") as archive:
+        archive.writestr("../../outside.png", _png((250, 0, 0)))
+        archive.writestr("2.png", _png((0, 0, 250)))
+    out = tmp_path / "out"
+    assert ingest_main(["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]) == 0
+    chapters = {c["source"]: c for c in pq.read_table(out / "chapters.parquet").to_pylist()}
+    corrupt = chapters["s1/corrupt.cbz"]
+    assert corrupt["status"] == STATUS_ERROR and not corrupt["kept"] and corrupt["n_pages"] == 0
+    assert "s1/corrupt.cbz: cannot read archive: BadZipFile" in corrupt["error"]
+    pages = {p["source"]: p for p in pq.read_table(out / "pages.parquet").to_pylist()}
+    slip = pages["s1/slip.cbz/../../outside.png"]
+    assert slip["status"] == STATUS_ERROR and "'..' component escapes the archive" in slip["error"]
+    assert pages["s1/slip.cbz/2.png"]["status"] == STATUS_OK and pages["s1/ok/1.png"]["is_color"] is False
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["chapters"]["error"] == 1 and summary["pages"]["error"] == 1
+    before = _hashes(out)
+    rerun = run_ingest(root, out, options=IngestOptions(min_color_pages=1), local=True, verbose=False)
+    assert rerun["run"]["chapters_processed"] == 1 and rerun["run"]["chapters_reused"] == 2  # unreadable: retried
+    assert _hashes(out) == before
+
+
+def test_job_arguments() -> None:
+    args = parse_args(["--input", "in", "--output", "out"])
+    assert (args.min_color_pages, args.store_encoding, args.chapters_per_task, args.local) == (21, "jpeg", 4, False)
+    args = parse_args(
+        ["--input", "in", "--output", "out", "--store-longest-side", "0", "--limit", "3", "--ray-address", "auto"]
+    )
+    assert (args.store_longest_side, args.limit, args.ray_address) == (0, 3, "auto")
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "in", "--output", "out", "--min-color-pages", "0"])
