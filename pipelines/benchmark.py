@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.distributor import Unit, run_units
@@ -123,6 +124,17 @@ def frame_pages(pages: pa.Table, chapters: pa.Table) -> pa.Table:
         pc.and_(pc.equal(pages["stored"], True), in_kept),
     )
     return pages.filter(mask).select(["page_id", "chapter_id", "series", "chapter", "page_index"])
+
+
+PAGE_COLUMNS = ["page_id", "chapter_id", "series", "chapter", "page_index", "is_color", "stored", "status"]
+CHAPTER_COLUMNS = ["chapter_id", "series", "kept", "status"]
+
+
+def read_frames(layout: DataLayout) -> tuple[pa.Table, pa.Table]:
+    """(frames, chapters) of an ingested data folder, reading only the columns this stage uses."""
+    pages = pq.read_table(layout.pages, columns=PAGE_COLUMNS)
+    chapters = pq.read_table(layout.chapters, columns=CHAPTER_COLUMNS)
+    return frame_pages(pages, chapters), chapters
 
 
 def eligible_chapters(frames: pa.Table, config: BenchmarkConfig) -> dict[str, dict[str, Any]]:

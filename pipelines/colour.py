@@ -154,9 +154,12 @@ def page_features(rgb: np.ndarray, params: FeatureParams = FeatureParams()) -> d
     n_lit = int(lit.sum())
     chroma = np.hypot(a, b)
     raw_chromatic = lit & (chroma >= params.chroma_min)
-    chromatic = erode(raw_chromatic, params.erosion)
-    n_chromatic = int(chromatic.sum())
     hued = erode(raw_chromatic, params.hue_erosion)
+    if params.erosion >= params.hue_erosion:  # erosions compose: reuse the lighter one
+        chromatic = erode(hued, params.erosion - params.hue_erosion)
+    else:
+        chromatic = erode(raw_chromatic, params.erosion)
+    n_chromatic = int(chromatic.sum())
     hue_spread, secondary, sectors = _hue_measures(a[hued], b[hued], chroma[hued]) if hued.any() else (0.0, 0.0, 0)
     p90, p99 = _chroma_quantiles(chroma, lit, (0.9, 0.99))
     return {

@@ -19,7 +19,6 @@ DEFAULT_MAX_PIXELS = 64_000_000  # ~ a 6400 x 10000 scan; a real manga page is 1
 DEFAULT_ANALYSIS_SIDE = 200  # longest side the classifier looks at (within a factor 1.5 either way)
 ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
-_GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "F"})
 _REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "I", "F", "YCbCr"})  # modes Image.reduce takes
 PAPER_WHITE = (255, 255, 255)  # what transparent areas become: pages are printed on white
 _TRANSPOSE = {
@@ -46,11 +45,6 @@ class ImageInfo:
     width: int
     height: int
     orientation: int  # EXIF orientation tag, 1 when absent
-
-    @property
-    def is_grey(self) -> bool:
-        """Stored without colour channels: the page cannot be a colour page whatever its pixels."""
-        return self.mode in _GREY_MODES or self.mode.startswith("I;")
 
 
 def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, ImageInfo]:
@@ -119,7 +113,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         mode = image.mode
     if mode in ("I", "F") or mode.startswith("I;"):
-        return Image.fromarray(_wide_to_uint8(np.asarray(image)), "L").convert("RGB")
+        return Image.fromarray(_wide_to_uint8(np.asarray(image), mode), "L").convert("RGB")
     if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, PAPER_WHITE)
@@ -128,14 +122,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _wide_to_uint8(values: np.ndarray) -> np.ndarray:
-    """16-bit and 32-bit integer or float pixels -> 0..255: 16-bit range for integers, 0..1 or 0..255 for floats."""
-    values = values.astype(np.float32)
-    if values.dtype.kind == "f" and values.size and float(np.nanmax(values)) <= 1.0:
-        values = values * 255.0
-    elif values.size and float(np.nanmax(values)) > 255.0:
+def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
+    """16-bit, 32-bit integer and float pixels -> 0..255.
+
+    `I;16*` is 16-bit by definition; `I` (32-bit, what some decoders give 16-bit files) is read as 16-bit when a
+    value exceeds 255, else as 8-bit; `F` is read as 0..1 when no value exceeds 1, else as 0..255.
+    """
+    values = np.nan_to_num(values.astype(np.float32))
+    peak = float(values.max()) if values.size else 0.0
+    if mode.startswith("I;16") or (mode == "I" and peak > 255.0):
         values = values / 257.0
-    return np.clip(np.nan_to_num(values), 0, 255).round().astype(np.uint8)
+    elif mode == "F" and peak <= 1.0:
+        values = values * 255.0
+    return np.clip(values, 0, 255).round().astype(np.uint8)
 
 
 def _first_frame(image: Image.Image) -> None:

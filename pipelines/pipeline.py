@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,8 @@ from typing import Any
 
 from pipelines.layout import DataLayout
 from pipelines.storage import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "retrieval", "screentone", "shards")
 RECORD = "pipeline.summary.json"
@@ -111,6 +114,7 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
         )
         return run_screentone(str(layout.root), screentone, local=local)
     from pipelines.shard_job import ShardJobOptions, run_shards
+    from pipelines.shards import PlanMismatchError
 
     shard_options = ShardJobOptions(
         size=options.size,
@@ -125,7 +129,12 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
         seed=options.seed,
         renderer=options.renderer,
     )
-    return run_shards(layout.root, shard_options, local=local)
+    try:
+        return run_shards(layout.root, shard_options, local=local)
+    except PlanMismatchError as exc:
+        # Upstream outputs changed (new chapters, another encoder...): the old shards describe other data.
+        log.warning("shards were planned for other inputs; rebuilding them (%s)", exc)
+        return run_shards(layout.root, shard_options, local=local, rebuild=True)
 
 
 def run_pipeline(

@@ -266,5 +266,21 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
+def update_readme(path: str = "README.md") -> None:
+    """Replace the README's schema section (between its markers) with the current schemas."""
+    from pathlib import Path
+
+    start, end = "<!-- schemas:start -->", "<!-- schemas:end -->"
+    text = Path(path).read_text()
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    Path(path).write_text(f"{head}{start}\n{markdown().strip()}\n{end}{tail}")
+
+
 if __name__ == "__main__":
-    print(markdown())
+    import sys
+
+    if "--readme" in sys.argv:
+        update_readme()
+    else:
+        print(markdown())

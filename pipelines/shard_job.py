@@ -26,7 +26,7 @@ from pipelines.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
     eligible_per_series,
-    frame_pages,
+    read_frames,
     select_benchmark,
     write_benchmark,
 )
@@ -34,10 +34,10 @@ from pipelines.geometry import RANKS_PER_PATCH, hires_size
 from pipelines.layout import DataLayout
 from pipelines.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
 from pipelines.samples import FIELDS, FrameRecord, SampleConfig
-from pipelines.schemas import CHAPTERS, DUPLICATES, PAGES, SPLITS, STATUS_OK
+from pipelines.schemas import DUPLICATES, SPLITS, STATUS_OK
 from pipelines.shards import ShardConfig, code_version, write_split
 from pipelines.splits import BENCH, TRAIN, VAL, SplitConfig, assign_splits, choose_bench_series, split_counts, split_of
-from pipelines.storage import atomic_write_json, read_json, read_parquet, write_parquet
+from pipelines.storage import atomic_write_json, read_json, write_parquet
 
 STAGE = "shards"
 SHARDED_SPLITS = (TRAIN, VAL)
@@ -190,9 +190,7 @@ def run_shards(
         if previous.get("config_fingerprint") == config_fingerprint and previous.get("complete"):
             return {**previous, "skipped": True}
 
-    pages = read_parquet(layout.pages, PAGES)
-    chapters = read_parquet(layout.chapters, CHAPTERS)
-    frames = frame_pages(pages, chapters)
+    frames, chapters = read_frames(layout)
     bench_width, bench_height = options.bench_size or sample_sizes[1]
     bench_config = BenchmarkConfig(
         chapters=options.bench_chapters,

@@ -103,10 +103,6 @@ class ChapterEntry:
             "kind": self.kind,
         }
 
-    @classmethod
-    def from_row(cls, row: dict[str, Any]) -> ChapterEntry:
-        return cls(series=row["series"], chapter=row["chapter"], source=row["source"], kind=row["kind"])
-
 
 @dataclass(frozen=True)
 class PageEntry:

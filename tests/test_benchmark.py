@@ -17,14 +17,13 @@ from pipelines.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
     eligible_per_series,
-    frame_pages,
+    read_frames,
     select_benchmark,
     write_benchmark,
 )
 from pipelines.layout import DataLayout
 from pipelines.pagestore import read_chapter_pages
-from pipelines.schemas import CHAPTERS, PAGES
-from pipelines.storage import TMP_TAG, marker_path, read_parquet
+from pipelines.storage import TMP_TAG, marker_path
 
 CONFIG = BenchmarkConfig(chapters=3, refs=3, bw=4, width=96, height=144, seed=1)
 BENCH_SERIES = ["s0", "s1"]
@@ -38,8 +37,7 @@ def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _eligible(root: Path, config: BenchmarkConfig) -> dict:
-    layout = DataLayout.at(root)
-    frames = frame_pages(read_parquet(layout.pages, PAGES), read_parquet(layout.chapters, CHAPTERS))
+    frames, _ = read_frames(DataLayout.at(root))
     return eligible_chapters(frames, config)
 
 

@@ -16,9 +16,9 @@ from pipelines.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
 
 SERIES = [f"s{i}" for i in range(5)]
 SEED = 7
-SPLITS = split_of(assign_splits(SERIES, ["s0"], SplitConfig(val_fraction=0.3, seed=SEED)))
-TRAIN_SERIES = sorted(s for s, split in SPLITS.items() if split == TRAIN)
-VAL_SERIES = sorted(s for s, split in SPLITS.items() if split == VAL)
+SPLIT_OF = split_of(assign_splits(SERIES, ["s0"], SplitConfig(val_fraction=0.3, seed=SEED)))
+TRAIN_SERIES = sorted(s for s, split in SPLIT_OF.items() if split == TRAIN)
+VAL_SERIES = sorted(s for s, split in SPLIT_OF.items() if split == VAL)
 OPTIONS = ShardJobOptions(
     size=(128, 192),
     shard_size=400_000,
@@ -62,7 +62,7 @@ def _planted_pairs(corpus: Corpus) -> set[tuple[str, str]]:
 @pytest.mark.parametrize("ivf_min_train", [10**6, 1], ids=["flat", "ivf"])
 def test_planted_duplicates_are_found_and_nothing_else(corpus: Corpus, ivf_min_train: int) -> None:
     encoder_id = resolve_encoder(WEIGHT_FREE).encoder_id
-    held, train = _refs(corpus, SPLITS)
+    held, train = _refs(corpus, SPLIT_OF)
     config = LeakageConfig(threshold=0.95, ivf_min_train=ivf_min_train, nlist=4, nprobe=4, seed=SEED)
     table, summary = find_duplicates(corpus.layout, encoder_id, held, train, config)
     assert summary["index"] == ("ivf" if ivf_min_train == 1 else "flat")
@@ -79,7 +79,7 @@ def test_planted_duplicates_are_found_and_nothing_else(corpus: Corpus, ivf_min_t
 
 def test_without_confirmation_every_candidate_counts(corpus: Corpus) -> None:
     encoder_id = resolve_encoder(WEIGHT_FREE).encoder_id
-    held, train = _refs(corpus, SPLITS)
+    held, train = _refs(corpus, SPLIT_OF)
     table, summary = find_duplicates(corpus.layout, encoder_id, held, train, LeakageConfig(confirm=False))
     assert summary["rejected_by_hash"] == 0 and table.column("hash_distance").null_count == table.num_rows
     assert _planted_pairs(corpus) <= {(r["page_id"], r["train_page_id"]) for r in table.to_pylist()}
@@ -113,7 +113,7 @@ def test_the_shard_job_removes_duplicates_from_training(corpus: Corpus) -> None:
         for key in pq.read_table(index).column("key").to_pylist()
     }
     assert keys and not keys & (set(corpus.planted) | referencing)
-    train_frames = [p for p, row in corpus.pages.items() if SPLITS[row["series"]] == TRAIN]
+    train_frames = [p for p, row in corpus.pages.items() if SPLIT_OF[row["series"]] == TRAIN]
     assert len(keys) == len(train_frames) - 3 - len(referencing)
     assert summary["frames_per_split"]["bench"] == 16
     copy_in_train = page_id_of(TRAIN_SERIES[0], "ch01", 8)

@@ -289,20 +289,7 @@ def test_killed_runs_end_with_the_shards_of_an_uninterrupted_run(sharded: tuple[
     assert not list(work.rglob(f"*{TMP_TAG}*"))
 
 
-@pytest.fixture
-def ray_session():
-    import ray
-
-    from pipelines.runtime import init_ray
-
-    started = not ray.is_initialized()
-    init_ray(num_cpus=2)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("ray_local")
 def test_ray_workers_write_the_same_shards_as_a_local_run(sharded: tuple[Path, dict], corpus_root: Path,
                                                          tmp_path: Path) -> None:  # fmt: skip
     reference_out, _ = sharded
