@@ -62,7 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--analysis-side",
         type=_positive_int,
         default=DEFAULT_ANALYSIS_SIDE,
-        help="longest side (at least) of the reduced decode the classifier sees (default %(default)s)",
+        help="longest side of the reduced decode the classifier sees, within a factor 1.5 (default %(default)s)",
     )
     parser.add_argument(
         "--store-longest-side",

@@ -70,7 +70,7 @@ from pipelines.schemas import (
     STATUS_OK,
     table_from_rows,
 )
-from pipelines.search import PoolSearcher, RefKeys
+from pipelines.search import PoolSearcher, RefKeys, padded_rows
 from pipelines.storage import (
     atomic_path,
     atomic_write_json,
@@ -574,21 +574,29 @@ def chapter_retrievals(
     pools.sort(key=lambda pool: pool.frame_id)
 
     retrievals: list[dict[str, Any]] = []
-    if not any(pool.status == STATUS_OK for pool in pools):
+    ok_pools = [pool for pool in pools if pool.status == STATUS_OK]
+    if not ok_pools:
         return pools, retrievals
     ref_rows = np.concatenate([rows[p][QUERY_PATCHES:] for p in ok_ids])
     keys = RefKeys(np.repeat(np.array(ok_ids), REF_PATCHES), np.tile(np.arange(REF_PATCHES), len(ok_ids)))
     searcher = PoolSearcher(np.asarray(vectors[ref_rows]), keys.tie_rank, threads=faiss_threads)
     position = {page_id: i for i, page_id in enumerate(ok_ids)}
-    for pool in pools:
-        if pool.status != STATUS_OK:
-            continue
-        allowed = np.concatenate([np.arange(REF_PATCHES) + REF_PATCHES * position[p] for p in pool.ref_page_ids])
-        queries = np.asarray(vectors[rows[pool.frame_id][:QUERY_PATCHES]])
-        top_rows, top_scores = searcher.search(queries, allowed, params.k_per_patch)
+    # the whole chapter in one search: every frame's query patches, each among its own pool's reference patches
+    queries = np.asarray(vectors[np.concatenate([rows[pool.frame_id][:QUERY_PATCHES] for pool in ok_pools])])
+    allowed = padded_rows(
+        [
+            np.concatenate([np.arange(REF_PATCHES) + REF_PATCHES * position[p] for p in pool.ref_page_ids])
+            for pool in ok_pools
+        ],
+        repeats=QUERY_PATCHES,
+    )
+    top_rows, top_scores = searcher.search(queries, allowed, params.k_per_patch)
+    top_rows = top_rows.reshape(len(ok_pools), QUERY_PATCHES, params.k_per_patch)
+    top_scores = top_scores.reshape(top_rows.shape)
+    for pool, frame_rows, frame_scores in zip(ok_pools, top_rows, top_scores, strict=True):
         for query_patch in range(QUERY_PATCHES):
             for rank in range(params.k_per_patch):
-                row = int(top_rows[query_patch, rank])
+                row = int(frame_rows[query_patch, rank])
                 retrievals.append(
                     {
                         "frame_id": pool.frame_id,
@@ -597,7 +605,7 @@ def chapter_retrievals(
                         "rank": rank,
                         "ref_page_id": str(keys.page_ids[row]),
                         "ref_patch": int(keys.patches[row]),
-                        "score": float(top_scores[query_patch, rank]),
+                        "score": float(frame_scores[query_patch, rank]),
                     }
                 )
     return pools, retrievals

@@ -103,6 +103,7 @@ class PoolSearcher:
         `allowed_rows` is one row set for every query (m,), or one per query (q, m), distinct rows first and -1
         padding after (see `padded_rows`). Returns (rows (q, k), scores (q, k) float64).
         """
+        queries = np.asarray(queries)
         queries32 = np.ascontiguousarray(queries, dtype=np.float32)
         allowed = self._checked_rows(allowed_rows, len(queries32))
         n_allowed = (allowed >= 0).sum(axis=1)
@@ -119,7 +120,7 @@ class PoolSearcher:
             scores32, rows = self._faiss_topk(queries32[pending], allowed[pending], k_req)
             done = (n_allowed[pending] <= k_req) | (scores32[:, -1] < scores32[:, k - 1] - SCORE_MARGIN)
             final = pending[done]
-            out_rows[final], out_scores[final] = self._rescore(np.asarray(queries)[final], rows[done], k)
+            out_rows[final], out_scores[final] = self._rescore(queries[final], scores32[done], rows[done], k)
             pending = pending[~done]
             k_req = min(allowed.shape[1], 2 * k_req)
         return out_rows, out_scores
@@ -153,12 +154,22 @@ class PoolSearcher:
         )  # fmt: skip
         return scores, rows
 
-    def _rescore(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k of each query among its candidate rows (-1 = none), in blocks of bounded memory."""
-        scores = np.empty(candidates.shape, dtype=np.float64)
-        block = max(1, RESCORE_BLOCK // max(1, candidates.shape[1] * self.refs.shape[1]))
-        for start in range(0, len(candidates), block):
-            rows = candidates[start : start + block]
-            refs = self.refs[np.where(rows >= 0, rows, 0)]
-            scores[start : start + block] = paired_exact_scores(queries[start : start + block, None, :], refs)
-        return _top_k(scores, candidates, self.tie_rank, k)
+    def _rescore(
+        self, queries: np.ndarray, scores32: np.ndarray, rows: np.ndarray, k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k of each query among its FAISS candidates (rows (q, c), -1 = none).
+
+        Only candidates within `SCORE_MARGIN` of the query's k-th float32 score can be in its exact top k (k rows
+        score more than any other one, exactly), so only those (query, row) pairs are rescored: about k per query.
+        """
+        keep = (rows >= 0) & (scores32 >= scores32[:, k - 1 : k] - SCORE_MARGIN)
+        query_of, slot_of = np.nonzero(keep)
+        row_of = rows[query_of, slot_of]
+        exact = np.full(rows.shape, -np.inf)
+        block = max(1, RESCORE_BLOCK // self.refs.shape[1])
+        for start in range(0, len(row_of), block):
+            pairs = slice(start, start + block)
+            exact[query_of[pairs], slot_of[pairs]] = paired_exact_scores(
+                queries[query_of[pairs]], self.refs[row_of[pairs]]
+            )
+        return _top_k(exact, np.where(keep, rows, -1), self.tie_rank, k)

@@ -1,0 +1,52 @@
+"""The whole-pipeline job: every stage in order, skipped when current, redone when the input grows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from jobs.pipeline import main as pipeline_main
+from pipelines.layout import DataLayout
+from pipelines.storage import read_json
+
+ARGS = [
+    "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
+    "--bench-chapters", "1", "--bench-refs", "8", "--bench-bw", "8", "--bench-max-series-fraction", "0.5",
+]  # fmt: skip
+
+
+def _stage_flags(record: dict) -> dict[str, bool]:
+    return {stage: entry["skipped"] for stage, entry in record["stages"].items()}
+
+
+def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
+    corpus, data, report = tmp_path / "corpus", tmp_path / "data", tmp_path / "report"
+    argv = ["--generate-sample", str(corpus), "--output", str(data), "--report", str(report), *ARGS]
+    first = pipeline_main(argv)
+    assert _stage_flags(first) == {"ingest": False, "retrieval": False, "screentone": False, "shards": False}
+    layout = DataLayout.at(data)
+    for stage in ("ingest", "retrieval", "screentone", "shards"):
+        assert layout.summary(stage).exists(), stage
+    manifest = read_json(layout.shards_manifest)
+    train_samples = manifest["splits"]["train"]["nsamples"]
+    assert train_samples > 0
+    assert len(list((report / "retrieval").glob("*.png"))) == 3
+    assert (report / "screentone_blends.png").exists()
+    assert len(list((report / "samples").glob("sample_*.png"))) == 2
+    hit_rate = json.loads((report / "report.json").read_text())["retrieval_character_hit_rate"]
+    assert hit_rate["query_patches"] > 0 and 0.0 <= hit_rate["top1_rate"] <= 1.0
+
+    second = pipeline_main(argv)
+    assert set(_stage_flags(second).values()) == {True}
+
+    # A new colour chapter in the input: ingestion runs again, and so does everything after it.
+    colour_chapter = sorted(p for p in (corpus / "s1").iterdir() if p.is_dir())[0]
+    shutil.copytree(colour_chapter, corpus / "s1" / "ch900")
+    third = pipeline_main(argv)
+    assert set(_stage_flags(third).values()) == {False}
+    assert (
+        third["stages"]["ingest"]["summary"]["chapters"]["kept"]
+        == first["stages"]["ingest"]["summary"]["chapters"]["kept"] + 1
+    )
+    assert read_json(layout.shards_manifest)["splits"]["train"]["nsamples"] > train_samples
