@@ -5,10 +5,12 @@
     104 passes per frame. Both run in this process with the weight-free encoder on a generated sample corpus
     (ingested first), decoding and cropping included; the per-frame pipeline is timed on `--baseline-frames`
     frames and reported per frame.
-(b) Search. On the stored embeddings of (a), with the pools fixed: the job's FAISS stage (`PoolSearcher`, one
-    thread: one call per chapter, each query among its own pool's rows, then the exact float64 re-rank with
-    tie-breaking) vs a plain numpy float32 matmul + argpartition per frame (no exact re-rank, no tie order), in
-    frames per second; the query stacking of the FAISS stage is timed with it.
+(b) Search. On the stored embeddings of (a) and on synthetic chapters (40 pages is a ColorFlow-Bench chapter),
+    with the pools fixed: the job's FAISS stage (`PoolSearcher`, one thread: one call per chapter scoring each
+    query against its own pool's rows only, then the exact float64 re-rank with tie-breaking) vs a plain numpy
+    float32 matmul + argpartition per frame (no exact re-rank, no tie order), in frames per second. Both convert
+    the fp16 vectors; the FAISS stage also stacks the chapter's queries and pools. Rounds alternate between the
+    two and the best round of each is kept, so a load spike on a shared machine does not decide the ratio.
 
     python bench/retrieval.py [--preset small] [--size 512x800] [--baseline-frames 24] [--workdir DIR]
 """
@@ -60,6 +62,8 @@ def per_frame_pipeline(layout: DataLayout, pools: list[dict], width: int, height
     return time.perf_counter() - started, passes
 
 
+ROUNDS = 5  # search timing rounds of about 0.3 s, FAISS and numpy alternating; the best of each is reported
+
 Work = list[tuple[np.ndarray, RefKeys, list[tuple[np.ndarray, np.ndarray]]]]  # per chapter: refs, keys, frames
 
 
@@ -107,7 +111,7 @@ def search_throughput(work: Work, k: int) -> dict[str, float]:
     def faiss_pass() -> int:
         for refs, keys, frames in work:
             searcher = PoolSearcher(refs, keys.tie_rank, threads=1)
-            queries = np.concatenate([queries for queries, _ in frames])
+            queries = np.concatenate([frame_queries for frame_queries, _ in frames])
             searcher.search(queries, padded_rows([allowed for _, allowed in frames], repeats=QUERY_PATCHES), k)
         return sum(len(f) for _, _, f in work)
 
@@ -121,13 +125,17 @@ def search_throughput(work: Work, k: int) -> dict[str, float]:
         return sum(len(f) for _, _, f in work)
 
     def rate(fn) -> float:
-        fn()  # warm-up
+        """Frames per second over about 0.3 s."""
         frames, started = 0, time.perf_counter()
-        while time.perf_counter() - started < 1.0:
+        while time.perf_counter() - started < 0.3:
             frames += fn()
         return frames / (time.perf_counter() - started)
 
-    return {"faiss": rate(faiss_pass), "numpy": rate(numpy_pass)}
+    passes = {"faiss": faiss_pass, "numpy": numpy_pass}
+    for fn in passes.values():
+        fn()  # warm-up
+    rounds = [{name: rate(fn) for name, fn in passes.items()} for _ in range(ROUNDS)]  # interleaved
+    return {name: max(r[name] for r in rounds) for name in passes}  # best round: the least disturbed by load
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"stored embeddings, dim {resolve_encoder(WEIGHT_FREE).dim}, pools of 20 pages",
                 stored_work(store, pools),
             ),
+            ("synthetic chapter of 40 pages, dim 1024, pools of 20 pages", synthetic_work(40, 20, 1024, 40)),
             ("synthetic chapter of 200 pages, dim 1024, pools of 20 pages", synthetic_work(200, 20, 1024, 200)),
             ("synthetic chapter of 1000 pages, dim 1024, pools of 400 pages", synthetic_work(1000, 400, 1024, 100)),
         ]

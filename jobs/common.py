@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -27,7 +28,13 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true", help="run in this process without Ray (debugging, tiny runs)")
 
 
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
 def start_ray(args: argparse.Namespace) -> None:
+    """Logging for the job, then Ray as the arguments say (nothing with --local)."""
+    configure_logging()
     if args.local:
         return
     from pipelines.runtime import init_ray

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jobs.common import add_ray_arguments
+from jobs.common import add_ray_arguments, configure_logging
 from pipelines.colour import ColourThresholds, FeatureParams
 from pipelines.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.ingest import (
@@ -107,6 +107,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    configure_logging()
     summary = run_ingest(
         args.input,
         args.output,

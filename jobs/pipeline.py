@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 
-from jobs.common import add_ray_arguments, parse_size
+from jobs.common import add_ray_arguments, configure_logging, parse_size
 from pipelines.pipeline import PipelineOptions, run_pipeline, stage_lines
 
 
@@ -47,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging()
     labels = None
     input_root = args.input
     if args.generate_sample:

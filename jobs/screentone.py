@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 
 from jobs.common import add_ray_arguments, parse_size, start_ray
 from pipelines.screentone_job import ScreentoneOptions, run_screentone
@@ -30,7 +29,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     start_ray(args)
     options = ScreentoneOptions(
         renderer=args.renderer,

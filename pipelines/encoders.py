@@ -32,18 +32,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipelines.storage import sha256_file
 from screentone.augment import to_grey
 
 DEFAULT_ENCODER = "open_clip:ViT-H-14:laion2b_s32b_b79k"
 WEIGHT_FREE = "weightfree"
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _canonical(obj: Any) -> Any:
@@ -157,7 +150,7 @@ def _resolve_open_clip(spec: str) -> EncoderInfo:
         if not config_path.is_file():
             raise FileNotFoundError(f"encoder spec {spec!r}: model config file {config_path} does not exist")
         model_name = _register_model_config(config_path)
-        fingerprint["config_sha256"] = _sha256_file(config_path)
+        fingerprint["config_sha256"] = sha256_file(config_path)
         load_args["config_path"] = str(config_path)
     else:
         model_name = model
@@ -180,7 +173,7 @@ def _resolve_open_clip(spec: str) -> EncoderInfo:
                 f"encoder spec {spec!r}: {weights!r} is neither a pretrained tag of {model_name} "
                 f"(known: {tags}) nor an existing checkpoint file"
             )
-        fingerprint["weights"] = f"sha256:{_sha256_file(checkpoint)}"
+        fingerprint["weights"] = f"sha256:{sha256_file(checkpoint)}"
         weights = str(checkpoint)
         name = f"{model_name}-ckpt"
     image_size = model_cfg["vision_cfg"].get("image_size", 224)

@@ -12,8 +12,6 @@ the chapters already marked done with the same options.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -54,6 +52,7 @@ from pipelines.storage import (
     marker_path,
     read_json,
     read_parquet,
+    stable_hash,
     sweep_tmp,
     write_marker,
     write_parquet,
@@ -95,7 +94,7 @@ class IngestOptions:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        return stable_hash(self.to_dict(), 16)
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,14 @@ stage is itself resumable unit by unit, so even a stage that runs again redoes o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines.layout import DataLayout
-from pipelines.storage import atomic_write_json, read_json
+from pipelines.storage import atomic_write_json, read_json, stable_hash
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,6 @@ class PipelineOptions:
     bench_refs: int = 40
     bench_bw: int = 50
     bench_max_series_fraction: float = 0.1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         common = {"size": list(self.size), "hires_scale": self.hires_scale, "seed": self.seed}
@@ -69,15 +66,11 @@ class PipelineOptions:
         return by_stage[stage]
 
 
-def _fingerprint(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _input_fingerprint(input_root: str) -> str:
     """The chapters the input holds now: a new or removed chapter makes ingestion run again."""
     from pipelines.sources import InputRoot, list_chapters
 
-    return _fingerprint({"chapters": [c.chapter_id for c in list_chapters(InputRoot(input_root))]})
+    return stable_hash({"chapters": [c.chapter_id for c in list_chapters(InputRoot(input_root))]})
 
 
 def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
@@ -163,11 +156,11 @@ def run_pipeline(
         settings = options.stage_settings(stage)
         if stage == "ingest":
             settings = {**settings, "input": input_root, "chapters": _input_fingerprint(input_root)}
-        fingerprint = _fingerprint(settings)
+        settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (
             not rerun_downstream
-            and before.get("fingerprint") == fingerprint
+            and before.get("fingerprint") == settings_hash
             and layout.summary(stage).exists()
             and read_json(layout.summary(stage)).get("complete", True) is not False
         )
@@ -178,7 +171,7 @@ def run_pipeline(
             summary, skipped = _run_stage(stage, input_root, layout, options, local), False
             rerun_downstream = True
         record["stages"][stage] = {
-            "fingerprint": fingerprint,
+            "fingerprint": settings_hash,
             "skipped": skipped,
             "seconds": round(time.perf_counter() - stage_started, 3),
             "summary": summary,
@@ -206,17 +199,20 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
             f"chapters {c['kept']} kept / {c['dropped']} dropped; pages {p['color']} colour, {p['bw']} B&W, "
             f"{p['error']} error"
         )
+    if stage == "retrieval":
+        e = summary["embeddings"]
+        return (
+            f"{summary['frames_ok']} frames with retrievals ({summary['frames_short']} short pools, "
+            f"{summary['frames_excluded']} excluded, {summary['frames_error']} error); pages embedded "
+            f"{e['pages_embedded']}, reused {e['pages_reused']}"
+        )
     if stage == "screentone":
         return f"{summary['frames_rendered']} frames rendered, {summary['chapters_reused']} chapters reused"
-    keys = ("frames", "retrievals", "chapters_searched", "samples", "shards", "duplicates")
-    flat = {k: v for k, v in _flatten(summary).items() if k.split(".")[-1] in keys and isinstance(v, int | float)}
-    return ", ".join(f"{k} {v}" for k, v in list(flat.items())[:6]) or "done"
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        return {prefix: obj}
-    out: dict[str, Any] = {}
-    for key, value in obj.items():
-        out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+    splits = ", ".join(
+        f"{name} {split['nsamples']} samples in {split['nshards']} shards" for name, split in summary["splits"].items()
+    )
+    bench = summary["benchmark"]
+    return (
+        f"{splits}; benchmark {bench['chapters']} chapters; {summary['leakage']['duplicates']} leaked duplicates "
+        "removed from train"
+    )

@@ -30,15 +30,14 @@ def screentone_sheet(layout: DataLayout, path: Path, *, frames: int = 3) -> Path
     """colour | grey | tone | blends for the first frames of the first kept chapter, from stored renderings."""
     from pipelines.geometry import fit_image
     from pipelines.pagestore import load_chapter_images
-    from pipelines.screentone_job import kept_chapter_ids, load_screentone
+    from pipelines.screentone_job import kept_chapter_ids
+    from pipelines.shards import read_screentone_chapter
     from screentone.contact_sheet import SheetRow, write_contact_sheet
 
     summary = read_json(layout.summary("screentone"))
     width, height = summary["sizes"]["train"]
     chapter = kept_chapter_ids(layout)[0]
-    tones = load_screentone(
-        layout, summary["renderer_id"], summary["options"]["width"], summary["options"]["height"], chapter
-    )
+    tones = read_screentone_chapter(layout, summary["renderer_id"], (width, height), chapter)
     rows = []
     for frame_id, page in sorted(load_chapter_images(layout, chapter).items())[:frames]:
         tone = np.asarray(Image.open(io.BytesIO(tones[(frame_id, "train")])))

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 import logging
 import os
 import time
@@ -77,6 +76,7 @@ from pipelines.storage import (
     marker_path,
     read_json,
     read_parquet,
+    stable_hash,
     sweep_tmp,
     write_marker,
     write_parquet,
@@ -127,7 +127,7 @@ class RetrievalParams:
             "rule": self.rule.as_dict(),
             "search_version": SEARCH_VERSION,
         }
-        return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+        return stable_hash(key, 12)
 
 
 def patch_geometry(width: int, height: int) -> dict[str, Any]:
@@ -240,7 +240,7 @@ def _pagestore_stat(path: Path) -> dict[str, int]:
 def _content_version(pages: list[dict[str, Any]]) -> str:
     """Names a chapter's embedded content: the pages, their bytes and whether they could be used."""
     key = [(p["page_id"], p["image_sha1"], p["status"]) for p in sorted(pages, key=lambda p: p["page_id"])]
-    return hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
+    return stable_hash(key, 12)
 
 
 # ---- stage 1: embedding ------------------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ import io
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
@@ -63,6 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageDraw
 
+from pipelines.sources import natural_key
 from pipelines.storage import atomic_write_bytes
 
 RGB = tuple[int, int, int]
@@ -94,11 +94,6 @@ LABEL_FIELDS = (
     "source", "series", "chapter", "chapter_source", "kind", "page_index", "is_color", "style", "broken", "format",
     "mode", "exif_orientation", "width", "height", "characters", "panels", "duplicate_of",
 )  # fmt: skip
-
-
-def natural_key(path: str) -> tuple:
-    """Sort key putting ``2.jpg`` before ``10.jpg`` (case-insensitive); defines ``page_index``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part.lower()) for part in re.split(r"(\d+)", path))
 
 
 # ----------------------------------------------------------------------------------------------------------------

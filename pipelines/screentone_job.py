@@ -172,18 +172,3 @@ def run_screentone(
     }
     atomic_write_json(layout.summary(STAGE), summary)
     return summary
-
-
-def load_screentone(layout: DataLayout, renderer_id: str, width: int, height: int, chapter_id: str) -> dict:
-    """(frame_id, variant) -> PNG bytes of the chapter's successful renderings."""
-    table = read_parquet(layout.screentone(renderer_id, width, height) / f"{chapter_id}.parquet", SCREENTONE)
-    table = table.filter(pc.field("status") == STATUS_OK)
-    return {
-        (frame, variant): image
-        for frame, variant, image in zip(
-            table.column("frame_id").to_pylist(),
-            table.column("variant").to_pylist(),
-            table.column("image").to_pylist(),
-            strict=True,
-        )
-    }

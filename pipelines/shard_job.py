@@ -11,8 +11,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +35,7 @@ from pipelines.samples import FIELDS, FrameRecord, SampleConfig
 from pipelines.schemas import DUPLICATES, SPLITS, STATUS_OK
 from pipelines.shards import ShardConfig, code_version, write_split
 from pipelines.splits import BENCH, TRAIN, VAL, SplitConfig, assign_splits, choose_bench_series, split_counts, split_of
-from pipelines.storage import atomic_write_json, read_json, write_parquet
+from pipelines.storage import atomic_write_json, read_json, stable_hash, write_parquet
 
 STAGE = "shards"
 SHARDED_SPLITS = (TRAIN, VAL)
@@ -121,10 +119,6 @@ def _records(frames: pa.Table) -> list[FrameRecord]:
     ]
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _upstream(layout: DataLayout) -> dict[str, Any]:
     """The upstream settings that shape a sample: a change of them means other samples, so a new shard plan."""
     retrieval = read_json(layout.summary("retrieval"))
@@ -174,7 +168,7 @@ def run_shards(
     renderer_id = _renderer_id(options.renderer, layout, sample_sizes)
     version = code_version()
     upstream = _upstream(layout)
-    config_fingerprint = _fingerprint(
+    config_fingerprint = stable_hash(
         {
             "options": asdict(options),
             "encoder": encoder_id,

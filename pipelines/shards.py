@@ -78,6 +78,7 @@ from pipelines.storage import (
     read_json,
     read_marker,
     read_parquet,
+    stable_hash,
     sweep_tmp,
     write_marker,
     write_parquet,
@@ -416,15 +417,11 @@ class PlanMismatchError(RuntimeError):
     """Shards exist from another configuration or another frame set; mixing them would corrupt the dataset."""
 
 
-def _fingerprint(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _plan_fingerprint(frames: list[FrameRecord], sample_config: SampleConfig, shard_config: ShardConfig) -> str:
     config = sample_config.to_json()
     config.pop("code_version")  # a rerun after a code change resumes; each shard records its own version
     frame_ids = sorted((f.chapter_id, f.frame_id) for f in frames)
-    return _fingerprint({"frames": frame_ids, "sample": config, "shard": asdict(shard_config)})
+    return stable_hash({"frames": frame_ids, "sample": config, "shard": asdict(shard_config)})
 
 
 def _completed_markers(folder: Path) -> list[Path]:

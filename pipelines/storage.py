@@ -8,6 +8,7 @@ leaves either nothing or temporary files that the next run sweeps, never a parti
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -71,6 +72,20 @@ def read_parquet_parts(folder: str | os.PathLike, schema: pa.Schema) -> pa.Table
     parts = sorted(p for p in Path(folder).glob("*.parquet") if TMP_TAG not in p.name) if Path(folder).exists() else []
     tables = [read_parquet(p, schema) for p in parts]
     return pa.concat_tables(tables) if tables else schema.empty_table()
+
+
+def stable_hash(obj: Any, length: int | None = None) -> str:
+    """sha256 of an object's canonical JSON: equal settings give equal names on every machine and run."""
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return digest[:length] if length else digest
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def marker_path(output: str | os.PathLike) -> Path:
