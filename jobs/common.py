@@ -30,6 +30,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
 
 
 def start_ray(args: argparse.Namespace) -> None:
