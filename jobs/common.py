@@ -28,6 +28,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true", help="run in this process without Ray (debugging, tiny runs)")
 
 
+def exit_status(summary: dict) -> int:
+    """The process exit code of a job: non-zero when units failed, so `ray job submit` reports FAILED."""
+    return 0 if summary.get("complete", True) else 1
+
+
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
-from jobs.common import add_ray_arguments, configure_logging, parse_size
+from jobs.common import add_ray_arguments, configure_logging, exit_status, parse_size
 from pipelines.pipeline import PipelineOptions, run_pipeline, stage_lines
 
 
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

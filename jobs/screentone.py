@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from jobs.common import add_ray_arguments, parse_size, start_ray
+from jobs.common import add_ray_arguments, exit_status, parse_size, start_ray
 from pipelines.screentone_job import ScreentoneOptions, run_screentone
 
 
@@ -44,4 +45,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

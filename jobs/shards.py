@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 
-from jobs.common import add_ray_arguments, parse_size, start_ray
+from jobs.common import add_ray_arguments, exit_status, parse_size, start_ray
 from pipelines.shard_job import ShardJobOptions, run_shards
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -90,4 +91,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(exit_status(main()))

@@ -26,7 +26,6 @@ as it would with any scanned page). References keep their stored size: retrieval
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import shutil
 import uuid
@@ -209,12 +208,6 @@ def _chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool
     return marker.exists() and read_json(marker).get("fingerprint") == fingerprint
 
 
-def _encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
-
-
 def write_chapter(task: ChapterTask) -> dict[str, Any]:
     """Write one benchmark chapter into a temporary folder, swap it in, then write its marker."""
     from pipelines.screentone_job import renderer_for
@@ -246,8 +239,8 @@ def write_chapter(task: ChapterTask) -> dict[str, Any]:
             "screenstyle": f"bw_screenstyle/{page_id}.png",
         }
         (tmp / files["gt"]).write_bytes(encode_page(colour, "jpeg", config.jpeg_quality))
-        (tmp / files["grey"]).write_bytes(_encode_png(colour.convert("L")))
-        (tmp / files["screenstyle"]).write_bytes(_encode_png(Image.fromarray(tone, mode="L")))
+        (tmp / files["grey"]).write_bytes(encode_page(colour.convert("L"), "png"))
+        (tmp / files["screenstyle"]).write_bytes(encode_page(Image.fromarray(tone, mode="L"), "png"))
         bw.append({"page_id": page_id, "page_index": page_index, **files})
     index = {
         "chapter_id": chapter.chapter_id,

@@ -18,13 +18,14 @@ from pipelines.storage import read_parquet, write_parquet
 ENCODINGS = ("jpeg", "png", "webp")
 
 
-def encode_page(image: Image.Image, encoding: str = "jpeg", quality: int = 95) -> bytes:
-    """Encode an RGB page; JPEG keeps full chroma resolution (4:4:4) since colour is the training target."""
+def encode_page(image: Image.Image, encoding: str = "jpeg", quality: int = 95, png_level: int = 6) -> bytes:
+    """Encode a page: JPEG keeps full chroma resolution (4:4:4) since colour is the training target; PNG and
+    WebP are lossless (what screentone and grey images need: dots die in JPEG)."""
     buf = io.BytesIO()
     if encoding == "jpeg":
         image.save(buf, format="JPEG", quality=quality, subsampling=0, optimize=True)
     elif encoding == "png":
-        image.save(buf, format="PNG", compress_level=6)
+        image.save(buf, format="PNG", compress_level=png_level)
     elif encoding == "webp":
         image.save(buf, format="WEBP", lossless=True, quality=100, method=4)
     else:

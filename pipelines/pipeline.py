@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from pipelines.encoders import DEFAULT_ENCODER
+from pipelines.ingest import DEFAULT_MIN_COLOR_PAGES
 from pipelines.layout import DataLayout
 from pipelines.storage import atomic_write_json, read_json, stable_hash
 
@@ -30,10 +32,10 @@ class PipelineOptions:
     hires_scale: float = 1.5
     seed: int = 0
     # ingestion
-    min_color_pages: int = 21
+    min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
     chapters_per_task: int = 4
     # retrieval
-    encoder: str = "open_clip:ViT-H-14:laion2b_s32b_b79k"
+    encoder: str = DEFAULT_ENCODER
     refs: int = 20
     min_refs: int = 10
     k_per_patch: int = 3
@@ -162,7 +164,7 @@ def run_pipeline(
             not rerun_downstream
             and before.get("fingerprint") == settings_hash
             and layout.summary(stage).exists()
-            and read_json(layout.summary(stage)).get("complete", True) is not False
+            and read_json(layout.summary(stage)).get("complete") is True
         )
         stage_started = time.perf_counter()
         if current:
@@ -178,6 +180,7 @@ def run_pipeline(
         }
         # Saved after every stage: a kill between stages keeps what finished.
         atomic_write_json(record_path, record)
+    record["complete"] = all(entry["summary"].get("complete") is True for entry in record["stages"].values())
     record["seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_json(record_path, record)
     return record

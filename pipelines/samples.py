@@ -187,12 +187,6 @@ class ChapterPages:
         return image
 
 
-def _encode_png(image: Image.Image, level: int) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=level)
-    return buf.getvalue()
-
-
 def _checked_tone(data: bytes | None, frame_id: str, variant: str, size: tuple[int, int]) -> bytes:
     """The stored screentone PNG, validated (present, decodable, mode L, rendered at exactly `size`)."""
     if data is None:
@@ -301,11 +295,11 @@ def build_sample(
     return {
         "__key__": key,
         FIELD_COLOR: encode_page(colour, "jpeg", config.jpeg_quality),
-        FIELD_GREY: _encode_png(colour.convert("L"), level),
+        FIELD_GREY: encode_page(colour.convert("L"), "png", png_level=level),
         FIELD_TONE: tone,
         FIELD_RING: encode_page(ring, "jpeg", config.jpeg_quality),
         FIELD_HR_COLOR: encode_page(hr_colour, "jpeg", config.jpeg_quality),
-        FIELD_HR_GREY: _encode_png(hr_colour.convert("L"), level),
+        FIELD_HR_GREY: encode_page(hr_colour.convert("L"), "png", png_level=level),
         FIELD_HR_TONE: hires_tone,
         FIELD_META: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }

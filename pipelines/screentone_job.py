@@ -7,7 +7,6 @@ row; a chapter is done when its marker exists, so reruns only render what is mis
 
 from __future__ import annotations
 
-import io
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from PIL import Image
 from pipelines.distributor import Unit, run_units
 from pipelines.geometry import CompositeLayout, fit_image, hires_size
 from pipelines.layout import DataLayout
-from pipelines.pagestore import decode_page, read_chapter_pages
+from pipelines.pagestore import decode_page, encode_page, read_chapter_pages
 from pipelines.schemas import CHAPTERS, SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.seeding import derive_seed
 from pipelines.storage import atomic_write_json, is_done, read_marker, read_parquet, write_marker, write_parquet
@@ -68,9 +67,7 @@ def render_frame(page: Image.Image, frame_id: str, options: ScreentoneOptions, r
     for variant, (width, height) in options.sizes.items():
         fitted = np.asarray(fit_image(page, width, height))
         tone = renderer.render(fitted, frame_seed(options.seed, frame_id, variant))
-        buf = io.BytesIO()
-        Image.fromarray(tone, mode="L").save(buf, format="PNG", compress_level=6)
-        out[variant] = buf.getvalue()
+        out[variant] = encode_page(Image.fromarray(tone, mode="L"), "png")
     return out
 
 
@@ -138,6 +135,7 @@ def run_screentone(
 
     CompositeLayout(options.width, options.height)  # validates the size before any work
     layout = DataLayout.at(data)
+    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     renderer = renderer_for(options.renderer, options.device)
     neural = not renderer.id.startswith("halftone")
     num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
@@ -158,6 +156,7 @@ def run_screentone(
     frames = sum(r.get("frames", 0) for r in report.results)
     summary = {
         "stage": STAGE,
+        "complete": not report.failed,
         "renderer_id": renderer.id,
         "options": asdict(options),
         "sizes": {variant: list(size) for variant, size in options.sizes.items()},

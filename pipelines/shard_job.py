@@ -35,7 +35,7 @@ from pipelines.samples import FIELDS, FrameRecord, SampleConfig
 from pipelines.schemas import DUPLICATES, SPLITS, STATUS_OK
 from pipelines.shards import ShardConfig, code_version, write_split
 from pipelines.splits import BENCH, TRAIN, VAL, SplitConfig, assign_splits, choose_bench_series, split_counts, split_of
-from pipelines.storage import atomic_write_json, read_json, stable_hash, write_parquet
+from pipelines.storage import atomic_write_json, read_json, sha256_file, stable_hash, write_parquet
 
 STAGE = "shards"
 SHARDED_SPLITS = (TRAIN, VAL)
@@ -131,12 +131,11 @@ def _upstream(layout: DataLayout) -> dict[str, Any]:
     }
 
 
-def _input_files(layout: DataLayout) -> dict[str, list[int] | None]:
-    """Size and mtime of the tables this stage reads: a rewritten table makes the stage run again."""
+def _input_files(layout: DataLayout) -> dict[str, str | None]:
+    """Content hashes of the tables this stage reads. Upstream writes are byte-deterministic, so a rerun of an
+    upstream stage that changed nothing leaves these equal and the stage stays skipped."""
     files = {"pages": layout.pages, "chapters": layout.chapters, "retrievals": layout.retrievals, "pools": layout.pools}
-    return {
-        name: [path.stat().st_size, path.stat().st_mtime_ns] if path.exists() else None for name, path in files.items()
-    }
+    return {name: sha256_file(path) if path.exists() else None for name, path in files.items()}
 
 
 def run_shards(

@@ -37,7 +37,6 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
-import subprocess
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -75,6 +74,7 @@ from pipelines.storage import (
     atomic_path,
     atomic_write_json,
     is_done,
+    marker_path,
     read_json,
     read_marker,
     read_parquet,
@@ -104,23 +104,25 @@ def index_name(tar_name: str) -> str:
     return tar_name.removesuffix(".tar") + ".index.parquet"
 
 
+CODE_PACKAGES = ("pipelines", "screentone", "model", "training", "jobs")
+
+
 def code_version() -> dict[str, Any]:
-    """Package version and git commit of the code writing the shards (commit null outside a git checkout)."""
+    """Package version and a sha256 of the project's Python sources.
+
+    The source hash names the code exactly, and is the same in a git checkout, an installed copy and the working
+    directory `ray job submit` uploads (where there is no .git), so equal code writes equal samples everywhere.
+    """
     try:
         version = importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    repo = Path(__file__).resolve().parents[1]
-    commit = None
-    if (repo / ".git").exists():
-        try:
-            result = subprocess.run(
-                ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=False
-            )
-            commit = (result.stdout.strip() or None) if result.returncode == 0 else None
-        except (OSError, subprocess.TimeoutExpired):
-            commit = None
-    return {"package": PACKAGE, "version": version, "git_commit": commit}
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in CODE_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return {"package": PACKAGE, "version": version, "source_sha256": digest.hexdigest()}
 
 
 # ---- tar writing ---------------------------------------------------------------------------------------------
@@ -476,8 +478,16 @@ def prepare_plan(
 
 
 def finalise_split(layout: DataLayout, split: str, plan_info: dict[str, Any], shard_names: list[str]) -> dict[str, Any]:
-    """Write the split's manifest, wids index and errors table from the shard markers (all must exist)."""
+    """Write the split's manifest, wids index and errors table from the shard markers (all must exist).
+
+    Shard files of an earlier plan that this plan does not name (a tar renamed into place just before a kill,
+    then a replan) are deleted first, so the folder holds exactly the planned shard set.
+    """
     folder = layout.shards(split)
+    planned = {name for tar in shard_names for name in (tar, index_name(tar), marker_path(folder / tar).name)}
+    for path in folder.glob(f"{split}-*"):
+        if path.name not in planned:
+            path.unlink()
     stats = [read_marker(folder / name) for name in shard_names]
     shards = [
         {

@@ -40,6 +40,8 @@ def _reference_dir() -> Path | None:
 
 
 REFERENCE = _reference_dir()
+if REFERENCE is None and os.environ.get("CI"):
+    raise RuntimeError("CI must check the ScreenStyle layouts: set COLORFLOW_REFERENCE_DIR or add ../shared/reference")
 needs_reference = pytest.mark.skipif(
     REFERENCE is None,
     reason="ScreenStyle reference layouts not found: set COLORFLOW_REFERENCE_DIR or put them in "

@@ -249,7 +249,9 @@ def test_killed_runs_end_with_the_shards_of_an_uninterrupted_run(sharded: tuple[
     shutil.copytree(corpus_root, work)
     command = [sys.executable, "-m", "jobs.shards", "--data", str(work), "--local", *CLI]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    rng = random.Random(int.from_bytes(os.urandom(4), "big"))
+    kill_seed = int(os.environ.get("KILL_TEST_SEED", int.from_bytes(os.urandom(4), "big")))
+    print(f"kill schedule seed {kill_seed} (rerun with KILL_TEST_SEED={kill_seed} to reproduce)")
+    rng = random.Random(kill_seed)
     train = DataLayout.at(work).shards("train")
     total = len(list((reference_out / "shards" / "train").glob("*.tar")))
 
