@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_cpus=args.num_cpus,
         task_memory=args.task_memory_mb * 1024 * 1024 if args.task_memory_mb else None,
     )
-    return 1 if summary["run"]["chapters_failed"] else 0
+    return 0 if summary["complete"] else 1
 
 
 if __name__ == "__main__":

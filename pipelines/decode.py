@@ -137,11 +137,6 @@ def _wide_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(values, 0, 255).round().astype(np.uint8)
 
 
-def _first_frame(image: Image.Image) -> None:
-    if getattr(image, "n_frames", 1) > 1:
-        image.seek(0)
-
-
 def decode_for_analysis(
     data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS, side: int = DEFAULT_ANALYSIS_SIDE
 ) -> tuple[np.ndarray, ImageInfo]:
@@ -151,7 +146,6 @@ def decode_for_analysis(
     classifier cheaper than one full decode; other formats are decoded fully, then box-reduced.
     """
     image, info = _open(data, name, max_pixels)
-    _first_frame(image)
     if image.format == "JPEG":
         scale = _dct_scale(max(image.size), side)
         if scale > 1:
@@ -190,7 +184,6 @@ def decode_upright(
     target, so the final resize still has full detail to work with.
     """
     image, info = _open(data, name, max_pixels)
-    _first_frame(image)
     stored_w, stored_h = image.size
     if longest_side and image.format == "JPEG" and max(stored_w, stored_h) >= 2 * longest_side:
         factor = max(stored_w, stored_h) / longest_side

@@ -20,7 +20,6 @@ encoder writes beside the old ones, never over them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
@@ -32,11 +31,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.storage import sha256_file
+from pipelines.storage import sha256_file, stable_hash
 from screentone.augment import to_grey
 
 DEFAULT_ENCODER = "open_clip:ViT-H-14:laion2b_s32b_b79k"
 WEIGHT_FREE = "weightfree"
+
+
+def grey_version(image: Image.Image) -> Image.Image:
+    """The black-and-white ("L") version of an image: the project's one PIL-level grey conversion (`to_grey`)."""
+    return image if image.mode == "L" else Image.fromarray(to_grey(np.asarray(image.convert("RGB"))), "L")
 
 
 def _canonical(obj: Any) -> Any:
@@ -57,7 +61,7 @@ class EncoderInfo:
     @property
     def encoder_id(self) -> str:
         """Short folder-safe id: readable slug + hash of the whole fingerprint (patch geometry included if set)."""
-        digest = hashlib.sha1(json.dumps(self.fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+        digest = stable_hash(self.fingerprint, 10)
         name = str(self.fingerprint.get("name", self.kind))
         size = self.fingerprint.get("patches", {}).get("page_size")
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip("_.") + (f"-{size}" if size else "")
@@ -343,8 +347,7 @@ class WeightFreeEncoder(Encoder):
 
     @classmethod
     def prepare(cls, patch: Image.Image) -> np.ndarray:
-        grey = patch if patch.mode == "L" else Image.fromarray(to_grey(np.asarray(patch.convert("RGB"))))
-        return np.asarray(grey.resize((cls.SIZE, cls.SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
+        return np.asarray(grey_version(patch).resize((cls.SIZE, cls.SIZE), Image.Resampling.LANCZOS), dtype=np.uint8)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 3 or batch.shape[1:] != (self.SIZE, self.SIZE):

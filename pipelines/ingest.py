@@ -6,11 +6,15 @@ pages in reading order, decodes each small and classifies it, decides whether th
 store once (full quality, upright RGB), then its parts of the pages and chapters tables, then its completion
 marker. The driver fans chapters out over Ray in batches, consolidates the tables in manifest order and writes
 the run summary last. Every output name derives from the input, so a rerun rewrites the same bytes and skips
-the chapters already marked done with the same options.
+the chapters already marked done with the same options and the same chapter signature (see
+`pipelines.sources.chapter_signature`): a chapter whose pages were added or replaced since is ingested again.
+The summary's `complete` is false when a chapter's task failed, so a later run (or the whole-pipeline job) knows
+to retry it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -42,6 +46,7 @@ from pipelines.sources import (
     InputRoot,
     PageEntry,
     PageReadError,
+    chapter_signature,
     list_chapters,
     manifest_table,
 )
@@ -99,12 +104,17 @@ class IngestOptions:
 
 @dataclass(frozen=True)
 class ChapterTask:
-    """What a worker needs for one chapter (picklable, small)."""
+    """What a worker needs for one chapter (picklable, small).
+
+    `signature` is taken when the driver lists the chapter and goes into the completion marker: if the chapter
+    changes while it is processed, the next run sees a different signature and redoes it.
+    """
 
     input_root: str
     output: str
     chapter: ChapterEntry
     options: IngestOptions
+    signature: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +206,7 @@ def _chapter_row(chapter: ChapterEntry, rows: list[dict[str, Any]], kept: bool, 
     return {
         **chapter.row(),
         "n_pages": len(rows),
-        "n_color": sum(r["is_color"] is True for r in rows),
+        "n_color": _n_color(rows),
         "n_bw": sum(r["is_color"] is False for r in rows),
         "n_error": sum(r["status"] == STATUS_ERROR for r in rows),
         "kept": kept,
@@ -206,14 +216,14 @@ def _chapter_row(chapter: ChapterEntry, rows: list[dict[str, Any]], kept: bool, 
     }
 
 
+def _n_color(rows: list[dict[str, Any]]) -> int:
+    return sum(r["is_color"] is True for r in rows)
+
+
 def _not_kept_reason(n_color: int, options: IngestOptions) -> str | None:
     if n_color >= options.min_color_pages:
         return None
     return f"{n_color} colour pages, fewer than min_color_pages={options.min_color_pages}"
-
-
-def _n_color(rows: list[dict[str, Any]]) -> int:
-    return sum(r["is_color"] is True for r in rows)
 
 
 def _store_colour_pages(
@@ -232,32 +242,38 @@ def _store_colour_pages(
     return stored
 
 
+def _read_chapter(
+    root: InputRoot, chapter: ChapterEntry, options: IngestOptions
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(chapter row, page rows, page-store rows) of one chapter; an unreadable chapter is an error row."""
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = stack.enter_context(ChapterReader(root, chapter, options.max_file_bytes))
+        except Exception as exc:  # noqa: BLE001 - an unreadable chapter (corrupt zip, vanished folder) is a row
+            chapter_row = _chapter_row(chapter, [], False, "chapter could not be read")
+            chapter_row.update(
+                status=STATUS_ERROR, error=f"{chapter.source}: cannot read {chapter.kind}: {type(exc).__name__}: {exc}"
+            )
+            return chapter_row, [], []
+        rows = [analyse_page(reader, page, chapter, options) for page in reader.pages]
+        stored = []
+        if _not_kept_reason(_n_color(rows), options) is None:
+            stored = _store_colour_pages(reader, rows, chapter.chapter_id, options)
+    reason = _not_kept_reason(_n_color(rows), options)
+    if reason is not None:  # a store failure can drop a chapter under the minimum: then nothing is stored
+        stored = []
+        for row in rows:
+            row["stored"] = False
+    return _chapter_row(chapter, rows, reason is None, reason if rows else "no image files"), rows, stored
+
+
 def process_chapter(task: ChapterTask) -> dict[str, Any]:
     """Ingest one chapter and write its outputs (page store, table parts, marker last); returns its counts."""
     chapter, options = task.chapter, task.options
     layout = DataLayout.at(task.output)
     chapter_id = chapter.chapter_id
-    rows: list[dict[str, Any]] = []
-    stored: list[dict[str, Any]] = []
     root = InputRoot(task.input_root)  # an unreachable input root fails the task: nothing is marked done
-    try:
-        reader = ChapterReader(root, chapter, options.max_file_bytes).open()
-    except Exception as exc:  # noqa: BLE001 - an unreadable chapter (corrupt zip, vanished folder) is a row
-        chapter_row = _chapter_row(chapter, [], False, "chapter could not be read")
-        chapter_row.update(
-            status=STATUS_ERROR, error=f"{chapter.source}: cannot read {chapter.kind}: {type(exc).__name__}: {exc}"
-        )
-    else:
-        with reader:
-            rows = [analyse_page(reader, page, chapter, options) for page in reader.pages]
-            if _not_kept_reason(_n_color(rows), options) is None:
-                stored = _store_colour_pages(reader, rows, chapter_id, options)
-        reason = _not_kept_reason(_n_color(rows), options)
-        if reason is not None:  # a store failure can drop a chapter under the minimum: then nothing is stored
-            stored = []
-            for row in rows:
-                row["stored"] = False
-        chapter_row = _chapter_row(chapter, rows, reason is None, reason if rows else "no image files")
+    chapter_row, rows, stored = _read_chapter(root, chapter, options)
     store_path = layout.pagestore_chapter(chapter_id)
     if stored:
         write_chapter_pages(layout, chapter_id, stored)
@@ -269,7 +285,8 @@ def process_chapter(task: ChapterTask) -> dict[str, Any]:
     counts = {k: chapter_row[k] for k in ("n_pages", "n_color", "n_bw", "n_error", "kept")}
     counts["n_stored"] = len(stored)
     status = chapter_row["status"]
-    write_marker(pages_path, {"chapter_id": chapter_id, "options": options.fingerprint(), "status": status, **counts})
+    marker = {"chapter_id": chapter_id, "options": options.fingerprint(), "signature": task.signature, "status": status}
+    write_marker(pages_path, {**marker, **counts})
     return {**counts, "chapter_status": status}
 
 
@@ -286,22 +303,25 @@ def chapter_part(layout: DataLayout, chapter_id: str) -> Path:
     return layout.ingest_chapters / f"{chapter_id}.parquet"
 
 
-def _marker(layout: DataLayout, chapter_id: str, fingerprint: str) -> dict[str, Any] | None:
-    """The chapter's completion marker if it was written with these options, else None."""
-    part = pages_part(layout, chapter_id)
+def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
+    """The chapter's completion marker if written with these options (`fingerprint`) and the task's chapter
+    signature, else None."""
+    part = pages_part(layout, task.chapter.chapter_id)
     if not is_done(part):
         return None
     try:
         marker = read_json(marker_path(part))
     except (OSError, ValueError):
         return None
-    return marker if marker.get("options") == fingerprint else None
+    current = marker.get("options") == fingerprint and marker.get("signature") == task.signature
+    return marker if current else None
 
 
-def chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool:
-    """Skip on rerun: finished with the same options and readable. Unreadable chapters are retried each run
-    (a mount that was down or an archive that was still being copied may be fine now); other options redo it."""
-    marker = _marker(layout, chapter_id, fingerprint)
+def chapter_done(layout: DataLayout, task: ChapterTask, fingerprint: str) -> bool:
+    """Skip on rerun: finished with the same options and contents, and readable. Unreadable chapters are retried
+    each run (a mount that was down or an archive that was still being copied may be fine now); other options or
+    changed pages redo it."""
+    marker = _marker(layout, task, fingerprint)
     return marker is not None and marker.get("status") == STATUS_OK
 
 
@@ -310,15 +330,16 @@ def chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool:
 
 
 def _consolidate(
-    layout: DataLayout, chapters: list[ChapterEntry], report: RunReport, fingerprint: str
+    layout: DataLayout, tasks: list[ChapterTask], report: RunReport, fingerprint: str
 ) -> tuple[pa.Table, pa.Table]:
     """Tables in manifest order from the per-chapter parts; a chapter whose task crashed gets an error row."""
     failures = {r["key"]: r.get("error") for r in report.failed}
     page_tables, chapter_rows = [], []
-    for chapter in chapters:
+    for task in tasks:
+        chapter = task.chapter
         part = chapter_part(layout, chapter.chapter_id)
         pages_path = pages_part(layout, chapter.chapter_id)
-        if _marker(layout, chapter.chapter_id, fingerprint) is not None and part.exists():
+        if _marker(layout, task, fingerprint) is not None and part.exists():
             chapter_rows.extend(read_parquet(part, CHAPTERS).to_pylist())
             page_tables.append(read_parquet(pages_path, PAGES))
             continue
@@ -374,14 +395,16 @@ def run_ingest(
     layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     _sweep_tmp(layout)
 
-    chapters = list_chapters(InputRoot(input_uri))
+    root = InputRoot(input_uri)
+    chapters = list_chapters(root)
     if limit is not None:
         chapters = chapters[: max(0, limit)]
     write_parquet(manifest_table(chapters), layout.manifest)
+    tasks = [ChapterTask(input_uri, output, c, options, chapter_signature(root, c)) for c in chapters]
     listed = time.perf_counter()
 
     fingerprint = options.fingerprint()
-    units = [Unit(key=c.chapter_id, payload=ChapterTask(input_uri, output, c, options)) for c in chapters]
+    units = [Unit(key=task.chapter.chapter_id, payload=task) for task in tasks]
     if not local:
         from pipelines.runtime import init_ray
 
@@ -389,20 +412,21 @@ def run_ingest(
     report = run_units(
         units,
         ingest_unit,
-        is_done=lambda unit: chapter_done(layout, unit.key, fingerprint),
+        is_done=lambda unit: chapter_done(layout, unit.payload, fingerprint),
         desc="ingest chapters",
         units_per_task=chapters_per_task,
         memory=task_memory,
         max_retries=max_retries,
         local=local,
     )
-    pages, chapter_table = _consolidate(layout, chapters, report, fingerprint)
+    pages, chapter_table = _consolidate(layout, tasks, report, fingerprint)
     write_parquet(pages, layout.pages, PAGES)
     write_parquet(chapter_table, layout.chapters, CHAPTERS)
 
     processed_pages = sum(int(r.get("n_pages", 0)) for r in report.results)
     summary = {
         "stage": STAGE,
+        "complete": not report.failed,  # False: a chapter's task failed; the next run retries it
         "input": input_uri,
         "output": output,
         "options": options.to_dict(),
@@ -438,6 +462,21 @@ def run_ingest(
     if verbose:
         print(format_summary(summary), flush=True)
     return summary
+
+
+def kept_chapter_ids(layout: DataLayout) -> list[str]:
+    """Sorted ids of the chapters whose colour pages are training frames: kept, and read without error.
+
+    Later stages start from these, so they need a finished ingestion, whose summary is written last.
+    """
+    summary = layout.summary(STAGE)
+    if not summary.exists():
+        raise FileNotFoundError(
+            f"{summary} is missing: run the ingestion job first (python -m jobs.ingest) on {layout.root}"
+        )
+    chapters = read_parquet(layout.chapters).select(["chapter_id", "kept", "status"])
+    kept = pc.and_(pc.equal(chapters["kept"], True), pc.equal(chapters["status"], STATUS_OK))
+    return sorted(chapters.filter(kept).column("chapter_id").to_pylist())
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -16,15 +16,18 @@ patch, role "ref", patch 4; L2-normalised fp16), so no page is decoded or encode
   re-encoded, re-levelled or re-trimmed copies.
 
 Every candidate is a DUPLICATES row (``duplicate`` False when the hash rejected it, so thresholds can be
-re-cut); the training pages of confirmed rows are removed from the training shards. Held-out pages without a
-stored embedding cannot be checked and are counted as ``unchecked`` in the summary.
+re-cut); the training pages of confirmed rows are removed from the training shards.
+
+Vectors are read only through `pipelines.retrieval.EmbeddingStore`, chapter by chapter and only for the chapters
+of the pages asked for. A chapter without a completion marker (a retrieval run was killed while rewriting it)
+or with inconsistent files is skipped and listed in the summary, never read: its held-out pages count as
+``unchecked``, its training pages are not indexed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,11 +38,10 @@ from pipelines import pools
 from pipelines.geometry import WHOLE_PAGE_PATCH
 from pipelines.layout import DataLayout
 from pipelines.pagestore import decode_page, read_chapter_pages
-from pipelines.schemas import DUPLICATES, EMBEDDED_PAGES, EMBEDDINGS, table_from_rows
+from pipelines.retrieval import REF_ROLE, EmbeddingStore
+from pipelines.schemas import DUPLICATES, EMBEDDED_PAGES, table_from_rows
 from pipelines.seeding import unit_hash
-from pipelines.storage import TMP_TAG, read_parquet
-
-REF_ROLE = "ref"
+from pipelines.storage import read_parquet
 
 
 @dataclass(frozen=True)
@@ -69,61 +71,71 @@ class PageRef:
 # ---- stored embeddings ---------------------------------------------------------------------------------------
 
 
-def embedding_files(layout: DataLayout, encoder_id: str) -> list[tuple[Path, Path]]:
-    """(ids parquet, vectors .npy) pairs of an encoder's embeddings folder, in name order."""
-    folder = layout.embeddings(encoder_id)
-    if not folder.exists():
-        raise FileNotFoundError(f"no embeddings for encoder {encoder_id!r} at {folder}: run the retrieval job first")
-    pairs = []
-    for ids in sorted(folder.glob("*.parquet")):
-        if TMP_TAG in ids.name:
-            continue
-        vectors = ids.with_suffix(".npy")
-        if vectors.exists():
-            pairs.append((ids, vectors))
-    return pairs
-
-
-def iter_page_vectors(layout: DataLayout, encoder_id: str, wanted: set[str]) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Per embeddings file: the wanted pages' whole-page vectors (float32, re-normalised), file by file.
-
-    Streams, so no process holds every embedding; a page stored twice (two files) is yielded once.
-    """
-    seen: set[str] = set()
-    for ids_path, vectors_path in embedding_files(layout, encoder_id):
-        ids = read_parquet(ids_path, EMBEDDINGS)
-        mask = pc.and_(
-            pc.and_(pc.equal(ids["role"], REF_ROLE), pc.equal(ids["patch"], WHOLE_PAGE_PATCH)),
-            pc.is_in(ids["page_id"], value_set=pa.array(sorted(wanted - seen), pa.string())),
+def embedding_store(layout: DataLayout, encoder_id: str) -> EmbeddingStore:
+    """The encoder's embeddings as the retrieval job stored them; a clear error if it never ran."""
+    store = EmbeddingStore(layout.embeddings(encoder_id))
+    if not store.folder.exists():
+        raise FileNotFoundError(
+            f"no embeddings for encoder {encoder_id!r} at {store.folder}: run the retrieval job first"
         )
-        ids = ids.filter(mask)
-        if ids.num_rows == 0:
+    return store
+
+
+def by_chapter(pages: Iterable[PageRef]) -> dict[str, set[str]]:
+    """chapter_id -> the page ids of `pages` in it: each chapter's embeddings are read once, and only these."""
+    out: dict[str, set[str]] = {}
+    for page in pages:
+        out.setdefault(page.chapter_id, set()).add(page.page_id)
+    return out
+
+
+def iter_page_vectors(
+    store: EmbeddingStore, wanted: dict[str, set[str]], skipped: dict[str, str]
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Per chapter of `wanted` (chapter_id -> page ids): those pages' whole-page vectors (float32, re-normalised).
+
+    Streams, so no process holds every embedding. A chapter that is not completely embedded, or whose files
+    cannot be read, yields nothing and is recorded in `skipped` (chapter_id -> reason).
+    """
+    for chapter_id, page_ids in sorted(wanted.items()):
+        try:
+            stored = store.read_vectors(chapter_id)
+            if stored is None:
+                skipped[chapter_id] = "no completed embeddings (retrieval not run on it, or killed while writing it)"
+                continue
+            _, ids, matrix = stored
+            mask = pc.and_(
+                pc.and_(pc.equal(ids["role"], REF_ROLE), pc.equal(ids["patch"], WHOLE_PAGE_PATCH)),
+                pc.is_in(ids["page_id"], value_set=pa.array(sorted(page_ids), pa.string())),
+            )
+            ids = ids.filter(mask)
+            if ids.num_rows == 0:
+                continue
+            found, rows = ids.column("page_id").to_pylist(), ids.column("row").to_numpy()
+            vectors = np.asarray(matrix[rows], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - one unreadable chapter is reported, it never ends the check
+            skipped[chapter_id] = f"unreadable embeddings: {type(exc).__name__}: {exc}"
             continue
-        matrix = np.load(vectors_path, mmap_mode="r")
-        page_ids, rows = ids.column("page_id").to_pylist(), ids.column("row").to_numpy()
-        vectors = np.asarray(matrix[rows], dtype=np.float32)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors /= np.maximum(norms, 1e-12)
-        seen.update(page_ids)
-        yield page_ids, vectors
+        vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        yield found, vectors
 
 
 # ---- confirmation by edge hash ------------------------------------------------------------------------------
 
 
-def page_hashes(layout: DataLayout, encoder_id: str, pages: Iterable[tuple[str, str]]) -> dict[str, list[bytes]]:
+def page_hashes(layout: DataLayout, store: EmbeddingStore, pages: Iterable[tuple[str, str]]) -> dict[str, list[bytes]]:
     """page_id -> its edge hashes (`pipelines.pools.page_hashes`) for (page_id, chapter_id) pairs.
 
-    The retrieval job stores them beside the embeddings; a page without stored hashes is decoded from the page
-    store (each chapter read once).
+    The retrieval job stores them beside the embeddings (used only for completely embedded chapters); a page
+    without stored hashes is decoded from the page store (each chapter read once).
     """
-    by_chapter: dict[str, set[str]] = {}
+    wanted_by_chapter: dict[str, set[str]] = {}
     for page_id, chapter_id in pages:
-        by_chapter.setdefault(chapter_id, set()).add(page_id)
+        wanted_by_chapter.setdefault(chapter_id, set()).add(page_id)
     hashes: dict[str, list[bytes]] = {}
-    for chapter_id, wanted in sorted(by_chapter.items()):
-        stored_hashes = layout.embeddings(encoder_id) / "pages" / f"{chapter_id}.parquet"
-        if stored_hashes.exists():
+    for chapter_id, wanted in sorted(wanted_by_chapter.items()):
+        stored_hashes = store.pages_path(chapter_id)
+        if store.state(chapter_id) is not None and stored_hashes.exists():
             table = read_parquet(stored_hashes, EMBEDDED_PAGES).to_pylist()
             hashes.update({r["page_id"]: list(r["hashes"]) for r in table if r["page_id"] in wanted and r["hashes"]})
         missing = wanted - set(hashes)
@@ -151,7 +163,7 @@ def is_same_art(distance: float, score: float, rule: pools.NearDuplicateRule) ->
 # ---- the search ------------------------------------------------------------------------------------------------
 
 
-def _build_index(layout: DataLayout, encoder_id: str, train: dict[str, PageRef], config: LeakageConfig):
+def _build_index(store: EmbeddingStore, train: dict[str, PageRef], config: LeakageConfig, skipped: dict[str, str]):
     """A FAISS index of the training pages' vectors, and the page id of each index row."""
     import faiss
 
@@ -163,8 +175,8 @@ def _build_index(layout: DataLayout, encoder_id: str, train: dict[str, PageRef],
     if use_ivf:
         nlist = config.nlist or max(1, min(int(4 * np.sqrt(len(train_ids))), len(train_ids) // 39))
         fraction = min(1.0, 256 * nlist / len(train_ids))
-        sample = {p for p in train_ids if unit_hash(config.seed, "ivf-train", p) < fraction}
-        chunks = [v for _, v in iter_page_vectors(layout, encoder_id, sample)]
+        sample = [train[p] for p in sorted(train_ids) if unit_hash(config.seed, "ivf-train", p) < fraction]
+        chunks = [v for _, v in iter_page_vectors(store, by_chapter(sample), skipped)]
         if not chunks:
             return None, [], "none"
         sample_vectors = np.concatenate(chunks)
@@ -176,7 +188,7 @@ def _build_index(layout: DataLayout, encoder_id: str, train: dict[str, PageRef],
         index.train(sample_vectors)
         index.nprobe = min(config.nprobe, nlist)
     row_ids: list[str] = []
-    for page_ids, vectors in iter_page_vectors(layout, encoder_id, train_ids):
+    for page_ids, vectors in iter_page_vectors(store, by_chapter(train.values()), skipped):
         if index is None:
             index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
@@ -197,11 +209,13 @@ def find_duplicates(
     overlap = sorted(set(held) & set(trained))
     if overlap:
         raise ValueError(f"pages {overlap[:5]} are both held out and in training: the split is broken")
-    index, row_ids, kind = _build_index(layout, encoder_id, trained, config)
+    store = embedding_store(layout, encoder_id)
+    skipped: dict[str, str] = {}
+    index, row_ids, kind = _build_index(store, trained, config, skipped)
     candidates: list[dict[str, Any]] = []
     checked: set[str] = set()
     if index is not None and index.ntotal > 0:
-        for page_ids, vectors in iter_page_vectors(layout, encoder_id, set(held)):
+        for page_ids, vectors in iter_page_vectors(store, by_chapter(held.values()), skipped):
             checked.update(page_ids)
             lims, scores, rows = index.range_search(vectors, float(config.threshold) - 1e-6)
             for i, page_id in enumerate(page_ids):
@@ -223,7 +237,7 @@ def find_duplicates(
     if config.confirm and candidates:
         pages = {(c["page_id"], held[c["page_id"]].chapter_id) for c in candidates}
         pages |= {(c["train_page_id"], c["train_chapter_id"]) for c in candidates}
-        hashes = page_hashes(layout, encoder_id, pages)
+        hashes = page_hashes(layout, store, pages)
         for c in candidates:
             a, b = hashes.get(c["page_id"]), hashes.get(c["train_page_id"])
             if a is None or b is None:
@@ -240,7 +254,7 @@ def find_duplicates(
         by_split[split] = {
             "pages": len(pages_of_split),
             "pages_with_duplicates": len({c["page_id"] for c in confirmed if c["split"] == split}),
-            "unchecked": sum(1 for p in pages_of_split if p.page_id in set(unchecked)),
+            "unchecked": sum(1 for p in pages_of_split if p.page_id not in checked),
         }
     summary = {
         "index": kind,
@@ -253,6 +267,8 @@ def find_duplicates(
         "train_pages_removed": len({c["train_page_id"] for c in confirmed}),
         "unchecked": len(unchecked),
         "unchecked_examples": unchecked[:10],
+        "chapters_skipped": len(skipped),
+        "chapters_skipped_examples": [{"chapter_id": c, "reason": skipped[c]} for c in sorted(skipped)[:10]],
         "by_split": by_split,
         "config": {"threshold": config.threshold, "confirm": config.confirm, "rule": config.rule.as_dict()}
         | {k: v for k, v in asdict(config).items() if k not in ("threshold", "confirm", "rule")},

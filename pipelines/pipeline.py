@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.encoders import DEFAULT_ENCODER
 from pipelines.ingest import DEFAULT_MIN_COLOR_PAGES
 from pipelines.layout import DataLayout
+from pipelines.sources import input_signature
 from pipelines.storage import atomic_write_json, read_json, stable_hash
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,6 @@ class PipelineOptions:
             "shards": {**asdict(self), "chapters_per_task": None},
         }
         return by_stage[stage]
-
-
-def _input_fingerprint(input_root: str) -> str:
-    """The chapters the input holds now: a new or removed chapter makes ingestion run again."""
-    from pipelines.sources import InputRoot, list_chapters
-
-    return stable_hash({"chapters": [c.chapter_id for c in list_chapters(InputRoot(input_root))]})
 
 
 def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
@@ -157,7 +151,7 @@ def run_pipeline(
     for stage in STAGES:
         settings = options.stage_settings(stage)
         if stage == "ingest":
-            settings = {**settings, "input": input_root, "chapters": _input_fingerprint(input_root)}
+            settings = {**settings, "input": input_root, "chapters": input_signature(input_root)}
         settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from pipelines.encoders import grey_version
 from pipelines.schemas import STATUS_ERROR, STATUS_EXCLUDED, STATUS_OK
-from screentone.augment import to_grey
 
 HASH_GRID = 16
 HASH_BYTES = 2 * 2 * HASH_GRID * HASH_GRID // 8  # 2 directions x 2 signs per grid cell
@@ -55,17 +55,13 @@ class NearDuplicateRule:
         }
 
 
-def _grey(image: Image.Image) -> Image.Image:
-    return image if image.mode == "L" else Image.fromarray(to_grey(np.asarray(image.convert("RGB"))))
-
-
 def edge_hash(image: Image.Image) -> bytes:
     """A 1024-bit edge hash: for a 16x16 area-averaged greyscale grid, which neighbours step up or down clearly.
 
     Unlike a plain dHash (sign of every difference), flat areas give no bits, so paper noise and JPEG ringing in
     white areas cannot flip them.
     """
-    grey = _grey(image).resize((HASH_GRID + 1, HASH_GRID + 1), Image.Resampling.BOX)
+    grey = grey_version(image).resize((HASH_GRID + 1, HASH_GRID + 1), Image.Resampling.BOX)
     cells = np.asarray(grey, dtype=np.float32) / 255.0
     dx = cells[:HASH_GRID, 1:] - cells[:HASH_GRID, :-1]
     dy = cells[1:, :HASH_GRID] - cells[:-1, :HASH_GRID]
@@ -94,7 +90,7 @@ def _content_hash(grey: Image.Image) -> bytes:
 
 def page_hashes(image: Image.Image) -> list[bytes]:
     """Edge hash of the page's content box, plus its halves' if the page is a wide spread (see module doc)."""
-    grey = _grey(image)
+    grey = grey_version(image)
     hashes = [_content_hash(grey)]
     if grey.width > WIDE_ASPECT * grey.height:
         middle = grey.width // 2

@@ -29,8 +29,8 @@ def _save(image: Image.Image, path: Path) -> Path:
 def screentone_sheet(layout: DataLayout, path: Path, *, frames: int = 3) -> Path:
     """colour | grey | tone | blends for the first frames of the first kept chapter, from stored renderings."""
     from pipelines.geometry import fit_image
+    from pipelines.ingest import kept_chapter_ids
     from pipelines.pagestore import load_chapter_images
-    from pipelines.screentone_job import kept_chapter_ids
     from pipelines.shards import read_screentone_chapter
     from screentone.contact_sheet import SheetRow, write_contact_sheet
 

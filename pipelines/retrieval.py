@@ -50,8 +50,17 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.distributor import Unit, run_units
-from pipelines.encoders import DEFAULT_ENCODER, WEIGHT_FREE, Encoder, EncoderInfo, load_encoder, resolve_encoder
+from pipelines.encoders import (
+    DEFAULT_ENCODER,
+    WEIGHT_FREE,
+    Encoder,
+    EncoderInfo,
+    grey_version,
+    load_encoder,
+    resolve_encoder,
+)
 from pipelines.geometry import ASPECT_TOLERANCE, fit_image, quadrant_boxes, reference_boxes
+from pipelines.ingest import kept_chapter_ids
 from pipelines.layout import DataLayout
 from pipelines.pagestore import decode_page
 from pipelines.pools import NearDuplicateRule, Pool, chapter_pools, error_pool, page_hashes
@@ -81,7 +90,6 @@ from pipelines.storage import (
     write_marker,
     write_parquet,
 )
-from screentone.augment import to_grey
 
 log = logging.getLogger(__name__)
 
@@ -138,11 +146,6 @@ def patch_geometry(width: int, height: int) -> dict[str, Any]:
         "query": "greyscale (screentone.augment.to_grey) of the fitted page: 4 crops of 3/4 size, TL TR BL BR",
         "ref": "fitted colour page: the same 4 crops, then the whole page",
     }
-
-
-def grey_version(image: Image.Image) -> Image.Image:
-    """The black-and-white version of a colour page (the project's single grey conversion)."""
-    return Image.fromarray(to_grey(np.asarray(image.convert("RGB"))), "L")
 
 
 def page_patches(page: Image.Image, width: int, height: int) -> list[Image.Image]:
@@ -209,15 +212,35 @@ class EmbeddingStore:
         path = self.marker(chapter_id)
         return read_json(path) if path.exists() else None
 
-    def load(self, chapter_id: str) -> ChapterEmbeddings:
+    def read_vectors(self, chapter_id: str) -> tuple[dict[str, Any], pa.Table, np.ndarray] | None:
+        """(marker, EMBEDDINGS ids, memory-mapped vectors) of a completely embedded chapter; None if incomplete.
+
+        The one way to read vectors: without the marker (never embedded, or a run killed while rewriting it,
+        since `write` removes it first) the files may pair new vectors with old ids, so they are not read at all.
+        Files that disagree with each other or the marker raise ValueError.
+        """
         state = self.state(chapter_id)
         if state is None:
-            raise FileNotFoundError(f"chapter {chapter_id} has no completed embeddings in {self.folder}")
+            return None
         vectors = np.load(self.vectors_path(chapter_id), mmap_mode="r")
         ids = read_parquet(self.ids_path(chapter_id), EMBEDDINGS)
+        rows = state.get("rows", ids.num_rows)
+        if vectors.ndim != 2 or not vectors.shape[0] == ids.num_rows == rows:
+            raise ValueError(
+                f"chapter {chapter_id} in {self.folder}: vectors {vectors.shape}, {ids.num_rows} id rows and "
+                f"{rows} rows in its marker disagree (rerun the retrieval job)"
+            )
+        bounds = pc.min_max(ids["row"]).as_py()
+        if ids.num_rows and not 0 <= bounds["min"] <= bounds["max"] < vectors.shape[0]:
+            raise ValueError(f"chapter {chapter_id} in {self.folder}: id rows {bounds} lie outside its {rows} vectors")
+        return state, ids, vectors
+
+    def load(self, chapter_id: str) -> ChapterEmbeddings:
+        stored = self.read_vectors(chapter_id)
+        if stored is None:
+            raise FileNotFoundError(f"chapter {chapter_id} has no completed embeddings in {self.folder}")
+        state, ids, vectors = stored
         pages = read_parquet(self.pages_path(chapter_id), EMBEDDED_PAGES)
-        if vectors.shape[0] != ids.num_rows:
-            raise ValueError(f"chapter {chapter_id}: {vectors.shape[0]} vectors but {ids.num_rows} id rows")
         return ChapterEmbeddings(chapter_id, state["version"], vectors, ids, pages)
 
     def write(
@@ -268,6 +291,7 @@ class PreparedChapter:
     version: str
     old_version: str | None
     pagestore_stat: dict[str, int]
+    patch_bytes: int = 0  # size of the prepared patch array (what the chapter holds in the object store)
     stats: dict[str, Any] | None = None
 
 
@@ -323,7 +347,9 @@ def prepare_chapter(job: EmbedJob) -> tuple[PreparedChapter, np.ndarray | None]:
         pagestore_stat=stat,
     )
     if new_ids:
-        return prepared, np.stack(patches)
+        stacked = np.stack(patches)
+        prepared.patch_bytes = stacked.nbytes
+        return prepared, stacked
     prepared.stats = finish_chapter(job, prepared, None)
     return prepared, None
 
@@ -432,6 +458,21 @@ class EncoderOptions:
     batch_size: int | None = None  # default: 64 on GPU, 32 on CPU
     actors: int | None = None  # default: one per GPU, else 1
     cpus_per_actor: int = 1
+    inflight_bytes: int = 2 << 30  # prepared patches held in the object store at once, beyond the minimum below
+
+
+def inflight_limit(n_actors: int, cpus: int, chapter_bytes: int, budget: int) -> int:
+    """How many chapters may be preparing, waiting or embedding at once.
+
+    Never fewer than keeps every actor busy with one chapter queued behind (2 per actor, + 2 being prepared);
+    more only while the largest chapter seen so far (`chapter_bytes`, 0 while unknown) fits `budget` that many
+    times, and never more than the CPUs can prepare. An open_clip chapter of 200 pages is ~270 MB of uint8
+    patches: bounded by CPUs alone, a 64-CPU cluster would hold ~17 GB of them in the object store.
+    """
+    floor = 2 * n_actors + 2
+    if not chapter_bytes:
+        return floor
+    return max(floor, min(cpus + 2 * n_actors, budget // chapter_bytes))
 
 
 def _embed_locally(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions) -> list[dict[str, Any]]:
@@ -483,49 +524,53 @@ def _embed_on_ray(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptio
     waiting: deque[tuple[EmbedJob, Any, Any]] = deque()
     embedding: dict[Any, tuple[EmbedJob, int]] = {}
     results: dict[str, dict[str, Any]] = {}
-    limit = cpus + 2 * n_actors  # chapters held in the object store at once
-    while queue or preparing or waiting or embedding:
-        while queue and len(preparing) + len(waiting) + len(embedding) < limit:
-            job = queue.popleft()
-            meta_ref, patches_ref = prepare_task.remote(job)
-            preparing[meta_ref] = (job, patches_ref)
-        while waiting:
-            if not actors:
-                actors = [actor_class.remote(info, batch_size, options.cpus_per_actor) for _ in range(n_actors)]
-                load = [0] * n_actors
+    largest_chapter = 0
+    try:
+        while queue or preparing or waiting or embedding:
+            limit = inflight_limit(n_actors, cpus, largest_chapter, options.inflight_bytes)
+            while queue and len(preparing) + len(waiting) + len(embedding) < limit:
+                job = queue.popleft()
+                meta_ref, patches_ref = prepare_task.remote(job)
+                preparing[meta_ref] = (job, patches_ref)
+            while waiting:
+                if not actors:
+                    actors = [actor_class.remote(info, batch_size, options.cpus_per_actor) for _ in range(n_actors)]
+                    load = [0] * n_actors
+                    try:
+                        devices = ray.get([a.ready.remote() for a in actors])
+                    except Exception as exc:
+                        raise RuntimeError(f"encoder {info.spec} could not be loaded in a Ray actor: {exc}") from exc
+                    log.info("encoder %s loaded on %s", info.encoder_id, devices)
+                slot = int(np.argmin(load))
+                if load[slot] >= 2:
+                    break
+                job, meta_ref, patches_ref = waiting.popleft()
+                embedding[actors[slot].embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot)
+                load[slot] += 1
+            ready, _ = ray.wait([*preparing, *embedding], num_returns=1)
+            ref = ready[0]
+            if ref in preparing:
+                job, patches_ref = preparing.pop(ref)
                 try:
-                    devices = ray.get([a.ready.remote() for a in actors])
-                except Exception as exc:
-                    raise RuntimeError(f"encoder {info.spec} could not be loaded in a Ray actor: {exc}") from exc
-                log.info("encoder %s loaded on %s", info.encoder_id, devices)
-            slot = int(np.argmin(load))
-            if load[slot] >= 2:
-                break
-            job, meta_ref, patches_ref = waiting.popleft()
-            embedding[actors[slot].embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot)
-            load[slot] += 1
-        ready, _ = ray.wait([*preparing, *embedding], num_returns=1)
-        ref = ready[0]
-        if ref in preparing:
-            job, patches_ref = preparing.pop(ref)
-            try:
-                prepared = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001
-                results[job.chapter_id] = _chapter_error(job.chapter_id, "preparing", exc)
-                continue
-            if prepared.stats is not None:
-                results[job.chapter_id] = prepared.stats
+                    prepared = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001
+                    results[job.chapter_id] = _chapter_error(job.chapter_id, "preparing", exc)
+                    continue
+                if prepared.stats is not None:
+                    results[job.chapter_id] = prepared.stats
+                else:
+                    largest_chapter = max(largest_chapter, prepared.patch_bytes)
+                    waiting.append((job, ref, patches_ref))
             else:
-                waiting.append((job, ref, patches_ref))
-        else:
-            job, slot = embedding.pop(ref)
-            load[slot] -= 1
-            try:
-                results[job.chapter_id] = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - e.g. a crashed actor: this chapter fails, Ray restarts it
-                results[job.chapter_id] = _chapter_error(job.chapter_id, "embedding", exc)
-    for actor in actors:
-        ray.kill(actor)
+                job, slot = embedding.pop(ref)
+                load[slot] -= 1
+                try:
+                    results[job.chapter_id] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - e.g. a crashed actor: this chapter fails, Ray restarts it
+                    results[job.chapter_id] = _chapter_error(job.chapter_id, "embedding", exc)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
     return [results[job.chapter_id] for job in jobs]
 
 
@@ -640,18 +685,6 @@ def search_chapter(unit: Unit) -> dict[str, Any]:
 # ---- the driver --------------------------------------------------------------------------------------------------
 
 
-def kept_chapters(layout: DataLayout) -> list[str]:
-    """Chapters whose colour pages are frames, from the ingestion's chapters table."""
-    if not layout.summary("ingest").exists():
-        raise FileNotFoundError(
-            f"{layout.summary('ingest')} is missing: run the ingestion job (python -m jobs.ingest) on {layout.root} "
-            "first, and let it finish"
-        )
-    chapters = read_parquet(layout.chapters).select(["chapter_id", "kept", "status"])
-    kept = pc.and_(pc.equal(chapters["kept"], True), pc.equal(chapters["status"], STATUS_OK))
-    return sorted(chapters.filter(kept).column("chapter_id").to_pylist())
-
-
 def _stored_pages(layout: DataLayout, chapter_ids: set[str]) -> dict[str, list[str]]:
     """chapter_id -> its stored page ids per the pages table (used to report frames of failed chapters)."""
     pages = read_parquet(layout.pages).select(["page_id", "chapter_id", "stored"])
@@ -725,7 +758,9 @@ def run_retrieval(
     store = EmbeddingStore(layout.embeddings(info.encoder_id))
     run_id = params.run_id(info.encoder_id)
     run_folder = layout.retrieval_run(run_id)
-    chapters = kept_chapters(layout)
+    chapters = kept_chapter_ids(layout)
+    # the summary marks pools.parquet + retrievals.parquet as a matching pair: gone until both are rewritten
+    layout.summary("retrieval").unlink(missing_ok=True)
     if not local:
         init_ray()
     for folder in (store.folder, run_folder):
@@ -737,8 +772,8 @@ def run_retrieval(
     # stage 1: embeddings
     stage1_started = time.perf_counter()
     jobs, up_to_date = [], []
-    for chapter_id in chapters:
-        state = store.state(chapter_id)
+    states = {chapter_id: store.state(chapter_id) for chapter_id in chapters}
+    for chapter_id, state in states.items():
         source = layout.pagestore_chapter(chapter_id)
         if not rebuild and state is not None and source.exists() and state.get("pagestore") == _pagestore_stat(source):
             up_to_date.append(chapter_id)
@@ -751,6 +786,7 @@ def run_retrieval(
         embed_results = _embed_locally(jobs, info, options)
     else:
         embed_results = _embed_on_ray(jobs, info, options)
+    states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})
     failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
     embed_summary = {
         "chapters_up_to_date": len(up_to_date),
@@ -760,16 +796,16 @@ def run_retrieval(
         "chapters_failed": len(failed),
         "pages_embedded": sum(r.get("pages_embedded", 0) for r in embed_results),
         "pages_reused": sum(r.get("pages_reused", 0) for r in embed_results)
-        + sum((store.state(c) or {}).get("n_ok", 0) for c in up_to_date),
+        + sum(states[c].get("n_ok", 0) for c in up_to_date),
         "pages_failed": sum(r.get("pages_failed", 0) for r in embed_results)
-        + sum((store.state(c) or {}).get("n_error", 0) for c in up_to_date),
+        + sum(states[c].get("n_error", 0) for c in up_to_date),
         "encoder_images": sum(r.get("encoder_images", 0) for r in embed_results),
         "encoder_batches": sum(r.get("encoder_batches", 0) for r in embed_results),
         "seconds": round(time.perf_counter() - stage1_started, 3),
     }
 
     # stage 2: pools and search
-    versions = {c: store.state(c)["version"] for c in chapters if c not in failed and store.state(c) is not None}
+    versions = {c: state["version"] for c, state in states.items() if c not in failed and state is not None}
     units = [
         Unit(c, SearchJob(str(store.folder), str(run_folder), c, versions[c], params, faiss_threads))
         for c in chapters
@@ -811,6 +847,7 @@ def run_retrieval(
     frames["frames_error"] += len(error_pools)
     summary = {
         "stage": "retrieval",
+        "complete": not failed,  # False makes the whole-pipeline job run this stage again (failed chapters)
         "encoder": {"spec": info.spec, "encoder_id": info.encoder_id, "fingerprint": info.fingerprint},
         "run_id": run_id,
         "params": asdict(params),

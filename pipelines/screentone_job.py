@@ -12,16 +12,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines.distributor import Unit, run_units
 from pipelines.geometry import CompositeLayout, fit_image, hires_size
+from pipelines.ingest import kept_chapter_ids
 from pipelines.layout import DataLayout
 from pipelines.pagestore import decode_page, encode_page, read_chapter_pages
-from pipelines.schemas import CHAPTERS, SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
+from pipelines.schemas import SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.seeding import derive_seed
-from pipelines.storage import atomic_write_json, is_done, read_marker, read_parquet, write_marker, write_parquet
+from pipelines.storage import atomic_write_json, is_done, read_marker, write_marker, write_parquet
 
 STAGE = "screentone"
 VARIANT_TRAIN = "train"
@@ -113,14 +113,6 @@ def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOption
 
 def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
     return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
-
-
-def kept_chapter_ids(layout: DataLayout) -> list[str]:
-    """Chapters whose colour pages are frames, as ingestion decided."""
-    if not layout.summary("ingest").exists():
-        raise FileNotFoundError(f"{layout.summary('ingest')} is missing: run the ingestion job on {layout.root} first")
-    chapters = read_parquet(layout.chapters, CHAPTERS)
-    return sorted(chapters.filter(pc.field("kept")).column("chapter_id").to_pylist())
 
 
 def run_screentone(

@@ -5,6 +5,12 @@ A dump is laid out as `<series>/<chapter>/<pages>` or `<series>/<chapter>.cbz|.z
 worker that processes it. Every identifier is derived from the source path relative to the input root, so the
 same dump gives the same ids on every run and on every machine.
 
+A chapter's signature (`chapter_signature`) is a cheap token of its contents, so a rerun can tell a chapter whose
+pages were added or replaced from one that is unchanged without reading a page: size and modification time of
+an archive (one stat), or the sorted (name, size, modification time) of a folder's page files (one walk of the
+folder, the same listing the worker makes). It is bookkeeping only and never enters a table, since it differs
+between two copies of the same dump.
+
 Paths may be local or any URI fsspec understands (`file://`, `s3://`, `memory://`, ...): the reader only lists
 directories, opens files and reads bytes through the filesystem object.
 """
@@ -25,6 +31,7 @@ import pyarrow as pa
 from fsspec.implementations.local import LocalFileSystem
 
 from pipelines.schemas import MANIFEST
+from pipelines.storage import stable_hash
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif"}
@@ -35,6 +42,11 @@ JUNK_FOLDER_NAMES = frozenset({"__macosx"})
 KIND_FOLDER = "folder"
 KIND_ARCHIVE = "archive"
 DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024  # one page file; larger is refused before it is read into memory
+# What fsspec listings call an entry's modification time (local disk, object stores, ...); the first one present
+# is used. `created` is last: the memory filesystem has nothing else, and it changes when a file is rewritten.
+_MODIFIED_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+# Object-store content versions, which change on every upload even within one timestamp tick.
+_VERSION_KEYS = ("ETag", "etag", "md5Hash", "generation", "version_id")
 
 
 class PageReadError(Exception):
@@ -166,6 +178,51 @@ def manifest_table(chapters: list[ChapterEntry]) -> pa.Table:
     return pa.Table.from_pylist([c.row() for c in chapters], schema=MANIFEST)
 
 
+def _change_token(info: dict[str, Any]) -> list[str]:
+    """Size, modification time and content version (when the filesystem has one) of a listed entry."""
+    modified = next((info[key] for key in _MODIFIED_KEYS if info.get(key) is not None), None)
+    version = next((info[key] for key in _VERSION_KEYS if info.get(key) is not None), None)
+    return [str(info.get("size")), str(modified), str(version)]
+
+
+def _folder_page_files(root: InputRoot, source: str) -> dict[str, dict[str, Any]]:
+    """The image files of a chapter folder, junk skipped, by path inside the folder: the candidate pages."""
+    base = root.full(source)
+    files = {}
+    for full, info in root.fs.find(base, withdirs=False, detail=True).items():
+        name = full[len(base) + 1 :]
+        if not is_junk(name) and is_image_name(name):
+            files[name] = info
+    return files
+
+
+def chapter_signature(root: InputRoot, chapter: ChapterEntry) -> str:
+    """16 hex chars that change when the chapter's pages change: added, removed, renamed or rewritten.
+
+    An archive costs one stat (its size and modification time); a folder one walk (name, size and modification
+    time of every candidate page, so junk and non-image files do not count). A rewrite that keeps the size and
+    lands within the filesystem's timestamp resolution goes unseen. A chapter that cannot be listed gets a
+    signature naming the failure: the worker then reports the chapter as unreadable, and once it is readable
+    again its signature differs, so it is redone.
+    """
+    try:
+        if chapter.kind == KIND_ARCHIVE:
+            token: Any = _change_token(root.fs.info(root.full(chapter.source)))
+        else:
+            token = sorted(
+                [name, *_change_token(info)] for name, info in _folder_page_files(root, chapter.source).items()
+            )
+    except Exception as exc:  # noqa: BLE001 - the worker reports the chapter; listing must go on
+        token = f"unlisted: {type(exc).__name__}"
+    return stable_hash([chapter.kind, token], 16)
+
+
+def input_signature(root: str | os.PathLike | InputRoot) -> str:
+    """A hash of every chapter's id and signature: changes when a chapter is added, removed or changed."""
+    root = root if isinstance(root, InputRoot) else InputRoot(root)
+    return stable_hash([[c.chapter_id, chapter_signature(root, c)] for c in list_chapters(root)])
+
+
 def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | None, str | None]]) -> list[PageEntry]:
     """(name, size, refused) candidates -> PageEntry list numbered in natural order."""
     candidates = sorted(candidates, key=lambda c: reading_order_key(c[0]))
@@ -178,8 +235,9 @@ def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | Non
 class ChapterReader:
     """Lists a chapter's pages and reads their bytes; an archive is opened once for the whole chapter.
 
-    Opening raises (OSError, zipfile.BadZipFile, ...) when the chapter cannot be read at all; the caller turns
-    that into a chapter row with status error. Reading one page raises PageReadError naming the page.
+    Used as a context manager: entering lists the pages and raises (OSError, zipfile.BadZipFile, ...) when the
+    chapter cannot be read at all; the caller turns that into a chapter row with status error. Reading one page
+    raises PageReadError naming the page.
     """
 
     def __init__(self, root: InputRoot, chapter: ChapterEntry, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
@@ -188,22 +246,14 @@ class ChapterReader:
         self._archive: zipfile.ZipFile | None = None
         self._members: dict[str, zipfile.ZipInfo] = {}
         self.pages: list[PageEntry] = []
-        self._opened = False
 
-    def open(self) -> ChapterReader:
-        """List the pages (opening the archive) once; raises if the chapter cannot be read at all."""
-        if self._opened:
-            return self
+    def __enter__(self) -> ChapterReader:
         try:
             self.pages = self._list_archive() if self.chapter.kind == KIND_ARCHIVE else self._list_folder()
         except BaseException:
             self.close()
             raise
-        self._opened = True
         return self
-
-    def __enter__(self) -> ChapterReader:
-        return self.open()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
@@ -222,13 +272,10 @@ class ChapterReader:
             raise NotADirectoryError(f"chapter folder {self.chapter.source} is missing or not a directory")
         real_root = os.path.realpath(self.root.path) if self.root.is_local else None
         candidates = []
-        for full, info in self.root.fs.find(base, withdirs=False, detail=True).items():
-            name = full[len(base) + 1 :]
-            if is_junk(name) or not is_image_name(name):
-                continue
+        for name, info in _folder_page_files(self.root, self.chapter.source).items():
             refused = None
             if real_root is not None and info.get("islink"):
-                target = os.path.realpath(full)
+                target = os.path.realpath(f"{base}/{name}")
                 if os.path.commonpath([real_root, target]) != real_root:
                     refused = f"symbolic link to {target} escapes the input root"
             candidates.append((name, info.get("size"), refused))
@@ -254,17 +301,33 @@ class ChapterReader:
         return _in_reading_order(self.chapter.source, candidates)
 
     def read(self, page: PageEntry) -> bytes:
-        """The page's raw bytes, after the size limit is checked; raises PageReadError."""
+        """The page's raw bytes, size limit checked before and after reading; raises PageReadError.
+
+        The listed size is checked first, so a large file is refused unread. At most one byte more than the
+        limit is then read, because the listed size can lie: a file may grow after listing, and an archive's
+        size record is only what the archive says. An archive member is read to its end, which is where the
+        zip reader checks it against its recorded CRC-32.
+        """
         if page.refused:
             raise PageReadError(f"{page.source}: {page.refused}")
         if page.file_bytes is not None and page.file_bytes > self.max_file_bytes:
             raise PageReadError(
                 f"{page.source}: file is {page.file_bytes} bytes, above the limit of {self.max_file_bytes} bytes"
             )
+        limit = self.max_file_bytes + 1
         try:
             if self._archive is not None:
                 with self._archive.open(self._members[page.name]) as member:
-                    return member.read(self.max_file_bytes + 1)
-            return self.root.fs.cat_file(self.root.full(f"{self.chapter.source}/{page.name}"))
-        except Exception as exc:  # noqa: BLE001 - any read failure (CRC, encryption, I/O) is this page's error
+                    data = member.read(limit)
+            else:
+                data = self.root.fs.cat_file(self.root.full(f"{self.chapter.source}/{page.name}"), start=0, end=limit)
+        except zipfile.BadZipFile as exc:
+            raise PageReadError(
+                f"{page.source}: corrupt archive member: its data does not match the archive's records: {exc}"
+            ) from exc
+        except Exception as exc:  # noqa: BLE001 - any read failure (encryption, I/O, ...) is this page's error
             raise PageReadError(f"{page.source}: cannot read: {type(exc).__name__}: {exc}") from exc
+        if len(data) > self.max_file_bytes:
+            where = "after decompression" if self._archive is not None else "when read (it grew after listing)"
+            raise PageReadError(f"{page.source}: exceeds the limit of {self.max_file_bytes} bytes {where}")
+        return data

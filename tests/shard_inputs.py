@@ -21,7 +21,7 @@ from pipelines.layout import DataLayout
 from pipelines.pagestore import encode_page, write_chapter_pages
 from pipelines.schemas import CHAPTERS, EMBEDDINGS, PAGES, RETRIEVALS, STATUS_OK, table_from_rows
 from pipelines.screentone_job import ScreentoneOptions, run_screentone
-from pipelines.storage import atomic_write_bytes, atomic_write_json, write_parquet
+from pipelines.storage import atomic_write_bytes, atomic_write_json, write_marker, write_parquet
 from screentone.synthetic import synthetic_colour_page
 
 
@@ -162,6 +162,7 @@ def _write_embeddings(layout: DataLayout, images: dict[str, dict[str, Image.Imag
         np.save(buf, vectors)
         atomic_write_bytes(folder / f"{cid}.npy", buf.getvalue())
         write_parquet(table_from_rows(rows, EMBEDDINGS), folder / f"{cid}.parquet", EMBEDDINGS)
+        write_marker(folder / cid, {"version": "shard_inputs", "rows": len(rows)})  # last, as the retrieval job does
     atomic_write_json(
         layout.summary("retrieval"), {"encoder": {"encoder_id": info.encoder_id, "fingerprint": info.fingerprint}}
     )

@@ -135,3 +135,14 @@ def test_decompression_bombs_are_refused_from_the_header() -> None:
         decode_upright(_bomb_png(4000, 4000), "s/c/b.png", max_pixels=1_000_000)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 200_000  # decoding 900 Mpx would have needed ~900 MB
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
+def test_multi_frame_files_decode_their_first_frame(fmt: str) -> None:
+    frames = [Image.new("RGB", (40, 60), colour) for colour in ((250, 0, 0), (0, 0, 250), (0, 250, 0))]
+    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    image, _ = decode_upright(data, f"s/c/anim.{fmt.lower()}")
+    small, _ = decode_for_analysis(data, f"s/c/anim.{fmt.lower()}", side=16)
+    for pixel in (np.asarray(image)[5, 5], small[1, 1]):
+        assert pixel[0] > 200 and pixel[1] < 30 and pixel[2] < 30  # red: the first frame

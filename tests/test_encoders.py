@@ -14,10 +14,12 @@ from pipelines.encoders import (
     DEFAULT_ENCODER,
     WEIGHT_FREE,
     WeightFreeEncoder,
+    grey_version,
     load_encoder,
     resolve_encoder,
 )
-from pipelines.retrieval import grey_version
+from pipelines.storage import stable_hash
+from screentone.augment import to_grey
 
 # A ViT small enough to build in a test: 64-px input, 2 layers, 32-d embedding (and the text tower open_clip needs).
 TINY_VIT = {
@@ -149,3 +151,15 @@ def test_patch_geometry_joins_the_id() -> None:
     b = info.with_patch_geometry({"page_size": "640x640"})
     assert a.encoder_id != b.encoder_id != info.encoder_id
     assert "-512x800-" in a.encoder_id and a.fingerprint["patches"] == {"page_size": "512x800"}
+    # the id's hash is the project's shared canonical-JSON hash of the whole fingerprint
+    assert a.encoder_id == f"weightfree-512x800-{stable_hash(a.fingerprint, 10)}"
+
+
+def test_grey_version_is_the_project_luma_and_keeps_grey_images() -> None:
+    colour = drawn_page(11)
+    grey = grey_version(colour)
+    assert grey.mode == "L" and grey.size == colour.size
+    np.testing.assert_array_equal(np.asarray(grey), to_grey(np.asarray(colour)))
+    assert grey_version(grey) is grey
+    palette = colour.convert("P")
+    np.testing.assert_array_equal(np.asarray(grey_version(palette)), to_grey(np.asarray(palette.convert("RGB"))))

@@ -22,10 +22,11 @@ from PIL import Image
 from jobs.ingest import main as ingest_main
 from jobs.ingest import parse_args
 from pipelines.colour import classify_features
-from pipelines.ingest import IngestOptions, pages_part, run_ingest
+from pipelines.ingest import IngestOptions, kept_chapter_ids, pages_part, run_ingest
 from pipelines.layout import DataLayout
 from pipelines.pagestore import load_chapter_images
 from pipelines.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
+from pipelines.sources import stable_id
 from pipelines.storage import marker_path
 
 SUMMARY = "ingest.summary.json"
@@ -68,6 +69,15 @@ def test_outputs_follow_the_schemas(ingested) -> None:
     assert pq.read_schema(layout.manifest).remove_metadata() == MANIFEST
     assert summary == json.loads(layout.summary("ingest").read_text())
     assert summary["run"]["mode"] == "ray" and summary["run"]["chapters_failed"] == 0
+    assert summary["complete"] is True
+
+
+def test_kept_chapter_ids(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    kept = kept_chapter_ids(DataLayout.at(out))
+    assert kept == sorted(stable_id(source) for source in info.chapter_sources(min_color_pages=21)) and len(kept) == 2
+    with pytest.raises(FileNotFoundError, match=r"ingest\.summary\.json is missing: run the ingestion job first"):
+        kept_chapter_ids(DataLayout.at(tmp_path))
 
 
 def test_one_row_per_file_and_one_error_row_per_broken_file(ingested) -> None:
@@ -210,6 +220,66 @@ def test_changed_options_redo_chapters_and_drop_stale_store(ingested, tmp_path) 
     assert not any(pq.read_table(copy / "pages.parquet").column("stored").to_pylist())
 
 
+def test_changed_pages_reingest_only_their_chapters(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    dump = tmp_path / "dump"
+    shutil.copytree(info.root, dump)  # copies keep sizes and modification times: the same chapter signatures
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    assert run_ingest(dump, copy, local=True, verbose=False)["run"]["chapters_processed"] == 0
+    labels = _labels(info)
+    kept_folder = "s1/ch001"
+    replaced = next(
+        source
+        for source, label in labels.items()
+        if label["chapter_source"] == kept_folder and label["is_color"] and source.endswith((".png", ".jpg"))
+    )
+    Image.new("RGB", (64, 96), (128, 128, 128)).save(dump / replaced)  # a colour page replaced by a grey one
+    archive = dump / "s2" / "ch003.cbz"
+    with zipfile.ZipFile(archive) as old:
+        members = [(member, old.read(member)) for member in old.infolist()]
+    with zipfile.ZipFile(archive, "w") as new:
+        for member, data in members:
+            new.writestr(member, data)
+        new.writestr("zz_added.png", _png((250, 0, 0)))
+
+    summary = run_ingest(dump, copy, local=True, verbose=False)
+    assert summary["run"]["chapters_processed"] == 2
+    assert summary["run"]["chapters_reused"] == summary["chapters"]["total"] - 2
+    layout = DataLayout.at(copy)
+    pages = {p["source"]: p for p in pq.read_table(layout.pages).to_pylist()}
+    assert pages[replaced]["is_color"] is False and not pages[replaced]["stored"]
+    assert pages["s2/ch003.cbz/zz_added.png"]["status"] == STATUS_OK
+    assert pages["s2/ch003.cbz/zz_added.png"]["is_color"] is True
+    stored_before = set(load_chapter_images(DataLayout.at(out), stable_id(kept_folder)))
+    stored = set(load_chapter_images(layout, stable_id(kept_folder)))  # the chapter's page-store file, replaced
+    assert stored == stored_before - {pages[replaced]["page_id"]} and pages[replaced]["page_id"] in stored_before
+    fresh = tmp_path / "fresh"
+    run_ingest(dump, fresh, local=True, verbose=False)
+    assert _hashes(copy) == _hashes(fresh)  # as if the changed dump had been ingested from scratch
+    assert run_ingest(dump, copy, local=True, verbose=False)["run"]["chapters_processed"] == 0
+
+
+def test_failed_chapter_task_leaves_the_summary_incomplete(tmp_path) -> None:
+    root = tmp_path / "dump"
+    for chapter in ("a", "b"):
+        (root / "s1" / chapter).mkdir(parents=True)
+        (root / "s1" / chapter / "1.png").write_bytes(_png((128, 128, 128)))
+    out = tmp_path / "out"
+    blocked = DataLayout.at(out).ingest_chapters / f"{stable_id('s1/b')}.parquet"
+    blocked.mkdir(parents=True)  # the chapter's table part cannot be written: its task fails
+    args = ["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]
+    assert ingest_main(args) == 1
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["complete"] is False and summary["run"]["chapters_failed"] == 1
+    chapters = {c["source"]: c for c in pq.read_table(out / "chapters.parquet").to_pylist()}
+    assert chapters["s1/b"]["status"] == STATUS_ERROR and "IsADirectoryError" in chapters["s1/b"]["error"]
+    blocked.rmdir()
+    rerun = run_ingest(root, out, options=IngestOptions(min_color_pages=1), local=True, verbose=False)
+    assert rerun["complete"] is True and rerun["run"]["chapters_processed"] == 1
+    assert rerun["run"]["chapters_reused"] == 1
+
+
 def _png(colour: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (40, 60), colour).save(buf, format="PNG")
@@ -224,6 +294,10 @@ def test_unreadable_chapter_and_escaping_member_become_rows(tmp_path) -> None:
     with zipfile.ZipFile(root / "s1" / "slip.cbz", "w") as archive:
         archive.writestr("../../outside.png", _png((250, 0, 0)))
         archive.writestr("2.png", _png((0, 0, 250)))
+        archive.writestr("3.png", _png((0, 250, 0)))
+    raw = (root / "s1" / "slip.cbz").read_bytes()
+    flipped = raw.index(_png((0, 250, 0))) + 40  # a stored member's byte: its CRC-32 no longer matches
+    (root / "s1" / "slip.cbz").write_bytes(raw[:flipped] + bytes([raw[flipped] ^ 0xFF]) + raw[flipped + 1 :])
     out = tmp_path / "out"
     assert ingest_main(["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]) == 0
     chapters = {c["source"]: c for c in pq.read_table(out / "chapters.parquet").to_pylist()}
@@ -234,8 +308,12 @@ def test_unreadable_chapter_and_escaping_member_become_rows(tmp_path) -> None:
     slip = pages["s1/slip.cbz/../../outside.png"]
     assert slip["status"] == STATUS_ERROR and "'..' component escapes the archive" in slip["error"]
     assert pages["s1/slip.cbz/2.png"]["status"] == STATUS_OK and pages["s1/ok/1.png"]["is_color"] is False
+    bad_crc = pages["s1/slip.cbz/3.png"]
+    assert bad_crc["status"] == STATUS_ERROR and "s1/slip.cbz/3.png: corrupt archive member" in bad_crc["error"]
+    assert "Bad CRC-32" in bad_crc["error"]
     summary = json.loads((out / SUMMARY).read_text())
-    assert summary["chapters"]["error"] == 1 and summary["pages"]["error"] == 1
+    assert summary["chapters"]["error"] == 1 and summary["pages"]["error"] == 2
+    assert summary["complete"] is True  # unreadable items are rows, not failed tasks
     before = _hashes(out)
     rerun = run_ingest(root, out, options=IngestOptions(min_color_pages=1), local=True, verbose=False)
     assert rerun["run"]["chapters_processed"] == 1 and rerun["run"]["chapters_reused"] == 2  # unreadable: retried

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from shard_inputs import Corpus, build_corpus, chapter_id_of, page_id_of
 
-from pipelines.encoders import WEIGHT_FREE, resolve_encoder
+from pipelines.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_encoder
 from pipelines.layout import DataLayout
 from pipelines.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
+from pipelines.retrieval import EmbeddingStore
 from pipelines.shard_job import ShardJobOptions, run_shards
 from pipelines.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
 
@@ -43,7 +46,12 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
         ((v, 0, 3), (t0, 0)),  # a validation page re-saved into training
     ]
     root = tmp_path_factory.mktemp("leak") / "out"
-    return build_corpus(root, series=5, chapters_per_series=2, pages_per_chapter=8, plant=plant, render=(128, 192))
+    corpus = build_corpus(root, series=5, chapters_per_series=2, pages_per_chapter=8, plant=plant, render=(128, 192))
+    return corpus
+
+
+def _store(layout: DataLayout) -> EmbeddingStore:
+    return EmbeddingStore(layout.embeddings(resolve_encoder(WEIGHT_FREE).encoder_id))
 
 
 def _refs(corpus: Corpus, split_of_series: dict[str, str]) -> tuple[list[PageRef], list[PageRef]]:
@@ -83,6 +91,31 @@ def test_without_confirmation_every_candidate_counts(corpus: Corpus) -> None:
     table, summary = find_duplicates(corpus.layout, encoder_id, held, train, LeakageConfig(confirm=False))
     assert summary["rejected_by_hash"] == 0 and table.column("hash_distance").null_count == table.num_rows
     assert _planted_pairs(corpus) <= {(r["page_id"], r["train_page_id"]) for r in table.to_pylist()}
+
+
+def test_chapters_killed_mid_write_or_inconsistent_are_skipped_and_reported(corpus: Corpus, tmp_path: Path) -> None:
+    layout = DataLayout.at(shutil.copytree(corpus.root, tmp_path / "out"))
+    store = _store(layout)
+    chapter_of = {page_id: row["chapter_id"] for page_id, row in corpus.pages.items()}
+    pairs = sorted(_planted_pairs(corpus))
+    # a training chapter holding a planted copy: new vectors (one page fewer) beside the old ids, marker intact
+    corrupted = chapter_of[pairs[0][1]]
+    rows = store.state(corrupted)["rows"]
+    np.save(store.vectors_path(corrupted), np.zeros((rows - 1, WeightFreeEncoder.dim), dtype=np.float16))
+    # a held-out chapter holding another original: a run killed while rewriting it (marker removed first)
+    unmarked = next(chapter_of[a] for a, b in pairs if chapter_of[b] != corrupted)
+    store.marker(unmarked).unlink()
+
+    held, train = _refs(corpus, SPLIT_OF)
+    table, summary = find_duplicates(layout, store.folder.name, held, train, LeakageConfig(seed=SEED))
+    expected = {(a, b) for a, b in pairs if chapter_of[b] != corrupted and chapter_of[a] != unmarked}
+    assert expected and expected != set(pairs)
+    assert {(r["page_id"], r["train_page_id"]) for r in table.to_pylist() if r["duplicate"]} == expected
+    skipped = {e["chapter_id"]: e["reason"] for e in summary["chapters_skipped_examples"]}
+    assert summary["chapters_skipped"] == 2 and set(skipped) == {corrupted, unmarked}
+    assert "disagree" in skipped[corrupted] and "no completed embeddings" in skipped[unmarked]
+    assert summary["unchecked"] == sum(chapter_of[p.page_id] == unmarked for p in held) > 0
+    assert summary["train_pages_indexed"] == sum(chapter_of[p.page_id] != corrupted for p in train)
 
 
 def test_a_page_both_held_out_and_in_training_is_refused(corpus: Corpus) -> None:

@@ -19,8 +19,9 @@ from jobs import retrieval as retrieval_job
 from pipelines.contact_sheets import QUERY_COLOURS
 from pipelines.ingest import run_ingest
 from pipelines.layout import DataLayout
+from pipelines.leakage import LeakageConfig, PageRef, find_duplicates
 from pipelines.pagestore import encode_page, read_chapter_pages
-from pipelines.retrieval import EmbeddingStore, fitted_page, run_retrieval
+from pipelines.retrieval import EmbeddingStore, fitted_page, inflight_limit, run_retrieval
 from pipelines.schemas import PAGE_STORE, STATUS_ERROR, STATUS_EXCLUDED, STATUS_OK
 from pipelines.search import RefKeys, brute_force_topk
 from pipelines.storage import read_json, write_parquet
@@ -62,7 +63,7 @@ def _tables(out: Path) -> tuple[pa.Table, pa.Table]:
 def test_weightfree_job_end_to_end(weightfree_run: tuple[Path, dict]) -> None:
     out, summary = weightfree_run
     embeddings = summary["embeddings"]
-    assert summary["chapters"] == 2 and not summary["failures"]
+    assert summary["chapters"] == 2 and not summary["failures"] and summary["complete"] is True
     assert embeddings["chapters_embedded"] == 2 and embeddings["pages_embedded"] == FRAMES
     assert embeddings["encoder_images"] == 9 * FRAMES  # each page embedded once: 4 query + 5 reference patches
     assert summary["frames"] == summary["frames_ok"] == FRAMES and summary["frames_short"] == 0
@@ -204,6 +205,7 @@ def test_changed_broken_and_missing_inputs(weightfree_run: tuple[Path, dict], tm
     assert embeddings["pages_embedded"] == 1 and embeddings["encoder_images"] == 9
     assert embeddings["pages_reused"] == 21 and embeddings["pages_failed"] == 1
     assert summary["failures"][0]["chapter_id"] == chapter_b and "page store file" in summary["failures"][0]["error"]
+    assert summary["complete"] is False  # so the whole-pipeline job runs the stage again
     after = EmbeddingStore(out / first["outputs"]["embeddings"]).load(chapter_a)
     after_rows = after.page_rows()
     assert removed not in after_rows and broken not in after_rows
@@ -222,25 +224,68 @@ def test_changed_broken_and_missing_inputs(weightfree_run: tuple[Path, dict], tm
     assert summary["frames"] == 23 + 24 and summary["frames_error"] == 1 + 24
 
 
+def _leakage_check(out: Path, encoder_id: str, killed: str) -> dict:
+    """The leakage check with the killed chapter's frames held out against the other chapter's frames."""
+    pools = pq.read_table(out / "pools.parquet").to_pylist()
+    refs = [
+        PageRef(p["frame_id"], "s", p["chapter_id"], "val" if p["chapter_id"] == killed else "train") for p in pools
+    ]
+    held, train = [r for r in refs if r.split == "val"], [r for r in refs if r.split == "train"]
+    return find_duplicates(DataLayout.at(out), encoder_id, held, train, LeakageConfig(confirm=False))[1]
+
+
 def test_a_killed_run_resumes_to_identical_output(weightfree_run: tuple[Path, dict], tmp_path: Path) -> None:
     source, first = weightfree_run
     out = _copy(source, tmp_path / "out")
     pools, retrievals = _tables(out)
     store = EmbeddingStore(out / first["outputs"]["embeddings"])
     chapter_id = sorted(p.stem for p in store.folder.glob("*.npy"))[0]
-    # killed while rewriting a chapter: marker gone, vectors half-written, a temporary file left behind
+    # killed while rewriting a chapter: marker gone, new vectors (a page fewer) beside the old ids file, a
+    # temporary file left behind, and killed again before retrievals.parquet was rewritten
+    rows = store.state(chapter_id)["rows"]
     store.marker(chapter_id).unlink()
-    store.vectors_path(chapter_id).write_bytes(b"partial")
+    np.save(store.vectors_path(chapter_id), np.zeros((rows - 9, first["encoder"]["fingerprint"]["dim"]), np.float16))
     (store.folder / f"{chapter_id}.npy.tmp-1-deadbeef").write_bytes(b"junk")
     run_marker = out / first["outputs"]["run"] / "retrievals" / f"{chapter_id}.done.json"
     run_marker.unlink()
     (out / "retrievals.parquet").unlink()
+    (out / "retrieval.summary.json").unlink()
+
+    # the leakage check on that state reads nothing of the killed chapter and says so
+    leakage = _leakage_check(out, first["encoder"]["encoder_id"], chapter_id)
+    assert leakage["chapters_skipped"] == 1 and leakage["chapters_skipped_examples"][0]["chapter_id"] == chapter_id
+    assert leakage["unchecked"] == leakage["held_out_pages"] == 24
+    assert leakage["train_pages_indexed"] == leakage["train_pages"] == 24
 
     summary = run_retrieval(out, encoder="weightfree", local=True, **SIZE)
     assert summary["embeddings"]["chapters_embedded"] == 1 and summary["embeddings"]["chapters_up_to_date"] == 1
-    assert summary["search"]["chapters_searched"] == 1
+    assert summary["search"]["chapters_searched"] == 1 and summary["complete"] is True
     assert _tables(out)[0].equals(pools) and _tables(out)[1].equals(retrievals)
     assert not list(store.folder.glob("*.tmp-*"))
+    leakage = _leakage_check(out, first["encoder"]["encoder_id"], chapter_id)
+    assert leakage["chapters_skipped"] == 0 and leakage["unchecked"] == 0
+
+
+def test_a_run_that_dies_leaves_no_stale_summary(weightfree_run: tuple[Path, dict], tmp_path: Path) -> None:
+    source, first = weightfree_run
+    out = _copy(source, tmp_path / "out")
+    record = out / first["outputs"]["embeddings"] / "encoder.json"
+    record.write_text(record.read_text().replace('"weightfree"', '"another-encoder"'))
+    with pytest.raises(RuntimeError, match="refusing to mix vectors"):
+        run_retrieval(out, encoder="weightfree", local=True, **SIZE)
+    # the run got past its start, so the old summary no longer vouches for pools.parquet + retrievals.parquet
+    assert not (out / "retrieval.summary.json").exists()
+
+
+def test_prepared_chapters_in_flight_are_bounded_by_actors_and_bytes() -> None:
+    budget = 2 << 30
+    assert inflight_limit(n_actors=1, cpus=64, chapter_bytes=0, budget=budget) == 4  # size unknown yet
+    open_clip_chapter = 200 * 9 * 224 * 224 * 3  # ~270 MB
+    assert inflight_limit(n_actors=1, cpus=64, chapter_bytes=open_clip_chapter, budget=budget) == 7
+    assert inflight_limit(n_actors=4, cpus=64, chapter_bytes=open_clip_chapter, budget=budget) == 10
+    weightfree_chapter = 200 * 9 * 128 * 128  # ~29 MB: the CPUs are the bound
+    assert inflight_limit(n_actors=1, cpus=64, chapter_bytes=weightfree_chapter, budget=budget) == 66
+    assert inflight_limit(n_actors=1, cpus=2, chapter_bytes=weightfree_chapter, budget=budget) == 4
 
 
 def test_pools_smaller_than_min_refs_exclude_their_frames(weightfree_run: tuple[Path, dict], tmp_path: Path) -> None:

@@ -12,10 +12,10 @@ from PIL import Image
 
 from jobs.screentone import main as screentone_main
 from pipelines.geometry import hires_size
-from pipelines.ingest import run_ingest
+from pipelines.ingest import kept_chapter_ids, run_ingest
 from pipelines.layout import DataLayout
 from pipelines.schemas import SCREENTONE, STATUS_OK
-from pipelines.screentone_job import ScreentoneOptions, kept_chapter_ids, run_screentone
+from pipelines.screentone_job import ScreentoneOptions, run_screentone
 from pipelines.storage import read_parquet, read_parquet_parts
 
 SIZE = (128, 192)

@@ -6,11 +6,14 @@ import hashlib
 import io
 import json
 import os
+import struct
 import warnings
 import zipfile
+import zlib
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -21,7 +24,9 @@ from pipelines.sources import (
     ChapterReader,
     InputRoot,
     PageReadError,
+    chapter_signature,
     escape_reason,
+    input_signature,
     is_junk,
     list_chapters,
     manifest_table,
@@ -136,13 +141,6 @@ def test_archive_members_are_read_and_escaping_names_refused(dump: Path) -> None
         assert "2 members named 'dup.png'" in by_name["dup.png"].refused
 
 
-def test_open_then_with_lists_pages_once(dump: Path) -> None:
-    chapter = ChapterEntry("series b", "ch3", "series b/ch3.CBZ", KIND_ARCHIVE)
-    reader = ChapterReader(InputRoot(dump), chapter).open()
-    with reader:
-        assert len(reader.pages) == 5 and reader.read(reader.pages[-1]) == _png(1)
-
-
 def test_size_limit_is_checked_before_reading(dump: Path) -> None:
     chapter = ChapterEntry("series b", "ch2", "series b/ch2", KIND_FOLDER)
     expected = r"series b/ch2/001.png: file is \d+ bytes, above the limit of 10"
@@ -151,6 +149,105 @@ def test_size_limit_is_checked_before_reading(dump: Path) -> None:
         pytest.raises(PageReadError, match=expected),
     ):
         reader.read(reader.pages[0])
+
+
+def test_file_grown_after_listing_is_refused_past_the_limit(tmp_path: Path) -> None:
+    """The listed size passes the limit; the bytes actually read do not: refused, never silently cut."""
+    (tmp_path / "s" / "c").mkdir(parents=True)
+    page = tmp_path / "s" / "c" / "1.png"
+    page.write_bytes(_png())
+    limit = len(_png()) + 10
+    with ChapterReader(InputRoot(tmp_path), list_chapters(tmp_path)[0], max_file_bytes=limit) as reader:
+        assert reader.read(reader.pages[0]) == _png()
+        page.write_bytes(_png() + bytes(100))
+        with pytest.raises(PageReadError, match=rf"^s/c/1.png: exceeds the limit of {limit} bytes when read"):
+            reader.read(reader.pages[0])
+
+
+def _forge(archive: Path, member: str, *, file_size: int | None = None, crc: int | None = None) -> None:
+    """Overwrite a member's recorded uncompressed size and/or CRC-32 in both its local and central headers."""
+    with zipfile.ZipFile(archive) as zf:
+        names = [info.filename for info in zf.infolist()]
+        local = zf.getinfo(member).header_offset
+    raw = bytearray(archive.read_bytes())
+    central = raw.find(b"PK\x01\x02")
+    for _ in range(names.index(member)):
+        central = raw.find(b"PK\x01\x02", central + 4)
+    for offset, field_offset in ((local, 14), (central, 16)):  # CRC-32, then sizes, in both header layouts
+        if crc is not None:
+            struct.pack_into("<I", raw, offset + field_offset, crc)
+        if file_size is not None:
+            struct.pack_into("<I", raw, offset + field_offset + 8, file_size)
+    archive.write_bytes(bytes(raw))
+
+
+def test_archive_member_with_understated_size_or_bad_crc_is_an_error(tmp_path: Path) -> None:
+    archive = tmp_path / "s" / "c.cbz"
+    archive.parent.mkdir()
+    pixels = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    pixels.save(buf, format="PNG")
+    big = buf.getvalue()
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name in ("1.png", "2.png", "3.png"):
+            zf.writestr(name, big)
+    _forge(archive, "2.png", file_size=len(big) // 2)  # header understates the size: the read is cut
+    _forge(archive, "3.png", crc=zlib.crc32(big) ^ 1)
+    with ChapterReader(InputRoot(tmp_path), list_chapters(tmp_path)[0], max_file_bytes=len(big)) as reader:
+        first, understated, bad_crc = reader.pages
+        assert understated.file_bytes == len(big) // 2 and reader.read(first) == big
+        for page in (understated, bad_crc):
+            with pytest.raises(PageReadError, match=rf"^s/c.cbz/{page.name}: corrupt archive member: .*Bad CRC-32"):
+                reader.read(page)
+
+
+def test_chapter_signature_follows_page_changes_only(tmp_path: Path) -> None:
+    chapter_dir = tmp_path / "s" / "c"
+    (chapter_dir / "sub").mkdir(parents=True)
+    (chapter_dir / "1.png").write_bytes(_png(1))
+    (chapter_dir / "sub" / "2.png").write_bytes(_png(2))
+    _zip(tmp_path / "s" / "d.cbz", [("1.png", _png(1))])
+    root = InputRoot(tmp_path)
+    folder, archive = list_chapters(root)
+    signatures = {chapter_signature(root, folder)}
+    whole = input_signature(tmp_path)
+    assert chapter_signature(root, folder) in signatures and input_signature(root) == whole
+
+    (chapter_dir / "ComicInfo.xml").write_text("<x/>")  # not a page: no change
+    (chapter_dir / "Thumbs.db").write_bytes(b"junk")
+    assert chapter_signature(root, folder) in signatures and input_signature(root) == whole
+
+    def changed() -> None:
+        signature = chapter_signature(root, folder)
+        assert signature not in signatures
+        signatures.add(signature)
+
+    (chapter_dir / "sub" / "2.png").write_bytes(_png(2) + b"-replaced")
+    changed()
+    same_size = chapter_dir / "1.png"
+    stat = same_size.stat()
+    same_size.write_bytes(_png(9))  # same length, other bytes, written later
+    os.utime(same_size, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    changed()
+    (chapter_dir / "3.png").write_bytes(_png(3))
+    changed()
+    (chapter_dir / "3.png").rename(chapter_dir / "4.png")
+    changed()
+    assert input_signature(root) != whole
+
+    archive_signature = chapter_signature(root, archive)
+    _zip(tmp_path / "s" / "d.cbz", [("1.png", _png(1)), ("2.png", _png(2))])
+    assert chapter_signature(root, archive) != archive_signature
+
+
+def test_chapter_signature_on_an_fsspec_root() -> None:
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/sig-dump/s1/ch1/1.png", _png(1))
+    root = InputRoot("memory://sig-dump")
+    before = input_signature(root)
+    assert input_signature(root) == before
+    fs.pipe("/sig-dump/s1/ch1/1.png", _png(2) + b"-replaced")
+    assert input_signature(root) != before
 
 
 def test_corrupt_archive_fails_to_open(tmp_path: Path) -> None:
