@@ -17,6 +17,19 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options every sample-producing stage shares: sizes, screentone renderer, seed."""
+    parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
+    parser.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
+    parser.add_argument(
+        "--renderer",
+        default="halftone",
+        help="screentone renderer: 'halftone' (weight-free, default), 'screenstyle:<weights folder>' or "
+        "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="fixes every random choice")
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("where it runs")
     group.add_argument(

@@ -12,7 +12,8 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import add_ray_arguments, configure_logging, exit_status, parse_size
+from jobs.common import add_common_arguments, add_ray_arguments, configure_logging, exit_status
+from jobs.shards import add_shard_arguments, shard_options
 from pipelines.pipeline import PipelineOptions, run_pipeline, stage_lines
 
 
@@ -25,22 +26,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sample-preset", default="demo", choices=("tiny", "small", "demo"))
     parser.add_argument("--output", required=True, help="the data folder (OUT)")
     parser.add_argument("--report", default=None, help="write contact sheets and counts to this folder")
-    parser.add_argument("--size", type=parse_size, default=defaults.size, help="training size WxH (default 512x800)")
-    parser.add_argument("--hires-scale", type=float, default=defaults.hires_scale)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--min-color-pages", type=int, default=defaults.min_color_pages)
-    parser.add_argument("--encoder", default=defaults.encoder, help="retrieval encoder spec ('weightfree' offline)")
-    parser.add_argument("--refs", type=int, default=defaults.refs)
-    parser.add_argument("--min-refs", type=int, default=defaults.min_refs)
-    parser.add_argument("--k-per-patch", type=int, default=defaults.k_per_patch)
-    parser.add_argument("--renderer", default=defaults.renderer, help="screentone renderer spec")
-    parser.add_argument("--shard-size", type=int, default=defaults.shard_size, help="bytes per shard")
-    parser.add_argument("--max-samples", type=int, default=None, help="samples per shard (overrides --shard-size)")
-    parser.add_argument("--val-fraction", type=float, default=defaults.val_fraction)
-    parser.add_argument("--bench-chapters", type=int, default=defaults.bench_chapters)
-    parser.add_argument("--bench-refs", type=int, default=defaults.bench_refs)
-    parser.add_argument("--bench-bw", type=int, default=defaults.bench_bw)
-    parser.add_argument("--bench-max-series-fraction", type=float, default=defaults.bench_max_series_fraction)
+    add_common_arguments(parser)
+    ingest = parser.add_argument_group("ingestion")
+    ingest.add_argument("--min-color-pages", type=int, default=defaults.min_color_pages)
+    ingest.add_argument("--chapters-per-task", type=int, default=defaults.chapters_per_task)
+    retrieval = parser.add_argument_group("retrieval")
+    retrieval.add_argument("--encoder", default=defaults.encoder, help="retrieval encoder spec ('weightfree' offline)")
+    retrieval.add_argument("--refs", type=int, default=defaults.refs)
+    retrieval.add_argument("--min-refs", type=int, default=defaults.min_refs)
+    retrieval.add_argument("--k-per-patch", type=int, default=defaults.k_per_patch)
+    add_shard_arguments(parser)
     add_ray_arguments(parser)
     return parser.parse_args(argv)
 
@@ -58,22 +53,13 @@ def main(argv: list[str] | None = None) -> dict:
         if not labels.exists():
             generate_corpus(Path(input_root), preset=args.sample_preset, seed=args.seed)
     options = PipelineOptions(
-        size=args.size,
-        hires_scale=args.hires_scale,
-        seed=args.seed,
+        shards=shard_options(args),
         min_color_pages=args.min_color_pages,
+        chapters_per_task=args.chapters_per_task,
         encoder=args.encoder,
         refs=args.refs,
         min_refs=args.min_refs,
         k_per_patch=args.k_per_patch,
-        renderer=args.renderer,
-        shard_size=args.shard_size,
-        max_samples=args.max_samples,
-        val_fraction=args.val_fraction,
-        bench_chapters=args.bench_chapters,
-        bench_refs=args.bench_refs,
-        bench_bw=args.bench_bw,
-        bench_max_series_fraction=args.bench_max_series_fraction,
     )
     record = run_pipeline(
         input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus

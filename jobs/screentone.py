@@ -6,22 +6,14 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_arguments, exit_status, parse_size, start_ray
+from jobs.common import add_common_arguments, add_ray_arguments, exit_status, start_ray
 from pipelines.screentone_job import ScreentoneOptions, run_screentone
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.screentone", description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by jobs.ingest (OUT)")
-    parser.add_argument(
-        "--renderer",
-        default="halftone",
-        help="'halftone' (weight-free, default), 'screenstyle:<weights folder>' or "
-        "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
-    )
-    parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
-    parser.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
     parser.add_argument("--chapters-per-task", type=int, default=1)
     add_ray_arguments(parser)

@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from jobs.common import add_ray_arguments, exit_status, parse_size, start_ray
+from jobs.common import add_common_arguments, add_ray_arguments, exit_status, parse_size, start_ray
 from pipelines.shard_job import ShardJobOptions, run_shards
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
@@ -24,13 +24,10 @@ def parse_bytes(text: str) -> int:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.shards", description=__doc__)
-    parser.add_argument("--data", required=True, help="the data folder of the earlier stages (OUT)")
+def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shard stage's own options (shared with jobs.pipeline); --size, --hires-scale, --renderer, --seed are
+    added by the caller, since other stages use them too."""
     samples = parser.add_argument_group("samples")
-    samples.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
-    samples.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
-    samples.add_argument("--renderer", default="halftone", help="screentone renderer spec used by jobs.screentone")
     samples.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the colour members")
     shards = parser.add_argument_group("shards")
     shards.add_argument("--shard-size", type=parse_bytes, default=10**9, help="target bytes per tar (default 1GB)")
@@ -46,7 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bench-max-series-fraction", type=float, default=0.1, help="cap on the share of series held out"
     )
     splits.add_argument("--bench-series", nargs="+", default=None, help="hold out exactly these series")
-    splits.add_argument("--seed", type=int, default=0)
     leakage = parser.add_argument_group("leakage check")
     leakage.add_argument("--leakage-threshold", type=float, default=0.95, help="cosine of a duplicate candidate")
     leakage.add_argument("--no-leakage-confirm", action="store_true", help="skip the edge-hash confirmation")
@@ -56,15 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="drop only the duplicate pages, not also the training frames whose references show them",
     )
-    parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
-    add_ray_arguments(parser)
-    return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    start_ray(args)
-    options = ShardJobOptions(
+def shard_options(args: argparse.Namespace) -> ShardJobOptions:
+    return ShardJobOptions(
         size=args.size,
         hires_scale=args.hires_scale,
         shard_size=args.shard_size,
@@ -85,7 +76,22 @@ def main(argv: list[str] | None = None) -> dict:
         ivf_min_train=args.ivf_min_train,
         drop_frames_referencing_duplicates=not args.keep_frames_referencing_duplicates,
     )
-    summary = run_shards(args.data, options, local=args.local, rebuild=args.rebuild)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.shards", description=__doc__)
+    parser.add_argument("--data", required=True, help="the data folder of the earlier stages (OUT)")
+    add_common_arguments(parser)
+    add_shard_arguments(parser)
+    parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
+    add_ray_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    start_ray(args)
+    summary = run_shards(args.data, shard_options(args), local=args.local, rebuild=args.rebuild)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

@@ -16,6 +16,7 @@ from typing import Any
 from pipelines.encoders import DEFAULT_ENCODER
 from pipelines.ingest import DEFAULT_MIN_COLOR_PAGES
 from pipelines.layout import DataLayout
+from pipelines.shard_job import ShardJobOptions, run_shards
 from pipelines.sources import input_signature
 from pipelines.storage import atomic_write_json, read_json, stable_hash
 
@@ -27,11 +28,12 @@ RECORD = "pipeline.summary.json"
 
 @dataclass(frozen=True)
 class PipelineOptions:
-    """Settings of every stage; each stage's slice of it decides whether that stage's outputs are current."""
+    """Settings of every stage; each stage's slice of it decides whether that stage's outputs are current.
 
-    size: tuple[int, int] = (512, 800)
-    hires_scale: float = 1.5
-    seed: int = 0
+    Sizes, seed and screentone renderer live in `shards` and are shared by every stage that uses them.
+    """
+
+    shards: ShardJobOptions = ShardJobOptions()
     # ingestion
     min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
     chapters_per_task: int = 4
@@ -40,19 +42,9 @@ class PipelineOptions:
     refs: int = 20
     min_refs: int = 10
     k_per_patch: int = 3
-    # screentone
-    renderer: str = "halftone"
-    # shards, splits, benchmark
-    shard_size: int = 1_000_000_000
-    max_samples: int | None = None
-    val_fraction: float = 0.05
-    bench_chapters: int = 30
-    bench_refs: int = 40
-    bench_bw: int = 50
-    bench_max_series_fraction: float = 0.1
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
-        common = {"size": list(self.size), "hires_scale": self.hires_scale, "seed": self.seed}
+        shards = self.shards
         by_stage = {
             "ingest": {"min_color_pages": self.min_color_pages},
             "retrieval": {
@@ -60,17 +52,23 @@ class PipelineOptions:
                 "refs": self.refs,
                 "min_refs": self.min_refs,
                 "k_per_patch": self.k_per_patch,
-                "size": list(self.size),
-                "seed": self.seed,
+                "size": list(shards.size),
+                "seed": shards.seed,
             },
-            "screentone": {"renderer": self.renderer, **common},
-            "shards": {**asdict(self), "chapters_per_task": None},
+            "screentone": {
+                "renderer": shards.renderer,
+                "size": list(shards.size),
+                "hires_scale": shards.hires_scale,
+                "seed": shards.seed,
+            },
+            "shards": asdict(shards),
         }
         return by_stage[stage]
 
 
 def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
-    width, height = options.size
+    shards = options.shards
+    width, height = shards.size
     if stage == "ingest":
         from pipelines.ingest import IngestOptions, run_ingest
 
@@ -90,7 +88,7 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
             refs=options.refs,
             min_refs=options.min_refs,
             k_per_patch=options.k_per_patch,
-            seed=options.seed,
+            seed=shards.seed,
             width=width,
             height=height,
             local=local,
@@ -99,31 +97,17 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
         from pipelines.screentone_job import ScreentoneOptions, run_screentone
 
         screentone = ScreentoneOptions(
-            renderer=options.renderer, width=width, height=height, hires_scale=options.hires_scale, seed=options.seed
+            renderer=shards.renderer, width=width, height=height, hires_scale=shards.hires_scale, seed=shards.seed
         )
         return run_screentone(str(layout.root), screentone, local=local)
-    from pipelines.shard_job import ShardJobOptions, run_shards
     from pipelines.shards import PlanMismatchError
 
-    shard_options = ShardJobOptions(
-        size=options.size,
-        hires_scale=options.hires_scale,
-        shard_size=options.shard_size,
-        max_samples=options.max_samples,
-        val_fraction=options.val_fraction,
-        bench_chapters=options.bench_chapters,
-        bench_refs=options.bench_refs,
-        bench_bw=options.bench_bw,
-        bench_max_series_fraction=options.bench_max_series_fraction,
-        seed=options.seed,
-        renderer=options.renderer,
-    )
     try:
-        return run_shards(layout.root, shard_options, local=local)
+        return run_shards(layout.root, shards, local=local)
     except PlanMismatchError as exc:
         # Upstream outputs changed (new chapters, another encoder...): the old shards describe other data.
         log.warning("shards were planned for other inputs; rebuilding them (%s)", exc)
-        return run_shards(layout.root, shard_options, local=local, rebuild=True)
+        return run_shards(layout.root, shards, local=local, rebuild=True)
 
 
 def run_pipeline(
