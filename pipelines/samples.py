@@ -74,6 +74,7 @@ FIELDS: tuple[str, ...] = (
 
 SAMPLE_FORMAT_VERSION = 1
 VARIANTS = ("tone", "grey")
+SCREENSTYLE = "screenstyle"  # the random grey/tone interpolation, drawn per (seed, epoch, sample)
 
 
 class SampleError(ValueError):
@@ -391,6 +392,27 @@ def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
 
 
 @dataclass
+class CompositeInputs:
+    """The four canvases ICP sees for one frame: built by `composite_inputs`, the one function that training,
+    validation and colorize all use, so a page is stitched identically everywhere."""
+
+    c_bw: Image.Image  # references on the ring + the B&W frame in the centre (2W x 2H)
+    mask: np.ndarray  # float32 2H x 2W: 1 on the ring (known), 0 on the centre (to generate)
+    refs_only: Image.Image  # the guider's references-only input: ring with a black centre
+    frame_only: Image.Image  # the guider's frame-only input: black canvas with the B&W frame in the centre
+
+
+def composite_inputs(layout: CompositeLayout, ring: Image.Image, bw: Image.Image) -> CompositeInputs:
+    """C_bw, the mask and the guider's two canvases from a ring canvas and a W x H B&W frame."""
+    return CompositeInputs(
+        c_bw=layout.compose(ring, bw),
+        mask=layout.mask(),
+        refs_only=layout.compose(ring, None),
+        frame_only=layout.centre_only(bw),
+    )
+
+
+@dataclass
 class TrainingInputs:
     """What one ICP + GSRP training step consumes, built from a sample alone."""
 
@@ -406,11 +428,23 @@ class TrainingInputs:
     hr_color: Image.Image  # GSRP's target
 
 
-def variant_alpha(variant: str | float) -> float:
-    """ "tone" -> 1, "grey" -> 0, a number in [0, 1] -> itself (the screenstyle blend weight)."""
+def variant_alpha(
+    variant: str | float, key: str = "", *, seed: int = 0, epoch: int = 0, alpha_range: tuple[float, float] = (0.0, 1.0)
+) -> float:
+    """The tone weight of a B&W variant.
+
+    "screenstyle" -> the project's one random draw (`screentone.augment.sample_alpha` of seed, epoch and the
+    sample key: the paper's random interpolation); "tone" -> 1; "grey" -> 0; a number in [0, 1] -> itself.
+    """
     if isinstance(variant, str):
+        if variant == SCREENSTYLE:
+            from screentone.augment import sample_alpha
+
+            return sample_alpha(seed, epoch, key, *alpha_range)
         if variant not in VARIANTS:
-            raise ValueError(f"unknown B&W variant {variant!r}; use one of {VARIANTS} or a blend weight in [0, 1]")
+            raise ValueError(
+                f"unknown B&W variant {variant!r}; use {SCREENSTYLE!r}, one of {VARIANTS} or a blend weight in [0, 1]"
+            )
         return 1.0 if variant == "tone" else 0.0
     alpha = float(variant)
     if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
@@ -430,21 +464,33 @@ def _bw(grey: Image.Image, tone: Image.Image, alpha: float) -> Image.Image:
     return mixed.convert("RGB")
 
 
-def build_training_inputs(sample: Mapping[str, Any] | DecodedSample, variant: str | float = "tone") -> TrainingInputs:
-    """C_bw, C_color, the mask and the guider's two canvases from one sample, for a B&W variant or blend weight."""
+def build_training_inputs(
+    sample: Mapping[str, Any] | DecodedSample,
+    variant: str | float = "screenstyle",
+    *,
+    seed: int = 0,
+    epoch: int = 0,
+    alpha_range: tuple[float, float] = (0.0, 1.0),
+) -> TrainingInputs:
+    """C_bw, C_color, the mask and the guider's two canvases from one sample.
+
+    The default B&W frame is the screenstyle blend at the project's one alpha draw for (seed, epoch, sample key);
+    "tone", "grey" or a fixed weight select the other variants. GSRP's high-resolution B&W frame uses the same alpha.
+    """
     decoded = sample if isinstance(sample, DecodedSample) else decode_sample(sample)
-    alpha = variant_alpha(variant)
+    alpha = variant_alpha(variant, decoded.key, seed=seed, epoch=epoch, alpha_range=alpha_range)
     layout = decoded.layout
     bw = _bw(decoded.grey, decoded.tone, alpha)
+    canvases = composite_inputs(layout, decoded.ring, bw)
     return TrainingInputs(
         alpha=alpha,
         bw=bw,
         color=decoded.color,
-        c_bw=layout.compose(decoded.ring, bw),
+        c_bw=canvases.c_bw,
         c_color=layout.compose(decoded.ring, decoded.color),
-        mask=layout.mask(),
-        refs_only=layout.compose(decoded.ring, None),
-        frame_only=layout.centre_only(bw),
+        mask=canvases.mask,
+        refs_only=canvases.refs_only,
+        frame_only=canvases.frame_only,
         hr_bw=_bw(decoded.hr_grey, decoded.hr_tone, alpha),
         hr_color=decoded.hr_color,
     )

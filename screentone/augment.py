@@ -2,7 +2,7 @@
 
 The paper trains on inputs interpolated between the greyscale page and its screentone rendering (its Fig. 4
 shows tone weights 0.33 and 0.66); the released preprocessing blends 50/50. Here ``alpha`` is the weight of the
-tone: 0 gives the greyscale page, 1 the pure screentone. Training draws alpha per sample (`sample_alpha`);
+tone: 0 gives the greyscale page, 1 the pure screentone. Training draws alpha per sample and epoch (`sample_alpha`);
 evaluation uses the fixed `EVAL_ALPHAS`.
 
 `to_grey` is the project's single greyscale conversion (ITU-R 601 luma, bit-identical to Pillow's
@@ -10,6 +10,8 @@ evaluation uses the fixed `EVAL_ALPHAS`.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
@@ -50,8 +52,14 @@ def blend(grey: np.ndarray, tone: np.ndarray, alpha: float) -> np.ndarray:
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def sample_alpha(rng: np.random.Generator, low: float = 0.0, high: float = 1.0) -> float:
-    """One training alpha drawn uniformly from [low, high]."""
+def sample_alpha(seed: int, epoch: int, key: str, low: float = 0.0, high: float = 1.0) -> float:
+    """The project's one training alpha: uniform in [low, high], fixed by (seed, epoch, sample key).
+
+    Every consumer (shard reports, the ICP and GSRP data streams) calls this, so a sample gets a new alpha each
+    epoch, the same one on a rerun or a resumed run, whatever worker or rank reads it.
+    """
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"alpha range must satisfy 0 <= low <= high <= 1, got [{low}, {high}]")
-    return float(rng.uniform(low, high))
+    digest = hashlib.sha256(f"alpha\x1f{seed}\x1f{epoch}\x1f{key}".encode()).digest()
+    unit = (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
+    return low + (high - low) * unit

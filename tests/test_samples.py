@@ -19,11 +19,12 @@ from pipelines.samples import (
     SampleError,
     build_sample,
     build_training_inputs,
+    composite_inputs,
     decode_sample,
     retrieval_grid,
 )
 from pipelines.screentone_job import ScreentoneOptions, render_frame, renderer_for
-from screentone.augment import blend
+from screentone.augment import blend, sample_alpha
 from screentone.synthetic import synthetic_colour_page
 
 W, H = 128, 192
@@ -176,6 +177,23 @@ def test_training_inputs_rebuild_the_composites_and_mask(chapter: dict) -> None:
         build_training_inputs(decoded, "sepia")
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         build_training_inputs(decoded, 1.5)
+
+
+def test_default_variant_is_the_screenstyle_draw_of_seed_epoch_and_key(chapter: dict) -> None:
+    decoded = decode_sample(_sample(chapter))
+    default = build_training_inputs(decoded)
+    expected_alpha = sample_alpha(0, 0, decoded.key)
+    assert default.alpha == expected_alpha and 0.0 < default.alpha < 1.0
+    expected = blend(np.asarray(decoded.grey), np.asarray(decoded.tone), expected_alpha)
+    assert np.array_equal(np.asarray(default.bw)[..., 0], expected)
+    hr_expected = blend(np.asarray(decoded.hr_grey), np.asarray(decoded.hr_tone), expected_alpha)
+    assert np.array_equal(np.asarray(default.hr_bw)[..., 0], hr_expected)  # GSRP's input checked by value
+    assert build_training_inputs(decoded, epoch=1).alpha == sample_alpha(0, 1, decoded.key) != default.alpha
+    assert build_training_inputs(decoded, seed=7).alpha == sample_alpha(7, 0, decoded.key)
+    canvases = composite_inputs(decoded.layout, decoded.ring, default.bw)
+    assert np.array_equal(np.asarray(canvases.c_bw), np.asarray(default.c_bw))
+    assert np.array_equal(np.asarray(canvases.refs_only), np.asarray(default.refs_only))
+    assert np.array_equal(np.asarray(canvases.frame_only), np.asarray(default.frame_only))
 
 
 def test_missing_or_wrong_screentone_is_a_sample_error_naming_the_frame(chapter: dict) -> None:

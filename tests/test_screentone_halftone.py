@@ -50,14 +50,18 @@ def test_blend_interpolates_with_alpha_as_tone_weight():
         blend(grey, tone, 1.5)
 
 
-def test_sample_alpha_is_seeded_and_in_range():
-    alphas = [sample_alpha(np.random.default_rng(9), 0.2, 0.8) for _ in range(3)]
-    assert len(set(alphas)) == 1  # same seed, same draw
-    draws = [sample_alpha(np.random.default_rng(s), 0.2, 0.8) for s in range(200)]
+def test_sample_alpha_is_a_function_of_seed_epoch_and_key():
+    assert sample_alpha(9, 0, "frame-a", 0.2, 0.8) == sample_alpha(9, 0, "frame-a", 0.2, 0.8)  # rerun: same draw
+    assert sample_alpha(9, 0, "frame-a") != sample_alpha(9, 1, "frame-a")  # next epoch: a new draw
+    assert sample_alpha(9, 0, "frame-a") != sample_alpha(9, 0, "frame-b")
+    assert sample_alpha(9, 0, "frame-a") != sample_alpha(10, 0, "frame-a")
+    draws = [sample_alpha(0, epoch, f"k{i}", 0.2, 0.8) for epoch in range(4) for i in range(50)]
     assert min(draws) >= 0.2 and max(draws) <= 0.8 and np.std(draws) > 0.1
+    uniform = [sample_alpha(1, 0, f"k{i}") for i in range(2000)]
+    assert abs(np.mean(uniform) - 0.5) < 0.03 and abs(np.quantile(uniform, 0.1) - 0.1) < 0.03
     assert EVAL_ALPHAS == (0.33, 0.5, 0.66)
     with pytest.raises(ValueError, match="low <= high"):
-        sample_alpha(np.random.default_rng(0), 0.9, 0.1)
+        sample_alpha(0, 0, "k", 0.9, 0.1)
 
 
 def test_filters_match_direct_computation():
