@@ -48,3 +48,24 @@ def tiny_corpus(tmp_path_factory: pytest.TempPathFactory):
     from pipelines.sample_corpus import generate_corpus
 
     return generate_corpus(tmp_path_factory.mktemp("corpus") / "tiny", preset="tiny", seed=0)
+
+
+PIPELINE_ARGS = [
+    "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
+    "--bench-chapters", "1", "--bench-refs", "8", "--bench-bw", "8", "--bench-max-series-fraction", "0.5",
+    "--max-samples", "6",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pipeline_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`jobs.pipeline` run once on the tiny sample corpus at 128x192: the data root with shards
+    (train: 24 samples in 4 shards of 6, enough for 2 ranks x 2 workers) and a benchmark of 1 chapter.
+
+    Shared by the training, colorize and evaluate tests; treat it as read-only (copy what a test modifies).
+    """
+    from jobs.pipeline import main as pipeline_main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    pipeline_main(["--generate-sample", str(root / "corpus"), "--output", str(root / "data"), *PIPELINE_ARGS])
+    return root / "data"
