@@ -1,9 +1,80 @@
-"""Argument helpers every job shares: where Ray runs, and sizes written as WxH."""
+"""What every job shares: its argument parser, where Ray runs, sizes written as WxH, and how it exits.
+
+A job fails the way a user can act on: one line on stderr (what, where, why), exit status 2 for a usage error
+and 1 for a runtime error, and the traceback only with ``--debug``. `JobArgumentParser` gives every job the
+same ``--help`` (every flag described, every default shown) and the one-line usage errors; `run_job` turns an
+exception of ``main`` into that line and the exit status.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+USAGE_ERROR = 2
+RUNTIME_ERROR = 1
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends ``(default: X)`` to every option that takes a value, unless its text already states the default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        takes_value = action.nargs != 0 and action.option_strings
+        if not takes_value or action.required or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse for the jobs: defaults in ``--help``, ``--debug``, and a usage error in one line (exit 2)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *, prog: str) -> int:
+    """Run a job's ``main(argv)`` and return its exit status: 0 done, 1 failed units or a runtime error (one line
+    on stderr; the traceback too with ``--debug``), 2 a usage error, 130 interrupted."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        result = main(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows where it came from
+        if "--debug" in argv:
+            traceback.print_exc()
+        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
+        return RUNTIME_ERROR
+    return exit_status(result) if isinstance(result, dict) else 0
+
+
+EXPECTED_ERRORS = (ValueError, OSError, LookupError, RuntimeError)
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an exception: its message (first line), with its type when it is not an expected error."""
+    from pipelines.preconditions import PreconditionError
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
+        message = exc.args[0]  # str(KeyError) quotes its text
+    if isinstance(exc, (PreconditionError, *EXPECTED_ERRORS)):
+        return message
+    return f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -17,10 +88,22 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """Options every sample-producing stage shares: sizes, screentone renderer, seed."""
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
-    parser.add_argument("--hires-scale", type=float, default=1.5, help="GSRP size as a multiple of --size")
+    parser.add_argument(
+        "--hires-scale", type=float, default=1.5, help="GSRP (high-resolution) size as a multiple of --size"
+    )
     parser.add_argument(
         "--renderer",
         default="halftone",

@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jobs.common import add_ray_arguments, configure_logging
+from jobs.common import JobArgumentParser, add_ray_arguments, configure_logging, positive_int, run_job
 from pipelines.colour import ColourThresholds, FeatureParams
 from pipelines.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.ingest import (
@@ -23,44 +23,46 @@ from pipelines.ingest import (
 from pipelines.pagestore import ENCODINGS
 from pipelines.sources import DEFAULT_MAX_FILE_BYTES
 
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+PROG = "python -m jobs.ingest"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.ingest",
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(
+        prog=PROG,
         description="List the chapters of a raw dump (<series>/<chapter>/ or <series>/<chapter>.cbz|.zip), "
         "classify every page as colour or B&W, keep chapters with enough colour pages and store their colour "
         "pages once, normalised. Reruns skip chapters already done and rewrite identical outputs.",
     )
-    parser.add_argument("--input", required=True, help="root of the dump: a local path or an fsspec URI")
-    parser.add_argument("--output", required=True, help="data folder OUT (tables, page store, summary)")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="root of the dump, laid out <series>/<chapter>/<pages> or <series>/<chapter>.cbz: a local folder or "
+        "an fsspec URI (file://, s3://, ...)",
+    )
+    parser.add_argument(
+        "--output", required=True, help="data folder OUT (tables, page store, summary); created if missing"
+    )
     parser.add_argument(
         "--min-color-pages",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MIN_COLOR_PAGES,
         help="colour pages a chapter needs to be kept (default %(default)s: a frame plus 20 references)",
     )
     parser.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_PIXELS,
         help="refuse images declaring more pixels than this, before decoding (default %(default)s)",
     )
     parser.add_argument(
         "--max-file-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_FILE_BYTES,
         help="refuse page files larger than this, before reading them (default %(default)s)",
     )
     parser.add_argument(
         "--analysis-side",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_ANALYSIS_SIDE,
         help="longest side of the reduced decode the classifier sees, within a factor 1.5 (default %(default)s)",
     )
@@ -71,8 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="downscale stored pages to this longest side, never upscaling; 0 keeps the full size "
         "(default %(default)s)",
     )
-    parser.add_argument("--store-encoding", choices=ENCODINGS, default="jpeg", help="page-store encoding")
-    parser.add_argument("--store-quality", type=_positive_int, default=95, help="JPEG quality of the page store")
+    parser.add_argument("--store-encoding", choices=ENCODINGS, default="jpeg", help="encoding of the stored pages")
+    parser.add_argument(
+        "--store-quality", type=positive_int, default=95, help="JPEG (or WebP) quality of the stored pages"
+    )
     parser.add_argument(
         "--color-threshold",
         type=float,
@@ -81,14 +85,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--chapters-per-task",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_CHAPTERS_PER_TASK,
         help="chapters per Ray task (default %(default)s)",
     )
-    parser.add_argument("--task-memory-mb", type=_positive_int, default=None, help="memory Ray reserves per task")
-    parser.add_argument("--limit", type=_positive_int, default=None, help="only the first N chapters (trial runs)")
+    parser.add_argument(
+        "--task-memory-mb",
+        type=positive_int,
+        default=None,
+        help="memory Ray reserves per task, in MB (default: none reserved)",
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, default=None, help="only the first N chapters, for trial runs (default: all)"
+    )
     add_ray_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def options_from_args(args: argparse.Namespace) -> IngestOptions:
@@ -123,4 +138,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job(main, prog=PROG))

@@ -6,29 +6,38 @@ the retrieved reference patches with their page ids and scores.
 from __future__ import annotations
 
 import argparse
+import sys
 
+from jobs.common import JobArgumentParser, positive_int, run_job
+from pipelines.preconditions import require_stage
 from pipelines.retrieval_eval import write_contact_sheets
 
+PROG = "python -m jobs.inspect_retrieval"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.inspect_retrieval", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder of the retrieval job (OUT)")
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--frame", action="append", help="frame (page) id; repeat for several")
-    which.add_argument("--random", type=int, metavar="N", help="N frames drawn at random (with --seed)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="output PNG for a single --frame (default <out-dir>/<id>.png)")
-    parser.add_argument("--out-dir", default="contact_sheets", help="output folder (default ./contact_sheets)")
+    which.add_argument("--random", type=positive_int, metavar="N", help="N frames drawn at random (with --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="fixes the --random draw")
+    parser.add_argument("--out", default=None, help="output PNG for a single --frame (default: <out-dir>/<id>.png)")
+    parser.add_argument("--out-dir", default="contact_sheets", help="output folder")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out and (args.random is not None or len(args.frame) != 1):
         parser.error("--out names one file: use it with a single --frame, else --out-dir")
-    if args.random is not None and args.random < 1:
-        parser.error("--random needs a positive count")
     return args
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     args = parse_args(argv)
+    require_stage(args.data, "retrieval", needed_by="inspect_retrieval")
     written = write_contact_sheets(
         args.data,
         frame_ids=args.frame,
@@ -43,4 +52,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_job(main, prog=PROG))

@@ -12,32 +12,59 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import add_common_arguments, add_ray_arguments, configure_logging, exit_status
+from jobs.common import (
+    JobArgumentParser,
+    add_common_arguments,
+    add_ray_arguments,
+    configure_logging,
+    positive_int,
+    run_job,
+)
+from jobs.retrieval import add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
 from pipelines.pipeline import PipelineOptions, run_pipeline, stage_lines
+from pipelines.preconditions import check_encoder, check_output_creatable
+
+PROG = "python -m jobs.pipeline"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PipelineOptions()
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--input", help="raw chapters laid out <series>/<chapter>/<pages> or <series>/<chapter>.cbz (or a URI)"
+    )
+    source.add_argument("--generate-sample", metavar="ROOT", help="generate the sample corpus at ROOT and use it")
+    parser.add_argument(
+        "--sample-preset",
+        default="demo",
+        choices=("tiny", "small", "demo"),
+        help="size of the generated sample corpus (with --generate-sample)",
+    )
+    parser.add_argument("--output", required=True, help="the data folder (OUT); created if missing")
+    parser.add_argument(
+        "--report", default=None, help="write contact sheets and counts to this folder (default: no report)"
+    )
+    add_common_arguments(parser)
+    ingest = parser.add_argument_group("ingestion")
+    ingest.add_argument(
+        "--min-color-pages",
+        type=positive_int,
+        default=defaults.min_color_pages,
+        help="colour pages a chapter needs to be kept",
+    )
+    ingest.add_argument(
+        "--chapters-per-task", type=positive_int, default=defaults.chapters_per_task, help="chapters per Ray task"
+    )
+    add_retrieval_arguments(parser, "retrieval")
+    add_shard_arguments(parser)
+    add_ray_arguments(parser)
+    return parser
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = PipelineOptions()
-    parser = argparse.ArgumentParser(prog="python -m jobs.pipeline", description=__doc__)
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="raw chapters: <series>/<chapter>/<pages> or <series>/<chapter>.cbz")
-    source.add_argument("--generate-sample", metavar="ROOT", help="generate the sample corpus at ROOT and use it")
-    parser.add_argument("--sample-preset", default="demo", choices=("tiny", "small", "demo"))
-    parser.add_argument("--output", required=True, help="the data folder (OUT)")
-    parser.add_argument("--report", default=None, help="write contact sheets and counts to this folder")
-    add_common_arguments(parser)
-    ingest = parser.add_argument_group("ingestion")
-    ingest.add_argument("--min-color-pages", type=int, default=defaults.min_color_pages)
-    ingest.add_argument("--chapters-per-task", type=int, default=defaults.chapters_per_task)
-    retrieval = parser.add_argument_group("retrieval")
-    retrieval.add_argument("--encoder", default=defaults.encoder, help="retrieval encoder spec ('weightfree' offline)")
-    retrieval.add_argument("--refs", type=int, default=defaults.refs)
-    retrieval.add_argument("--min-refs", type=int, default=defaults.min_refs)
-    retrieval.add_argument("--k-per-patch", type=int, default=defaults.k_per_patch)
-    add_shard_arguments(parser)
-    add_ray_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
 
         input_root = args.generate_sample
         labels = default_labels_path(Path(input_root))
+        check_output_creatable(input_root, "--generate-sample")
+        check_output_creatable(args.output)
+        check_encoder(args.encoder)  # before minutes of corpus generation
         if not labels.exists():
             generate_corpus(Path(input_root), preset=args.sample_preset, seed=args.seed)
     options = PipelineOptions(
@@ -60,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         refs=args.refs,
         min_refs=args.min_refs,
         k_per_patch=args.k_per_patch,
+        max_per_page=args.max_per_page,
     )
     record = run_pipeline(
         input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus
@@ -75,4 +106,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    sys.exit(run_job(main, prog=PROG))

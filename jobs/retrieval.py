@@ -9,49 +9,96 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_arguments, exit_status, parse_size, start_ray
+from jobs.common import JobArgumentParser, add_ray_arguments, parse_size, positive_int, run_job, start_ray
 from pipelines.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.pools import NearDuplicateRule
-from pipelines.retrieval import run_retrieval
+from pipelines.preconditions import check_encoder, require_stage
+from pipelines.retrieval import RetrievalParams, run_retrieval
 from pipelines.retrieval_eval import character_hit_rate
 
+PROG = "python -m jobs.retrieval"
+ENCODER_HELP = (
+    f"patch encoder: 'open_clip:<model or config.json>:<pretrained tag or checkpoint file>' or {WEIGHT_FREE!r} "
+    f"(offline, no weights). Default {DEFAULT_ENCODER}, the paper's CLIP ViT-H/14: it needs its weights (about "
+    "4 GB) in the Hugging Face cache, downloaded on first use, or give a local checkpoint file as "
+    "open_clip:ViT-H-14:/path/to/open_clip_pytorch_model.bin"
+)
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.retrieval", description=__doc__)
+
+def add_retrieval_arguments(parser: argparse.ArgumentParser, group_title: str | None = None) -> None:
+    """The retrieval settings (shared with jobs.pipeline)."""
+    group = parser.add_argument_group(group_title) if group_title else parser
+    group.add_argument("--encoder", default=DEFAULT_ENCODER, help=ENCODER_HELP)
+    group.add_argument("--refs", type=positive_int, default=20, help="reference pages in a frame's pool")
+    group.add_argument(
+        "--min-refs", type=positive_int, default=10, help="smallest pool accepted; a frame with fewer is excluded"
+    )
+    group.add_argument("--k-per-patch", type=positive_int, default=3, help="retrieved patches per query patch")
+    group.add_argument(
+        "--max-per-page",
+        type=positive_int,
+        default=None,
+        help="diversity cap (beyond the paper): at most N of a frame's 4 x k patches from one reference page "
+        "(default: off, the paper's independent top-k per query patch)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by the ingestion job (OUT)")
-    parser.add_argument(
-        "--encoder",
-        default=DEFAULT_ENCODER,
-        help=f"'open_clip:<model or config.json>:<pretrained tag or checkpoint>' or {WEIGHT_FREE!r} "
-        f"(default {DEFAULT_ENCODER})",
-    )
-    parser.add_argument("--refs", type=int, default=20, help="reference pages per frame's pool (default 20)")
-    parser.add_argument(
-        "--min-refs", type=int, default=10, help="smallest pool accepted; smaller: the frame is excluded (default 10)"
-    )
-    parser.add_argument("--k-per-patch", type=int, default=3, help="retrieved patches per query patch (default 3)")
+    add_retrieval_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes every pool")
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="frame size WxH (default 512x800)")
     parser.add_argument("--rebuild", action="store_true", help="re-embed and re-search everything")
-    parser.add_argument("--batch-size", type=int, default=None, help="encoder batch (default 64 on GPU, 32 on CPU)")
-    parser.add_argument("--encoder-actors", type=int, default=None, help="encoder actors (default: one per GPU)")
-    parser.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads per search task")
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=None, help="encoder batch (default: 64 on GPU, 32 on CPU)"
+    )
+    parser.add_argument(
+        "--encoder-actors", type=positive_int, default=None, help="encoder actors (default: one per GPU, else one)"
+    )
+    parser.add_argument("--faiss-threads", type=positive_int, default=1, help="FAISS OpenMP threads per search task")
     rule = NearDuplicateRule()
     dup = parser.add_argument_group("near-duplicates (never in a frame's pool)")
-    dup.add_argument("--dup-hash-distance", type=float, default=rule.max_hash_distance)
-    dup.add_argument("--dup-loose-hash-distance", type=float, default=rule.loose_hash_distance)
-    dup.add_argument("--dup-min-cosine", type=float, default=rule.min_cosine)
+    dup.add_argument(
+        "--dup-hash-distance",
+        type=float,
+        default=rule.max_hash_distance,
+        help="edge-hash distance at or below which two pages are duplicates",
+    )
+    dup.add_argument(
+        "--dup-loose-hash-distance",
+        type=float,
+        default=rule.loose_hash_distance,
+        help="looser edge-hash distance that marks duplicates when the cosine also exceeds --dup-min-cosine",
+    )
+    dup.add_argument(
+        "--dup-min-cosine",
+        type=float,
+        default=rule.min_cosine,
+        help="whole-page cosine that, with the loose hash distance, marks duplicates",
+    )
     parser.add_argument(
         "--eval-labels",
         default=None,
-        help="sample-corpus labels JSONL: also print how often the top-1 patch shows a character of its query",
+        help="sample-corpus labels JSONL: also print how often the top-1 patch shows a character of its query "
+        "(default: not measured)",
     )
     add_ray_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    width, height = args.size
+    RetrievalParams(
+        args.refs, args.min_refs, args.k_per_patch, args.seed, width, height, max_per_page=args.max_per_page
+    )
+    check_encoder(args.encoder)
+    require_stage(args.data, "ingest", needed_by="retrieval")
     start_ray(args)
     summary = run_retrieval(
         args.data,
@@ -67,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
         encoder_actors=args.encoder_actors,
         faiss_threads=args.faiss_threads,
         rule=NearDuplicateRule(args.dup_hash_distance, args.dup_loose_hash_distance, args.dup_min_cosine),
+        max_per_page=args.max_per_page,
         local=args.local,
     )
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -78,4 +126,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    sys.exit(run_job(main, prog=PROG))

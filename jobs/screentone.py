@@ -6,22 +6,39 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_common_arguments, add_ray_arguments, exit_status, start_ray
+from jobs.common import (
+    JobArgumentParser,
+    add_common_arguments,
+    add_ray_arguments,
+    positive_int,
+    run_job,
+    start_ray,
+)
+from pipelines.geometry import CompositeLayout
+from pipelines.preconditions import require_stage
 from pipelines.screentone_job import ScreentoneOptions, run_screentone
 
+PROG = "python -m jobs.screentone"
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.screentone", description=__doc__)
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by jobs.ingest (OUT)")
     add_common_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
-    parser.add_argument("--chapters-per-task", type=int, default=1)
+    parser.add_argument("--chapters-per-task", type=positive_int, default=1, help="chapters rendered per Ray task")
     add_ray_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    CompositeLayout(*args.size)  # a size the composite cannot use is refused before any work
+    require_stage(args.data, "ingest", needed_by="screentone")
     start_ray(args)
     options = ScreentoneOptions(
         renderer=args.renderer,
@@ -37,4 +54,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    sys.exit(run_job(main, prog=PROG))

@@ -7,8 +7,20 @@ import json
 import re
 import sys
 
-from jobs.common import add_common_arguments, add_ray_arguments, exit_status, parse_size, start_ray
+from jobs.common import (
+    JobArgumentParser,
+    add_common_arguments,
+    add_ray_arguments,
+    parse_size,
+    positive_int,
+    run_job,
+    start_ray,
+)
+from pipelines.geometry import CompositeLayout
+from pipelines.preconditions import require_stage
 from pipelines.shard_job import ShardJobOptions, run_shards
+
+PROG = "python -m jobs.shards"
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -31,18 +43,29 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     samples.add_argument("--jpeg-quality", type=int, default=95, help="JPEG quality of the colour members")
     shards = parser.add_argument_group("shards")
     shards.add_argument("--shard-size", type=parse_bytes, default=10**9, help="target bytes per tar (default 1GB)")
-    shards.add_argument("--max-samples", type=int, default=None, help="cap on samples per tar")
-    shards.add_argument("--estimate-frames", type=int, default=8, help="frames built to measure bytes per sample")
+    shards.add_argument(
+        "--max-samples", type=positive_int, default=None, help="cap on samples per tar (default: only --shard-size)"
+    )
+    shards.add_argument(
+        "--estimate-frames", type=positive_int, default=8, help="frames built to measure bytes per sample"
+    )
     splits = parser.add_argument_group("splits and benchmark")
     splits.add_argument("--val-fraction", type=float, default=0.05, help="share of non-benchmark series in val")
     splits.add_argument("--bench-chapters", type=int, default=30, help="benchmark chapters (0: no benchmark)")
     splits.add_argument("--bench-refs", type=int, default=40, help="colour reference pages per benchmark chapter")
     splits.add_argument("--bench-bw", type=int, default=50, help="black-and-white pages per benchmark chapter")
-    splits.add_argument("--bench-size", type=parse_size, default=None, help="benchmark page size (default: GSRP)")
+    splits.add_argument(
+        "--bench-size",
+        type=parse_size,
+        default=None,
+        help="benchmark page size WxH (default: the GSRP size, --size x --hires-scale)",
+    )
     splits.add_argument(
         "--bench-max-series-fraction", type=float, default=0.1, help="cap on the share of series held out"
     )
-    splits.add_argument("--bench-series", nargs="+", default=None, help="hold out exactly these series")
+    splits.add_argument(
+        "--bench-series", nargs="+", default=None, help="hold out exactly these series (default: a seeded choice)"
+    )
     leakage = parser.add_argument_group("leakage check")
     leakage.add_argument("--leakage-threshold", type=float, default=0.95, help="cosine of a duplicate candidate")
     leakage.add_argument("--no-leakage-confirm", action="store_true", help="skip the edge-hash confirmation")
@@ -78,18 +101,25 @@ def shard_options(args: argparse.Namespace) -> ShardJobOptions:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.shards", description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder of the earlier stages (OUT)")
     add_common_arguments(parser)
     add_shard_arguments(parser)
     parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
     add_ray_arguments(parser)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    CompositeLayout(*args.size)  # a size the composite cannot use is refused before any work
+    for stage in ("ingest", "retrieval", "screentone"):
+        require_stage(args.data, stage, needed_by="shards")
     start_ray(args)
     summary = run_shards(args.data, shard_options(args), local=args.local, rebuild=args.rebuild)
     print(json.dumps(summary, indent=2, sort_keys=True))
@@ -97,4 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(exit_status(main()))
+    sys.exit(run_job(main, prog=PROG))

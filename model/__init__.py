@@ -1,1 +1,7 @@
-"""ColorFlow models (Colorization Guider, GSRP fusion net): one model per file, diffusers-style ConfigMixin."""
+"""ColorFlow models, one architecture per file, diffusers-style (`ModelMixin` + `ConfigMixin`, stock blocks).
+
+ICP: `colorguider` (the Colorization Guider), `guided_unet` (residual injection into the stock SD1.5 UNet),
+`lora` (the UNet LoRA), `timesteps` (eq. 5 sampler), `pipeline_icp` (sampling), `icp_weights` (exports and the
+released `GraySD/` layout), `tiny` (a tiny random SD1.5-shaped folder for tests and the demo). GSRP: `gsrp_*`.
+Importing the package is cheap: each module imports diffusers itself.
+"""

@@ -7,15 +7,21 @@ makes the same shape from the corpus: chapters are chosen (seeded) among the kep
 each, a seeded draw picks `refs` reference pages and `bw` pages to turn black and white. Counts are options, so
 small corpora get a smaller benchmark; a shortfall (fewer eligible chapters than asked) is reported, not hidden.
 
-Folder layout (``OUT/benchmark/``)::
+Folder layout (``OUT/benchmark/``, format version 2)::
 
-    benchmark.json                     config, renderer, chapters, counts, code version: written last
-    <chapter_id>/index.json            the chapter's pages: refs, and per B&W page its three files
+    benchmark.json                     config, styles, chapters, counts, code version: written last
+    <chapter_id>/index.json            the chapter's pages: refs, and per B&W page its ground truth and inputs
     <chapter_id>/refs/<page_id>.<ext>  colour reference pages as stored (original size, page-store bytes)
     <chapter_id>/gt/<page_id>.jpg      colour ground truth fitted to the benchmark size (JPEG q95, 4:4:4)
-    <chapter_id>/bw_grey/<page_id>.png      its greyscale (ITU-R 601 luma), lossless
-    <chapter_id>/bw_screenstyle/<page_id>.png  its screentone rendered at the benchmark size, lossless
+    <chapter_id>/bw_grey/<page_id>.png       its greyscale (ITU-R 601 luma), lossless
+    <chapter_id>/bw_<style>/<page_id>.png    its screentone at the benchmark size, lossless; <style> names the
+                                             renderer (``halftone`` or ``screenstyle``, the prefix of its id)
     <chapter_id>.done.json             the chapter's completion marker
+
+B&W folders are named for what rendered them, and ``index.json`` lists each style with its folder and renderer
+id (``"styles"``) and each B&W page's input per style (``"inputs"``), so readers take style names from the
+index (`read_chapter_index`) and halftone pages are never scored as "screenstyle". Readers refuse another
+format version with a clear error instead of guessing.
 
 The benchmark size defaults to the GSRP output size (1.5x the training size, 768 x 1200): the B&W pages are what
 the pipeline colours and the ground truth is aligned pixel for pixel, so PSNR/SSIM need no resampling.
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -47,17 +54,68 @@ from pipelines.pagestore import decode_page, encode_page
 from pipelines.schemas import PAGE_STORE, STATUS_OK
 from pipelines.seeding import derive_seed
 from pipelines.splits import hash_order
-from pipelines.storage import TMP_TAG, atomic_write_json, marker_path, read_json, read_parquet, write_marker
+from pipelines.storage import (
+    TMP_TAG,
+    atomic_write_json,
+    marker_path,
+    publish_tree,
+    read_json,
+    read_parquet,
+    write_marker,
+)
 
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-BENCHMARK_FORMAT_VERSION = 1
+BENCHMARK_FORMAT_VERSION = 2
+GREY_STYLE = "grey"
 FOLDER_LAYOUT = {
     "index": "<chapter_id>/index.json",
     "refs": "<chapter_id>/refs/<page_id>.<ext> (colour, as stored)",
     "gt": "<chapter_id>/gt/<page_id>.jpg (colour ground truth at the benchmark size)",
     "bw_grey": "<chapter_id>/bw_grey/<page_id>.png (greyscale input)",
-    "bw_screenstyle": "<chapter_id>/bw_screenstyle/<page_id>.png (screentone input)",
+    "bw_<style>": "<chapter_id>/bw_<style>/<page_id>.png (screentone input; <style> = renderer id prefix)",
 }
+
+
+def style_of(renderer_id: str) -> str:
+    """The style name of a screentone renderer: the prefix of its id (``halftone``, ``screenstyle``)."""
+    style = renderer_id.split("-", 1)[0]
+    if not style or style == GREY_STYLE:
+        raise ValueError(f"renderer id {renderer_id!r} does not name a screentone style")
+    return style
+
+
+def benchmark_styles(renderer_id: str) -> dict[str, dict[str, str]]:
+    """style -> {folder, renderer_id}: greyscale plus the screentone style of `renderer_id`."""
+    return {
+        GREY_STYLE: {"folder": f"bw_{GREY_STYLE}", "renderer_id": GREY_STYLE},
+        style_of(renderer_id): {"folder": f"bw_{style_of(renderer_id)}", "renderer_id": renderer_id},
+    }
+
+
+def _check_format(document: dict[str, Any], path: Path) -> dict[str, Any]:
+    version = document.get("format_version") if isinstance(document, dict) else None
+    if version != BENCHMARK_FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: benchmark format_version {version!r}, this code reads version {BENCHMARK_FORMAT_VERSION}; "
+            "rebuild the benchmark with `python -m jobs.shards --data OUT`"
+        )
+    return document
+
+
+def read_benchmark(root: str | os.PathLike) -> dict[str, Any]:
+    """``benchmark.json`` of a benchmark folder; ValueError on another format version, FileNotFoundError if absent."""
+    path = Path(root) / "benchmark.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no benchmark.json; the benchmark folder is incomplete or not one")
+    return _check_format(read_json(path), path)
+
+
+def read_chapter_index(root: str | os.PathLike, chapter_id: str) -> dict[str, Any]:
+    """``<chapter_id>/index.json`` of a benchmark folder, checked like `read_benchmark`."""
+    path = Path(root) / chapter_id / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no index.json for chapter {chapter_id!r} in the benchmark folder")
+    return _check_format(read_json(path), path)
 
 
 def page_seed(seed: int, page_id: str) -> int:
@@ -220,9 +278,11 @@ def write_chapter(task: ChapterTask) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"chapter {chapter.chapter_id}: pages {missing[:5]} are not in its page store")
     renderer = renderer_for(config.renderer)
+    styles = benchmark_styles(renderer.id)
+    tone_style = style_of(renderer.id)
     final = layout.benchmark / chapter.chapter_id
     tmp = final.with_name(f"{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
-    for sub in ("refs", "gt", "bw_grey", "bw_screenstyle"):
+    for sub in ("refs", "gt", *(s["folder"] for s in styles.values())):
         (tmp / sub).mkdir(parents=True)
     refs = []
     for page_id, page_index in chapter.refs:
@@ -233,28 +293,26 @@ def write_chapter(task: ChapterTask) -> dict[str, Any]:
     for page_id, page_index in chapter.bw:
         colour = fit_image(decode_page(rows[page_id]["image"]), config.width, config.height)
         tone = renderer.render(np.asarray(colour), page_seed(config.seed, page_id))
-        files = {
-            "gt": f"gt/{page_id}.jpg",
-            "grey": f"bw_grey/{page_id}.png",
-            "screenstyle": f"bw_screenstyle/{page_id}.png",
-        }
-        (tmp / files["gt"]).write_bytes(encode_page(colour, "jpeg", config.jpeg_quality))
-        (tmp / files["grey"]).write_bytes(encode_page(colour.convert("L"), "png"))
-        (tmp / files["screenstyle"]).write_bytes(encode_page(Image.fromarray(tone, mode="L"), "png"))
-        bw.append({"page_id": page_id, "page_index": page_index, **files})
+        gt = f"gt/{page_id}.jpg"
+        inputs = {style: f"{entry['folder']}/{page_id}.png" for style, entry in styles.items()}
+        (tmp / gt).write_bytes(encode_page(colour, "jpeg", config.jpeg_quality))
+        (tmp / inputs[GREY_STYLE]).write_bytes(encode_page(colour.convert("L"), "png"))
+        (tmp / inputs[tone_style]).write_bytes(encode_page(Image.fromarray(tone, mode="L"), "png"))
+        bw.append({"page_id": page_id, "page_index": page_index, "gt": gt, "inputs": inputs})
     index = {
+        "format_version": BENCHMARK_FORMAT_VERSION,
         "chapter_id": chapter.chapter_id,
         "series": chapter.series,
         "chapter": chapter.chapter,
         "size": [config.width, config.height],
-        "renderer_id": renderer.id,
+        "styles": styles,
         "refs": refs,
         "bw": bw,
     }
     (tmp / "index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     if final.exists():
         shutil.rmtree(final)
-    tmp.rename(final)
+    publish_tree(tmp, final)
     write_marker(final, {"fingerprint": task.fingerprint, "refs": len(refs), "bw": len(bw)})
     return {"refs": len(refs), "bw": len(bw)}
 
@@ -319,7 +377,9 @@ def write_benchmark(
                 "fingerprint": fingerprint,
                 "format_version": BENCHMARK_FORMAT_VERSION,
                 "config": asdict(plan.config),
+                "size": [plan.config.width, plan.config.height],
                 "renderer_id": plan.renderer_id,
+                "styles": benchmark_styles(plan.renderer_id),
                 "layout": FOLDER_LAYOUT,
                 "chapters": [
                     {

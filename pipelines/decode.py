@@ -9,6 +9,7 @@ colour classifier, and `decode_upright` decodes at full quality, only for pages 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -64,7 +65,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, ImageIn
             f"{name}: not an image: no decoder recognises its {len(data)} bytes (starts with {data[:16]!r})"
         ) from None
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"{name}: decompression bomb refused: {exc}") from None
+        raise DecodeError(_bomb_message(name, exc, max_pixels)) from None
     except Exception as exc:  # noqa: BLE001 - a malformed header is this page's error
         raise DecodeError(f"{name}: corrupt image header: {type(exc).__name__}: {exc}") from None
     width, height = image.size
@@ -81,6 +82,13 @@ def _open(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, ImageIn
     return image, ImageInfo(image.format or "unknown", image.mode, width, height, orientation)
 
 
+def _bomb_message(name: str, exc: Image.DecompressionBombError, max_pixels: int) -> str:
+    """Pillow refused the image before our own check: report it against the configured limit, not Pillow's."""
+    match = re.search(r"\((\d+) pixels\)", str(exc))
+    declared = f"{int(match.group(1))} pixels" if match else "more pixels than Pillow opens"
+    return f"{name}: decompression bomb refused: the image declares {declared}, above the limit of {max_pixels}"
+
+
 def _orientation(image: Image.Image) -> int:
     try:
         value = int(image.getexif().get(ORIENTATION_TAG, 1))
@@ -89,13 +97,13 @@ def _orientation(image: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
-def _load(image: Image.Image, name: str) -> None:
+def _load(image: Image.Image, name: str, max_pixels: int) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image.load()
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"{name}: decompression bomb refused: {exc}") from None
+        raise DecodeError(_bomb_message(name, exc, max_pixels)) from None
     except OSError as exc:
         text = str(exc)
         cause = "truncated file" if "truncated" in text else "corrupt image data"
@@ -150,7 +158,7 @@ def decode_for_analysis(
         scale = _dct_scale(max(image.size), side)
         if scale > 1:
             image.draft(None, (max(1, image.width // scale), max(1, image.height // scale)))
-    _load(image, name)
+    _load(image, name, max_pixels)
     factor = round(max(image.size) / side)
     if factor >= 2 and image.mode in _REDUCIBLE_MODES:
         image = image.reduce(factor)  # in the stored mode: converting 1/factor^2 of the pixels is cheaper
@@ -188,7 +196,7 @@ def decode_upright(
     if longest_side and image.format == "JPEG" and max(stored_w, stored_h) >= 2 * longest_side:
         factor = max(stored_w, stored_h) / longest_side
         image.draft(None, (max(1, int(stored_w / factor)), max(1, int(stored_h / factor))))
-    _load(image, name)
+    _load(image, name, max_pixels)
     rgb = to_rgb(image)
     rgb = upright(rgb, info.orientation)
     if longest_side and max(rgb.size) > longest_side:

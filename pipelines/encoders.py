@@ -95,6 +95,71 @@ def resolve_encoder(spec: str) -> EncoderInfo:
     )
 
 
+class EncoderWeightsMissing(FileNotFoundError):
+    """The encoder's weights are neither a local file nor in the download cache, and cannot be downloaded."""
+
+
+def _cached_open_clip_weights(model_name: str, tag: str) -> str | None:
+    """Where open_clip would find a pretrained tag's weights without a download (hub cache, URL cache), or None."""
+    import os
+
+    import open_clip
+    from open_clip import pretrained
+
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    if cfg.get("file"):
+        return cfg["file"] if Path(cfg["file"]).is_file() else None
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        model_id, filename = os.path.split(cfg["hf_hub"])
+        filename = filename or pretrained.HF_WEIGHTS_NAME
+        for candidate in (*pretrained._get_safe_alternatives(filename), filename):
+            found = try_to_load_from_cache(model_id, candidate)
+            if isinstance(found, str):
+                return found
+        return None
+    if cfg.get("url"):
+        target = Path("~/.cache/clip").expanduser() / os.path.basename(cfg["url"])
+        return str(target) if target.is_file() else None
+    return None
+
+
+def ensure_encoder_weights(info: EncoderInfo) -> str | None:
+    """Make sure the encoder's weights are on this machine before any worker starts; returns their path.
+
+    A local checkpoint was checked by `resolve_encoder`. A pretrained tag is looked up in the Hugging Face hub
+    cache (and open_clip's URL cache); if absent it is downloaded once here, in the driver, so actors never race
+    to download. Offline (``HF_HUB_OFFLINE=1``) or when the download fails, raises `EncoderWeightsMissing` with one
+    line naming the alternatives: a local checkpoint file or the weight-free encoder.
+    """
+    if info.kind != "open_clip" or not str(info.fingerprint.get("weights", "")).startswith("tag:"):
+        return None
+    model_name, tag = info.load_args["model_name"], info.load_args["pretrained"]
+    found = _cached_open_clip_weights(model_name, tag)
+    if found:
+        return found
+    remedy = (
+        f"download them once with network access, pass a local checkpoint as --encoder "
+        f"open_clip:{model_name}:/path/to/open_clip_pytorch_model.bin, or use --encoder {WEIGHT_FREE} (no weights)"
+    )
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise EncoderWeightsMissing(
+            f"encoder {info.spec}: its weights are not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE is set: {remedy}"
+        )
+    import open_clip
+    from open_clip import pretrained
+
+    try:
+        return pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, tag))
+    except Exception as exc:  # noqa: BLE001 - any download failure has the same remedy
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise EncoderWeightsMissing(f"encoder {info.spec}: cannot download its weights ({cause}): {remedy}") from exc
+
+
 def load_encoder(info: EncoderInfo, device: str = "cpu") -> Encoder:
     """Load the model half of an encoder on `device` (fp16 on CUDA)."""
     if info.kind == WEIGHT_FREE:
@@ -173,9 +238,10 @@ def _resolve_open_clip(spec: str) -> EncoderInfo:
         checkpoint = Path(weights).expanduser().absolute()
         if not checkpoint.is_file():
             tags = open_clip.list_pretrained_tags_by_model(model_name)
+            known = ", ".join(tags[:4]) + (f" and {len(tags) - 4} more" if len(tags) > 4 else "")
             raise FileNotFoundError(
                 f"encoder spec {spec!r}: {weights!r} is neither a pretrained tag of {model_name} "
-                f"(known: {tags}) nor an existing checkpoint file"
+                f"(known: {known or 'none'}) nor an existing checkpoint file"
             )
         fingerprint["weights"] = f"sha256:{sha256_file(checkpoint)}"
         weights = str(checkpoint)
@@ -221,6 +287,14 @@ def _open_clip_geometric_transform(preprocessing: dict[str, Any]):
     return apply
 
 
+def encoder_dtype(device: Any) -> Any:
+    """The tower's dtype on a device: fp16 on CUDA (half the memory, tensor cores), float32 elsewhere (CPUs have
+    no fast fp16 matmul and fp16 on CPU loses accuracy for nothing)."""
+    import torch
+
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 class OpenClipEncoder(Encoder):
     """The image tower of an open_clip model, loaded through `create_model_and_transforms` like real weights."""
 
@@ -241,7 +315,7 @@ class OpenClipEncoder(Encoder):
             )
         normalise = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
         self.device = torch.device(device)
-        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = encoder_dtype(self.device)
         self.visual = model.visual.to(self.device, dtype=self.dtype).eval()
         del model  # the text tower is never used
         self.mean = torch.tensor(normalise.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)

@@ -38,6 +38,7 @@ from pipelines.decode import (
 from pipelines.distributor import RunReport, Unit, run_units
 from pipelines.layout import DataLayout
 from pipelines.pagestore import ENCODINGS, encode_page, write_chapter_pages
+from pipelines.preconditions import PreconditionError, check_input_root, check_output_creatable, created_folder
 from pipelines.schemas import CHAPTERS, COLOR_FEATURE_FIELDS, PAGES, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.sources import (
     DEFAULT_MAX_FILE_BYTES,
@@ -47,6 +48,7 @@ from pipelines.sources import (
     PageEntry,
     PageReadError,
     chapter_signature,
+    layout_problem,
     list_chapters,
     manifest_table,
 )
@@ -386,19 +388,40 @@ def run_ingest(
     """
     options = options or IngestOptions()
     started = time.perf_counter()
-    input_uri = os.fspath(input_root)
-    if "://" not in input_uri:  # workers run elsewhere (another cwd, another node): hand them absolute paths
-        input_uri = os.path.abspath(input_uri)
-    output = os.path.abspath(os.fspath(output))
-    layout = DataLayout.at(output)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
-    _sweep_tmp(layout)
-
+    # preconditions, before any folder is created or Ray starts; workers get absolute paths (another cwd or node)
+    input_uri = check_input_root(input_root)
+    output = str(check_output_creatable(output))
     root = InputRoot(input_uri)
     chapters = list_chapters(root)
+    if not chapters:
+        raise PreconditionError(f"--input {input_root}: {layout_problem(root)}")
     if limit is not None:
         chapters = chapters[: max(0, limit)]
+    run = {"chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
+    run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
+    with created_folder(output):
+        return _run_ingest(root, input_uri, output, chapters, options, **run)
+
+
+def _run_ingest(
+    root: InputRoot,
+    input_uri: str,
+    output: str,
+    chapters: list[ChapterEntry],
+    options: IngestOptions,
+    *,
+    chapters_per_task: int,
+    local: bool,
+    ray_address: str | None,
+    num_cpus: int | None,
+    task_memory: int | None,
+    max_retries: int,
+    verbose: bool,
+    started: float,
+) -> dict[str, Any]:
+    layout = DataLayout.at(output)
+    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
+    _sweep_tmp(layout)
     write_parquet(manifest_table(chapters), layout.manifest)
     tasks = [ChapterTask(input_uri, output, c, options, chapter_signature(root, c)) for c in chapters]
     listed = time.perf_counter()

@@ -14,8 +14,17 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines.encoders import DEFAULT_ENCODER
+from pipelines.geometry import CompositeLayout
 from pipelines.ingest import DEFAULT_MIN_COLOR_PAGES
 from pipelines.layout import DataLayout
+from pipelines.preconditions import (
+    check_chapters,
+    check_encoder,
+    check_input_root,
+    check_output_creatable,
+    created_folder,
+)
+from pipelines.retrieval import RetrievalParams
 from pipelines.shard_job import ShardJobOptions, run_shards
 from pipelines.sources import input_signature
 from pipelines.storage import atomic_write_json, read_json, stable_hash
@@ -42,6 +51,7 @@ class PipelineOptions:
     refs: int = 20
     min_refs: int = 10
     k_per_patch: int = 3
+    max_per_page: int | None = None  # retrieval diversity cap (beyond the paper); None: independent top-k
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         shards = self.shards
@@ -52,6 +62,7 @@ class PipelineOptions:
                 "refs": self.refs,
                 "min_refs": self.min_refs,
                 "k_per_patch": self.k_per_patch,
+                **({"max_per_page": self.max_per_page} if self.max_per_page is not None else {}),
                 "size": list(shards.size),
                 "seed": shards.seed,
             },
@@ -88,6 +99,7 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
             refs=options.refs,
             min_refs=options.min_refs,
             k_per_patch=options.k_per_patch,
+            max_per_page=options.max_per_page,
             seed=shards.seed,
             width=width,
             height=height,
@@ -119,10 +131,31 @@ def run_pipeline(
     ray_address: str | None = None,
     num_cpus: int | None = None,
 ) -> dict[str, Any]:
-    """Run every stage that is not current; returns the per-stage summaries and what was skipped."""
-    input_root = os.fspath(input_root)
-    layout = DataLayout.at(output)
-    layout.root.mkdir(parents=True, exist_ok=True)
+    """Run every stage that is not current; returns the per-stage summaries and what was skipped.
+
+    Preconditions (input root and its layout, output folder, encoder weights) are checked before Ray starts or
+    any folder is created; a failed first run removes the output folder it created if it is still empty.
+    """
+    input_root = check_input_root(input_root)
+    check_chapters(input_root)
+    output = check_output_creatable(output)
+    width, height = options.shards.size
+    CompositeLayout(width, height)  # the training size must suit the composite: refused before any work
+    retrieval = {"k_per_patch": options.k_per_patch, "max_per_page": options.max_per_page}
+    RetrievalParams(options.refs, options.min_refs, width=width, height=height, **retrieval)  # validates early
+    check_encoder(options.encoder)
+    with created_folder(output):
+        return _run_pipeline(input_root, DataLayout.at(output), options, local, ray_address, num_cpus)
+
+
+def _run_pipeline(
+    input_root: str,
+    layout: DataLayout,
+    options: PipelineOptions,
+    local: bool,
+    ray_address: str | None,
+    num_cpus: int | None,
+) -> dict[str, Any]:
     if not local:
         from pipelines.runtime import init_ray
 
@@ -182,10 +215,17 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
         )
     if stage == "retrieval":
         e = summary["embeddings"]
+        distinct = summary.get("distinct_ref_pages_per_frame", {})
+        pages = (
+            f"; distinct reference pages per frame min {distinct['min']} / median {distinct['median']} / max "
+            f"{distinct['max']}"
+            if distinct.get("frames")
+            else ""
+        )
         return (
             f"{summary['frames_ok']} frames with retrievals ({summary['frames_short']} short pools, "
             f"{summary['frames_excluded']} excluded, {summary['frames_error']} error); pages embedded "
-            f"{e['pages_embedded']}, reused {e['pages_reused']}"
+            f"{e['pages_embedded']}, reused {e['pages_reused']}{pages}"
         )
     if stage == "screentone":
         return f"{summary['frames_rendered']} frames rendered, {summary['chapters_reused']} chapters reused"

@@ -74,13 +74,17 @@ def write_report(
     retrieval_frames: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Contact sheets + counts under `report_dir`; with sample-corpus labels, the retrieval character hit rate."""
+    """Contact sheets + counts under `report_dir`: how diverse the retrievals are (distinct reference pages per
+    frame, and the cap used), and with sample-corpus labels the retrieval character hit rate."""
     from pipelines.retrieval_eval import character_hit_rate, write_contact_sheets
 
     layout = DataLayout.at(data)
     folder = Path(report_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    retrieval = read_json(layout.summary("retrieval"))
     report: dict[str, Any] = {
+        "retrieval_cap": {"max_per_page": retrieval["params"].get("max_per_page")},
+        "distinct_ref_pages_per_frame": retrieval.get("distinct_ref_pages_per_frame"),
         "retrieval_sheets": [
             str(p)
             for p in write_contact_sheets(data, random_frames=retrieval_frames, seed=seed, out_dir=folder / "retrieval")

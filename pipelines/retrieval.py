@@ -11,9 +11,11 @@ candidates are the other frames of its chapter. Two stages, both resumable chapt
    A rerun embeds only pages it has not embedded yet (new or changed bytes); a new encoder or page size gets its
    own folder beside the old ones.
 2. Search. Per chapter: pools (`pipelines.pools`), then each frame's query patches are searched among its
-   pool's reference patches with FAISS (`pipelines.search`), top `k_per_patch` per query patch. Outputs go to a
-   run folder named by a hash of (encoder id, refs, min_refs, k, seed, near-duplicate rule), so a change of k,
-   pool size or seed re-searches from the stored vectors with zero encoder calls.
+   pool's reference patches with FAISS (`pipelines.search`), top `k_per_patch` per query patch (the paper's
+   independent top-k; `max_per_page` optionally caps the patches one reference page gives a frame). Outputs go
+   to a run folder named by a hash of (encoder id, refs, min_refs, k, cap, seed, near-duplicate rule), so a
+   change of k, cap, pool size or seed re-searches from the stored vectors with zero encoder calls. The summary
+   reports how many distinct reference pages each frame's patches come from.
 
 Then the current chapters' parts are streamed into `pools.parquet` and `retrievals.parquet`, and
 `retrieval.summary.json` (what was embedded, reused and re-searched) is written last. No process holds all
@@ -113,8 +115,15 @@ class RetrievalParams:
     width: int = 512
     height: int = 800
     rule: NearDuplicateRule = field(default_factory=NearDuplicateRule)
+    max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
 
     def __post_init__(self) -> None:
+        if self.max_per_page is not None and self.max_per_page * self.min_refs < QUERY_PATCHES * self.k_per_patch:
+            raise ValueError(
+                f"max_per_page={self.max_per_page} cannot fill a frame: {QUERY_PATCHES} query patches x k_per_patch="
+                f"{self.k_per_patch} need at least {-(-QUERY_PATCHES * self.k_per_patch // self.min_refs)} patches "
+                f"per page from a pool of min_refs={self.min_refs} pages"
+            )
         if not 1 <= self.min_refs <= self.refs:
             raise ValueError(f"need 1 <= min_refs <= refs, got min_refs={self.min_refs}, refs={self.refs}")
         if not 1 <= self.k_per_patch <= min(127, REF_PATCHES * self.min_refs):
@@ -135,6 +144,8 @@ class RetrievalParams:
             "rule": self.rule.as_dict(),
             "search_version": SEARCH_VERSION,
         }
+        if self.max_per_page is not None:  # absent when off, so uncapped run folders keep their ids
+            key["max_per_page"] = self.max_per_page
         return stable_hash(key, 12)
 
 
@@ -429,11 +440,21 @@ def embed_patches(encoder: Encoder, patches: np.ndarray, batch_size: int) -> tup
     return np.concatenate(out), len(out)
 
 
+def _assigned_gpus() -> list[str]:
+    """The GPU ids Ray assigned to this process (empty outside a Ray worker or without GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
 class EncoderWorker:
     """Holds one loaded encoder; as a Ray actor it owns a GPU (fp16) or one CPU, and writes what it embeds."""
 
     def __init__(self, info: EncoderInfo, batch_size: int, threads: int = 1) -> None:
         self.device = "cpu"
+        self.gpu_ids = _assigned_gpus()
         if info.kind != WEIGHT_FREE:  # torch is only needed (and only imported) for model encoders
             import torch
 
@@ -441,11 +462,20 @@ class EncoderWorker:
 
             torch.set_num_threads(max(1, threads))
             self.device = torch_device()
+            if self.gpu_ids and self.device == "cpu":
+                log.warning("Ray assigned GPU %s but torch sees no CUDA device: the encoder runs on CPU", self.gpu_ids)
         self.encoder = load_encoder(info, self.device)
         self.batch_size = batch_size
 
-    def ready(self) -> str:
-        return self.device
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs: device, dtype, batch size and the GPUs Ray assigned it."""
+        dtype = getattr(self.encoder, "dtype", "float32")
+        return {
+            "device": str(self.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "gpu_ids": self.gpu_ids,
+        }
 
     def embed_and_write(self, job: EmbedJob, prepared: PreparedChapter, patches: np.ndarray) -> dict[str, Any]:
         vectors, batches = embed_patches(self.encoder, patches, self.batch_size)
@@ -475,7 +505,10 @@ def inflight_limit(n_actors: int, cpus: int, chapter_bytes: int, budget: int) ->
     return max(floor, min(cpus + 2 * n_actors, budget // chapter_bytes))
 
 
-def _embed_locally(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions) -> list[dict[str, Any]]:
+def _embed_locally(
+    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-chapter results, the encoder worker's `ready` record if one was loaded), in this process."""
     worker: EncoderWorker | None = None
     results = []
     for job in jobs:
@@ -488,7 +521,7 @@ def _embed_locally(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOpti
             results.append(worker.embed_and_write(job, prepared, patches))
         except Exception as exc:  # noqa: BLE001 - a chapter's failure is recorded, the others go on
             results.append(_chapter_error(job.chapter_id, "embedding", exc))
-    return results
+    return results, [worker.ready()] if worker else []
 
 
 def _chapter_error(chapter_id: str, stage: str, exc: BaseException) -> dict[str, Any]:
@@ -499,11 +532,15 @@ def _chapter_error(chapter_id: str, stage: str, exc: BaseException) -> dict[str,
     }
 
 
-def _embed_on_ray(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions) -> list[dict[str, Any]]:
+def _embed_on_ray(
+    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """CPU tasks decode and crop chapters; encoder actors embed and write them. Bounded work in flight.
 
-    Actors start only when a chapter needs the encoder, so a run with nothing new loads no model. A model that
-    cannot load fails the job at once (every chapter would fail the same way).
+    With GPUs in the cluster each actor reserves one GPU and the batch defaults to 64 (fp16 on CUDA); an actor
+    whose GPU torch cannot use falls back to CPU. Actors start only when a chapter needs the encoder, so a run
+    with nothing new loads no model. A model that cannot load fails the job at once (every chapter would fail
+    the same way). Returns (per-chapter results, each actor's `EncoderWorker.ready` record).
     """
     import ray
 
@@ -518,6 +555,7 @@ def _embed_on_ray(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptio
         num_gpus=1 if gpus else 0, num_cpus=options.cpus_per_actor, max_restarts=1
     )
     actors: list[Any] = []
+    workers: list[dict[str, Any]] = []
     load: list[int] = []
     queue = deque(jobs)
     preparing: dict[Any, tuple[EmbedJob, Any]] = {}
@@ -537,10 +575,10 @@ def _embed_on_ray(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptio
                     actors = [actor_class.remote(info, batch_size, options.cpus_per_actor) for _ in range(n_actors)]
                     load = [0] * n_actors
                     try:
-                        devices = ray.get([a.ready.remote() for a in actors])
+                        workers = ray.get([a.ready.remote() for a in actors])
                     except Exception as exc:
                         raise RuntimeError(f"encoder {info.spec} could not be loaded in a Ray actor: {exc}") from exc
-                    log.info("encoder %s loaded on %s", info.encoder_id, devices)
+                    log.info("encoder %s loaded: %s", info.encoder_id, workers)
                 slot = int(np.argmin(load))
                 if load[slot] >= 2:
                     break
@@ -571,7 +609,7 @@ def _embed_on_ray(jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptio
     finally:
         for actor in actors:
             ray.kill(actor)
-    return [results[job.chapter_id] for job in jobs]
+    return [results[job.chapter_id] for job in jobs], workers
 
 
 # ---- stage 2: pools and search -----------------------------------------------------------------------------------
@@ -635,7 +673,14 @@ def chapter_retrievals(
         ],
         repeats=QUERY_PATCHES,
     )
-    top_rows, top_scores = searcher.search(queries, allowed, params.k_per_patch)
+    top_rows, top_scores = searcher.search(
+        queries,
+        allowed,
+        params.k_per_patch,
+        max_per_page=params.max_per_page,
+        ref_pages=keys.page_ids,
+        queries_per_frame=QUERY_PATCHES,
+    )
     top_rows = top_rows.reshape(len(ok_pools), QUERY_PATCHES, params.k_per_patch)
     top_scores = top_scores.reshape(top_rows.shape)
     for pool, frame_rows, frame_scores in zip(ok_pools, top_rows, top_scores, strict=True):
@@ -654,6 +699,36 @@ def chapter_retrievals(
                     }
                 )
     return pools, retrievals
+
+
+def distinct_pages_histogram(retrievals: pa.Table) -> dict[str, int]:
+    """Number of frames per count of distinct reference pages among the frame's retrieved patches."""
+    if retrievals.num_rows == 0:
+        return {}
+    per_frame = (
+        retrievals.select(["frame_id", "ref_page_id"])
+        .group_by("frame_id")
+        .aggregate([("ref_page_id", "count_distinct")])
+    )
+    counts = pc.value_counts(per_frame["ref_page_id_count_distinct"]).to_pylist()
+    return {str(c["values"]): c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def distinct_pages_summary(histogram: dict[str, int]) -> dict[str, Any]:
+    """min / median / max / mean of distinct reference pages per frame, and the histogram they come from."""
+    counts = sorted(int(n) for n, frames in histogram.items() for _ in range(frames))
+    if not counts:
+        return {"frames": 0, "histogram": {}}
+    middle = len(counts) // 2
+    median = counts[middle] if len(counts) % 2 else (counts[middle - 1] + counts[middle]) / 2
+    return {
+        "frames": len(counts),
+        "min": counts[0],
+        "median": median,
+        "max": counts[-1],
+        "mean": round(sum(counts) / len(counts), 3),
+        "histogram": {str(n): histogram[str(n)] for n in sorted({*counts})},
+    }
 
 
 def _frame_counts(pools: list[Pool]) -> dict[str, int]:
@@ -677,7 +752,11 @@ def search_chapter(unit: Unit) -> dict[str, Any]:
     pools_path, retrievals_path = _run_paths(run_folder, job.chapter_id)
     write_parquet(table_from_rows([p.row(job.chapter_id) for p in pools], POOLS), pools_path, POOLS)
     write_parquet(table_from_rows(retrievals, RETRIEVALS), retrievals_path, RETRIEVALS)
-    stats = {"embeddings_version": job.version, "retrievals": len(retrievals), **_frame_counts(pools)}
+    stats = {
+        "embeddings_version": job.version,
+        "retrievals": len(retrievals),
+        **_frame_counts(pools),
+    }
     write_marker(run_folder / "retrievals" / job.chapter_id, stats)
     return stats
 
@@ -744,16 +823,20 @@ def run_retrieval(
     encoder_actors: int | None = None,
     faiss_threads: int = 1,
     rule: NearDuplicateRule | None = None,
+    max_per_page: int | None = None,
     local: bool = False,
 ) -> dict[str, Any]:
     """Build (or update) the retrieval cache of an ingested data folder; returns the run summary.
 
     Uses the Ray the caller started, else joins RAY_ADDRESS or starts a local one; `local=True` runs in this
     process without Ray. `rebuild` re-embeds and re-searches everything of this encoder and setting.
+    `max_per_page` caps a frame's patches per reference page (None: the paper's independent top-k).
     """
     started = time.perf_counter()
     layout = DataLayout.at(data)
-    params = RetrievalParams(refs, min_refs, k_per_patch, seed, width, height, rule or NearDuplicateRule())
+    params = RetrievalParams(
+        refs, min_refs, k_per_patch, seed, width, height, rule or NearDuplicateRule(), max_per_page=max_per_page
+    )
     info = resolve_encoder(encoder).with_patch_geometry(patch_geometry(width, height))
     store = EmbeddingStore(layout.embeddings(info.encoder_id))
     run_id = params.run_id(info.encoder_id)
@@ -781,11 +864,11 @@ def run_retrieval(
             jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
     options = EncoderOptions(batch_size=batch_size, actors=encoder_actors)
     if not jobs:
-        embed_results = []
+        embed_results, workers = [], []
     elif local:
-        embed_results = _embed_locally(jobs, info, options)
+        embed_results, workers = _embed_locally(jobs, info, options)
     else:
-        embed_results = _embed_on_ray(jobs, info, options)
+        embed_results, workers = _embed_on_ray(jobs, info, options)
     states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})
     failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
     embed_summary = {
@@ -801,6 +884,7 @@ def run_retrieval(
         + sum(states[c].get("n_error", 0) for c in up_to_date),
         "encoder_images": sum(r.get("encoder_images", 0) for r in embed_results),
         "encoder_batches": sum(r.get("encoder_batches", 0) for r in embed_results),
+        "encoder_workers": workers,
         "seconds": round(time.perf_counter() - stage1_started, 3),
     }
 
@@ -843,6 +927,7 @@ def run_retrieval(
         state = search_state(run_folder, chapter_id) or {}
         for key in frames:
             frames[key] += state.get(key, 0)
+    histogram = distinct_pages_histogram(pq.read_table(layout.retrievals, columns=["frame_id", "ref_page_id"]))
     frames["frames"] += len(error_pools)
     frames["frames_error"] += len(error_pools)
     summary = {
@@ -857,6 +942,7 @@ def run_retrieval(
         **frames,
         "pools_rows": pool_table_rows,
         "retrieval_rows": retrieval_rows,
+        "distinct_ref_pages_per_frame": distinct_pages_summary(histogram),
         "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
         "outputs": {
             "embeddings": str(store.folder.relative_to(layout.root)),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
@@ -76,6 +77,22 @@ def frame_contact_sheet(layout: DataLayout, frame_id: str) -> Image.Image:
     return draw_contact_sheet(grey_version(page(frame_id)), quadrant_boxes(width, height), retrieved, title=title)
 
 
+def check_frames(pools: pa.Table, frame_ids: list[str]) -> None:
+    """Refuse, before drawing anything, a frame id the retrieval run does not know or that has no retrievals."""
+    status = dict(zip(pools.column("frame_id").to_pylist(), pools.column("status").to_pylist(), strict=True))
+    reasons = dict(zip(pools.column("frame_id").to_pylist(), pools.column("error").to_pylist(), strict=True))
+    for frame_id in frame_ids:
+        if frame_id not in status:
+            example = next(iter(sorted(status)), None)
+            raise KeyError(
+                f"frame {frame_id!r} is not a frame of this retrieval run ({len(status)} frames, page ids such as "
+                f"{example!r}; list them from pools.parquet)"
+            )
+        if status[frame_id] != STATUS_OK:
+            reason = reasons[frame_id] or "no reason recorded"
+            raise KeyError(f"frame {frame_id!r} has no retrievals: its pool status is {status[frame_id]} ({reason})")
+
+
 def write_contact_sheets(
     data: str | os.PathLike,
     *,
@@ -90,12 +107,14 @@ def write_contact_sheets(
     One frame with `out` writes exactly that file; otherwise files `<out_dir>/<frame_id>.png`.
     """
     layout = DataLayout.at(data)
+    retrieval_run_info(layout)
+    pools = read_parquet(layout.pools, POOLS)
     if frame_ids is None:
-        pools = read_parquet(layout.pools, POOLS)
         candidates = sorted(pools.filter(pc.equal(pools["status"], STATUS_OK)).column("frame_id").to_pylist())
         if not candidates:
             raise ValueError(f"{layout.pools} has no frame with retrievals")
         frame_ids = sorted(random.Random(seed).sample(candidates, min(random_frames, len(candidates))))
+    check_frames(pools, frame_ids)
     if out is not None and len(frame_ids) != 1:
         raise ValueError("--out names one file: use an output folder for several frames")
     written = []

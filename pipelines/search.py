@@ -7,6 +7,12 @@ and no scan of rows outside the pool. The result is exact and deterministic: fro
 row within `SCORE_MARGIN` of the query's k-th score is a candidate (so near-ties are never cut), the candidates
 are rescored in float64 from the stored vectors and ordered by (score desc, ref page id, patch index).
 `brute_force_topk` does the same ranking over all allowed rows in numpy; tests and the benchmark compare the two.
+
+Diversity (beyond the paper, off by default): ``max_per_page`` caps how many of a frame's retrieved patches
+(all its query patches together) may come from one reference page. The paper takes each query patch's top k
+independently, so one strong page can supply most of a frame's patches; with the cap, `cap_per_page` walks the
+frame's candidates in global rank order and skips a page once it supplied ``max_per_page`` patches. It is an
+option of `PoolSearcher.search`, so the retrieval cache (and so the shards) and inference call the same code.
 """
 
 from __future__ import annotations
@@ -77,6 +83,62 @@ def brute_force_topk(
     return _top_k(query_of, np.tile(allowed_rows, len(scores)), scores.ravel(), tie_rank, len(scores), k)
 
 
+def cap_per_page(
+    ranked_rows: np.ndarray,
+    ranked_scores: np.ndarray,
+    ref_pages: np.ndarray,
+    k: int,
+    max_per_page: int,
+    queries_per_frame: int = 1,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k per query with at most `max_per_page` patches of one reference page per frame.
+
+    `ranked_rows` (q, m) holds each query's candidate rows best first (-1 padding at the end) and
+    `ranked_scores` their scores; consecutive blocks of `queries_per_frame` queries are one frame. Per frame,
+    candidates are taken in order of (score desc, rank within the query, query index): a candidate is kept while
+    its query still needs rows and its page has supplied fewer than `max_per_page` of the frame's patches.
+    Returns (rows (q, k), scores (q, k)), each query's rows best first. Raises ValueError when a frame cannot be
+    filled (too few pages for the cap).
+    """
+    ranked_rows = np.asarray(ranked_rows, dtype=np.int64)
+    ranked_scores = np.asarray(ranked_scores, dtype=np.float64)
+    if max_per_page < 1:
+        raise ValueError(f"max_per_page={max_per_page} must be at least 1")
+    n_queries, width = ranked_rows.shape
+    if queries_per_frame < 1 or n_queries % queries_per_frame:
+        raise ValueError(f"{n_queries} queries do not split into frames of {queries_per_frame}")
+    _, page_index = np.unique(np.asarray(ref_pages), return_inverse=True)
+    rows_out = np.full((n_queries, k), -1, dtype=np.int64)
+    scores_out = np.full((n_queries, k), -np.inf)
+    for first in range(0, n_queries, queries_per_frame):
+        frame_rows = ranked_rows[first : first + queries_per_frame]
+        frame_scores = np.where(frame_rows >= 0, ranked_scores[first : first + queries_per_frame], -np.inf)
+        query_of, rank_of = np.divmod(np.arange(frame_rows.size), width)
+        order = np.lexsort((query_of, rank_of, -frame_scores.ravel()))
+        taken = np.zeros(queries_per_frame, dtype=np.int64)
+        per_page: dict[int, int] = {}
+        for flat in order:
+            query, rank = query_of[flat], rank_of[flat]
+            row = frame_rows[query, rank]
+            if row < 0 or taken[query] >= k:
+                continue
+            page = int(page_index[row])
+            if per_page.get(page, 0) >= max_per_page:
+                continue
+            per_page[page] = per_page.get(page, 0) + 1
+            rows_out[first + query, taken[query]] = row
+            scores_out[first + query, taken[query]] = frame_scores[query, rank]
+            taken[query] += 1
+            if (taken >= k).all():
+                break
+        if (taken < k).any():
+            raise ValueError(
+                f"max_per_page={max_per_page}: frame of queries {first}..{first + queries_per_frame - 1} has too few "
+                f"reference pages to give each query {k} patches; raise the cap or the pool size"
+            )
+    return rows_out, scores_out
+
+
 def padded_rows(row_sets: Sequence[np.ndarray], repeats: int = 1) -> np.ndarray:
     """Row sets of different sizes as one int64 matrix padded with -1, each set on `repeats` consecutive lines.
 
@@ -117,14 +179,29 @@ class PoolSearcher:
         self.refs32 = _float32(refs, "reference")
         self.tie_rank = tie_rank
 
-    def search(self, queries: np.ndarray, allowed_rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        allowed_rows: np.ndarray,
+        k: int,
+        *,
+        max_per_page: int | None = None,
+        ref_pages: np.ndarray | None = None,
+        queries_per_frame: int = 1,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows and exact scores per query among its allowed rows, ordered (score desc, page id, patch).
 
         `allowed_rows` is one row set for every query (m,), or one per query (q, m) of distinct rows, padded
         with -1 (see `padded_rows`). Returns (rows (q, k), scores (q, k) float64).
+
+        `max_per_page` (default None: the paper's independent top-k) caps the patches one reference page may
+        supply to a frame: consecutive blocks of `queries_per_frame` queries form a frame (the 4 query patches
+        of a page), `ref_pages` (n,) names the page of each reference row. See `cap_per_page`.
         """
         if k < 1:
             raise ValueError(f"k={k} must be at least 1")
+        if max_per_page is not None:
+            return self._search_capped(queries, allowed_rows, k, max_per_page, ref_pages, queries_per_frame)
         queries32 = _float32(queries, "query")
         if queries32.shape[1] != self.refs32.shape[1]:
             raise ValueError(
@@ -139,6 +216,33 @@ class PoolSearcher:
         query_of, slot_of = np.nonzero(scores32 >= kth - SCORE_MARGIN)  # padding scores -inf: never a candidate
         rows = allowed[query_of, slot_of]
         return _top_k(query_of, rows, self._exact_scores(queries32, query_of, rows), self.tie_rank, len(allowed), k)
+
+    def _search_capped(
+        self,
+        queries: np.ndarray,
+        allowed_rows: np.ndarray,
+        k: int,
+        max_per_page: int,
+        ref_pages: np.ndarray | None,
+        queries_per_frame: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Every allowed row of each query scored exactly and ranked, then `cap_per_page` per frame (a pool holds
+        tens of pages, so ranking it whole costs little beside the encoder)."""
+        if ref_pages is None or len(ref_pages) != len(self.refs32):
+            raise ValueError("max_per_page needs ref_pages: the page of each of the searcher's reference rows")
+        queries32 = _float32(queries, "query")
+        allowed = self._checked_rows(allowed_rows, len(queries32))
+        query_of, slot_of = np.nonzero(allowed >= 0)
+        rows = allowed[query_of, slot_of]
+        exact = self._exact_scores(queries32, query_of, rows)
+        order = np.lexsort((self.tie_rank[rows], -exact, query_of))
+        counts = np.bincount(query_of, minlength=len(allowed))
+        slot = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        ranked_rows = np.full(allowed.shape, -1, dtype=np.int64)
+        ranked_scores = np.full(allowed.shape, -np.inf)
+        ranked_rows[query_of[order], slot] = rows[order]
+        ranked_scores[query_of[order], slot] = exact[order]
+        return cap_per_page(ranked_rows, ranked_scores, np.asarray(ref_pages), k, max_per_page, queries_per_frame)
 
     def _checked_rows(self, allowed_rows: np.ndarray, n_queries: int) -> np.ndarray:
         """(q, m) contiguous int64 rows, refused if out of range or repeated within a query."""

@@ -33,6 +33,7 @@ frames. Writing the tar is not the bottleneck: it runs at disk speed, hashing as
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib.metadata
 import json
@@ -104,24 +105,74 @@ def index_name(tar_name: str) -> str:
     return tar_name.removesuffix(".tar") + ".index.parquet"
 
 
-CODE_PACKAGES = ("pipelines", "screentone", "model", "training", "jobs")
+SHARD_CODE_ROOTS = ("pipelines.shard_job",)  # the shard stage; its project imports complete the code scope
+PROJECT_PACKAGES = ("pipelines", "screentone", "model", "training", "jobs")
 
 
-def code_version() -> dict[str, Any]:
-    """Package version and a sha256 of the project's Python sources.
+def _project_imports(path: Path, module: str) -> set[str]:
+    """Project modules a source file imports anywhere (top level or inside functions), by absolute name."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base] if base else parts)
+            names = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        found.update(n for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+    return found
 
-    The source hash names the code exactly, and is the same in a git checkout, an installed copy and the working
+
+def _module_file(root: Path, module: str) -> Path | None:
+    base = root.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def shard_code_files(root: Path | None = None) -> list[Path]:
+    """The source files that produce shard bytes: the shard stage and every project module it imports,
+    transitively (package ``__init__`` files included). Editing anything else (``model/``, ``training/``,
+    ``jobs/``, reports, evaluation) leaves the code version, and so finished shards, untouched."""
+    root = root or Path(__file__).resolve().parents[1]
+    seen: set[str] = set()
+    files: set[Path] = set()
+    pending = list(SHARD_CODE_ROOTS)
+    while pending:
+        module = pending.pop()
+        if module in seen:
+            continue
+        seen.add(module)
+        path = _module_file(root, module)
+        if path is None:
+            continue  # a name imported from a module (``from pipelines.x import name``), not a module itself
+        files.add(path)
+        parts = module.split(".")
+        pending.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run their __init__
+        pending.extend(_project_imports(path, module))
+    return sorted(files)
+
+
+def code_version(root: Path | None = None) -> dict[str, Any]:
+    """Package version and a sha256 of the sources that produce shard bytes (`shard_code_files`).
+
+    The source hash names that code exactly, and is the same in a git checkout, an installed copy and the working
     directory `ray job submit` uploads (where there is no .git), so equal code writes equal samples everywhere.
     """
     try:
         version = importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
-    root = Path(__file__).resolve().parents[1]
+    root = root or Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for package in CODE_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in shard_code_files(root):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return {"package": PACKAGE, "version": version, "source_sha256": digest.hexdigest()}
 
 

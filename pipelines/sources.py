@@ -101,6 +101,7 @@ class ChapterEntry:
     chapter: str
     source: str  # folder or archive, relative to the input root, '/'-separated
     kind: str  # KIND_FOLDER | KIND_ARCHIVE
+    refused: str | None = None  # why the chapter must not be read (a symbolic link leading out of the root)
 
     @property
     def chapter_id(self) -> str:
@@ -149,29 +150,81 @@ class InputRoot:
         return sorted(self.fs.ls(self.full(relative), detail=True), key=lambda info: info["name"])
 
 
+def _resolve_link(root: InputRoot, relative: str, info: dict[str, Any]) -> tuple[str, str | None]:
+    """(type, refusal) of a listed entry, following a local symbolic link that stays inside the root.
+
+    A link leading out of the root is not followed: its refusal names the target. Broken links are refused too.
+    """
+    if not info.get("islink") or not root.is_local:
+        return info["type"], None
+    target = os.path.realpath(root.full(relative))
+    real_root = os.path.realpath(root.path)
+    if os.path.commonpath([real_root, target]) != real_root:
+        return "link", f"symbolic link to {target} escapes the input root"
+    if os.path.isdir(target):
+        return "directory", None
+    if os.path.isfile(target):
+        return "file", None
+    return "link", f"symbolic link to {target} is broken"
+
+
 def list_chapters(root: str | os.PathLike | InputRoot) -> list[ChapterEntry]:
     """Every chapter under the root, sorted by series then chapter in natural order.
 
     A series is a folder of the root; a chapter is a folder or a .cbz/.zip archive inside it. Other files at
-    either level (loose images, metadata, dotfiles) are not chapters and are ignored.
+    either level (loose images, metadata, dotfiles) are not chapters and are ignored. Symbolic links to folders
+    or archives inside the root are followed; a link leading out of the root becomes a chapter entry with
+    `refused` set (its reader raises, so the chapter gets an error row instead of vanishing).
     """
     root = root if isinstance(root, InputRoot) else InputRoot(root)
     chapters: list[ChapterEntry] = []
     for series_info in root.listdir(""):
         series = posixpath.basename(series_info["name"].rstrip("/"))
-        if series_info["type"] != "directory" or is_junk(series):
+        if is_junk(series):
+            continue
+        series_type, refused = _resolve_link(root, series, series_info)
+        if refused:
+            chapters.append(ChapterEntry(series, series, series, KIND_FOLDER, refused=refused))
+            continue
+        if series_type != "directory":
             continue
         for info in root.listdir(series):
             name = posixpath.basename(info["name"].rstrip("/"))
             if is_junk(name):
                 continue
             stem, ext = posixpath.splitext(name)
-            if info["type"] == "directory":
+            kind, refused = _resolve_link(root, f"{series}/{name}", info)
+            if refused:
+                chapters.append(ChapterEntry(series, name, f"{series}/{name}", KIND_FOLDER, refused=refused))
+            elif kind == "directory":
                 chapters.append(ChapterEntry(series, name, f"{series}/{name}", KIND_FOLDER))
             elif ext.lower() in ARCHIVE_EXTENSIONS:
                 chapters.append(ChapterEntry(series, stem, f"{series}/{name}", KIND_ARCHIVE))
     chapters.sort(key=lambda c: (natural_key(c.series), c.series, natural_key(c.chapter), c.source))
     return chapters
+
+
+LAYOUT_HINT = "expected <series>/<chapter>/<pages> or <series>/<chapter>.cbz|.zip"
+
+
+def layout_problem(root: str | os.PathLike | InputRoot) -> str:
+    """Why a root holds no chapters, in one line naming the expected layout and what was found instead."""
+    root = root if isinstance(root, InputRoot) else InputRoot(root)
+    entries = [e for e in root.listdir("") if not is_junk(posixpath.basename(e["name"].rstrip("/")))]
+    folders = [e for e in entries if e["type"] == "directory"]
+    images = [e for e in entries if e["type"] == "file" and is_image_name(e["name"])]
+    if not entries:
+        return f"the folder is empty; {LAYOUT_HINT}"
+    if images and not folders:
+        example = posixpath.basename(images[0]["name"])
+        return f"holds {len(images)} image files at its top level (e.g. {example}) but no chapters; {LAYOUT_HINT}"
+    for folder in folders:
+        series = posixpath.basename(folder["name"].rstrip("/"))
+        pages = [e for e in root.listdir(series) if e["type"] == "file" and is_image_name(e["name"])]
+        if pages:
+            example = f"{series}/{posixpath.basename(pages[0]['name'])}"
+            return f"series folders hold images directly (e.g. {example}), not chapter folders; {LAYOUT_HINT}"
+    return f"no chapter folder or archive found at the second level; {LAYOUT_HINT}"
 
 
 def manifest_table(chapters: list[ChapterEntry]) -> pa.Table:
@@ -205,6 +258,8 @@ def chapter_signature(root: InputRoot, chapter: ChapterEntry) -> str:
     signature naming the failure: the worker then reports the chapter as unreadable, and once it is readable
     again its signature differs, so it is redone.
     """
+    if chapter.refused:
+        return stable_hash([chapter.kind, f"refused: {chapter.refused}"], 16)
     try:
         if chapter.kind == KIND_ARCHIVE:
             token: Any = _change_token(root.fs.info(root.full(chapter.source)))
@@ -248,6 +303,8 @@ class ChapterReader:
         self.pages: list[PageEntry] = []
 
     def __enter__(self) -> ChapterReader:
+        if self.chapter.refused:
+            raise PermissionError(f"{self.chapter.source}: {self.chapter.refused}")
         try:
             self.pages = self._list_archive() if self.chapter.kind == KIND_ARCHIVE else self._list_folder()
         except BaseException:

@@ -3,6 +3,10 @@
 A file appears under its final name only when complete (write to a temporary sibling, then rename), and a unit
 of work is done only when its completion marker exists; the marker is written last. A killed run therefore
 leaves either nothing or temporary files that the next run sweeps, never a partial file under a final name.
+
+Durability: every file is flushed to disk (fsync) before it is renamed into place, and the folder holding it
+after the rename, so a power loss cannot leave a marker that declares done a file whose bytes never reached
+the disk (the marker is itself written the same way, after its data).
 """
 
 from __future__ import annotations
@@ -23,15 +27,51 @@ TMP_TAG = ".tmp-"
 MARKER_SUFFIX = ".done.json"
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a written file's bytes to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created or renamed in it) to disk."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under a folder, then every folder bottom-up (before the tree is renamed into place)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        fsync_dir(path) if path.is_dir() else fsync_file(path)
+    fsync_dir(folder)
+
+
+def publish_tree(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename a completed temporary folder onto `final` durably: its files first, then the parent's entry."""
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; if the block succeeds, fsync it, rename it over `path` and fsync
+    the folder, so the file is on disk under its final name before anything (a marker) declares it done."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        fsync_file(tmp)
         os.replace(tmp, final)
+        fsync_dir(final.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -40,8 +80,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -19,24 +19,41 @@ Choices the project makes where the published code differs or leaves options (se
 - Augmentation: ``blend(grey, tone, alpha)`` with alpha the tone weight; training draws alpha per sample,
   evaluation uses `EVAL_ALPHAS` = (0.33, 0.5, 0.66) (paper's figure and the released 50/50).
 - Greyscale is `to_grey` (ITU-R 601 luma, identical to Pillow's ``convert("L")``) everywhere in the project.
+
+Importing the package (or `screentone.augment`, which every CPU worker uses) does not import torch: the names
+below load their module on first use (`__getattr__`), so only the neural renderers pay for torch.
 """
 
-from screentone.augment import EVAL_ALPHAS, blend, sample_alpha, to_grey
-from screentone.halftone import HalftoneConfig, render_halftone
-from screentone.loader import CheckpointMismatchError, load_screenstyle
-from screentone.render import HalftoneRenderer, ScreenStyleRenderer, ScreentoneRenderer, make_renderer
+from __future__ import annotations
 
-__all__ = [
-    "EVAL_ALPHAS",
-    "CheckpointMismatchError",
-    "HalftoneConfig",
-    "HalftoneRenderer",
-    "ScreenStyleRenderer",
-    "ScreentoneRenderer",
-    "blend",
-    "load_screenstyle",
-    "make_renderer",
-    "render_halftone",
-    "sample_alpha",
-    "to_grey",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "EVAL_ALPHAS": "screentone.augment",
+    "blend": "screentone.augment",
+    "sample_alpha": "screentone.augment",
+    "to_grey": "screentone.augment",
+    "HalftoneConfig": "screentone.halftone",
+    "render_halftone": "screentone.halftone",
+    "CheckpointMismatchError": "screentone.loader",
+    "load_screenstyle": "screentone.loader",
+    "HalftoneRenderer": "screentone.render",
+    "ScreenStyleRenderer": "screentone.render",
+    "ScreentoneRenderer": "screentone.render",
+    "make_renderer": "screentone.render",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'screentone' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -23,13 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from screentone.layers import NoiseInjection, PageLayerNorm, bilinear_up, leaky_relu
+from screentone.layers import BatchInvariantConv2d, NoiseInjection, PageLayerNorm, bilinear_up, leaky_relu
 
 GENERATOR_INPUT_CHANNELS = 4
 GENERATOR_PAD_MULTIPLE = 256
 
 
-class SpectralNormFoldedConv2d(nn.Conv2d):
+class SpectralNormFoldedConv2d(BatchInvariantConv2d):
     """A conv stored in spectral-norm form in the published file; here it holds the folded weight."""
 
 
@@ -38,7 +38,7 @@ def _sn_conv(cin: int, cout: int, stride: int = 1) -> SpectralNormFoldedConv2d:
 
 
 def _conv1x1(cin: int, cout: int) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=1, padding=0, bias=True)
+    return BatchInvariantConv2d(cin, cout, kernel_size=1, padding=0, bias=True)
 
 
 class _GeneratorLevel(nn.Module):

@@ -12,7 +12,10 @@ Behaviour kept from the published networks, because the weights were trained wit
   skip has already been through the level's opening LeakyReLU (the published block applies it in place, so the
   skip sees the activated tensor);
 - decoder noise on levels 1-3 (first half of the channels), applied in eval mode too: pass a seeded
-  ``torch.Generator`` for reproducible output; Dropout(0.5) on levels 4-5 is off in eval mode.
+  ``torch.Generator`` (or one per page of a batch) for reproducible output; Dropout(0.5) on levels 4-5 is off
+  in eval mode.
+
+Convs are `BatchInvariantConv2d` (same keys as ``nn.Conv2d``) so a page's CPU output does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -20,7 +23,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from screentone.layers import NoiseInjection, PageLayerNorm, bilinear_up, leaky_relu, pad_to_multiple
+from screentone.layers import (
+    BatchInvariantConv2d,
+    BatchInvariantConvTranspose2d,
+    NoiseGenerator,
+    NoiseInjection,
+    PageLayerNorm,
+    bilinear_up,
+    leaky_relu,
+    pad_bottom_right,
+    pad_to_multiple,
+    padded_size,
+)
 
 SCREENMAP_CHANNELS = 4
 ENCODER_PAD_MULTIPLE = 128
@@ -28,7 +42,7 @@ DECODER_PAD_MULTIPLE = 128
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=kernel, stride=stride, padding=0, bias=True)
+    return BatchInvariantConv2d(cin, cout, kernel_size=kernel, stride=stride, padding=0, bias=True)
 
 
 class _ResidualBlock(nn.Module):
@@ -110,7 +124,7 @@ class _DecoderLevel(nn.Module):
             up_in = inner * 2
             layers = [*down, PageLayerNorm(), submodule, leaky_relu()]
         if transposed_up:
-            layers += [nn.ConvTranspose2d(up_in, outer, kernel_size=4, stride=2, padding=1)]
+            layers += [BatchInvariantConvTranspose2d(up_in, outer, kernel_size=4, stride=2, padding=1)]
         else:
             layers += [bilinear_up(), _conv(up_in, outer, 1)]
         layers += [
@@ -124,7 +138,7 @@ class _DecoderLevel(nn.Module):
             layers.append(nn.Dropout(0.5))
         self.model = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: NoiseGenerator) -> torch.Tensor:
         x = self.model[0](x)  # the published block activates its input in place: the skip carries it too
         y = x
         for layer in self.model[1:]:
@@ -143,14 +157,14 @@ class _DecoderOutermost(nn.Module):
             _conv(input_channels, width, 3, stride=2),
             submodule,
             leaky_relu(),
-            nn.ConvTranspose2d(width * 2, width, kernel_size=4, stride=2, padding=1),
+            BatchInvariantConvTranspose2d(width * 2, width, kernel_size=4, stride=2, padding=1),
             PageLayerNorm(),
             leaky_relu(),
             nn.ReplicationPad2d(3),
             _conv(width, output_channels, 7),
         )
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: NoiseGenerator) -> torch.Tensor:
         for layer in self.model:
             x = layer(x, generator) if isinstance(layer, _DecoderLevel) else layer(x)
         return x
@@ -172,7 +186,7 @@ class ScreenVAEDecoder(nn.Module):
             level = _DecoderLevel(outer, outer * 2, level, transposed_up=True, noise=True, dropout=False)
         self.model = _DecoderOutermost(input_channels, output_channels, width, level)
 
-    def forward(self, screenmap: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, screenmap: torch.Tensor, generator: NoiseGenerator = None) -> torch.Tensor:
         return self.model(screenmap, generator)
 
 
@@ -190,20 +204,50 @@ def encode_screenmap(
     return out[:, :SCREENMAP_CHANNELS], out[:, SCREENMAP_CHANNELS:]
 
 
+def decoder_input_size(height: int, width: int) -> tuple[int, int]:
+    """The size the released decode branch pads a ScreenMap to: always at least one more block of 128.
+
+    ``h // 128 * 128 + 128`` per side: 200 -> 256, 256 -> 384 (an exact multiple still gains a block).
+    """
+    return padded_size(height, DECODER_PAD_MULTIPLE, always=True), padded_size(width, DECODER_PAD_MULTIPLE, always=True)
+
+
+def multiply_lines(tone: torch.Tensor, lines: torch.Tensor) -> torch.Tensor:
+    """Tone times line map in [0, 1] space, back in [-1, 1] and clamped: ``clamp((t + 1)(l + 1) / 2 - 1)``."""
+    return torch.clamp((tone + 1) * (lines + 1) / 2 - 1, -1, 1)
+
+
 def decode_tone(
     decoder: ScreenVAEDecoder,
     screenmap: torch.Tensor,
     lines: torch.Tensor,
-    generator: torch.Generator | None = None,
+    generator: NoiseGenerator = None,
 ) -> torch.Tensor:
-    """Screentone in [-1, 1] (N x 1 x H x W) of a ScreenMap, with the line map multiplied in once.
+    """Screentone in [-1, 1] (N x 1 x H x W) of a ScreenMap, as ScreenVAE's decode branch renders it (ColorFlow).
 
-    As ScreenVAE's wrapper does: the line map (in [-1, 1]) is binarised by its sign, the ScreenMap is pushed
-    to +1 on ink pixels (``clamp(screenmap + 1 - line, -1, 1)``), and the decoded tone is multiplied by the line
-    map in [0, 1] space and clamped: ``(tone + 1) * (line + 1) / 2 - 1``.
+    The ScreenMap is replicate-padded to `decoder_input_size`, decoded, cropped back to H x W and multiplied by
+    the RAW line map (`multiply_lines`; no sign, no push of the ScreenMap on ink pixels: those belong to the
+    encode branch). ColorFlow passes the whole 256-padded ScreenMap and line map here and crops only at the end.
+    """
+    h, w = screenmap.shape[-2:]
+    tone = decoder(pad_bottom_right(screenmap, *decoder_input_size(h, w)), generator)[..., :h, :w]
+    return multiply_lines(tone, lines)
+
+
+def decode_tone_binarised(
+    decoder: ScreenVAEDecoder,
+    screenmap: torch.Tensor,
+    lines: torch.Tensor,
+    generator: NoiseGenerator = None,
+) -> torch.Tensor:
+    """The project's first decode (renderer path ``"eroded-binarised"``): lines binarised as the encoder sees them.
+
+    The line map is binarised by its sign, the ScreenMap pushed to +1 on ink pixels (``clamp(screenmap + 1 -
+    line, -1, 1)``), decoded with replicate padding to the next multiple of 128 only, cropped, and multiplied
+    by the binarised line (`multiply_lines`).
     """
     h, w = screenmap.shape[-2:]
     lines = torch.sign(lines)
-    screenmap = torch.clamp(screenmap + (1 - lines), -1, 1)
+    screenmap = torch.clamp(screenmap + (1 - lines), -1, 1).to(screenmap.dtype)
     tone = decoder(pad_to_multiple(screenmap, DECODER_PAD_MULTIPLE), generator)[..., :h, :w]
-    return torch.clamp((tone + 1) * (lines + 1) / 2 - 1, -1, 1)
+    return multiply_lines(tone, lines)

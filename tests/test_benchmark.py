@@ -10,13 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fsync_spy import check_markers_follow_their_data, record_fsyncs
 from PIL import Image
 from shard_inputs import build_corpus
 
 from pipelines.benchmark import (
+    BENCHMARK_FORMAT_VERSION,
     BenchmarkConfig,
     eligible_chapters,
     eligible_per_series,
+    read_benchmark,
+    read_chapter_index,
     read_frames,
     select_benchmark,
     write_benchmark,
@@ -85,26 +89,58 @@ def test_folder_holds_refs_bw_styles_and_ground_truth(corpus_root: Path, tmp_pat
     plan = select_benchmark(_eligible(root, CONFIG), BENCH_SERIES, CONFIG)
     summary = write_benchmark(root, plan, code_version={"version": "test"}, local=True)
     assert summary["complete"] and summary["chapters"] == 3 and summary["bw_pages"] == 12
-    top = json.loads((layout.benchmark / "benchmark.json").read_text())
-    assert top["renderer_id"].startswith("halftone") and top["code_version"] == {"version": "test"}
+    top = read_benchmark(layout.benchmark)
+    assert top["format_version"] == BENCHMARK_FORMAT_VERSION == 2 and top["size"] == [96, 144]
+    assert top["renderer_id"].startswith("halftone-") and top["code_version"] == {"version": "test"}
+    # the B&W folders are named for their renderer: this benchmark's screentone is halftone, never "screenstyle"
+    assert top["styles"] == {
+        "grey": {"folder": "bw_grey", "renderer_id": "grey"},
+        "halftone": {"folder": "bw_halftone", "renderer_id": top["renderer_id"]},
+    }
     assert [c["chapter_id"] for c in top["chapters"]] == [c.chapter_id for c in plan.chapters]
     for chapter in plan.chapters:
         folder = layout.benchmark / chapter.chapter_id
-        index = json.loads((folder / "index.json").read_text())
-        assert index["size"] == [96, 144] and index["series"] == chapter.series
+        index = read_chapter_index(layout.benchmark, chapter.chapter_id)
+        assert index["size"] == [96, 144] and index["series"] == chapter.series and index["styles"] == top["styles"]
+        assert sorted(p.name for p in folder.iterdir()) == ["bw_grey", "bw_halftone", "gt", "index.json", "refs"]
         stored = read_chapter_pages(layout, chapter.chapter_id)
         for ref in index["refs"]:
             assert (folder / ref["file"]).read_bytes() == stored[ref["page_id"]]  # references as stored
         assert [b["page_id"] for b in index["bw"]] == [p for p, _ in chapter.bw]
         for page in index["bw"]:
-            gt, grey, tone = (_open(folder / page[k]) for k in ("gt", "grey", "screenstyle"))
+            page_id = page["page_id"]
+            assert page["gt"] == f"gt/{page_id}.jpg"
+            assert page["inputs"] == {"grey": f"bw_grey/{page_id}.png", "halftone": f"bw_halftone/{page_id}.png"}
+            gt, grey, tone = (_open(folder / f) for f in (page["gt"], *page["inputs"].values()))
             assert (gt.format, gt.mode, gt.size) == ("JPEG", "RGB", (96, 144))
             assert (grey.format, grey.mode, grey.size) == ("PNG", "L", (96, 144))
             assert (tone.format, tone.mode, tone.size) == ("PNG", "L", (96, 144))
             grey_px, tone_px = np.asarray(grey, np.int16), np.asarray(tone, np.int16)
             assert np.abs(np.asarray(gt.convert("L"), np.int16) - grey_px).mean() < 3  # aligned pixel for pixel
             assert np.isin(tone_px, (0, 255)).mean() > 0.95 and np.abs(tone_px - grey_px).mean() > 10
-        assert len(list((folder / "bw_screenstyle").iterdir())) == 4 and len(list((folder / "refs").iterdir())) == 3
+        assert len(list((folder / "bw_halftone").iterdir())) == 4 and len(list((folder / "refs").iterdir())) == 3
+
+
+def test_readers_refuse_another_format_version_in_one_clear_error(corpus_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    shutil.copytree(corpus_root, root)
+    layout = DataLayout.at(root)
+    plan = select_benchmark(
+        _eligible(root, CONFIG), BENCH_SERIES, BenchmarkConfig(**{**CONFIG.__dict__, "chapters": 1})
+    )
+    write_benchmark(root, plan, local=True)
+    chapter_id = plan.chapters[0].chapter_id
+    for path in (layout.benchmark / "benchmark.json", layout.benchmark / chapter_id / "index.json"):
+        document = json.loads(path.read_text())
+        path.write_text(json.dumps({**document, "format_version": 1}))
+    with pytest.raises(ValueError, match=r"benchmark.json: benchmark format_version 1, this code reads version 2"):
+        read_benchmark(layout.benchmark)
+    with pytest.raises(ValueError, match=r"index.json: benchmark format_version 1"):
+        read_chapter_index(layout.benchmark, chapter_id)
+    with pytest.raises(FileNotFoundError, match="no index.json for chapter 'nope'"):
+        read_chapter_index(layout.benchmark, "nope")
+    with pytest.raises(FileNotFoundError, match="no benchmark.json"):
+        read_benchmark(tmp_path)
 
 
 def test_rerun_is_idempotent_and_resumes_a_lost_chapter(corpus_root: Path, tmp_path: Path) -> None:
@@ -138,3 +174,14 @@ def test_a_new_configuration_replaces_the_old_benchmark(corpus_root: Path, tmp_p
     assert folders == [plan.chapters[0].chapter_id]
     top = json.loads((layout.benchmark / "benchmark.json").read_text())
     assert len(top["chapters"]) == 1 and top["config"]["seed"] == 5
+
+
+def test_chapter_files_and_the_benchmark_folder_are_fsynced_before_markers(corpus_root: Path, tmp_path: Path) -> None:
+    root = tmp_path / "out"
+    shutil.copytree(corpus_root, root)
+    plan = select_benchmark(_eligible(root, CONFIG), BENCH_SERIES, CONFIG)
+    with record_fsyncs() as events:
+        write_benchmark(root, plan, local=True)
+    bench = DataLayout.at(root).benchmark.resolve()
+    assert check_markers_follow_their_data(events, bench, expect=3) == 3
+    assert events[-2:] == [str(bench / "benchmark.json"), str(bench)]  # the top file last, then its folder

@@ -132,3 +132,26 @@ def test_ring_canvas_and_compose_place_patches_and_frame() -> None:
     assert layout.crop_centre(Image.fromarray(composed)).size == (64, 96)
     with pytest.raises(ValueError, match="multiples of 16"):
         CompositeLayout(500, 800)
+
+
+# The reference table (colorflow-notes.md, "Composite and mask"), stated here independently of pipelines.geometry:
+# per query patch TL, TR, BL, BR, the (row, col) of the 4x4 grid for rank 1, 2, 3.
+REFERENCE_RING_TABLE = {
+    0: ((1, 0), (0, 1), (0, 0)),  # TL
+    1: ((1, 3), (0, 2), (0, 3)),  # TR
+    2: ((2, 0), (3, 1), (3, 0)),  # BL
+    3: ((2, 3), (3, 2), (3, 3)),  # BR
+}
+
+
+def test_ring_cells_match_the_reference_table_cell_by_cell_on_the_canvas() -> None:
+    assert RING_CELLS == REFERENCE_RING_TABLE
+    # and on pixels: each (query patch, rank) patch lands in the reference cell, whatever the table in the code says
+    layout = CompositeLayout(64, 96)
+    colours = {(q, rank): (40 * q + 10, 60 * rank + 20, 200) for q in range(4) for rank in range(3)}
+    ring = np.asarray(layout.ring_canvas({key: Image.new("RGB", (8, 8), c) for key, c in colours.items()}))
+    cell_w, cell_h = 32, 48  # W/2 x H/2
+    for (q, rank), colour in colours.items():
+        row, col = REFERENCE_RING_TABLE[q][rank]
+        centre = ring[row * cell_h + cell_h // 2, col * cell_w + cell_w // 2]
+        assert tuple(centre) == colour, f"query patch {q} rank {rank + 1} is not in cell {(row, col)}"

@@ -34,7 +34,11 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
     assert len(list((report / "retrieval").glob("*.png"))) == 3
     assert (report / "screentone_blends.png").exists()
     assert len(list((report / "samples").glob("sample_*.png"))) == 2
-    hit_rate = json.loads((report / "report.json").read_text())["retrieval_character_hit_rate"]
+    report_json = json.loads((report / "report.json").read_text())
+    distinct = report_json["distinct_ref_pages_per_frame"]
+    assert report_json["retrieval_cap"] == {"max_per_page": None}  # the paper's independent top-3
+    assert 1 <= distinct["min"] <= distinct["median"] <= distinct["max"] <= 12 and distinct["frames"] > 0
+    hit_rate = report_json["retrieval_character_hit_rate"]
     assert hit_rate["query_patches"] > 0
     assert hit_rate["top1_rate"] > hit_rate["chance_rate"]  # retrieval beats a patch drawn at random from the pool
     assert hit_rate["top1_main_character_rate"] > hit_rate["main_character_chance_rate"]

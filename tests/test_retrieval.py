@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipelines.pagestore import encode_page, read_chapter_pages
 from pipelines.retrieval import EmbeddingStore, fitted_page, inflight_limit, run_retrieval
 from pipelines.schemas import PAGE_STORE, STATUS_ERROR, STATUS_EXCLUDED, STATUS_OK
 from pipelines.search import RefKeys, brute_force_topk
-from pipelines.storage import read_json, write_parquet
+from pipelines.storage import read_json, stable_hash, write_parquet
 
 SIZE = {"width": 128, "height": 192}  # small frames keep the tests fast; the geometry is the paper's
 FRAMES = 48  # colour pages stored by ingestion for the tiny corpus (two kept chapters of 24)
@@ -312,7 +313,7 @@ def test_contact_sheets(weightfree_run: tuple[Path, dict], tmp_path: Path) -> No
     assert all(colour in colours for colour in QUERY_COLOURS)  # the four query boxes are drawn
     written = inspect_retrieval.main(["--data", str(out), "--random", "2", "--seed", "3", "--out-dir", str(tmp_path)])
     assert len(written) == 2 and all(Path(p).stat().st_size > 10_000 for p in written)
-    with pytest.raises(KeyError, match="no retrievals"):
+    with pytest.raises(KeyError, match="'not-a-frame' is not a frame of this retrieval run"):
         inspect_retrieval.main(["--data", str(out), "--frame", "not-a-frame", "--out", str(target)])
 
 
@@ -337,3 +338,100 @@ def test_retrieval_job_command_line_reports_the_character_hit_rate(weightfree_ru
         hits["top1_rate"] > hits["chance_rate"]
         and hits["top1_main_character_rate"] > hits["main_character_chance_rate"]
     )
+
+
+GPU_CLUSTER_SCRIPT = """
+import json, os, sys
+import ray
+ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
+         runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"}})
+from pipelines.retrieval import run_retrieval
+summary = run_retrieval(sys.argv[1], encoder=sys.argv[2], width=128, height=192)
+print("SUMMARY " + json.dumps({"resources": ray.cluster_resources(), **summary}))
+"""
+
+
+def test_gpu_actor_path_schedules_one_gpu_per_actor_and_falls_back_to_cpu(ingested: Path, tmp_path: Path) -> None:
+    """A separate local Ray declaring one GPU: the actor reserves it, batches by the GPU default (64), and, with
+    no CUDA device behind the declared GPU, runs the encoder on CPU in float32 with the same vectors."""
+    import os
+    import subprocess
+    import sys
+
+    config, checkpoint = make_tiny_open_clip(tmp_path / "model")
+    spec = f"open_clip:{config}:{checkpoint}"
+    gpu_out = _copy(ingested, tmp_path / "gpu")
+    tests = Path(__file__).resolve().parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)]), "RAY_ADDRESS": ""}
+    done = subprocess.run(
+        [sys.executable, "-c", GPU_CLUSTER_SCRIPT, str(gpu_out), spec],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
+    assert summary["resources"]["GPU"] == 1.0
+    embeddings = summary["embeddings"]
+    assert embeddings["encoder_workers"] == [{"device": "cpu", "dtype": "float32", "batch_size": 64, "gpu_ids": ["0"]}]
+    assert embeddings["encoder_images"] == 9 * FRAMES and embeddings["encoder_batches"] == 2 * -(-9 * 24 // 64)
+    assert summary["frames_ok"] == FRAMES and summary["retrieval_rows"] == 12 * FRAMES
+
+    cpu_out = _copy(ingested, tmp_path / "cpu")
+    local = run_retrieval(cpu_out, encoder=spec, local=True, **SIZE)
+    assert local["embeddings"]["encoder_workers"][0]["batch_size"] == 32  # the CPU default
+    gpu_vectors = {p.name: np.load(p) for p in (gpu_out / summary["outputs"]["embeddings"]).glob("*.npy")}
+    cpu_vectors = {p.name: np.load(p) for p in (cpu_out / local["outputs"]["embeddings"]).glob("*.npy")}
+    assert gpu_vectors.keys() == cpu_vectors.keys() and len(gpu_vectors) == 2
+    for name, vectors in gpu_vectors.items():
+        np.testing.assert_allclose(vectors.astype(np.float32), cpu_vectors[name].astype(np.float32), atol=2e-3)
+
+
+def test_encoder_dtype_is_fp16_on_cuda_and_float32_elsewhere(tmp_path: Path) -> None:
+    import torch
+
+    from pipelines.encoders import encoder_dtype, load_encoder, resolve_encoder
+
+    assert encoder_dtype("cuda") == encoder_dtype(torch.device("cuda", 0)) == torch.float16
+    assert encoder_dtype("cpu") == torch.float32
+    config, checkpoint = make_tiny_open_clip(tmp_path)
+    encoder = load_encoder(resolve_encoder(f"open_clip:{config}:{checkpoint}"), "cpu")
+    assert encoder.dtype == torch.float32
+    assert {p.dtype for p in encoder.visual.parameters()} == {torch.float32}
+
+
+def _distinct_pages_per_frame(retrievals: pa.Table) -> dict[str, int]:
+    pages: dict[str, set[str]] = {}
+    for row in retrievals.select(["frame_id", "ref_page_id"]).to_pylist():
+        pages.setdefault(row["frame_id"], set()).add(row["ref_page_id"])
+    return {frame: len(p) for frame, p in pages.items()}
+
+
+def test_diversity_cap_re_searches_and_the_summary_reports_distinct_pages(
+    weightfree_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    source, first = weightfree_run
+    counts = sorted(_distinct_pages_per_frame(_tables(source)[1]).values())
+    distinct = first["distinct_ref_pages_per_frame"]
+    assert distinct["frames"] == FRAMES and (distinct["min"], distinct["max"]) == (counts[0], counts[-1])
+    assert distinct["median"] == (counts[FRAMES // 2 - 1] + counts[FRAMES // 2]) / 2
+    assert sum(distinct["histogram"].values()) == FRAMES
+    assert first["params"]["max_per_page"] is None  # off by default, and off leaves run ids as they were:
+    params = first["params"]
+    old_key = {k: params[k] for k in ("refs", "min_refs", "k_per_patch", "seed", "rule")}
+    old_key.update(encoder_id=first["encoder"]["encoder_id"], search_version=1)
+    assert first["run_id"] == stable_hash(old_key, 12)
+
+    out = _copy(source, tmp_path / "out")
+    capped = run_retrieval(out, encoder="weightfree", max_per_page=2, local=True, **SIZE)
+    assert capped["embeddings"]["encoder_images"] == 0 and capped["search"]["chapters_searched"] == 2
+    assert capped["run_id"] != first["run_id"] and capped["retrieval_rows"] == 12 * FRAMES
+    per_frame: dict[str, dict[str, int]] = {}
+    for row in _tables(out)[1].to_pylist():
+        pages = per_frame.setdefault(row["frame_id"], {})
+        pages[row["ref_page_id"]] = pages.get(row["ref_page_id"], 0) + 1
+    assert max(max(pages.values()) for pages in per_frame.values()) <= 2
+    assert capped["distinct_ref_pages_per_frame"]["min"] >= 6  # 12 patches, at most 2 per page
+    with pytest.raises(ValueError, match="max_per_page=1 cannot fill a frame"):
+        run_retrieval(out, encoder="weightfree", refs=4, min_refs=4, max_per_page=1, local=True, **SIZE)

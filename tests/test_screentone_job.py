@@ -8,15 +8,22 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pytest
+import torch
 from PIL import Image
 
 from jobs.screentone import main as screentone_main
 from pipelines.geometry import hires_size
 from pipelines.ingest import kept_chapter_ids, run_ingest
 from pipelines.layout import DataLayout
+from pipelines.pagestore import encode_page
 from pipelines.schemas import SCREENTONE, STATUS_OK
-from pipelines.screentone_job import ScreentoneOptions, run_screentone
+from pipelines.screentone_job import ScreentoneOptions, render_frame, render_frames, run_screentone
 from pipelines.storage import read_parquet, read_parquet_parts
+from screentone.color2manga import ColorToScreenMapGenerator
+from screentone.loader import ScreenStyleModels
+from screentone.render import ScreenStyleRenderer
+from screentone.screenvae import ScreenVAEDecoder
+from screentone.synthetic import synthetic_colour_page
 
 SIZE = (128, 192)
 
@@ -71,6 +78,25 @@ def test_another_seed_renders_again_and_the_same_seed_reproduces(ingested: Path)
     assert second["chapters_rendered"] == second["chapters"]  # the seed is part of what "done" means
     assert seed6 != seed5 and seed5_again == seed5
     assert first["renderer_id"] == second["renderer_id"] == third["renderer_id"]
+    options = ScreentoneOptions(width=SIZE[0], height=SIZE[1], seed=5, batch_size=1)
+    other_batch = run_screentone(str(ingested), options, local=True)
+    assert other_batch["chapters_rendered"] == 0  # the batch size does not change the output: nothing to redo
+
+
+def test_batched_frames_equal_single_frames_and_a_broken_frame_is_an_error() -> None:
+    torch.manual_seed(3)
+    models = ScreenStyleModels(ColorToScreenMapGenerator(width=16).eval(), ScreenVAEDecoder(width=16).eval())
+    renderer = ScreenStyleRenderer(models, device="cpu")
+    images = {f"f{i}": Image.fromarray(synthetic_colour_page(100, 70, seed=i)) for i in range(3)}
+    pages = {frame_id: encode_page(image, "png") for frame_id, image in images.items()} | {"f9": b"not an image"}
+    options = ScreentoneOptions(width=64, height=96, hires_scale=1.25, seed=2, batch_size=3)
+    tones, errors = render_frames(pages, options, renderer)
+    assert sorted(tones) == ["f0", "f1", "f2"] and list(errors) == ["f9"]
+    assert "UnidentifiedImageError" in errors["f9"]
+    for frame_id, image in images.items():  # batches of 3 pages per size give what one page at a time gives
+        assert tones[frame_id] == render_frame(image, frame_id, options, renderer)
+    sizes = {v: Image.open(io.BytesIO(png)).size for v, png in tones["f0"].items()}
+    assert sizes == {"train": (64, 96), "hires": hires_size(64, 96, 1.25)}
 
 
 def test_requires_ingestion(tmp_path: Path) -> None:

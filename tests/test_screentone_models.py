@@ -1,15 +1,15 @@
-"""ScreenStyle modules: published layouts, strict loading through the user loader, forward shapes, determinism."""
+"""ScreenStyle modules: published layouts (tests/reference), strict loading, forward shapes, determinism, options."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from screentone.color2manga import (
@@ -19,6 +19,7 @@ from screentone.color2manga import (
     spectral_norm_prefixes,
     to_published_state_dict,
 )
+from screentone.lines import erode_lines
 from screentone.loader import (
     CheckpointMismatchError,
     ScreenStyleModels,
@@ -28,25 +29,10 @@ from screentone.loader import (
     load_screenstyle,
 )
 from screentone.render import HalftoneRenderer, ScreenStyleRenderer, make_renderer
-from screentone.screenvae import ScreenVAEDecoder, ScreenVAEEncoder, decode_tone, encode_screenmap
+from screentone.screenvae import ScreenVAEDecoder, ScreenVAEEncoder, decode_tone_binarised, encode_screenmap
 from screentone.synthetic import synthetic_colour_page
 
-
-def _reference_dir() -> Path | None:
-    env = os.environ.get("COLORFLOW_REFERENCE_DIR")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "reference")
-    return next((c for c in candidates if (c / "screenstyle_dec.json").is_file()), None)
-
-
-REFERENCE = _reference_dir()
-if REFERENCE is None and os.environ.get("CI"):
-    raise RuntimeError("CI must check the ScreenStyle layouts: set COLORFLOW_REFERENCE_DIR or add ../shared/reference")
-needs_reference = pytest.mark.skipif(
-    REFERENCE is None,
-    reason="ScreenStyle reference layouts not found: set COLORFLOW_REFERENCE_DIR or put them in "
-    "<repo>/../shared/reference",
-)
+REFERENCE = Path(__file__).resolve().parent / "reference"  # published key layouts, copied into the tests
 
 
 def _reference_layout(name: str) -> list[tuple[str, list[int]]]:
@@ -83,13 +69,11 @@ def _torch_spectral_norm_copy(generator: ColorToScreenMapGenerator) -> ColorToSc
     return published.eval()
 
 
-@needs_reference
 def test_decoder_and_encoder_state_dicts_equal_the_published_layouts(decoder):
     assert _layout(decoder.state_dict()) == _reference_layout("screenstyle_dec.json")
     assert _layout(ScreenVAEEncoder().state_dict()) == _reference_layout("screenstyle_enc.json")
 
 
-@needs_reference
 def test_generator_published_state_dict_equals_the_published_layout(generator):
     reference = _reference_layout("screenstyle_g_rgb2intscr.json")
     assert _layout(to_published_state_dict(generator)) == reference
@@ -99,7 +83,6 @@ def test_generator_published_state_dict_equals_the_published_layout(generator):
     assert len(spectral_norm_prefixes(generator)) == 16
 
 
-@needs_reference
 def test_torch_spectral_norm_module_saves_the_published_layout(generator):
     published = _torch_spectral_norm_copy(generator)
     assert _layout(published.state_dict()) == _reference_layout("screenstyle_g_rgb2intscr.json")
@@ -196,12 +179,12 @@ def test_forward_shapes_and_ranges(generator, decoder):
     encoder = ScreenVAEEncoder().eval()
     with torch.inference_mode():
         screenmap = generator(x)
-        tone = decode_tone(decoder, screenmap, lines, torch.Generator().manual_seed(0))
+        tone = decode_tone_binarised(decoder, screenmap, lines, torch.Generator().manual_seed(0))
         mean, logvar = encode_screenmap(encoder, x[:, :1], lines)
     assert screenmap.shape == (1, 4, 256, 256)
     assert screenmap.abs().max() <= 1 and screenmap.std() > 0.01
     assert tone.shape == (1, 1, 256, 256) and tone.min() >= -1 and tone.max() <= 1
-    assert torch.all(tone[torch.sign(lines) < 0] == -1)  # ink pixels of the line map stay black
+    assert torch.all(tone[torch.sign(lines) < 0] == -1)  # binarised: every pixel of the line below 0 is black
     assert mean.shape == logvar.shape == (1, 4, 256, 256)
 
 
@@ -216,16 +199,30 @@ def test_encoder_pads_arbitrary_pages_and_crops_back():
 
 def test_renderer_output_is_deterministic_in_eval_and_seeded(generator, decoder):
     renderer = ScreenStyleRenderer(ScreenStyleModels(generator, decoder), device="cpu")
-    page = synthetic_colour_page(200, 300, seed=2)  # not a multiple of 256: padded and cropped back
+    page = synthetic_colour_page(100, 150, seed=2)  # not a multiple of 256: padded and cropped back
     first, second = renderer.render(page, seed=11), renderer.render(page, seed=11)
     other = renderer.render(page, seed=12)
-    assert first.shape == (200, 300) and first.dtype == np.uint8
+    assert first.shape == (100, 150) and first.dtype == np.uint8
     assert np.array_equal(first, second)
     assert not np.array_equal(first, other)  # the decoder noise is live and comes from the seed
     screenmap = renderer.screenmap(page)
-    assert screenmap.shape == (4, 200, 300) and np.abs(screenmap).max() <= 1
+    assert screenmap.shape == (4, 100, 150) and np.abs(screenmap).max() <= 1
     lines = renderer.line_map(page)
-    assert np.all(first[lines < 128] == 0)  # the sign-binarised line map is multiplied in: ink is black
+    assert np.array_equal(lines, np.asarray(Image.fromarray(page).convert("L")))  # the grey page, not eroded
+    assert np.all(first <= lines)  # multiplied twice by the grey line map: never lighter than the grey page
+
+
+def test_eroded_binarised_path_keeps_the_first_version(generator, decoder):
+    """The first version stays available by name: eroded line map, sign-binarised line (ink is black), v1 id."""
+    renderer = ScreenStyleRenderer(ScreenStyleModels(generator, decoder), device="cpu", path="eroded-binarised")
+    page = synthetic_colour_page(100, 150, seed=2)
+    tone = renderer.render(page, seed=11)
+    lines = renderer.line_map(page)
+    grey = np.asarray(Image.fromarray(page).convert("L"))
+    assert np.array_equal(lines, erode_lines(grey, 3)) and np.any(lines < grey)
+    assert tone.shape == (100, 150) and np.all(tone[lines < 128] == 0)
+    assert renderer.id.startswith("screenstyle-v1-") and renderer.id.endswith("-grey-x2")
+    assert "colorflow" not in renderer.id
 
 
 def test_renderer_line_options_and_id(generator, decoder):
@@ -238,7 +235,7 @@ def test_renderer_line_options_and_id(generator, decoder):
     assert np.all(twice <= once) and np.any(twice < once)  # the second grey multiplication only darkens
     assert set(np.unique(xdog.line_map(page))) <= {0, 255}
     assert len({colorflow.id, single.id, xdog.id}) == 3
-    assert colorflow.id.startswith("screenstyle-v1-") and colorflow.id.endswith("-grey-x2")
+    assert colorflow.id.startswith("screenstyle-v2-") and colorflow.id.endswith("-colorflow-grey-x2")
     with pytest.raises(ValueError, match="line_passes"):
         ScreenStyleRenderer(models, line_passes=3)
     with pytest.raises(ValueError, match="max_pixels"):
@@ -260,6 +257,11 @@ def test_make_renderer_finds_colorflow_weight_folders(generator, decoder, tmp_pa
         device="cpu",
     )
     assert explicit.id == renderer.id
+    legacy = make_renderer(f"screenstyle:{tmp_path}; path=eroded-binarised; passes=1", device="cpu")
+    assert (legacy.path, legacy.line_passes) == ("eroded-binarised", 1)
+    assert legacy.id == renderer.id.replace("-v2-", "-v1-").replace("-colorflow-grey-x2", "-grey-x1")
+    with pytest.raises(ValueError, match="bad option 'colour=red'"):
+        make_renderer(f"screenstyle:{tmp_path};colour=red")
     with pytest.raises(FileNotFoundError, match="latest_net_dec.pth not found"):
         make_renderer(f"screenstyle:{tmp_path / 'color2manga'}")
     with pytest.raises(ValueError, match="unknown screentone renderer spec"):

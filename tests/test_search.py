@@ -183,3 +183,73 @@ def test_bad_input_is_refused(queries, allowed, message: str) -> None:
     searcher = PoolSearcher(vectors, _keys(2).tie_rank)
     with pytest.raises(ValueError, match=message):
         searcher.search(vectors[:1] if queries is None else queries, allowed, 1)
+
+
+def _naive_capped(queries, refs, allowed_per_frame, keys: RefKeys, k, cap):
+    """Plain-Python definition of the diversity cap: per frame (4 queries), walk all (query, row) candidates in
+    order of score desc, rank within the query, query index; keep one while its query needs rows and its page has
+    given fewer than `cap` of the frame's patches."""
+    scores = exact_scores(queries, refs)
+    out = np.full((len(queries), k), -1)
+    for first, allowed in zip(range(0, len(queries), 4), allowed_per_frame, strict=True):
+        ranked = {
+            q: sorted(allowed, key=lambda r, q=q: (-scores[q, r], keys.page_ids[r], keys.patches[r]))
+            for q in range(first, first + 4)
+        }
+        candidates = sorted(
+            ((q, rank, row) for q, rows in ranked.items() for rank, row in enumerate(rows)),
+            key=lambda c: (-scores[c[0], c[2]], c[1], c[0]),
+        )
+        taken = {q: [] for q in ranked}
+        per_page: dict[str, int] = {}
+        for q, _, row in candidates:
+            page = keys.page_ids[row]
+            if len(taken[q]) < k and per_page.get(page, 0) < cap:
+                taken[q].append(row)
+                per_page[page] = per_page.get(page, 0) + 1
+        for q, rows in taken.items():
+            out[q] = rows
+    return out
+
+
+def test_max_per_page_caps_a_frames_patches_per_reference_page() -> None:
+    rng = np.random.default_rng(3)
+    n_pages = 30
+    base = _unit(rng.normal(size=(n_pages * 5, 24)))
+    keys = _keys(n_pages)
+    # a frame whose 4 query patches all resemble one page: uncapped, that page supplies most of its 12 patches
+    favourite = np.arange(5) + 5 * 7
+    queries = _unit(base[favourite[[0, 1, 2, 3]]].astype(np.float32) + 0.05 * rng.normal(size=(4, 24)))
+    queries = np.concatenate([queries, _unit(rng.normal(size=(4, 24)))])  # and a second, random frame
+    others = np.array([p for p in range(n_pages) if p != 7])
+    pools = [np.append(rng.choice(others, size=11, replace=False), 7), rng.choice(n_pages, size=12, replace=False)]
+    allowed_sets = [np.concatenate([np.arange(5) + 5 * p for p in pool]) for pool in pools]
+    allowed = padded_rows(allowed_sets, repeats=4)
+    searcher = PoolSearcher(base, keys.tie_rank)
+    free_rows, free_scores = searcher.search(queries, allowed, 3)
+    assert max(np.unique(keys.page_ids[free_rows[:4]], return_counts=True)[1]) >= 4  # one page dominates
+    # a cap no frame reaches is the paper's independent top-k, scores and all
+    same_rows, same_scores = searcher.search(
+        queries, allowed, 3, max_per_page=12, ref_pages=keys.page_ids, queries_per_frame=4
+    )
+    np.testing.assert_array_equal(same_rows, free_rows)
+    np.testing.assert_allclose(same_scores, free_scores)
+    for cap in (1, 2, 3):
+        rows, scores = searcher.search(
+            queries, allowed, 3, max_per_page=cap, ref_pages=keys.page_ids, queries_per_frame=4
+        )
+        np.testing.assert_array_equal(rows, _naive_capped(queries, base, allowed_sets, keys, 3, cap))
+        for frame in (rows[:4], rows[4:]):
+            assert max(np.unique(keys.page_ids[frame], return_counts=True)[1]) <= cap
+        assert (np.diff(scores, axis=1) <= 0).all()  # each query's rows stay best first
+        np.testing.assert_allclose(scores, exact_scores(queries, base)[np.arange(8)[:, None], rows])
+
+
+def test_an_unfillable_cap_and_missing_pages_are_refused() -> None:
+    keys = _keys(2)
+    vectors = _unit(np.random.default_rng(0).normal(size=(10, 8)))
+    searcher = PoolSearcher(vectors, keys.tie_rank)
+    with pytest.raises(ValueError, match="max_per_page=1.*too few reference pages"):
+        searcher.search(vectors[:4], np.arange(10), 3, max_per_page=1, ref_pages=keys.page_ids, queries_per_frame=4)
+    with pytest.raises(ValueError, match="needs ref_pages"):
+        searcher.search(vectors[:4], np.arange(10), 3, max_per_page=2)

@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from fsync_spy import check_markers_follow_their_data, record_fsyncs
 from shard_inputs import build_corpus
 
 from pipelines.layout import DataLayout
 from pipelines.samples import FIELDS, build_training_inputs, decode_sample
 from pipelines.shard_job import ShardJobOptions, run_shards
-from pipelines.shards import PlanMismatchError, write_tar
+from pipelines.shards import PlanMismatchError, code_version, shard_code_files, write_tar
 from pipelines.storage import TMP_TAG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,11 +56,17 @@ def corpus_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+SHARD_STAGE_FSYNCS: list[str] = []  # os.fsync order during the `sharded` run (local: every write in this process)
+
+
 @pytest.fixture(scope="module")
 def sharded(corpus_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("sharded") / "out"
     shutil.copytree(corpus_root, out)
-    return out, run_shards(out, OPTIONS, local=True)
+    with record_fsyncs() as events:
+        summary = run_shards(out, OPTIONS, local=True)
+    SHARD_STAGE_FSYNCS[:] = events
+    return out, summary
 
 
 def _tars(out: Path, split: str) -> list[Path]:
@@ -137,6 +144,20 @@ def test_manifest_index_and_markers_describe_every_shard(sharded: tuple[Path, di
     wids_index = json.loads((out / "shards" / "train" / "index.wids.json").read_text())
     assert wids_index["wids_version"] == 1
     assert sum(s["nsamples"] for s in wids_index["shardlist"]) == manifest["splits"]["train"]["nsamples"]
+
+
+def test_tars_and_indexes_are_fsynced_before_their_markers(sharded: tuple[Path, dict]) -> None:
+    out, _ = sharded
+    layout = DataLayout.at(out)
+    markers = sum(
+        check_markers_follow_their_data(SHARD_STAGE_FSYNCS, layout.shards(split), expect=1)
+        for split in ("train", "val")
+    )
+    assert markers == len(_tars(out, "train")) + len(_tars(out, "val"))
+    manifest = str(layout.shards_manifest.resolve())
+    assert SHARD_STAGE_FSYNCS.index(manifest) > max(
+        SHARD_STAGE_FSYNCS.index(str(tar.resolve())) for tar in _tars(out, "train")
+    )
 
 
 def test_no_series_appears_in_two_splits(sharded: tuple[Path, dict]) -> None:
@@ -377,3 +398,26 @@ def test_job_arguments_parse_sizes_and_byte_counts() -> None:
     args = parse_args(["--data", "OUT", "--shard-size", "2GB", "--bench-series", "a", "b", "--size", "640x640"])
     assert args.shard_size == 2 * 10**9 and args.bench_series == ["a", "b"] and args.size == (640, 640)
     assert args.max_samples is None and not args.local and args.val_fraction == 0.05
+
+
+def test_code_version_covers_only_the_code_that_produces_shard_bytes(tmp_path: Path) -> None:
+    for package in ("pipelines", "screentone", "model", "training", "jobs"):
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    scope = {p.relative_to(tmp_path).as_posix() for p in shard_code_files(tmp_path)}
+    assert {
+        "pipelines/shard_job.py",
+        "pipelines/samples.py",
+        "pipelines/geometry.py",
+        "screentone/halftone.py",
+    } <= scope
+    assert not {p for p in scope if p.split("/")[0] in ("model", "training", "jobs")}
+    assert "pipelines/report.py" not in scope
+    before = code_version(tmp_path)
+    (tmp_path / "model" / "new_model.py").write_text("VALUE = 1\n")
+    (tmp_path / "training" / "__init__.py").write_text("# edited\n")
+    (tmp_path / "jobs" / "shards.py").write_text((tmp_path / "jobs" / "shards.py").read_text() + "\n# edited\n")
+    (tmp_path / "pipelines" / "report.py").write_text("# edited\n")
+    assert code_version(tmp_path) == before  # finished shards stay valid
+    samples = tmp_path / "pipelines" / "samples.py"
+    samples.write_text(samples.read_text() + "\n# edited\n")
+    assert code_version(tmp_path)["source_sha256"] != before["source_sha256"]

@@ -1,0 +1,232 @@
+"""Colorize benchmark: pages per second and peak memory per device, with and without each memory option.
+
+For every device (the CPU, and CUDA when present) and memory mode ("none" is the baseline; "vae-slicing" = sliced
+and tiled VAE; "offload" = `enable_model_cpu_offload`, CUDA only), a fresh process runs `pipelines.colorize` on a
+generated chapter, in-process (`local`): a one-page warm-up run (models loaded, kernels chosen), then the measured
+run over `--pages` pages (retrieval, ICP, GSRP and writing included; model loading excluded). It reports pages/s,
+the process's peak resident memory and, on CUDA, the peak allocated GPU memory, each with its ratio to the
+baseline mode on the same device in the same run.
+
+Models: a tiny random SD1.5-shaped folder (`model.tiny.build_tiny_sd15`) by default, or with `--full-size` a random
+model of SD1.5's real architecture (UNet 860M, guider, VAE, text encoder; LoRA rank 64): no weights are downloaded,
+the figures measure the architecture's cost, not its output quality. Use `--full-size --size 512x800` on a GPU for
+the paper's 1024x1600 canvas.
+
+    python bench/colorize.py [--pages 4] [--size 128x192] [--steps 2] [--full-size] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jobs.common import parse_size  # noqa: E402
+
+MODES = ("none", "vae-slicing", "offload")
+
+
+def drawn_page(seed: int, width: int, height: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", (width, height), (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        left, top = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        size = (int(rng.integers(20, width // 3)), int(rng.integers(20, height // 3)))
+        draw.ellipse((left, top, left + size[0], top + size[1]), fill=colour, outline=(0, 0, 0), width=3)
+    return image
+
+
+def write_chapter(root: Path, pages: int, refs: int, size: tuple[int, int]) -> tuple[Path, Path, Path]:
+    """(pages, refs, warm-up page) folders of generated pages at 1.5x the frame size."""
+    width, height = round(size[0] * 1.5), round(size[1] * 1.5)
+    folders = [root / "pages", root / "refs", root / "warmup"]
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    for i in range(refs):
+        drawn_page(i, width, height).save(folders[1] / f"ref{i:03d}.png")
+    for i in range(pages):
+        drawn_page(1000 + i, width, height).convert("L").save(folders[0] / f"{i:03d}.png")
+    drawn_page(999, width, height).convert("L").save(folders[2] / "000.png")
+    return folders[0], folders[1], folders[2]
+
+
+def build_full_size_sd15(folder: Path) -> Path:
+    """A random model with SD1.5's architecture (configs of stable-diffusion-v1-5), saved as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from model.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(folder.parent / "tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    )  # SD1.5's text tower (768 wide, 12 layers); only the vocabulary is the tiny hand-written one
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def build_models(root: Path, full_size: bool) -> tuple[Path, Path, Path]:
+    """(sd15, ICP export, GSRP export) folders: random weights in our export layouts."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from model.icp_weights import save_icp_export
+
+    from model.colorguider import ColorGuider
+    from model.gsrp_fusion import GSRPFusion
+    from model.gsrp_weights import save_gsrp_export
+    from model.lora import add_icp_lora
+    from model.tiny import build_tiny_sd15
+
+    sd15 = build_full_size_sd15(root / "sd15") if full_size else build_tiny_sd15(root / "sd15")
+    unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
+    guider = ColorGuider.from_unet(unet)
+    add_icp_lora(unet)
+    icp = save_icp_export(root / "icp", guider, unet, {"bench": "random weights"})
+    vae = AutoencoderKL.from_pretrained(sd15, subfolder="vae")
+    gsrp = save_gsrp_export(root / "gsrp", GSRPFusion.from_vae_config(vae.config), {"bench": "random weights"})
+    return sd15, icp, gsrp
+
+
+def child(args: argparse.Namespace) -> dict:
+    """One device and memory mode in this (fresh) process: warm-up run, then the measured run."""
+    import torch
+
+    from pipelines.colorize import ColorizeSettings, RunOptions, chapter_tasks_for_sources, run_colorize
+    from pipelines.colorize_models import SamplingSettings, resolve_model_paths
+
+    work = Path(args.workdir)
+    models = resolve_model_paths(icp=str(work / "icp"), gsrp=str(work / "gsrp"), colorflow_weights=None,
+                                 sd15=str(work / "sd15"))  # fmt: skip
+    dtype = "float16" if args.device.startswith("cuda") else "float32"
+    sampling = SamplingSettings(steps=args.steps, dtype=dtype, memory=args.memory)
+    settings = ColorizeSettings(*args.size, encoder="weightfree", sampling=sampling, models=models)
+    options = RunOptions(local=True, device=args.device, rebuild=True)
+    out = work / "out" / f"{args.device}-{args.memory}"
+    run_colorize(chapter_tasks_for_sources(str(work / "warmup"), str(work / "refs")), out / "warmup", settings, options)
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    summary = run_colorize(chapter_tasks_for_sources(str(work / "pages"), str(work / "refs")), out, settings, options)
+    seconds = time.perf_counter() - started
+    if summary["pages_done"] != summary["pages"]:
+        raise RuntimeError(f"{args.device}/{args.memory}: pages failed: {summary['failures'][:2]}")
+    return {
+        "device": args.device,
+        "memory": args.memory,
+        "pages": summary["pages_done"],
+        "pages_per_second": summary["pages_per_second"],
+        "pages_per_second_with_retrieval": round(summary["pages_done"] / seconds, 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device.startswith("cuda") else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pages", type=int, default=4)
+    parser.add_argument("--refs", type=int, default=6)
+    parser.add_argument("--size", type=parse_size, default=(128, 192), help="frame WxH (canvas 2W x 2H)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--full-size", action="store_true", help="SD1.5's real architecture (random weights)")
+    parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when present)")
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    parser.add_argument("--memory", default="none", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)))
+        return
+
+    import torch
+
+    devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    with tempfile.TemporaryDirectory() as scratch:
+        work = Path(args.workdir or scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        write_chapter(work, args.pages, args.refs, args.size)
+        build_models(work, args.full_size)
+        print(f"models and chapter built in {time.perf_counter() - started:.1f} s in {work}", flush=True)
+        size = f"{args.size[0]}x{args.size[1]}"
+        print(f"\n{'full-size' if args.full_size else 'tiny'} SD1.5, frame {size} (canvas {2 * args.size[0]}x"
+              f"{2 * args.size[1]}), {args.steps} steps, {args.pages} pages, batch 1")  # fmt: skip
+        header = f"{'device':8} {'memory':12} {'pages/s':>9} {'ratio':>6} {'peak RSS MB':>12} {'ratio':>6}"
+        print(header + f" {'peak CUDA MB':>13} {'ratio':>6}")
+        for device in devices:
+            baseline = None
+            for mode in MODES:
+                if mode == "offload" and not device.startswith("cuda"):
+                    continue
+                command = [sys.executable, __file__, "--child", "--workdir", str(work), "--device", device,
+                           "--memory", mode, "--size", size, "--steps", str(args.steps)]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True)
+                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if done.returncode or line is None:
+                    print(f"{device:8} {mode:12} failed: {done.stderr.strip().splitlines()[-1:]}")
+                    continue
+                result = json.loads(line[len("RESULT ") :])
+                baseline = baseline or result
+
+                def ratio(key: str, result: dict = result, baseline: dict = baseline) -> str:
+                    return f"{result[key] / baseline[key]:6.2f}" if result[key] and baseline[key] else f"{'-':>6}"
+
+                cuda = f"{result['peak_cuda_mb']:13.1f}" if result["peak_cuda_mb"] is not None else f"{'-':>13}"
+                print(
+                    f"{device:8} {mode:12} {result['pages_per_second']:9.3f} {ratio('pages_per_second')} "
+                    f"{result['peak_rss_mb']:12.1f} {ratio('peak_rss_mb')} {cuda} {ratio('peak_cuda_mb')}",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Pages/s of `jobs.evaluate` at the benchmark size (768x1200), per metric set, against a baseline from the same run.
+
+Baseline: PSNR + SSIM only (what every run computes). Then FID with torch-fidelity's Inception-v3 (random weights
+of the real layout: speed does not depend on the values), CLIP-IS with an encoder spec (default ``weightfree``;
+pass ``--clip-encoder open_clip:ViT-L-14:<checkpoint>`` to time a real one), and all of them with an aesthetic
+head. Each figure is the whole job (pairing, decoding, scoring, tables, grids, model loading) over the same pages;
+the device is CUDA when available. Run: ``.venv/bin/python bench/evaluate.py [--pages N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+# This script's name is also a PyPI package's (Hugging Face `evaluate`): take bench/ off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageFilter  # noqa: E402
+
+from pipelines.encoders import resolve_encoder  # noqa: E402
+from pipelines.evaluate import EvaluateOptions, run_evaluate  # noqa: E402
+from screentone.synthetic import synthetic_colour_page  # noqa: E402
+
+
+def write_pages(root: Path, count: int, width: int, height: int) -> tuple[Path, Path]:
+    """truth/<page>.png (synthetic colour pages) and pred/<page>.png (blurred, noisy copies)."""
+    truth, pred = root / "truth", root / "pred"
+    truth.mkdir(parents=True)
+    pred.mkdir(parents=True)
+    for seed in range(count):
+        page = Image.fromarray(synthetic_colour_page(height, width, seed))
+        page.save(truth / f"page{seed:03d}.png")
+        blurred = np.asarray(page.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float64)
+        noisy = blurred + np.random.default_rng(seed).normal(0, 6, blurred.shape)
+        Image.fromarray(np.clip(np.round(noisy), 0, 255).astype(np.uint8)).save(pred / f"page{seed:03d}.png")
+    return truth, pred
+
+
+def random_inception_weights(path: Path) -> Path:
+    """A weights file of torch-fidelity's Inception-v3 layout with its random initialisation."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # noqa: ARG002
+            return None
+
+    empty = path.with_name("empty.pth")
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    torch.save(Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty)).state_dict(), path)
+    return path
+
+
+def aesthetic_head(path: Path, dim: int) -> Path:
+    """A LAION-shaped head (dim -> 1024 -> 128 -> 64 -> 16 -> 1) with random weights."""
+    torch.manual_seed(0)
+    sizes = [dim, 1024, 128, 64, 16, 1]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:], strict=False)]
+    state = {f"layers.{2 * i}.{k}": v for i, layer in enumerate(layers) for k, v in layer.state_dict().items()}
+    torch.save(state, path)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pages", type=int, default=6, help="pages scored per configuration")
+    parser.add_argument("--size", default="768x1200", help="page size WxH (default: the benchmark's)")
+    parser.add_argument("--clip-encoder", default="weightfree", help="encoder spec for CLIP-IS and the head")
+    args = parser.parse_args(argv)
+    width, height = (int(v) for v in args.size.split("x"))
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        truth, pred = write_pages(root, args.pages, width, height)
+        weights = random_inception_weights(root / "inception.pth")
+        head = aesthetic_head(root / "head.pth", resolve_encoder(args.clip_encoder).dim)
+        configurations = {
+            "baseline PSNR+SSIM": EvaluateOptions(),
+            "+ FID (Inception-v3)": EvaluateOptions(inception_weights=str(weights)),
+            f"+ CLIP-IS ({args.clip_encoder})": EvaluateOptions(clip_encoder=args.clip_encoder),
+            "all five metrics": EvaluateOptions(
+                inception_weights=str(weights), clip_encoder=args.clip_encoder, aesthetic_predictor=str(head)
+            ),
+        }
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        print(f"{args.pages} pages of {width}x{height}, device {device}, torch threads {torch.get_num_threads()}")
+        baseline = None
+        for name, options in configurations.items():
+            output = root / "out" / name.replace(" ", "_")
+            summary = run_evaluate(pred, truth, EvaluateOptions(**{**options.__dict__, "output": str(output)}))
+            rate = summary["pages"] / summary["seconds"]
+            baseline = baseline or rate
+            print(f"{name:32s} {rate:7.2f} pages/s   x{rate / baseline:.2f} of baseline")
+
+
+if __name__ == "__main__":
+    main()

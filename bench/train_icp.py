@@ -1,0 +1,267 @@
+"""ICP training throughput: the data path per CPU core, and on a GPU the step split, each against a baseline.
+
+Data path (always): generated samples at the training size (default 512x800) are written to real shards, then
+one process with one thread turns them into training tensors twice, interleaved over `--repeat` rounds:
+
+- baseline: `decode_sample` + `build_training_inputs` (every member decoded) + the same crop, resize and tensor
+  conversion the trainer needs (C_color, refs-only, frame-only, mask at latent size; `training.data.crop_resize`,
+  the stream's own resize, so the ratio shows what reading and decoding less saves);
+- stream: `training.data.build_icp_dataset` (wids reads, only ICP's members decoded, the one composite function,
+  the patch-wise crop), as a training loop consumes it.
+
+GPU (when CUDA is available): SD1.5-size random models built from configs (UNet, VAE, the Colorization Guider from
+the UNet, LoRA rank 64), bf16 frozen weights, at the training size and `--batch` 8: VAE encodes per sample (three
+images: C_color, refs-only, frame-only), guider + UNet forward/backward with and without gradient checkpointing:
+s/step, samples/s, peak memory.
+
+Run: ``.venv/bin/python bench/train_icp.py [--size 512x800] [--samples 24] [--repeat 3] [--batch 8] [--work DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# bench/screentone.py would shadow the `screentone` package: take bench/ off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pipelines.geometry import hires_size  # noqa: E402
+from pipelines.pagestore import encode_page  # noqa: E402
+from pipelines.samples import (  # noqa: E402
+    ChapterPages,
+    FrameRecord,
+    SampleConfig,
+    build_sample,
+    build_training_inputs,
+    decode_sample,  # noqa: E402
+)
+from pipelines.shards import write_tar  # noqa: E402
+from screentone.halftone import render_halftone  # noqa: E402
+from screentone.synthetic import synthetic_colour_page  # noqa: E402
+from training.data import ICPDataConfig, build_icp_dataset, crop_resize, crop_window, resolve_shard_source  # noqa: E402
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
+def _png(array: np.ndarray) -> bytes:
+    return encode_page(Image.fromarray(array, mode="L"), "png")
+
+
+def build_shards(work: Path, size: tuple[int, int], samples: int, per_shard: int = 8) -> Path:
+    """Real shards of generated frames: synthetic colour pages, halftone tones, rings of the chapter's pages."""
+    folder = work / f"shards-{size[0]}x{size[1]}-{samples}"
+    if (folder / "done").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    width, height = size
+    config = SampleConfig(width=width, height=height, renderer_id="halftone-bench")
+    hr = hires_size(width, height, config.hires_scale)
+    pages = {f"p{i:04d}": synthetic_colour_page(height + 16, width + 64, seed=i) for i in range(samples)}
+    store = ChapterPages({pid: encode_page(Image.fromarray(page), "png") for pid, page in pages.items()})
+    built = []
+    for n, pid in enumerate(pages):
+        others = [p for p in pages if p != pid]
+        rows = [
+            {
+                "query_patch": q,
+                "rank": r,
+                "ref_page_id": others[(3 * q + r) % len(others)],
+                "ref_patch": (q + r) % 5,
+                "score": 1.0 - 0.1 * r,
+            }
+            for q in range(4)
+            for r in range(3)
+        ]
+        colour = np.asarray(store.fitted(pid, width, height))
+        hr_colour = np.asarray(store.fitted(pid, *hr, keep=False))
+        frame = FrameRecord(pid, "bench", "bench-ch0", "ch0", n)
+        tone, hr_tone = _png(render_halftone(colour, seed=n)), _png(render_halftone(hr_colour, seed=n))
+        built.append(build_sample(frame, store, rows, tone, hr_tone, config))
+    for start in range(0, samples, per_shard):
+        write_tar(folder / f"train-{start // per_shard:06d}.tar", built[start : start + per_shard])
+    (folder / "done").write_text("ok")
+    return folder
+
+
+def baseline_sample(raw: dict, config: ICPDataConfig, seed: int) -> dict:
+    """What training cost before the stream: decode every member, build every input, convert what ICP needs."""
+    decoded = decode_sample(raw)
+    inputs = build_training_inputs(decoded, seed=seed)
+    layout = decoded.layout
+    box = crop_window(layout, config, seed, 0, decoded.key)
+    size = (layout.width, layout.height)
+    tensors = {name: crop_resize(getattr(inputs, name), box, size) for name in ("c_color", "refs_only", "frame_only")}
+    left, top, right, bottom = box
+    mask = torch.from_numpy(inputs.mask[top:bottom, left:right].copy())[None, None]
+    tensors["mask"] = F.interpolate(mask, size=(size[1] // 8, size[0] // 8), mode="nearest")[0]
+    return tensors
+
+
+def raw_samples(folder: Path) -> list[dict]:
+    from wids.wids import IndexedTarSamples
+
+    out = []
+    for tar in sorted(folder.glob("*.tar")):
+        shard = IndexedTarSamples(path=str(tar))
+        for i in range(len(shard)):
+            out.append({k: (v.getvalue() if isinstance(v, io.BytesIO) else v) for k, v in shard[i].items()})
+        shard.close()
+    return out
+
+
+def bench_data(folder: Path, samples: int, repeat: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    config = ICPDataConfig()
+    last = len(list(folder.glob("*.tar"))) - 1
+    source = resolve_shard_source(f"{folder}/train-{{000000..{last:06d}}}.tar")
+    raws = [{k: v for k, v in r.items() if not k.startswith("__") or k == "__key__"} for r in raw_samples(folder)]
+    base_rates, stream_rates = [], []
+    for round_ in range(repeat):
+        start = time.perf_counter()
+        for raw in raws:
+            baseline_sample(raw, config, seed=round_)
+        base_rates.append(len(raws) / (time.perf_counter() - start))
+        stream = iter(build_icp_dataset(source, config, seed=round_, rank=0, world_size=1))
+        start = time.perf_counter()
+        for _ in range(samples):
+            next(stream)
+        stream_rates.append(samples / (time.perf_counter() - start))
+    base, mine = statistics.median(base_rates), statistics.median(stream_rates)
+    print(f"data path, 1 process 1 thread, {samples} samples x {repeat} rounds (median):")
+    print(f"  baseline build_training_inputs + conversion : {base:6.1f} samples/s per core")
+    print(f"  training.data ICP stream                    : {mine:6.1f} samples/s per core  ({mine / base:.2f}x)")
+    return {"baseline": base, "stream": mine}
+
+
+def _sync() -> None:
+    torch.cuda.synchronize()
+
+
+def _time_steps(model: torch.nn.Module, optimizer, inputs: tuple, steps: int, dtype: torch.dtype) -> float:
+    """Seconds per optimiser step of the coupled guider + UNet (one warm-up step first)."""
+    latents = inputs[0]
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=dtype):
+            prediction = model(*inputs)
+        F.mse_loss(prediction.float(), latents).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    _sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_gpu(size: tuple[int, int], batch: int, steps: int) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from model.colorguider import ColorGuider
+    from model.guided_unet import GuidedUNet
+    from model.lora import add_icp_lora
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    width, height = size
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+    ).to(device, dtype)
+    vae.requires_grad_(False)
+    images = torch.randn(batch, 3, height, width, device=device, dtype=dtype)
+    with torch.no_grad():
+        vae.encode(images).latent_dist.sample()
+        _sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            for _ in range(3):
+                vae.encode(images).latent_dist.sample()
+        _sync()
+    encode_s = (time.perf_counter() - start) / steps
+    print(f"GPU {torch.cuda.get_device_name()}: {width}x{height} bf16, batch {batch}")
+    print(
+        f"  VAE encodes (3 per sample): {encode_s:.3f} s/step, {3 * batch / encode_s:.1f} images/s, "
+        f"{1000 * encode_s / batch:.1f} ms per sample"
+    )
+    del vae
+    torch.cuda.empty_cache()
+    for checkpointing in (True, False):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+        guider = ColorGuider.from_unet(unet)
+        unet.requires_grad_(False)
+        add_icp_lora(unet)
+        unet.to(device, dtype)
+        for parameter in unet.parameters():
+            if parameter.requires_grad:
+                parameter.data = parameter.data.float()
+        guider.to(device)
+        model = GuidedUNet(unet, guider)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+            guider.enable_gradient_checkpointing()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-5)
+        latents = torch.randn(batch, 4, height // 8, width // 8, device=device)
+        cond = torch.randn(batch, 9, height // 8, width // 8, device=device)
+        text = torch.randn(batch, 77, 768, device=device)
+        timesteps = torch.randint(0, 1000, (batch,), device=device)
+        torch.cuda.reset_peak_memory_stats()
+        seconds = _time_steps(model, optimizer, (latents, timesteps, text, cond), steps, dtype)
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(
+            f"  guider + UNet fwd/bwd, checkpointing {'on ' if checkpointing else 'off'}: {seconds:.3f} s/step, "
+            f"{batch / seconds:.1f} samples/s, peak {peak:.1f} GiB"
+        )
+        del model, unet, guider, optimizer
+        torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=(512, 800), help="training frame size WxH")
+    parser.add_argument("--samples", type=int, default=24, help="generated samples (shards of 8)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds of baseline and stream")
+    parser.add_argument("--batch", type=int, default=8, help="GPU batch size")
+    parser.add_argument("--steps", type=int, default=5, help="timed GPU steps per configuration")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the generated shards (kept)")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU part even when CUDA is available")
+    args = parser.parse_args(argv)
+    work = args.work or Path(tempfile.gettempdir()) / "colorflow-bench-train-icp"
+    started = time.perf_counter()
+    folder = build_shards(work, args.size, args.samples)
+    digest = hashlib.sha256(b"".join(p.read_bytes()[:4096] for p in sorted(folder.glob("*.tar")))).hexdigest()[:12]
+    print(
+        f"shards: {folder} ({args.samples} samples at {args.size[0]}x{args.size[1]}, {digest}) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+    bench_data(folder, args.samples, args.repeat)
+    if torch.cuda.is_available() and not args.no_gpu:
+        bench_gpu(args.size, args.batch, args.steps)
+    else:
+        print("GPU step split: skipped (no CUDA device)")
+
+
+if __name__ == "__main__":
+    main()

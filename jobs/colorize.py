@@ -1,0 +1,162 @@
+"""Colour black-and-white pages from colour references: `python -m jobs.colorize --pages P --refs R --output OUT`.
+
+PAGES and REFS are folders or .cbz/.zip archives. `--benchmark DIR --style NAME` instead colours every chapter of
+a benchmark folder from its own references (`OUT/<chapter_id>/<page_id>.png`, scored by `jobs.evaluate`).
+Weights: `--icp`/`--gsrp` (our exports) or `--colorflow-weights` (the release), on a local SD1.5 folder (`--sd15`).
+Also runs under `ray job submit -- python -m jobs.colorize ...` (RAY_ADDRESS is then set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from jobs.common import add_ray_arguments, parse_size, start_ray
+from pipelines.colorize import (
+    SIZE_PRESETS,
+    ColorizeSettings,
+    RunOptions,
+    chapter_tasks_for_benchmark,
+    chapter_tasks_for_sources,
+    default_dtype,
+    default_encoder,
+    export_defaults,
+    run_colorize,
+)
+from pipelines.colorize_models import DTYPES, MEMORY_MODES, SamplingSettings, resolve_model_paths
+from pipelines.colorize_sources import ColorizeInputError
+
+PRESETS = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jobs.colorize", description=__doc__)
+    inputs = parser.add_argument_group("what to colour")
+    inputs.add_argument("--pages", help="B&W pages: a folder or a .cbz/.zip archive (natural page order)")
+    inputs.add_argument("--refs", help="colour reference pages: a folder or a .cbz/.zip archive")
+    inputs.add_argument("--benchmark", help="a benchmark folder (jobs.shards): colour every chapter from its refs")
+    inputs.add_argument("--style", help="with --benchmark: the input style to colour (grey, halftone, screenstyle)")
+    inputs.add_argument("--output", required=True, help="output folder (OUT)")
+    weights = parser.add_argument_group("weights (local files only)")
+    weights.add_argument("--icp", help="our ICP export folder (export.json, colorguider/, unet_lora/)")
+    weights.add_argument("--gsrp", help="our GSRP export folder, or a released MultiResNetModel.bin")
+    weights.add_argument(
+        "--colorflow-weights", help="the released ColorFlow folder (GraySD/, image_encoder/), e.g. a HF snapshot"
+    )
+    weights.add_argument("--sd15", help="a local stable-diffusion-v1-5 folder (diffusers layout)")
+    weights.add_argument(
+        "--references-only", action="store_true", help="retrieve and draw contact sheets only; no model is loaded"
+    )
+    retrieval = parser.add_argument_group("retrieval")
+    retrieval.add_argument(
+        "--encoder",
+        default=None,
+        help="'open_clip:<model>:<weights>', 'weightfree' or 'clip_vision:<folder>' (a transformers "
+        "CLIPVisionModelWithProjection); default: the release's image_encoder/ with --colorflow-weights, else "
+        "the paper's open_clip ViT-H-14",
+    )
+    retrieval.add_argument(
+        "--max-per-page", type=int, default=None, help="cap on one reference page's patches per page (default: none)"
+    )
+    sampling = parser.add_argument_group("sampling (defaults: the export's export.json, then the released app's)")
+    sampling.add_argument("--size", type=parse_size, default=None, help=f"frame WxH: {PRESETS} or multiples of 16")
+    sampling.add_argument("--sr-scale", type=float, default=None, help="GSRP size as a multiple of --size (1.5)")
+    sampling.add_argument("--steps", type=int, default=None, help="UniPC steps (10)")
+    sampling.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (7.5)")
+    sampling.add_argument("--prompt", default=None, help="text prompt ('manga')")
+    sampling.add_argument("--negative-prompt", default=None, help="negative prompt ('')")
+    sampling.add_argument("--conditioning-scale", type=float, default=1.0, help="guider residual scale (1.0)")
+    sampling.add_argument("--seed", type=int, default=0, help="noise of each page: derived from the seed and the page")
+    run = parser.add_argument_group("devices")
+    run.add_argument("--device", default=None, help="torch device of the workers (default: cuda when present)")
+    run.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (float16 on GPU, else float32)")
+    run.add_argument(
+        "--memory",
+        choices=MEMORY_MODES,
+        default="none",
+        help="lower peak memory: 'vae-slicing' (sliced and tiled VAE) or 'offload' (models on the GPU one at a time)",
+    )
+    run.add_argument("--batch-size", type=int, default=1, help="pages per ICP call (default 1)")
+    run.add_argument("--actors", type=int, default=None, help="Ray workers (default: one per GPU, else 1)")
+    run.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs of a CPU worker (default: all / actors)")
+    run.add_argument("--rebuild", action="store_true", help="redo every page, finished or not")
+    run.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_ray_arguments(parser)
+    args = parser.parse_args(argv)
+    if bool(args.benchmark) == bool(args.pages or args.refs):
+        parser.error("give --pages and --refs, or --benchmark (with --style)")
+    if args.benchmark and not args.style:
+        parser.error("--benchmark needs --style (e.g. grey, or the screentone style of its index)")
+    if not args.benchmark and not (args.pages and args.refs):
+        parser.error("--pages and --refs go together")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    return args
+
+
+def build_settings(args: argparse.Namespace) -> ColorizeSettings:
+    models = None
+    defaults = {}
+    if not args.references_only:
+        models = resolve_model_paths(
+            icp=args.icp, gsrp=args.gsrp, colorflow_weights=args.colorflow_weights, sd15=args.sd15
+        )
+        defaults = export_defaults(args.icp, args.gsrp)
+    width, height = args.size or defaults.get("size", (512, 800))
+
+    def chosen(value, key: str, fallback):
+        """The command line wins, then the export's export.json, then the released app's value."""
+        return value if value is not None else defaults.get(key, fallback)
+
+    sampling = SamplingSettings(
+        steps=chosen(args.steps, "steps", 10),
+        guidance_scale=chosen(args.guidance_scale, "guidance_scale", 7.5),
+        prompt=chosen(args.prompt, "prompt", "manga"),
+        negative_prompt=chosen(args.negative_prompt, "negative_prompt", ""),
+        conditioning_scale=args.conditioning_scale,
+        dtype=args.dtype or default_dtype(args.device, args.local),
+        memory=args.memory,
+    )
+    return ColorizeSettings(
+        width=width,
+        height=height,
+        sr_scale=chosen(args.sr_scale, "sr_scale", 1.5),
+        seed=args.seed,
+        encoder=args.encoder or default_encoder(args.colorflow_weights),
+        max_per_page=args.max_per_page,
+        sampling=sampling,
+        models=models,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        start_ray(args)
+        settings = build_settings(args)
+        if args.benchmark:
+            tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
+        else:
+            tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
+        options = RunOptions(
+            batch_size=args.batch_size,
+            local=args.local,
+            actors=args.actors,
+            cpus_per_actor=args.cpus_per_actor,
+            device=args.device,
+            rebuild=args.rebuild,
+        )
+        summary = run_colorize(tasks, args.output, settings, options, extra)
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"colorize: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ColorizeInputError) else 1
+    shown = {k: v for k, v in summary.items() if k not in ("page_rows", "settings")}
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    return 0 if summary["complete"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

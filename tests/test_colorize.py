@@ -1,0 +1,120 @@
+"""Colorize end to end with tiny real models: our exports, the released layout, a benchmark scored by evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
+from PIL import Image
+
+from jobs.colorize import main as colorize_main
+
+STEPS = ["--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def chapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_chapter(tmp_path_factory.mktemp("chapter"))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny SD1.5 folder, our ICP and GSRP exports of it, and the same weights in the released folder layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from model.colorguider import ColorGuider
+    from model.gsrp_fusion import GSRPFusion
+    from model.gsrp_weights import save_gsrp_export
+    from model.icp_weights import save_icp_export, write_released_icp_layout
+    from model.lora import add_icp_lora
+    from model.tiny import build_tiny_sd15
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    sd15 = build_tiny_sd15(root / "sd15")
+    unet = UNet2DConditionModel.from_pretrained(sd15, subfolder="unet")
+    guider = ColorGuider.from_unet(unet)
+    add_icp_lora(unet)
+    icp = save_icp_export(root / "icp", guider, unet, {"prompt": "manga", "frame_size": [64, 96]})
+    fusion = GSRPFusion.from_vae_config(AutoencoderKL.from_pretrained(sd15, subfolder="vae").config)
+    gsrp = save_gsrp_export(root / "gsrp", fusion, {"sr_scale": 1.5})
+    release = root / "release"
+    write_released_icp_layout(release / "GraySD", guider, unet)
+    fusion.save_released(release / "GraySD" / "MultiResNetModel.bin")
+    save_tiny_clip_vision(release / "image_encoder")
+    return {"sd15": sd15, "icp": icp, "gsrp": gsrp, "release": release}
+
+
+def _run(args: list[str]) -> tuple[int, dict]:
+    code = colorize_main(args)
+    output = Path(args[args.index("--output") + 1])
+    return code, json.loads((output / "colorize.summary.json").read_text())
+
+
+def test_colours_a_chapter_skips_finished_pages_and_redoes_changed_settings(chapter, tiny_models, tmp_path) -> None:
+    pages, refs = chapter
+    out = tmp_path / "out"
+    args = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--encoder", "weightfree", "--local"]
+    args += ["--icp", str(tiny_models["icp"]), "--gsrp", str(tiny_models["gsrp"]), "--sd15", str(tiny_models["sd15"])]
+    code, summary = _run([*args, *STEPS])  # the frame size comes from the export: 64x96, GSRP 1.5x
+    assert code == 1 and summary["pages_failed"] == 1  # the corrupt page, reported; the others finish
+    assert summary["failures"][0]["page"] == CORRUPT_PAGE and "not an image" in summary["failures"][0]["error"]
+    assert [r["page"] for r in summary["page_rows"]] == ["1.png", "2.png", "3.png", CORRUPT_PAGE, "10.png"]
+    assert summary["settings"]["size"] == [64, 96] and summary["settings"]["sr_size"] == [96, 144]
+    first = {}
+    for stem in ("1", "2", "3", "10"):
+        page = Image.open(out / f"{stem}.png")
+        assert page.size == (96, 144) and page.mode == "RGB"
+        assert Image.open(out / "contact_sheets" / f"{stem}.jpg").width > page.width
+        first[stem] = (np.asarray(page), (out / f"{stem}.png").stat().st_mtime_ns)
+    assert not (out / "5.png").exists()
+
+    code, again = _run([*args, *STEPS])
+    assert again["pages_skipped"] == 4 and again["pages_done"] == 0
+    assert all((out / f"{stem}.png").stat().st_mtime_ns == first[stem][1] for stem in first)
+
+    code, redone = _run([*args, "--steps", "3"])
+    assert redone["pages_done"] == 4 and redone["pages_skipped"] == 0
+    assert redone["settings_fingerprint"] != summary["settings_fingerprint"]
+    record = json.loads((out / "2.json").read_text())
+    assert record["settings"]["sampling"]["steps"] == 3 and len(record["retrievals"]) == 12
+
+
+def test_released_layout_loads_through_colorflow_weights_on_ray(chapter, tiny_models, tmp_path, ray_local) -> None:
+    """`--colorflow-weights` takes GraySD/ (guider, LoRA, GSRP) and retrieves with its image_encoder/ (CLIP vision),
+    here in a Ray CPU actor that loads the models once."""
+    pages, refs = chapter
+    out = tmp_path / "out"
+    args = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--size", "64x96", *STEPS]
+    args += ["--colorflow-weights", str(tiny_models["release"]), "--sd15", str(tiny_models["sd15"])]
+    code, summary = _run(args)
+    assert summary["settings"]["encoder"]["spec"].startswith("clip_vision:")
+    assert summary["settings"]["encoder"]["spec"].endswith("image_encoder")
+    assert summary["pages_done"] == 4 and summary["pages_failed"] == 1
+    assert Image.open(out / "10.png").size == (96, 144)
+
+
+def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models, tmp_path) -> None:
+    from jobs.evaluate import main as evaluate_main
+    from pipelines.benchmark import read_benchmark, read_chapter_index
+
+    bench = pipeline_data / "benchmark"
+    out = tmp_path / "pred"
+    args = ["--benchmark", str(bench), "--style", "grey", "--output", str(out), "--size", "128x192", *STEPS]
+    args += ["--icp", str(tiny_models["icp"]), "--gsrp", str(tiny_models["gsrp"]), "--sd15", str(tiny_models["sd15"])]
+    code, summary = _run([*args, "--encoder", "weightfree", "--local", "--batch-size", "4"])
+    assert code == 0 and summary["style"] == "grey"
+    chapters = [c["chapter_id"] for c in read_benchmark(bench)["chapters"]]
+    index = read_chapter_index(bench, chapters[0])
+    for entry in index["bw"]:
+        prediction = Image.open(out / chapters[0] / f"{entry['page_id']}.png")
+        assert prediction.size == Image.open(bench / chapters[0] / entry["gt"]).size
+    scored = evaluate_main(["--pred", str(out), "--truth", str(bench)])
+    assert scored["scored"] == len(index["bw"]) * len(chapters) and scored["failed"] == 0
+    assert scored["style"]["name"] == "grey" and scored["style"]["source"] != "--style"  # read from our summary
+    code = colorize_main([*args, "--encoder", "weightfree", "--local", "--style", "nosuchstyle"])
+    assert code == 2

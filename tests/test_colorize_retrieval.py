@@ -1,0 +1,139 @@
+"""Colorize without models: reading sources, retrieval, the composite (against the trainer's), contact sheets."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
+from PIL import Image
+
+from jobs.colorize import main as colorize_main
+from pipelines.colorize import (
+    ChapterTask,
+    ColorizeSettings,
+    ColorizeWorker,
+    WorkerConfig,
+    plan_chapter,
+)
+from pipelines.colorize_refs import (
+    CLIP_VISION,
+    load_colorize_encoder,
+    patch_preparer,
+    resolve_colorize_encoder,
+)
+from pipelines.colorize_sources import open_source, output_stems
+from pipelines.geometry import CompositeLayout
+from pipelines.samples import ChapterPages, DecodedSample, build_ring, build_training_inputs
+
+SIZE = (64, 96)
+
+
+@pytest.fixture(scope="module")
+def chapter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_chapter(tmp_path_factory.mktemp("chapter"))
+
+
+def _run(args: list[str]) -> tuple[int, dict]:
+    code = colorize_main(args)
+    output = Path(args[args.index("--output") + 1])
+    return code, json.loads((output / "colorize.summary.json").read_text())
+
+
+def test_references_only_reads_in_natural_order_and_reports_a_corrupt_page(chapter, tmp_path: Path) -> None:
+    pages, refs = chapter
+    out = tmp_path / "out"
+    args = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--references-only"]
+    code, summary = _run([*args, "--size", "64x96", "--encoder", "weightfree", "--local"])
+    assert code == 1  # a page failed: the job says so
+    assert [row["page"] for row in summary["page_rows"]] == ["1.png", "2.png", "3.png", "5.png", "10.png"]
+    assert summary["pages_done"] == 4 and summary["pages_failed"] == 1
+    failure = summary["failures"][0]
+    assert failure["page"] == CORRUPT_PAGE and "not an image" in failure["error"]
+    for stem in ("1", "2", "3", "10"):
+        record = json.loads((out / f"{stem}.json").read_text())
+        assert len(record["retrievals"]) == 12
+        assert {row["ref_page_id"] for row in record["retrievals"]} <= {f"ref{i}.png" for i in range(1, 6)}
+        assert Image.open(out / "contact_sheets" / f"{stem}.jpg").height > 400
+    # the same run again: every finished page is skipped, the corrupt one is reported again
+    code, again = _run([*args, "--size", "64x96", "--encoder", "weightfree", "--local"])
+    assert again["pages_skipped"] == 4 and again["pages_done"] == 0 and again["pages_failed"] == 1
+
+
+def test_archive_sources_and_output_names(chapter, tmp_path: Path) -> None:
+    pages, refs = chapter
+    archive = tmp_path / "pages.cbz"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name in ("10.png", "2.png", "1.png"):
+            zf.write(pages / name, f"chapter/{name}")
+        zf.writestr("../escape.png", b"x")
+    source = open_source(archive)
+    with source.open() as reader:
+        listed = [(p.name, p.refused) for p in source.pages(reader)]
+    assert [name for name, _ in listed] == ["../escape.png", "chapter/1.png", "chapter/2.png", "chapter/10.png"]
+    assert "escapes" in listed[0][1]
+    assert output_stems(["a/1.jpg", "a/1.png", "b.png"]) == {"a/1.jpg": "a/1_jpg", "a/1.png": "a/1_png", "b.png": "b"}
+    code = colorize_main(["--pages", str(tmp_path / "missing"), "--refs", str(refs), "--output", str(tmp_path / "o")])
+    assert code == 2
+
+
+def test_composite_equals_the_trainers(chapter, tmp_path: Path) -> None:
+    """Ring, C_bw, mask and the guider's canvases built by colorize equal the trainer's for the same page and
+    retrievals: `samples.build_ring` from the reference bytes, then `build_training_inputs` (before any JPEG)."""
+    pages, refs = chapter
+    settings = ColorizeSettings(width=SIZE[0], height=SIZE[1], encoder="weightfree")
+    info = resolve_colorize_encoder("weightfree")
+    config = WorkerConfig(str(tmp_path), settings, info, settings.record(info), device="cpu")
+    worker = ColorizeWorker(config)
+    task = ChapterTask("", open_source(pages), open_source(refs), "")
+    plan = plan_chapter(task, config, "settings", worker.embed)
+    job = next(job for job in plan.jobs if job.name == "2.png")
+    mine = worker.page_inputs(job)
+
+    layout = CompositeLayout(*SIZE)
+    encoded = {path.name: path.read_bytes() for path in refs.iterdir()}
+    ring = build_ring(ChapterPages(encoded), job.rows, layout)
+    grey = mine["bw"].convert("L")
+    blank = Image.new("RGB", (96, 144))
+    sample = DecodedSample(job.page_id, blank.resize(SIZE), grey, grey, ring, blank, blank.convert("L"),
+                           blank.convert("L"), {})  # fmt: skip
+    trainer = build_training_inputs(sample, "grey")
+    for name in ("c_bw", "refs_only", "frame_only"):
+        assert np.array_equal(np.asarray(getattr(mine["canvases"], name)), np.asarray(getattr(trainer, name))), name
+    assert np.array_equal(mine["canvases"].mask, trainer.mask)
+    assert mine["canvases"].c_bw.size == (2 * SIZE[0], 2 * SIZE[1])
+
+
+def test_clip_vision_encoder_matches_the_release_preprocessing(chapter, tmp_path: Path) -> None:
+    """`clip_vision:<folder>` embeds like the release: default CLIPImageProcessor, then projected image_embeds."""
+    import torch
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    folder = save_tiny_clip_vision(tmp_path / "image_encoder")
+    info = resolve_colorize_encoder(f"{CLIP_VISION}:{folder}")
+    assert info.dim == 16 and info.kind == CLIP_VISION
+    patches = [Image.open(p).convert("RGB") for p in sorted(chapter[1].iterdir())[:3]]
+    prepared = np.stack([patch_preparer(info)(p) for p in patches])
+    ours = load_colorize_encoder(info).embed(prepared)
+    model = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
+    with torch.no_grad():
+        pixels = CLIPImageProcessor()(images=patches, return_tensors="pt").pixel_values
+        theirs = torch.nn.functional.normalize(model(pixel_values=pixels).image_embeds, dim=-1).numpy()
+    assert np.allclose(ours, theirs, atol=2e-2)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)
+
+
+def test_ray_workers_give_the_local_retrievals(chapter, tmp_path: Path, ray_local) -> None:
+    """The Ray path (a CPU actor holding the encoder) retrieves exactly what the in-process worker does."""
+    pages, refs = chapter
+    common = ["--pages", str(pages), "--refs", str(refs), "--references-only", "--size", "64x96"]
+    common += ["--encoder", "weightfree"]
+    _, on_ray = _run([*common, "--output", str(tmp_path / "ray")])
+    _, local = _run([*common, "--output", str(tmp_path / "local"), "--local"])
+    assert on_ray["pages_done"] == local["pages_done"] == 4
+    for stem in ("1", "2", "3", "10"):
+        ray_rows = json.loads((tmp_path / "ray" / f"{stem}.json").read_text())["retrievals"]
+        assert ray_rows == json.loads((tmp_path / "local" / f"{stem}.json").read_text())["retrievals"]

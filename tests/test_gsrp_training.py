@@ -1,0 +1,167 @@
+"""GSRP trainer on the pipeline fixture's shards with the tiny SD1.5 folder: overfitting, exact resume, launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model.gsrp_weights import load_gsrp, read_gsrp_export
+from model.tiny import build_tiny_sd15
+from training.data import resolve_shard_source
+from training.train_gsrp import cli, icp_size, main, parse_args
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory) -> Path:
+    return build_tiny_sd15(tmp_path_factory.mktemp("sd") / "tiny-sd15")
+
+
+@pytest.fixture(scope="module")
+def one_shard(pipeline_data) -> str:
+    """One train shard of the fixture (6 samples): a few pairs to overfit."""
+    return resolve_shard_source(pipeline_data).urls[0]
+
+
+@pytest.fixture(autouse=True)
+def _frugal_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def base_args(tiny_sd: Path, data: str, output: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrained_model_name_or_path", str(tiny_sd), "--data", data, "--output_dir", str(output),
+        "--crop_size", "64x64", "--bw_variant", "grey", "--report_to", "none", "--seed", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_icp_size_rounds_to_the_vae_factor():
+    assert icp_size(1200, 768, 1.5, 8) == (800, 512)
+    assert icp_size(64, 64, 1.5, 8) == (40, 40)
+    assert icp_size(8, 8, 4.0, 8) == (8, 8)
+
+
+def test_short_run_overfits_and_beats_the_plain_decode(tiny_sd, one_shard, tmp_path, capsys):
+    """A few pairs: the final L1 is at most half the first, and the fused output beats the plain VAE decode of
+    the degraded input on those pairs by at least 1 dB; TensorBoard gets loss, lr, PSNR and the image rows."""
+    argv = base_args(
+        tiny_sd, one_shard, tmp_path / "run",
+        "--validation_data", one_shard, "--num_validation_images", "6", "--train_batch_size", "3",
+        "--max_train_steps", "60", "--learning_rate", "3e-3", "--norm", "group", "--checkpointing_steps", "1000",
+        "--validation_steps", "30", "--report_to", "tensorboard",
+    )  # fmt: skip
+    summary = main(parse_args(argv))
+    gain = summary["psnr"] - summary["psnr_plain_decode"]
+    with capsys.disabled():
+        print(
+            f"\nGSRP overfit: L1 {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}; PSNR fused "
+            f"{summary['psnr']:.2f} dB vs plain decode {summary['psnr_plain_decode']:.2f} dB (+{gain:.2f} dB)"
+        )
+    assert summary["global_step"] == 60
+    assert summary["final_loss"] <= 0.5 * summary["first_loss"]
+    assert gain >= 1.0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "logs"), size_guidance={"images": 0, "scalars": 0})
+    for folder in (tmp_path / "run" / "logs").rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(folder.parent), size_guidance={"images": 0, "scalars": 0}).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "val/psnr", "val/psnr_plain_decode"} <= set(tags["scalars"])
+    assert "validation/0 degraded|output|target" in tags["images"]
+    image = events.Images("validation/0 degraded|output|target")[-1]
+    assert (image.width, image.height) == (3 * 64, 64)  # degraded | output | target side by side
+
+    export = Path(summary["export"])
+    record = read_gsrp_export(export)
+    assert record["steps"] == 60 and record["sr_scale"] == 1.5
+    assert record["shard_manifest_sha256"] == resolve_shard_source(one_shard).sha256
+    assert load_gsrp(export).config.norm == "group"
+
+
+def test_resume_is_exact(tiny_sd, pipeline_data, tmp_path):
+    """Stopped at step 2 and resumed with --resume_from_checkpoint latest, a run ends bitwise where an uninterrupted
+    run ends (BatchNorm statistics updating, accumulation 2, the whole train split with its shuffling)."""
+    common = ["--max_train_steps", "4", "--checkpointing_steps", "2", "--gradient_accumulation_steps", "2",
+              "--train_batch_size", "1", "--num_validation_images", "0", "--crop_size", "32x32"]  # fmt: skip
+    whole = main(parse_args([*base_args(tiny_sd, str(pipeline_data), tmp_path / "whole"), *common]))
+    assert sorted(p.name for p in (tmp_path / "whole").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "cut" / "checkpoint-2")
+    argv = [*base_args(tiny_sd, str(pipeline_data), tmp_path / "cut"), *common, "--resume_from_checkpoint", "latest"]
+    resumed = main(parse_args(argv))
+    assert resumed["global_step"] == 4
+    assert resumed["final_loss"] == whole["final_loss"]
+    want = load_file(Path(whole["export"]) / "fusion" / "diffusion_pytorch_model.safetensors")
+    got = load_file(Path(resumed["export"]) / "fusion" / "diffusion_pytorch_model.safetensors")
+    assert want.keys() == got.keys()
+    assert any("running_mean" in key for key in want)
+    for key, tensor in want.items():
+        assert torch.equal(tensor, got[key]), key
+    start = load_file(tmp_path / "whole" / "checkpoint-2" / "fusion" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(start[key], want[key]) for key in want)  # steps 3-4 did change the weights
+
+
+def test_init_from_a_release_freezes_batchnorm_statistics(tiny_sd, one_shard, tmp_path):
+    """Fine-tuning a (fake, tiny) release: the running statistics stay as released, the affine parameters move."""
+    from diffusers import AutoencoderKL
+
+    from model.gsrp_fusion import GSRPFusion
+
+    torch.manual_seed(0)
+    release = GSRPFusion.from_vae_config(AutoencoderKL.load_config(tiny_sd, subfolder="vae"))
+    path = release.save_released(tmp_path / "GraySD" / "MultiResNetModel.bin")
+    argv = base_args(
+        tiny_sd, one_shard, tmp_path / "ft", "--init_from", str(path.parent), "--max_train_steps", "2",
+        "--num_validation_images", "1", "--crop_size", "32x32",
+    )  # fmt: skip
+    summary = main(parse_args(argv))
+    tuned = load_gsrp(summary["export"])
+    before, after = release.state_dict(), tuned.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" in k or "num_batches" in k)
+    assert not torch.equal(before["branches.0.blocks.0.norm1.weight"], after["branches.0.blocks.0.norm1.weight"])
+    assert read_gsrp_export(summary["export"])["init_from"] == str(path.parent)
+
+
+def test_bad_input_is_one_line_and_an_exit_code(tiny_sd, tmp_path, capsys):
+    assert cli(["--data", str(tmp_path)]) == 2  # neither an SD folder nor --vae
+    capsys.readouterr()
+    assert cli(base_args(tiny_sd, str(tmp_path / "nowhere"), tmp_path / "out")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_gsrp: error:") and "nowhere" in err[0]
+
+
+def test_accelerate_launch_writes_checkpoints_and_an_export(tiny_sd, one_shard, tmp_path):
+    from accelerate.utils import write_basic_config
+
+    config = tmp_path / "accelerate.json"
+    write_basic_config(mixed_precision="no", save_location=str(config))
+    output = tmp_path / "launched"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "1",
+        "-m", "training.train_gsrp",
+        *base_args(tiny_sd, one_shard, output, "--max_train_steps", "3", "--checkpointing_steps", "1",
+                   "--checkpoints_total_limit", "2", "--num_validation_images", "1", "--crop_size", "32x32"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    assert (output / "checkpoint-3" / "fusion" / "config.json").is_file()
+    record = json.loads((output / "export" / "export.json").read_text())
+    assert record["steps"] == 3 and record["base_model"] == str(tiny_sd)
+    fusion = load_gsrp(output / "export")
+    assert tuple(fusion.config.encoder_channels) == (8, 8, 8, 16, 16)

@@ -1,0 +1,625 @@
+"""Train ColorFlow's In-context Colorization Pipeline (Colorization Guider + UNet LoRA) on our shards.
+
+    accelerate launch -m training.train_icp --pretrained_model_name_or_path SD15_DIR --data OUT \\
+        --output_dir runs/icp --max_train_steps 150000 --train_batch_size 8 --mixed_precision bf16
+
+The diffusers ControlNet/LoRA example skeleton: frozen VAE, text encoder and base UNet; the guider (built from the
+UNet, or `--init_from` a released GraySD folder or one of our exports) and the UNet's LoRA train as one
+`GuidedUNet` module through `accelerator.prepare`. Epsilon MSE at timesteps drawn with the paper's shift (mu 1.5);
+the prompt ("manga") is encoded once. Data: `training.data.build_icp_dataset` (seeded, rank/worker-disjoint,
+resumable). Every random draw of a step (VAE posterior samples, noise, timesteps) comes from a generator seeded by
+(seed, step, micro-batch, rank), so a run resumed from `checkpoint-N` ends bitwise equal to an uninterrupted one.
+
+Output: ``checkpoint-<step>/`` (accelerate state: colorguider/, unet_lora/, optimizer, scheduler, train_state.json;
+at most `--checkpoints_total_limit`), ``logs/`` (TensorBoard: loss, lr, timestep histogram, validation
+colourisations), the export (colorguider/, unet_lora/pytorch_lora_weights.safetensors, export.json) and, last,
+``train_icp.summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.storage import atomic_write_json, read_json
+from training.data import ICPDataConfig, ShardSource, build_icp_dataset, frame_size, resolve_shard_source
+
+logger = logging.getLogger("training.train_icp")
+
+PROG = "train_icp"
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAIN_STATE = "train_state.json"
+SUMMARY = "train_icp.summary.json"
+VALIDATION_ALPHA = 0.5  # the released preprocessing's 50/50 grey/tone blend
+
+
+def _pair(kind: type) -> Any:
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH")
+        return tuple(kind(p) for p in parts)
+
+    return parse
+
+
+def _variant(text: str) -> str | float:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = JobArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    # model loading
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD1.5 folder or hub id")
+    parser.add_argument("--revision", default=None, help="hub revision of the base model")
+    parser.add_argument("--variant", default=None, help="weight variant of the base model, e.g. fp16")
+    parser.add_argument("--init_from", default=None, help="start from a released GraySD folder or one of our exports")
+    parser.add_argument("--lora_rank", type=positive_int, default=64, help="LoRA rank (new LoRA only)")
+    parser.add_argument("--lora_alpha", type=float, default=64.0, help="LoRA alpha (new LoRA only)")
+    # data
+    parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
+    parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
+    parser.add_argument("--bw_variant", type=_variant, default="screenstyle", help="screenstyle|grey|tone|weight")
+    parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
+    parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
+    parser.add_argument("--crop_aspect", type=_pair(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH")
+    parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
+    # training
+    parser.add_argument("--output_dir", type=Path, required=True, help="run folder: checkpoints, logs, export")
+    parser.add_argument("--seed", type=int, default=0, help="fixes data order, alphas, crops, noise, timesteps")
+    parser.add_argument("--train_batch_size", type=positive_int, default=1, help="samples per process per step")
+    parser.add_argument("--max_train_steps", type=positive_int, default=150_000, help="optimiser steps")
+    parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="micro-batches per step")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint UNet and guider")
+    parser.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
+    parser.add_argument("--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes")
+    parser.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name")
+    parser.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
+    parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+")
+    parser.add_argument("--prompt", default="manga", help="the text prompt (the released inference uses 'manga')")
+    parser.add_argument("--timestep_mu", type=float, default=1.5, help="timestep shift mu (paper eq. 5)")
+    parser.add_argument("--no_timestep_shift", action="store_true", help="uniform timesteps (mu = 0)")
+    parser.add_argument("--conditioning_scale", type=float, default=1.0, help="guider residual scale")
+    # checkpoints, logging, validation
+    parser.add_argument("--checkpointing_steps", type=positive_int, default=500, help="save state every N steps")
+    parser.add_argument("--checkpoints_total_limit", type=positive_int, default=None, help="keep the newest N")
+    parser.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    parser.add_argument("--report_to", default="tensorboard", help="accelerate tracker ('none' to disable)")
+    parser.add_argument("--logging_dir", default="logs", help="TensorBoard folder under output_dir")
+    parser.add_argument("--histogram_steps", type=positive_int, default=50, help="timestep histogram every N steps")
+    parser.add_argument("--validation_steps", type=int, default=500, help="validation colourisations every N (0: off)")
+    parser.add_argument("--num_validation_samples", type=positive_int, default=2, help="fixed validation samples")
+    parser.add_argument("--validation_inference_steps", type=positive_int, default=10, help="sampler steps")
+    parser.add_argument("--record_sample_keys", action="store_true", help="write every rank's sample keys to summary")
+    args = parser.parse_args(argv)
+    for name in ("alpha_range", "crop_scale", "crop_aspect"):
+        low, high = getattr(args, name)
+        if low > high:
+            parser.error(f"--{name} {low},{high}: LOW must not exceed HIGH")
+    if args.no_timestep_shift:
+        args.timestep_mu = 0.0
+    return args
+
+
+# ---- pieces --------------------------------------------------------------------------------------------------------
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
+    """The generator of one micro-batch: a pure function of (seed, step, micro-batch, rank)."""
+    digest = hashlib.sha256(f"icp-step\x1f{seed}\x1f{step}\x1f{micro}\x1f{rank}".encode()).digest()
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (``checkpoint-<step>`` with a train_state.json), oldest first."""
+    found = []
+    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
+        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
+        if suffix.isdigit() and (path / TRAIN_STATE).is_file():
+            found.append((int(suffix), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    if value == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(value)
+    if not (path / TRAIN_STATE).is_file():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no {TRAIN_STATE})")
+    return path
+
+
+def encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, device: torch.device) -> torch.Tensor:
+    """(1, 77, D) hidden states of the prompt, computed once for the whole run."""
+    tokens = tokenizer(
+        prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        return text_encoder(tokens.input_ids.to(device))[0]
+
+
+def icp_loss(
+    model: torch.nn.Module,
+    vae: Any,
+    noise_scheduler: Any,
+    prompt_embeds: torch.Tensor,
+    batch: dict[str, Any],
+    generator: torch.Generator,
+    *,
+    mu: float,
+    conditioning_scale: float,
+    weight_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Epsilon MSE of one batch; returns (loss, timesteps).
+
+    The three canvases go through the frozen VAE in one call: C_color is the diffusion target; refs-only and
+    frame-only latents with the mask (already at latent size) make the guider's 9 condition channels.
+    """
+    from model.timesteps import sample_timesteps
+
+    device = prompt_embeds.device
+    images = torch.cat([batch["c_color"], batch["refs_only"], batch["frame_only"]]).to(device, weight_dtype)
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    target_latents, refs_latents, frame_latents = latents.float().chunk(3)
+    size = target_latents.shape[0]
+    mask = batch["mask"].to(device, torch.float32)
+    noise = torch.randn(target_latents.shape, generator=generator, device=device, dtype=torch.float32)
+    timesteps = sample_timesteps(
+        size, noise_scheduler.config.num_train_timesteps, mu=mu, generator=generator, device=device
+    )
+    noisy = noise_scheduler.add_noise(target_latents, noise, timesteps)
+    cond = torch.cat([refs_latents, mask, frame_latents], dim=1)
+    prediction = model(
+        noisy.to(weight_dtype),
+        timesteps,
+        prompt_embeds.expand(size, -1, -1).to(weight_dtype),
+        cond.to(weight_dtype),
+        conditioning_scale=conditioning_scale,
+    )
+    return F.mse_loss(prediction.float(), noise, reduction="mean"), timesteps
+
+
+def trainable_digest(model: torch.nn.Module) -> str:
+    """sha256 of the trainable parameters in name order: equal on every rank when gradients are synchronised."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        if parameter.requires_grad:
+            digest.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ---- models ---------------------------------------------------------------------------------------------------------
+
+
+def load_models(args: argparse.Namespace) -> dict[str, Any]:
+    """Frozen VAE, text encoder, tokenizer and scheduler; the trainable GuidedUNet (guider + LoRA-injected UNet)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from model.colorguider import ColorGuider
+    from model.guided_unet import GuidedUNet
+    from model.icp_weights import load_icp_weights
+    from model.lora import add_icp_lora
+
+    base = args.pretrained_model_name_or_path
+    kwargs = {"revision": args.revision}
+    tokenizer = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer", revision=args.revision)
+    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **kwargs, variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **kwargs, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", **kwargs, variant=args.variant)
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=args.revision)
+    for frozen in (vae, text_encoder, unet):
+        frozen.requires_grad_(False)
+    if args.init_from:  # our export or a released GraySD folder, loaded strictly
+        guider, unet, _ = load_icp_weights(unet, args.init_from)
+    else:
+        guider = ColorGuider.from_unet(unet)
+        add_icp_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
+    guider.requires_grad_(True)
+    guider.train()
+    return {
+        "tokenizer": tokenizer,
+        "text_encoder": text_encoder,
+        "vae": vae,
+        "noise_scheduler": noise_scheduler,
+        "model": GuidedUNet(unet, guider),
+    }
+
+
+def register_hooks(accelerator: Any, model_type: type) -> None:
+    """save_state/load_state write the trainables as diffusers folders (colorguider/, unet_lora/) and nothing else."""
+    from model.colorguider import ColorGuider
+    from model.lora import load_icp_lora, save_icp_lora
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            inner = accelerator.unwrap_model(model)
+            if not isinstance(inner, model_type):
+                raise TypeError(f"unexpected model in save_state: {type(inner).__name__}")
+            if accelerator.is_main_process:
+                inner.guider.save_pretrained(Path(output_dir) / "colorguider")
+                save_icp_lora(inner.unet, Path(output_dir) / "unet_lora")
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            inner = accelerator.unwrap_model(models.pop())
+            if not isinstance(inner, model_type):
+                raise TypeError(f"unexpected model in load_state: {type(inner).__name__}")
+            loaded = ColorGuider.from_pretrained(Path(input_dir) / "colorguider")
+            inner.guider.load_state_dict(loaded.state_dict())
+            load_icp_lora(inner.unet, Path(input_dir) / "unet_lora")
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---- validation -----------------------------------------------------------------------------------------------------
+
+
+def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
+    """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
+    from wids.wids import IndexedTarSamples
+
+    from pipelines.samples import build_training_inputs, decode_sample
+
+    try:
+        urls = resolve_shard_source(data if len(data) > 1 else data[0], "val").urls
+    except (FileNotFoundError, ValueError):
+        urls = source.urls
+    inputs = []
+    for url in urls:
+        shard = IndexedTarSamples(path=url)
+        try:
+            for index in range(min(len(shard), count - len(inputs))):
+                raw = {k: v for k, v in shard[index].items() if not k.startswith("__") or k == "__key__"}
+                inputs.append(build_training_inputs(decode_sample(raw), VALIDATION_ALPHA))
+        finally:
+            shard.close()
+        if len(inputs) >= count:
+            break
+    return inputs
+
+
+def log_validation(
+    accelerator: Any, models: dict[str, Any], model: Any, samples: list[Any], args: argparse.Namespace, step: int
+) -> None:
+    """Colourise the fixed samples with the sampling pipeline; log C_bw | output | target per sample."""
+    from model.pipeline_icp import ColorFlowICPPipeline
+    from pipelines.geometry import CompositeLayout
+
+    inner = accelerator.unwrap_model(model)
+    scheduler_config = models["noise_scheduler"].config
+    from diffusers import UniPCMultistepScheduler
+
+    pipeline = ColorFlowICPPipeline(
+        vae=models["vae"],
+        text_encoder=models["text_encoder"],
+        tokenizer=models["tokenizer"],
+        unet=inner.unet,
+        guider=inner.guider,
+        scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    rows = []
+    was_training = inner.training
+    inner.eval()
+    with torch.no_grad():
+        for index, sample in enumerate(samples):
+            generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
+            output = pipeline(
+                refs_only=sample.refs_only,
+                frame_only=sample.frame_only,
+                mask=sample.mask,
+                prompt=args.prompt,
+                num_inference_steps=args.validation_inference_steps,
+                generator=generator,
+            ).images[0]
+            layout = CompositeLayout(*sample.color.size)
+            centre = layout.crop_centre(output.resize(layout.canvas_size))
+            rows.append(np.concatenate([np.asarray(sample.bw), np.asarray(centre), np.asarray(sample.color)], axis=1))
+    if was_training:
+        inner.train()
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack(rows), step, dataformats="NHWC")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+
+
+def _sanitised(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in vars(args).items()}
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from model.guided_unet import GuidedUNet
+
+    started = time.perf_counter()
+    output_dir = Path(args.output_dir)
+    report_to = None if args.report_to in ("none", "", None) else args.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        cpu=not torch.cuda.is_available(),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        logging.getLogger().setLevel(logging.ERROR)
+    set_seed(args.seed)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+
+    source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
+    models = load_models(args)
+    vae, text_encoder, model = models["vae"], models["text_encoder"], models["model"]
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    device = accelerator.device
+    vae.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    model.unet.to(device, dtype=weight_dtype)
+    model.guider.to(device)
+    cast_training_params(model.unet, dtype=torch.float32)  # LoRA weights train in fp32; the frozen base stays low
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    prompt_embeds = encode_prompt(models["tokenizer"], text_encoder, args.prompt, device)
+    register_hooks(accelerator, GuidedUNet)
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    learning_rate = args.learning_rate
+    if args.scale_lr:
+        learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * world
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer,
+        num_warmup_steps=args.lr_warmup_steps * world,
+        num_training_steps=args.max_train_steps * world,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+
+    global_step = 0
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
+    if resume is not None:
+        state = read_json(resume / TRAIN_STATE)
+        expected = {"world_size": world, "train_batch_size": args.train_batch_size, "seed": args.seed}
+        expected["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+        different = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if different:
+            raise ValueError(f"{resume}: cannot resume exactly, settings differ (saved, now): {different}")
+        accelerator.load_state(str(resume))
+        global_step = int(state["global_step"])
+        logger.info("resumed from %s at step %d", resume, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s: starting a new run", output_dir)
+
+    latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    data_config = ICPDataConfig(
+        resolution=args.resolution,
+        variant=args.bw_variant,
+        alpha_range=tuple(args.alpha_range),
+        crop_scale=tuple(args.crop_scale),
+        crop_aspect=tuple(args.crop_aspect),
+        latent_factor=latent_factor,
+        batch_size=args.train_batch_size,
+        shuffle_shards=args.shuffle_shards,
+    )
+    per_step = args.train_batch_size * args.gradient_accumulation_steps
+    dataset = build_icp_dataset(
+        source, data_config, seed=args.seed, rank=rank, world_size=world, start_sample=global_step * per_step
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+
+    if accelerator.is_main_process and report_to:
+        accelerator.init_trackers("train_icp", config=_sanitised(args))
+    validation = []
+    if accelerator.is_main_process and args.validation_steps > 0:
+        validation = validation_inputs(source, args.num_validation_samples, args.data)
+
+    mu = args.timestep_mu
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="train_icp", disable=not accelerator.is_local_main_process
+    )
+    batches = iter(loader)
+    timestep_buffer: list[torch.Tensor] = []
+    sample_keys: list[list[str]] = []
+    bad_skipped = samples_seen = 0
+    loss_history: list[float] = []
+    loop_started = time.perf_counter()
+    model.train()
+    while global_step < args.max_train_steps:
+        losses = []
+        for micro in range(args.gradient_accumulation_steps):
+            batch = next(batches)
+            bad_skipped += int(batch["bad_skipped"].sum())
+            samples_seen += len(batch["key"])
+            if args.record_sample_keys:
+                sample_keys.append(list(batch["key"]))
+            generator = step_generator(args.seed, global_step, micro, rank, device)
+            with accelerator.accumulate(model):
+                loss, timesteps = icp_loss(
+                    model,
+                    vae,
+                    models["noise_scheduler"],
+                    prompt_embeds,
+                    batch,
+                    generator,
+                    mu=mu,
+                    conditioning_scale=args.conditioning_scale,
+                    weight_dtype=weight_dtype,
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+            timestep_buffer.append(timesteps.detach())
+        global_step += 1
+        step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
+        loss_history.append(step_loss)
+        rate = samples_seen * world / max(1e-9, time.perf_counter() - loop_started)
+        progress.update(1)
+        learning_rate_now = lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate_now:.2e}", samples_s=f"{rate:.1f}")
+        accelerator.log({"loss": step_loss, "lr": learning_rate_now, "samples_per_s": rate}, step=global_step)
+        if global_step % args.histogram_steps == 0 or global_step == args.max_train_steps:
+            all_timesteps = accelerator.gather(torch.cat(timestep_buffer))
+            timestep_buffer.clear()
+            if accelerator.is_main_process:
+                for tracker in accelerator.trackers:
+                    if tracker.name == "tensorboard":
+                        tracker.writer.add_histogram("timesteps", all_timesteps.cpu().numpy(), global_step)
+        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+            save_checkpoint(accelerator, output_dir, global_step, args, world, source)
+        if validation and global_step % args.validation_steps == 0:
+            log_validation(accelerator, models, model, validation, args, global_step)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    digests = accelerator.gather_for_metrics([trainable_digest(model)], use_gather_object=True)
+    keys_per_rank = accelerator.gather_for_metrics([sample_keys], use_gather_object=True)
+    totals = accelerator.gather(torch.tensor([bad_skipped, samples_seen], device=device)[None]).sum(0).tolist()
+    summary: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        inner = accelerator.unwrap_model(model)
+        layout_size = frame_size(source)
+        meta = {
+            "base_model": args.pretrained_model_name_or_path,
+            "prompt": args.prompt,
+            "frame_size": list(layout_size),
+            "resolution": list(args.resolution or layout_size),
+            "training_steps": global_step,
+            "shard_manifest": source.manifest,
+            "shard_manifest_sha256": source.sha256,
+            "seed": args.seed,
+            "timestep_mu": mu,
+            "init_from": args.init_from,
+        }
+        export_model(output_dir, inner, meta)
+        seconds = time.perf_counter() - started
+        summary = {
+            "steps": global_step,
+            "world_size": world,
+            "samples": int(totals[1]),
+            "bad_samples_skipped": int(totals[0]),
+            "seconds": round(seconds, 3),
+            "samples_per_s": round(totals[1] / max(1e-9, time.perf_counter() - loop_started), 3),
+            "loss_first_steps": loss_history[:10],
+            "loss_last_steps": loss_history[-10:],
+            "trainable_sha256_per_rank": digests,
+            "export": str(output_dir),
+        }
+        if args.record_sample_keys:
+            summary["sample_keys_per_rank"] = keys_per_rank
+        atomic_write_json(output_dir / SUMMARY, summary)  # last: the run's completion marker
+        logger.info(
+            "trained %d steps on %d process(es): %d samples (%.1f/s), %d bad samples skipped, in %.0f s",
+            global_step,
+            world,
+            summary["samples"],
+            summary["samples_per_s"],
+            summary["bad_samples_skipped"],
+            seconds,
+        )
+    accelerator.end_training()
+    return summary
+
+
+def export_model(output_dir: Path, model: Any, meta: dict[str, Any]) -> Path:
+    """The final export: guider `save_pretrained`, LoRA safetensors and export.json (model/icp_weights.py)."""
+    from model.icp_weights import save_icp_export
+
+    return save_icp_export(output_dir, model.guider, model.unet, meta)
+
+
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, step: int, args: argparse.Namespace, world: int, source: ShardSource
+) -> None:
+    """save_state into checkpoint-<step> (atomically, main process only), pruning to the total limit first."""
+    if not accelerator.is_main_process:
+        return
+    if args.checkpoints_total_limit is not None:
+        existing = list_checkpoints(output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            shutil.rmtree(old)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    scratch = output_dir / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    accelerator.save_state(str(scratch))
+    state = {
+        "global_step": step,
+        "world_size": world,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "samples_per_rank": step * args.train_batch_size * args.gradient_accumulation_steps,
+        "shard_manifest_sha256": source.sha256,
+    }
+    atomic_write_json(scratch / TRAIN_STATE, state)
+    if final.exists():
+        shutil.rmtree(final)
+    scratch.rename(final)
+    logger.info("saved %s", final)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    return run_job(lambda a: main(parse_args(a)), argv, prog=PROG)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
