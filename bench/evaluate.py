@@ -1,10 +1,11 @@
 """Pages/s of `jobs.evaluate` at the benchmark size (768x1200), per metric set, against a baseline from the same run.
 
-Baseline: PSNR + SSIM only (what every run computes). Then FID with torch-fidelity's Inception-v3 (random weights
-of the real layout: speed does not depend on the values), CLIP-IS with an encoder spec (default ``weightfree``;
-pass ``--clip-encoder open_clip:ViT-L-14:<checkpoint>`` to time a real one), and all of them with an aesthetic
-head. Each figure is the whole job (pairing, decoding, scoring, tables, grids, model loading) over the same pages;
-the device is CUDA when available. Run: ``.venv/bin/python bench/evaluate.py [--pages N]``.
+Baseline: PSNR + SSIM in float32 (the least a run computes); then SSIM in float64 (the default), FID with
+torch-fidelity's Inception-v3 (random weights of the real layout: speed does not depend on the values), CLIP-IS
+with an encoder spec (default ``weightfree``; pass ``--clip-encoder open_clip:ViT-L-14:<checkpoint>`` to time a
+real one), and all of them with an aesthetic head. Each figure is the whole job (pairing, decoding, scoring,
+tables, grids, model loading) over the same pages; the device is CUDA when available.
+Run: ``.venv/bin/python bench/evaluate.py [--pages N]``.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         truth, pred = write_pages(root, args.pages, width, height)
         weights = random_inception_weights(root / "inception.pth")
         head = aesthetic_head(root / "head.pth", resolve_encoder(args.clip_encoder).dim)
+        fast = {"ssim_precision": "float32"}
         configurations = {
-            "baseline PSNR+SSIM": EvaluateOptions(),
-            "+ FID (Inception-v3)": EvaluateOptions(inception_weights=str(weights)),
-            f"+ CLIP-IS ({args.clip_encoder})": EvaluateOptions(clip_encoder=args.clip_encoder),
+            "baseline PSNR+SSIM(float32)": EvaluateOptions(**fast),
+            "PSNR+SSIM(float64, default)": EvaluateOptions(),
+            "+ FID (Inception-v3)": EvaluateOptions(inception_weights=str(weights), **fast),
+            f"+ CLIP-IS ({args.clip_encoder})": EvaluateOptions(clip_encoder=args.clip_encoder, **fast),
             "all five metrics": EvaluateOptions(
+                inception_weights=str(weights), clip_encoder=args.clip_encoder, aesthetic_predictor=str(head), **fast
+            ),
+            "all five metrics, SSIM float64": EvaluateOptions(
                 inception_weights=str(weights), clip_encoder=args.clip_encoder, aesthetic_predictor=str(head)
             ),
         }
@@ -94,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             summary = run_evaluate(pred, truth, EvaluateOptions(**{**options.__dict__, "output": str(output)}))
             rate = summary["pages"] / summary["seconds"]
             baseline = baseline or rate
-            print(f"{name:32s} {rate:7.2f} pages/s   x{rate / baseline:.2f} of baseline")
+            print(f"{name:32s} {rate:7.3f} pages/s   x{rate / baseline:.2f} of baseline", flush=True)
 
 
 if __name__ == "__main__":

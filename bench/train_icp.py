@@ -1,7 +1,8 @@
 """ICP training throughput: the data path per CPU core, and on a GPU the step split, each against a baseline.
 
 Data path (always): generated samples at the training size (default 512x800) are written to real shards, then
-one process with one thread turns them into training tensors twice, interleaved over `--repeat` rounds:
+one process with one thread turns them into training tensors twice, interleaved over `--repeat` rounds, timed
+per CPU-second of the process (the per-core rate, robust to other load on the machine) and by the wall clock:
 
 - baseline: `decode_sample` + `build_training_inputs` (every member decoded) + the same crop, resize and tensor
   conversion the trainer needs (C_color, refs-only, frame-only, mask at latent size; `training.data.crop_resize`,
@@ -12,7 +13,9 @@ one process with one thread turns them into training tensors twice, interleaved 
 GPU (when CUDA is available): SD1.5-size random models built from configs (UNet, VAE, the Colorization Guider from
 the UNet, LoRA rank 64), bf16 frozen weights, at the training size and `--batch` 8: VAE encodes per sample (three
 images: C_color, refs-only, frame-only), guider + UNet forward/backward with and without gradient checkpointing:
-s/step, samples/s, peak memory.
+s/step, samples/s, peak memory; against the same two networks run uncoupled (no residual wiring: the issue's anchor
+workload) in the same run, and against the anchor's figures (13.8 samples/s at 20 GB with checkpointing, 20.1 at
+47 GB without, one H100).
 
 Run: ``.venv/bin/python bench/train_icp.py [--size 512x800] [--samples 24] [--repeat 3] [--batch 8] [--work DIR]``.
 """
@@ -129,113 +132,145 @@ def bench_data(folder: Path, samples: int, repeat: int) -> dict[str, float]:
     last = len(list(folder.glob("*.tar"))) - 1
     source = resolve_shard_source(f"{folder}/train-{{000000..{last:06d}}}.tar")
     raws = [{k: v for k, v in r.items() if not k.startswith("__") or k == "__key__"} for r in raw_samples(folder)]
-    base_rates, stream_rates = [], []
+    rates: dict[str, list[tuple[float, float]]] = {"baseline": [], "stream": []}  # (CPU-second, wall) rates
     for round_ in range(repeat):
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         for raw in raws:
             baseline_sample(raw, config, seed=round_)
-        base_rates.append(len(raws) / (time.perf_counter() - start))
+        rates["baseline"].append((len(raws) / (time.process_time() - cpu), len(raws) / (time.perf_counter() - wall)))
         stream = iter(build_icp_dataset(source, config, seed=round_, rank=0, world_size=1))
-        start = time.perf_counter()
+        cpu, wall = time.process_time(), time.perf_counter()
         for _ in range(samples):
             next(stream)
-        stream_rates.append(samples / (time.perf_counter() - start))
-    base, mine = statistics.median(base_rates), statistics.median(stream_rates)
-    print(f"data path, 1 process 1 thread, {samples} samples x {repeat} rounds (median):")
-    print(f"  baseline build_training_inputs + conversion : {base:6.1f} samples/s per core")
-    print(f"  training.data ICP stream                    : {mine:6.1f} samples/s per core  ({mine / base:.2f}x)")
+        rates["stream"].append((samples / (time.process_time() - cpu), samples / (time.perf_counter() - wall)))
+    medians = {name: [statistics.median(r[i] for r in runs) for i in (0, 1)] for name, runs in rates.items()}
+    (base, base_wall), (mine, mine_wall) = medians["baseline"], medians["stream"]
+    print(f"data path, 1 process 1 thread, {samples} samples x {repeat} rounds (median): per CPU-second | wall clock")
+    print(f"  baseline build_training_inputs + conversion : {base:6.1f} | {base_wall:6.1f} samples/s per core")
+    print(
+        f"  training.data ICP stream                    : {mine:6.1f} | {mine_wall:6.1f} samples/s per core"
+        f"  ({mine / base:.2f}x | {mine_wall / base_wall:.2f}x)"
+    )
     return {"baseline": base, "stream": mine}
 
 
-def _sync() -> None:
-    torch.cuda.synchronize()
+ANCHOR = {  # one H100, random weights, the same two networks coupled without the residual wiring (issue 12)
+    True: {"samples_per_s": 13.8, "gib": 20.0},
+    False: {"samples_per_s": 20.1, "gib": 47.0},
+}
 
 
-def _time_steps(model: torch.nn.Module, optimizer, inputs: tuple, steps: int, dtype: torch.dtype) -> float:
-    """Seconds per optimiser step of the coupled guider + UNet (one warm-up step first)."""
-    latents = inputs[0]
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
-    def step() -> None:
-        with torch.autocast("cuda", dtype=dtype):
-            prediction = model(*inputs)
-        F.mse_loss(prediction.float(), latents).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
+def _time_steps(step, steps: int, device: torch.device) -> float:
+    """Seconds per call of `step` (one warm-up call first)."""
     step()
-    _sync()
+    _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync()
+    _sync(device)
     return (time.perf_counter() - start) / steps
 
 
-def bench_gpu(size: tuple[int, int], batch: int, steps: int) -> None:
+def _models(kind: str, device: torch.device, dtype: torch.dtype):
+    """(vae, unet) built on `device`: SD1.5's configs, or the tiny test folder's (a smoke run anywhere)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from model.tiny import build_tiny_unet, build_tiny_vae
+
+    torch.manual_seed(0)
+    with torch.device(device):  # built in place: random init of ~1.7B parameters on a CPU takes minutes
+        if kind == "tiny":
+            vae, unet = build_tiny_vae(), build_tiny_unet()
+        else:
+            vae = AutoencoderKL(
+                block_out_channels=(128, 256, 512, 512),
+                down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4,
+                layers_per_block=2,
+                latent_channels=4,
+            )
+            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+    return vae.to(dtype=dtype).requires_grad_(False), unet
+
+
+def bench_step_split(size: tuple[int, int], batch: int, steps: int, kind: str, device: torch.device) -> None:
+    """VAE encodes, then guider + UNet forward/backward (ours, and the uncoupled baseline) with and without
+    gradient checkpointing: s/step, samples/s, peak memory."""
+    from diffusers.training_utils import cast_training_params
 
     from model.colorguider import ColorGuider
     from model.guided_unet import GuidedUNet
     from model.lora import add_icp_lora
 
-    device, dtype = torch.device("cuda"), torch.bfloat16
+    dtype = torch.bfloat16
     width, height = size
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-    ).to(device, dtype)
-    vae.requires_grad_(False)
-    images = torch.randn(batch, 3, height, width, device=device, dtype=dtype)
-    with torch.no_grad():
-        vae.encode(images).latent_dist.sample()
-        _sync()
-        start = time.perf_counter()
-        for _ in range(steps):
-            for _ in range(3):
-                vae.encode(images).latent_dist.sample()
-        _sync()
-    encode_s = (time.perf_counter() - start) / steps
-    print(f"GPU {torch.cuda.get_device_name()}: {width}x{height} bf16, batch {batch}")
+    vae, _ = _models(kind, device, dtype)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    images = torch.randn(3 * batch, 3, height, width, device=device, dtype=dtype)  # C_color, refs-only, frame-only
+
+    def encode(vae=vae, images=images) -> None:
+        with torch.no_grad():
+            vae.encode(images).latent_dist.sample()
+
+    encode_s = _time_steps(encode, steps, device)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"{name}, {kind} models, {width}x{height}, bf16, batch {batch}")
     print(
-        f"  VAE encodes (3 per sample): {encode_s:.3f} s/step, {3 * batch / encode_s:.1f} images/s, "
+        f"  VAE encodes (3 images per sample, one call): {encode_s:.3f} s/step, {3 * batch / encode_s:.1f} images/s, "
         f"{1000 * encode_s / batch:.1f} ms per sample"
     )
-    del vae
-    torch.cuda.empty_cache()
+    del vae, images
     for checkpointing in (True, False):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
-        guider = ColorGuider.from_unet(unet)
-        unet.requires_grad_(False)
-        add_icp_lora(unet)
-        unet.to(device, dtype)
-        for parameter in unet.parameters():
-            if parameter.requires_grad:
-                parameter.data = parameter.data.float()
-        guider.to(device)
-        model = GuidedUNet(unet, guider)
-        if checkpointing:
-            unet.enable_gradient_checkpointing()
-            guider.enable_gradient_checkpointing()
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-5)
-        latents = torch.randn(batch, 4, height // 8, width // 8, device=device)
-        cond = torch.randn(batch, 9, height // 8, width // 8, device=device)
-        text = torch.randn(batch, 77, 768, device=device)
-        timesteps = torch.randint(0, 1000, (batch,), device=device)
-        torch.cuda.reset_peak_memory_stats()
-        seconds = _time_steps(model, optimizer, (latents, timesteps, text, cond), steps, dtype)
-        peak = torch.cuda.max_memory_allocated() / 2**30
+        results = {}
+        for coupled in (True, False):
+            _, unet = _models(kind, device, dtype)
+            guider = ColorGuider.from_unet(unet)
+            add_icp_lora(unet)
+            unet.to(dtype=dtype)
+            cast_training_params(unet, dtype=torch.float32)  # LoRA in fp32, frozen base in bf16; guider fp32
+            model = GuidedUNet(unet, guider)
+            if checkpointing:
+                model.enable_gradient_checkpointing()
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+            latents = torch.randn(batch, 4, height // factor, width // factor, device=device)
+            cond = torch.randn(batch, 9, height // factor, width // factor, device=device)
+            text = torch.randn(batch, 77, unet.config.cross_attention_dim, device=device)
+            timesteps = torch.randint(0, 1000, (batch,), device=device)
+
+            def step(model=model, unet=unet, guider=guider, optimizer=optimizer, coupled=coupled,
+                     latents=latents, timesteps=timesteps, text=text, cond=cond) -> None:  # fmt: skip
+                with torch.autocast(device.type, dtype=dtype):
+                    if coupled:
+                        loss = F.mse_loss(model(latents, timesteps, text, cond).float(), latents)
+                    else:  # both networks, no residual wiring: the anchor's workload
+                        residuals = guider(latents, timesteps, cond)
+                        extra = sum(r.float().mean() for r in (*residuals.down_residuals, residuals.mid_residual))
+                        prediction = unet(latents, timesteps, text).sample
+                        loss = F.mse_loss(prediction.float(), latents) + extra
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            seconds = _time_steps(step, steps, device)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            results[coupled] = (seconds, peak)
+            del model, unet, guider, optimizer
+        (ours, ours_peak), (base, base_peak) = results[True], results[False]
+        anchor = ANCHOR[checkpointing]
         print(
-            f"  guider + UNet fwd/bwd, checkpointing {'on ' if checkpointing else 'off'}: {seconds:.3f} s/step, "
-            f"{batch / seconds:.1f} samples/s, peak {peak:.1f} GiB"
+            f"  guider + UNet fwd/bwd, checkpointing {'on ' if checkpointing else 'off'}: {ours:.3f} s/step, "
+            f"{batch / ours:.1f} samples/s, peak {ours_peak:.1f} GiB | uncoupled baseline {batch / base:.1f} "
+            f"samples/s, {base_peak:.1f} GiB: {base / ours:.2f}x | issue anchor {anchor['samples_per_s']} samples/s, "
+            f"{anchor['gib']:.0f} GB: {batch / ours / anchor['samples_per_s']:.2f}x"
         )
-        del model, unet, guider, optimizer
-        torch.cuda.empty_cache()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,6 +282,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed GPU steps per configuration")
     parser.add_argument("--work", type=Path, default=None, help="folder for the generated shards (kept)")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU part even when CUDA is available")
+    parser.add_argument(
+        "--models",
+        choices=("sd15", "tiny"),
+        default="sd15",
+        help="step-split models (tiny: CPU smoke run)",
+    )
     args = parser.parse_args(argv)
     work = args.work or Path(tempfile.gettempdir()) / "colorflow-bench-train-icp"
     started = time.perf_counter()
@@ -257,10 +298,14 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.perf_counter() - started:.1f} s"
     )
     bench_data(folder, args.samples, args.repeat)
-    if torch.cuda.is_available() and not args.no_gpu:
-        bench_gpu(args.size, args.batch, args.steps)
+    if args.no_gpu:
+        return
+    if torch.cuda.is_available():
+        bench_step_split(args.size, args.batch, args.steps, args.models, torch.device("cuda"))
+    elif args.models == "tiny":
+        bench_step_split(args.size, args.batch, args.steps, args.models, torch.device("cpu"))
     else:
-        print("GPU step split: skipped (no CUDA device)")
+        print("step split: skipped (no CUDA device; --models tiny runs a CPU smoke run)")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
             traceback.print_exc()
         print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
         return RUNTIME_ERROR
-    return exit_status(result) if isinstance(result, dict) else 0
+    if isinstance(result, dict):
+        return exit_status(result)
+    return result if isinstance(result, int) else 0  # an exit status, or what a job printed (paths, ...)
 
 
 EXPECTED_ERRORS = (ValueError, OSError, LookupError, RuntimeError)

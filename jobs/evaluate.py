@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"another feature network: {WEIGHT_FREE!r}, 'open_clip:<model>:<weights>', 'torchscript:<file>' or "
         "'<module>:<callable>' returning an nn.Module (uint8 N x 3 x H x W -> N x D)",
     )
+    parser.add_argument(
+        "--ssim-precision",
+        choices=["float64", "float32"],
+        default="float64",
+        help="float64 (default, exact: identical pages score 1) or float32 (~30x faster on CPU, ~2e-4 off)",
+    )
     parser.add_argument("--grid-pages", type=int, default=3, help="best and worst pages shown per metric (default 3)")
     parser.add_argument("--device", default=None, help="torch device for the networks (default: cuda if available)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
         aesthetic_relu=args.aesthetic_relu,
         grid_pages=args.grid_pages,
         device=args.device,
+        ssim_precision=args.ssim_precision,
     )
     summary = run_evaluate(args.pred, args.truth, options)
     print(json.dumps({k: summary[k] for k in ("overall", "paper_row", "scored", "failed", "output")}, indent=2))

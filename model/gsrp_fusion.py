@@ -103,16 +103,26 @@ class FusionBlock(nn.Module):
 
 
 class FusionBranch(nn.Module):
+    """One level's residual stack. With gradient checkpointing on, each block is recomputed in backward, except
+    while BatchNorm updates its running statistics (a recomputed forward would update them twice)."""
+
     def __init__(self, in_channels: int, out_channels: int, num_blocks: int, norm: str, norm_num_groups: int) -> None:
         super().__init__()
         widths = [in_channels] + [out_channels] * num_blocks
         self.blocks = nn.ModuleList(
             FusionBlock(widths[j], widths[j + 1], norm, norm_num_groups) for j in range(num_blocks)
         )
+        self.gradient_checkpointing = False
+
+    def _checkpointing(self) -> bool:
+        if not (self.gradient_checkpointing and torch.is_grad_enabled()):
+            return False
+        return not any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        checkpointing = self._checkpointing()
         for block in self.blocks:
-            x = block(x)
+            x = self._gradient_checkpointing_func(block, x) if checkpointing else block(x)
         return x
 
 
@@ -122,6 +132,8 @@ class GSRPFusion(ModelMixin, ConfigMixin):
     `encoder_channels[i]` is the width of tap i of ONE image (the branch sees twice that); `decoder_channels[i]` the
     width of the decoder point branch i is added to. Defaults are the released SD1.5 layout.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

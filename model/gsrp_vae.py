@@ -138,7 +138,7 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
 def tensor_to_pil(image: torch.Tensor) -> Image.Image:
     """(3,H,W) in [-1,1] -> RGB PIL (clamped, rounded)."""
     array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), mode="RGB")
+    return Image.fromarray(array.permute(1, 2, 0).cpu().numpy())
 
 
 def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -300,7 +300,6 @@ class OpenClipEncoder(Encoder):
 
     def __init__(self, info: EncoderInfo, device: str = "cpu") -> None:
         import open_clip
-        import torch
 
         if "config_path" in info.load_args:
             _register_model_config(Path(info.load_args["config_path"]))
@@ -313,14 +312,25 @@ class OpenClipEncoder(Encoder):
                 f"{info.spec}: open_clip preprocessing {loaded} differs from the fingerprint "
                 f"{info.fingerprint['preprocessing']}; the embeddings would not match their id"
             )
+        self._use(model, preprocess, info.dim, device)
+
+    @classmethod
+    def from_model(cls, model: Any, preprocess: Any, dim: int, device: str = "cpu") -> OpenClipEncoder:
+        """An encoder around an open_clip model already built (benchmarks with random weights)."""
+        encoder = cls.__new__(cls)
+        encoder._use(model, preprocess, dim, device)
+        return encoder
+
+    def _use(self, model: Any, preprocess: Any, dim: int, device: str) -> None:
+        import torch
+
         normalise = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
         self.device = torch.device(device)
         self.dtype = encoder_dtype(self.device)
-        self.visual = model.visual.to(self.device, dtype=self.dtype).eval()
-        del model  # the text tower is never used
+        self.visual = model.visual.to(self.device, dtype=self.dtype).eval()  # the text tower is never used
         self.mean = torch.tensor(normalise.mean, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(normalise.std, device=self.device, dtype=torch.float32).view(1, 3, 1, 1)
-        self.dim = info.dim
+        self.dim = dim
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         import torch

@@ -50,6 +50,7 @@ from pipelines.evaluate_report import (
     write_tables,
 )
 from pipelines.metrics import (
+    SSIM_PRECISIONS,
     AestheticHead,
     FeatureExtractor,
     ImageEmbedder,
@@ -90,8 +91,11 @@ class EvaluateOptions:
     aesthetic_relu: bool = False
     grid_pages: int = 3
     device: str | None = None  # default: cuda when available
+    ssim_precision: str = "float64"  # or "float32": ~30x faster on CPU, ~2e-4 off
 
     def __post_init__(self) -> None:
+        if self.ssim_precision not in SSIM_PRECISIONS:
+            raise ValueError(f"ssim_precision {self.ssim_precision!r}: expected one of {sorted(SSIM_PRECISIONS)}")
         if self.resize is not None and self.resize not in RESAMPLING:
             raise ValueError(f"resize {self.resize!r}: expected one of {sorted(RESAMPLING)}")
         if self.inception_weights and self.fid_features:
@@ -260,6 +264,8 @@ def _read_json_file(path: Path) -> dict[str, Any]:
 class Scorers:
     """The loaded metric networks, what each is (specs), and the metrics that are off with their reasons."""
 
+    device: str = "cpu"
+    ssim_precision: str = "float64"
     fid: FeatureExtractor | None = None
     clip: ImageEmbedder | None = None
     aesthetic: AestheticHead | None = None
@@ -269,7 +275,11 @@ class Scorers:
 
 
 def load_scorers(options: EvaluateOptions, device: str) -> Scorers:
-    scorers = Scorers(specs={"psnr": "torchmetrics PSNR, data_range 255", "ssim": "torchmetrics SSIM, data_range 255"})
+    specs = {
+        "psnr": "torchmetrics PSNR, data_range 255, float64",
+        "ssim": f"torchmetrics SSIM, data_range 255, Gaussian 11 sigma 1.5, {options.ssim_precision}",
+    }
+    scorers = Scorers(device=device, ssim_precision=options.ssim_precision, specs=specs)
     if options.inception_weights:
         scorers.fid = inception_features(options.inception_weights, device)
     elif options.fid_features:
@@ -341,7 +351,7 @@ def score_page(pair: PagePair, scorers: Scorers, resize: str | None) -> PageResu
     try:
         truth_array, prediction_array = np.asarray(truth), np.asarray(prediction)
         result.values["psnr"] = psnr(prediction_array, truth_array)
-        result.values["ssim"] = ssim(prediction_array, truth_array)
+        result.values["ssim"] = ssim(prediction_array, truth_array, scorers.ssim_precision, scorers.device)
         embeddings = None
         if scorers.clip is not None:
             embeddings = scorers.clip.embed([truth, prediction])

@@ -1,8 +1,8 @@
 """The benchmark's image metrics, each from a maintained implementation: PSNR, SSIM, FID, CLIP-IS, aesthetic score.
 
-- PSNR and SSIM: torchmetrics' functional metrics on RGB images as float64 tensors in [0, 255] with
-  ``data_range=255`` (SSIM: Gaussian window 11, sigma 1.5, averaged over channels). Identical images have an
-  infinite PSNR (``float("inf")``; tables and JSON write it as the string ``"inf"``).
+- PSNR and SSIM: torchmetrics' functional metrics on RGB images as tensors in [0, 255] with ``data_range=255``
+  (SSIM: Gaussian window 11, sigma 1.5, averaged over channels), in float64 (SSIM: float32 on request, see
+  `ssim`). Identical images have an infinite PSNR (``float("inf")``; tables and JSON write it as ``"inf"``).
 - FID: torchmetrics' `FrechetInceptionDistance` statistics and distance over features of a `FeatureExtractor`:
   torch-fidelity's Inception-v3 (the one torchmetrics uses, 2048-d pool features) loaded from a local weights
   file, or any extractor the user names (`resolve_fid_features`). Features are extracted once per page and kept,
@@ -30,27 +30,33 @@ from pipelines.storage import sha256_file
 DATA_RANGE = 255.0
 
 
-def _as_batch(*images: np.ndarray) -> torch.Tensor:
-    """H x W x 3 uint8 arrays of one size -> (N, 3, H, W) float64 tensor in [0, 255].
+SSIM_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
-    float64 because SSIM's variances are differences of large means (E[x^2] - E[x]^2): in float32 two identical
-    pages with flat areas score 0.9993, not 1.
-    """
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).double()
+
+def _as_batch(image: np.ndarray, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
+    """An H x W x 3 uint8 array -> (1, 3, H, W) tensor in [0, 255]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].to(dtype)
 
 
 def psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """PSNR in dB of two H x W x 3 uint8 images of one size; ``inf`` when they are identical."""
+    """PSNR in dB of two H x W x 3 uint8 images of one size, in float64; ``inf`` when they are identical."""
     from torchmetrics.functional.image import peak_signal_noise_ratio
 
     return float(peak_signal_noise_ratio(_as_batch(prediction), _as_batch(truth), data_range=DATA_RANGE))
 
 
-def ssim(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """SSIM of two H x W x 3 uint8 images of one size (1.0 when identical)."""
+def ssim(prediction: np.ndarray, truth: np.ndarray, precision: str = "float64", device: str = "cpu") -> float:
+    """SSIM of two H x W x 3 uint8 images of one size (1.0 when identical in float64).
+
+    float64 by default: SSIM's variances are differences of large means (E[x^2] - E[x]^2), and in float32 two
+    identical pages with flat areas score 0.9998 and others are off by ~2e-4. float32 is ~30x faster on a CPU
+    (PyTorch has no fast float64 convolution there); on CUDA float64 is cheap.
+    """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    return float(structural_similarity_index_measure(_as_batch(prediction), _as_batch(truth), data_range=DATA_RANGE))
+    dtype = SSIM_PRECISIONS[precision]
+    pair = (_as_batch(prediction, dtype, device), _as_batch(truth, dtype, device))
+    return float(structural_similarity_index_measure(*pair, data_range=DATA_RANGE))
 
 
 # ----------------------------------------------------------------------------------------------------------------

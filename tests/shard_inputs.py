@@ -139,7 +139,9 @@ def build_corpus(
             write_chapter_pages(layout, cid, store)
     write_parquet(table_from_rows(page_rows, PAGES), layout.pages, PAGES)
     write_parquet(table_from_rows(chapter_rows, CHAPTERS), layout.chapters, CHAPTERS)
-    atomic_write_json(layout.summary("ingest"), {"stage": "ingest", "note": "written by tests/shard_inputs.py"})
+    atomic_write_json(
+        layout.summary("ingest"), {"stage": "ingest", "complete": True, "note": "written by tests/shard_inputs.py"}
+    )
     _write_embeddings(layout, images)
     _write_retrievals(layout, images)
     if render is not None:
@@ -164,7 +166,8 @@ def _write_embeddings(layout: DataLayout, images: dict[str, dict[str, Image.Imag
         write_parquet(table_from_rows(rows, EMBEDDINGS), folder / f"{cid}.parquet", EMBEDDINGS)
         write_marker(folder / cid, {"version": "shard_inputs", "rows": len(rows)})  # last, as the retrieval job does
     atomic_write_json(
-        layout.summary("retrieval"), {"encoder": {"encoder_id": info.encoder_id, "fingerprint": info.fingerprint}}
+        layout.summary("retrieval"),
+        {"complete": True, "encoder": {"encoder_id": info.encoder_id, "fingerprint": info.fingerprint}},
     )
 
 

@@ -96,6 +96,13 @@ def test_released_layout_loads_through_colorflow_weights_on_ray(chapter, tiny_mo
     assert summary["settings"]["encoder"]["spec"].endswith("image_encoder")
     assert summary["pages_done"] == 4 and summary["pages_failed"] == 1
     assert Image.open(out / "10.png").size == (96, 144)
+    # the Ray actor retrieved what an in-process run retrieves (references only: no model loaded there)
+    local = tmp_path / "local"
+    _run([*args[: args.index("--output")], "--output", str(local), *args[args.index("--output") + 2 :],
+          "--references-only", "--local"])  # fmt: skip
+    for stem in ("1", "2", "3", "10"):
+        on_ray = json.loads((out / f"{stem}.json").read_text())["retrievals"]
+        assert on_ray == json.loads((local / f"{stem}.json").read_text())["retrievals"]
 
 
 def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models, tmp_path) -> None:

@@ -114,7 +114,8 @@ def test_failures_are_counted_listed_and_not_fatal(bench: Path, tmp_path: Path, 
         image.resize((image.width // 2, image.height // 2)).save(small)  # wrong size
     (pred / "stray.png").write_bytes(small.read_bytes())
     out = tmp_path / "out"
-    assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out)]) == 0
+    fast = ["--ssim-precision", "float32"]
+    assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), *fast]) == 0
     summary = json.loads((out / "evaluate.summary.json").read_text())
     assert (summary["scored"], summary["failed"]) == (5, 3)
     assert summary["failed_by_status"] == {"missing": 1, "unreadable": 1, "wrong_size": 1}
@@ -138,9 +139,10 @@ def test_failures_are_counted_listed_and_not_fatal(bench: Path, tmp_path: Path, 
     statuses = [r["status"] for r in read_csv(out / "per_page.csv")]
     assert sorted(statuses) == ["missing", "ok", "ok", "ok", "ok", "ok", "unreadable", "wrong_size"]
 
-    assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), "--resize", "bicubic"]) == 0
+    assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), "--resize", "bicubic", *fast]) == 0
     summary = json.loads((out / "evaluate.summary.json").read_text())
     assert summary["scored"] == 6 and "wrong_size" not in summary["failed_by_status"]
+    assert summary["metrics"]["specs"]["ssim"].endswith("float32")
 
 
 def test_screenstyle_style_of_a_halftone_benchmark_is_refused(bench: Path, tmp_path: Path, capsys) -> None:

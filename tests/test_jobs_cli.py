@@ -243,3 +243,19 @@ def test_importing_screentone_augment_does_not_import_torch() -> None:
     done = _subprocess(["-c", script])
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["False", "True"]  # the package's names still work, loading torch on demand
+
+
+def test_exit_status_follows_the_summary_and_unexpected_errors_say_how_to_see_more(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert run_job(lambda argv: {"complete": False}, [], prog="job") == 1  # failed units: `ray job submit` FAILED
+    assert run_job(lambda argv: {"complete": True}, [], prog="job") == 0
+    assert run_job(lambda argv: 1, [], prog="job") == 1 and run_job(lambda argv: ["a.png"], [], prog="job") == 0
+
+    def broken(argv):
+        raise ZeroDivisionError("division by zero")
+
+    assert run_job(broken, [], prog="job") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "job: error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)"
+    ]

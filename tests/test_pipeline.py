@@ -56,3 +56,13 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
         == first["stages"]["ingest"]["summary"]["chapters"]["kept"] + 1
     )
     assert read_json(layout.shards_manifest)["splits"]["train"]["nsamples"] > train_samples
+
+
+def test_the_retrieval_cap_reaches_the_retrieval_stage_only_when_set() -> None:
+    from jobs.pipeline import parse_args
+    from pipelines.pipeline import PipelineOptions
+
+    assert "max_per_page" not in PipelineOptions().stage_settings("retrieval")  # uncapped settings hash as before
+    args = parse_args(["--input", "in", "--output", "out", "--max-per-page", "3"])
+    assert args.max_per_page == 3
+    assert PipelineOptions(max_per_page=args.max_per_page).stage_settings("retrieval")["max_per_page"] == 3

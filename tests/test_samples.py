@@ -186,8 +186,11 @@ def test_default_variant_is_the_screenstyle_draw_of_seed_epoch_and_key(chapter: 
     assert default.alpha == expected_alpha and 0.0 < default.alpha < 1.0
     expected = blend(np.asarray(decoded.grey), np.asarray(decoded.tone), expected_alpha)
     assert np.array_equal(np.asarray(default.bw)[..., 0], expected)
-    hr_expected = blend(np.asarray(decoded.hr_grey), np.asarray(decoded.hr_tone), expected_alpha)
-    assert np.array_equal(np.asarray(default.hr_bw)[..., 0], hr_expected)  # GSRP's input checked by value
+    hr_grey, hr_tone = np.asarray(decoded.hr_grey, np.float64), np.asarray(decoded.hr_tone, np.float64)
+    hr_expected = np.rint((1 - expected_alpha) * hr_grey + expected_alpha * hr_tone).astype(np.uint8)
+    hr_bw = np.asarray(default.hr_bw)
+    assert hr_bw.shape == (*hr_expected.shape, 3) and (hr_bw == hr_expected[..., None]).all()  # GSRP's input by value
+    assert not np.array_equal(hr_expected, hr_grey) and not np.array_equal(hr_expected, hr_tone)  # a true blend
     assert build_training_inputs(decoded, epoch=1).alpha == sample_alpha(0, 1, decoded.key) != default.alpha
     assert build_training_inputs(decoded, seed=7).alpha == sample_alpha(7, 0, decoded.key)
     canvases = composite_inputs(decoded.layout, decoded.ring, default.bw)

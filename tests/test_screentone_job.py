@@ -98,6 +98,12 @@ def test_batched_frames_equal_single_frames_and_a_broken_frame_is_an_error() -> 
     sizes = {v: Image.open(io.BytesIO(png)).size for v, png in tones["f0"].items()}
     assert sizes == {"train": (64, 96), "hires": hires_size(64, 96, 1.25)}
 
+    # A batch that fails is retried page by page: every frame gets its own error, none is lost silently.
+    small = ScreenStyleRenderer(models, device="cpu", max_pixels=64 * 96)  # the hires size (80 x 120) is refused
+    tones, errors = render_frames({k: v for k, v in pages.items() if k != "f9"}, options, small)
+    assert tones == {} and sorted(errors) == ["f0", "f1", "f2"]
+    assert all(e.startswith("hires: ValueError: page of 80 x 120 px exceeds max_pixels") for e in errors.values())
+
 
 def test_requires_ingestion(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the ingestion job"):

@@ -159,7 +159,7 @@ def test_two_processes_train_together_on_disjoint_samples(sd15: Path, pipeline_d
     out = tmp_path / "ddp"
     argv = _args(sd15, pipeline_data, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     argv += ["--record_sample_keys", "--dataloader_num_workers", "2", "--report_to", "tensorboard"]
-    result = _launch("--multi_gpu", "--num_processes", "2", "-m", "training.train_icp", *argv)
+    _launch("--multi_gpu", "--num_processes", "2", "-m", "training.train_icp", *argv)
     summary = json.loads((out / "train_icp.summary.json").read_text())
     assert summary["world_size"] == 2
     keys = summary["sample_keys_per_rank"]
@@ -173,8 +173,8 @@ def test_two_processes_train_together_on_disjoint_samples(sd15: Path, pipeline_d
     assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [
         "colorguider", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "train_state.json", "unet_lora",
     ]  # fmt: skip
-    assert len(list(out.glob("logs/**/events.out.tfevents.*"))) == 1
-    assert "rank 1" not in result.stderr.lower() or "error" not in result.stderr.lower()
+    event_files = list(out.glob("logs/**/events.out.tfevents.*"))  # events.out.tfevents.<time>.<host>.<pid>.<n>
+    assert event_files and len({p.name.split(".")[-2] for p in event_files}) == 1
 
 
 def test_init_from_our_export_or_a_released_folder_starts_from_those_weights(sd15: Path, tmp_path: Path) -> None:

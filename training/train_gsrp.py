@@ -199,10 +199,10 @@ def evaluate_pairs(
 # ---- setup ---------------------------------------------------------------------------------------------------------
 
 
-def load_vae(args: argparse.Namespace) -> AutoencoderKL:
+def load_vae(args: argparse.Namespace, dtype: torch.dtype) -> AutoencoderKL:
     if args.vae is not None:
-        return AutoencoderKL.from_pretrained(args.vae)
-    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae")
+        return AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype)
+    return AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", torch_dtype=dtype)
 
 
 def build_fusion(args: argparse.Namespace, guided: GuidedVAE) -> GSRPFusion:
@@ -213,7 +213,9 @@ def build_fusion(args: argparse.Namespace, guided: GuidedVAE) -> GSRPFusion:
     guided.check_fusion(fusion)
     frozen = args.batchnorm_stats == "frozen" or (args.batchnorm_stats == "auto" and bool(args.init_from))
     fusion.freeze_batchnorm_statistics(frozen and fusion.config.norm == "batch")
-    return fusion.to(torch.float32).train()
+    if fusion.dtype != torch.float32:  # trainable weights stay fp32 under mixed precision
+        fusion = fusion.float()
+    return fusion.train()
 
 
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
@@ -299,7 +301,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         torch.backends.cudnn.allow_tf32 = True
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    vae = load_vae(args).requires_grad_(False).eval().to(accelerator.device, weight_dtype)
+    vae = load_vae(args, weight_dtype).requires_grad_(False).eval().to(accelerator.device)
     if args.gradient_checkpointing:
         vae.enable_gradient_checkpointing()
     guided = GuidedVAE(vae)
@@ -448,7 +450,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
 
     accelerator.wait_for_everyone()
-    summary: dict[str, Any] = {"global_step": global_step, "first_loss": first_loss, "final_loss": last_loss}
+    summary: dict[str, Any] = {
+        "global_step": global_step,
+        "first_loss": first_loss,
+        "final_loss": last_loss,
+        "losses": losses,
+    }
     if accelerator.is_main_process:
         result = validate()
         export = save_gsrp_export(
