@@ -118,11 +118,11 @@ def build_full_size_sd15(folder: Path) -> Path:
 def build_models(root: Path, full_size: bool) -> tuple[Path, Path, Path]:
     """(sd15, ICP export, GSRP export) folders: random weights in our export layouts."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from model.icp_weights import save_icp_export
 
     from model.colorguider import ColorGuider
     from model.gsrp_fusion import GSRPFusion
     from model.gsrp_weights import save_gsrp_export
+    from model.icp_weights import save_icp_export
     from model.lora import add_icp_lora
     from model.tiny import build_tiny_sd15
 

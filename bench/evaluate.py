@@ -4,7 +4,8 @@ Baseline: PSNR + SSIM in float32 (the least a run computes); then SSIM in float6
 torch-fidelity's Inception-v3 (random weights of the real layout: speed does not depend on the values), CLIP-IS
 with an encoder spec (default ``weightfree``; pass ``--clip-encoder open_clip:ViT-L-14:<checkpoint>`` to time a
 real one), and all of them with an aesthetic head. Each figure is the whole job (pairing, decoding, scoring,
-tables, grids, model loading) over the same pages; the device is CUDA when available.
+tables, grids, model loading) over the same pages, after one untimed warm-up run (imports, kernel selection);
+the device is CUDA when available.
 Run: ``.venv/bin/python bench/evaluate.py [--pages N]``.
 """
 
@@ -94,6 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         device = "cuda" if torch.cuda.is_available() else "cpu"
         print(f"{args.pages} pages of {width}x{height}, device {device}, torch threads {torch.get_num_threads()}")
+        run_evaluate(pred, truth, EvaluateOptions(output=str(root / "warm-up"), **fast))  # imports, kernel choice
         baseline = None
         for name, options in configurations.items():
             output = root / "out" / name.replace(" ", "_")

@@ -10,7 +10,8 @@ guidance (UNet batch 2):
 Prints ms/step, the ratios to the baseline, and on CUDA the peak memory of each.
 
 Run: ``.venv/bin/python bench/icp_models.py [--size sd15|tiny] [--frame 512x800] [--repeat 5] [--dtype fp16]``.
-On CPU use ``--size tiny`` (SD1.5 at 512x800 takes minutes per step there).
+On CPU use ``--size tiny --frame 128x192`` (SD1.5 at 512x800 takes minutes per step there) and
+``OMP_NUM_THREADS=1`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -42,21 +43,31 @@ def build(size: str) -> tuple[UNet2DConditionModel, int]:
     return UNet2DConditionModel(**config), 768
 
 
-def timed(step: Callable[[], object], repeat: int, device: torch.device) -> tuple[float, float | None]:
-    """Median ms of `repeat` runs after one warm-up, and the peak CUDA memory in GiB (None on CPU)."""
-    step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        step()
+def timed(
+    steps: dict[str, Callable[[], object]], repeat: int, device: torch.device
+) -> dict[str, tuple[float, float | None]]:
+    """Median ms per step of each variant, run interleaved (round-robin, after one warm-up each) so machine load
+    hits all alike, and each variant's peak CUDA memory in GiB (None on CPU)."""
+
+    def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return statistics.median(times), peak
+
+    peaks: dict[str, float | None] = {}
+    for name, step in steps.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        step()
+        sync()
+        peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeat):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1000)
+    return {name: (statistics.median(times[name]), peaks[name]) for name in steps}
 
 
 def doubled(residuals: GuiderOutput) -> GuiderOutput:
@@ -92,16 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     t = torch.tensor(500, device=device)
     pair = torch.cat([sample, sample])
 
+    steps = {
+        "baseline": lambda: unet(pair, t, text).sample,
+        "pipeline": lambda: guided_unet_forward(unet, pair, t, text, doubled(guider(sample, t, cond))),
+        "release": lambda: guided_unet_forward(unet, pair, t, text, guider(pair, t, torch.cat([cond, cond]))),
+    }
     with torch.no_grad():
-        baseline = timed(lambda: unet(pair, t, text).sample, args.repeat, device)
-        pipeline = timed(
-            lambda: guided_unet_forward(unet, pair, t, text, doubled(guider(sample, t, cond))), args.repeat, device
-        )
-        release = timed(
-            lambda: guided_unet_forward(unet, pair, t, text, guider(pair, t, torch.cat([cond, cond]))),
-            args.repeat,
-            device,
-        )
+        results = timed(steps, args.repeat, device)
+    baseline, pipeline, release = results["baseline"], results["pipeline"], results["release"]
 
     print(
         f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), {args.size}, "

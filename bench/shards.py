@@ -2,13 +2,14 @@
 sample costs, in one run.
 
 Builds a data folder with the real upstream stages (generated "small" corpus at 1.5x scale, ingestion, weight-free
-retrieval, halftone screentone at the training size), assembles every frame's sample once in memory (timed: the
-samples/s of one process, i.e. per core), then times (a) `pipelines.shards.write_tar` + the Parquet index, shard
-by shard, as the job writes them (temporary name, fsync, rename, folder fsync), and (b) the baseline: the same
-member bytes written sequentially as ONE file per shard, fsynced (file and folder): the least any durable writer
-must do. Both run interleaved on the same disk and start after an `os.sync()`; the tar writer also hashes
-(sha256) everything it writes. It also prints bytes per member and per sample, and what the alternative
-encodings would cost (screentone as JPEG, colour as PNG), the figures behind the encoding choice.
+retrieval, halftone screentone at the training size) and assembles every frame's sample once in memory, timed in
+CPU seconds of this one process (the per-core figure, which a busy shared machine distorts less; wall clock is
+printed too). Then it times (a) `pipelines.shards.write_tar` + the Parquet index, shard by shard, as the job
+writes them (temporary name, fsync, rename, folder fsync), and (b) the baseline: the same member bytes written
+sequentially as ONE file per shard, fsynced (file and folder), the least any durable writer must do. Both run
+interleaved on the same disk and start after an `os.sync()`; the tar writer also hashes (sha256) everything it
+writes. It also prints bytes per member and per sample, and what the alternative encodings would cost
+(screentone as JPEG, colour as PNG), the figures behind the encoding choice.
 
 Run: ``.venv/bin/python bench/shards.py [--size 512x800] [--scale 1.5] [--repeat 5] [--copies 5] [--work DIR]``.
 """
@@ -153,9 +154,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     renderer_id = read_json(layout.summary("screentone"))["renderer_id"]
     config = SampleConfig(width=size[0], height=size[1], renderer_id=renderer_id)
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     built = [s for _, s, _ in iter_frame_samples(layout, frames_of(layout), config) if s is not None]
-    build_seconds = time.perf_counter() - started
+    build_seconds, build_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     if not built:
         raise SystemExit("no sample could be built: check the upstream stages' outputs")
     written = [dict(s, __key__=f"{s['__key__']}x{copy}") for copy in range(args.copies) for s in built]
@@ -170,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"written {args.copies}x as {len(shards)} shards of {args.samples_per_shard}"
     )
     print(
-        f"sample assembly: {len(built) / build_seconds:.2f} samples/s per core (one process: decode, fit, ring, "
-        f"encode; {build_seconds:.1f} s for {len(built)} samples)"
+        f"sample assembly (one process: decode, fit, ring, encode): {len(built) / build_cpu:.2f} samples per "
+        f"CPU-second, i.e. per core; {len(built) / build_seconds:.2f} samples/s wall clock ({len(built)} samples)"
     )
     print("bytes per member (mean):")
     for field in FIELDS:

@@ -161,6 +161,8 @@ class ColorGuider(ModelMixin, ConfigMixin):
         for name, value in unsupported.items():
             if value is not None:
                 raise ValueError(f"ColorGuider: {name}={value!r} is not supported (the SD1.5 guider has none)")
+        if only_cross_attention:
+            raise ValueError("ColorGuider: only_cross_attention must be false (the guider has no cross-attention)")
         if brushnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError(f"ColorGuider: unknown conditioning channel order {brushnet_conditioning_channel_order!r}")
         if len(down_block_types) != len(up_block_types) or len(down_block_types) != len(block_out_channels):

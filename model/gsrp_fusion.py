@@ -219,11 +219,11 @@ class GSRPFusion(ModelMixin, ConfigMixin):
         `decoder_channels` and `blocks_per_branch` (e.g. from `vae_fusion_channels`) to insist on a layout.
         """
         path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such released fusion-net file")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as error:  # a truncated or foreign file: say which and why, in one line
+        except Exception as error:  # noqa: BLE001 - a truncated or foreign file: say which and why, in one line
             raise ValueError(f"{path}: not a readable torch state dict ({type(error).__name__}: {error})") from None
         if not isinstance(state, Mapping):
             raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")

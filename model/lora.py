@@ -48,7 +48,12 @@ def add_icp_lora(
 def lora_settings(unet: UNet2DConditionModel) -> dict:
     """{"rank", "alpha", "targets"} of the UNet's ICP adapter (for export.json)."""
     config = _adapter_config(unet)
-    return {"rank": int(config.r), "alpha": float(config.lora_alpha), "targets": sorted(config.target_modules)}
+    targets = config.target_modules
+    return {
+        "rank": int(config.r),
+        "alpha": float(config.lora_alpha),
+        "targets": targets if isinstance(targets, str) else sorted(targets),
+    }
 
 
 def _adapter_config(unet: UNet2DConditionModel) -> LoraConfig:
@@ -65,7 +70,7 @@ def save_icp_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
     config = _adapter_config(unet)
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
     metadata = config.to_dict()
-    metadata["target_modules"] = sorted(metadata["target_modules"])
+    metadata["target_modules"] = lora_settings(unet)["targets"]
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers={key: value.detach().contiguous() for key, value in state.items()},

@@ -293,6 +293,11 @@ class ColorizeWorker:
             self._encoder = load_colorize_encoder(self.config.encoder, self.device)
         return embed_prepared(self._encoder, prepared, self.config.embed_batch)
 
+    def close(self) -> None:
+        """Close the archives this worker holds open."""
+        while self._readers:
+            self._readers.popitem()[1].close()
+
     def colorizer(self):
         if self._colorizer is None:
             from pipelines.colorize_models import Colorizer
@@ -586,7 +591,7 @@ class LocalPool:
         return results
 
     def close(self) -> None:
-        return None
+        self.worker.close()
 
 
 class RayPool:
@@ -658,6 +663,8 @@ def run_colorize(
 ) -> dict[str, Any]:
     """Colour every chapter task into `output`; returns (and writes) the run summary."""
     options = options or RunOptions()
+    if settings.models is not None and settings.sampling.memory == "offload":
+        _check_offload_device(options)
     started = time.perf_counter()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -732,6 +739,23 @@ def run_colorize(
     }
     atomic_write_json(output / SUMMARY_FILE, summary)
     return summary
+
+
+def _check_offload_device(options: RunOptions) -> None:
+    """`--memory offload` moves models between CPU and GPU: refuse it up front where the workers have no GPU."""
+    if options.device is not None:
+        has_gpu = options.device.startswith("cuda")
+    elif options.local:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    else:
+        from pipelines.runtime import cluster_has_gpus, init_ray
+
+        init_ray()
+        has_gpu = cluster_has_gpus()
+    if not has_gpu:
+        raise ColorizeInputError("--memory offload needs CUDA workers; use --memory vae-slicing on CPUs")
 
 
 def _start_pool(config: WorkerConfig, options: RunOptions) -> LocalPool | RayPool:

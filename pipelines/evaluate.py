@@ -161,8 +161,8 @@ def collect_pairs(pred: Path, truth: Path, output: Path) -> TruthSet:
         raise FileNotFoundError(f"--pred {pred}: no such folder")
     pairs: list[PagePair] = []
     styles: dict[str, str] = {}
-    if (truth / "benchmark.json").exists():
-        kind = "benchmark"
+    if (truth / "benchmark.json").exists() or any(truth.glob("*/index.json")):
+        kind = "benchmark"  # chapters without benchmark.json: an unfinished benchmark, which read_benchmark refuses
         for chapter in read_benchmark(truth)["chapters"]:
             chapter_id = chapter["chapter_id"]
             index = read_chapter_index(truth, chapter_id)
@@ -181,13 +181,23 @@ def collect_pairs(pred: Path, truth: Path, output: Path) -> TruthSet:
             pairs.append(PagePair(chapter, relative.stem, path, stem, find_prediction(pred, stem)))
         if not pairs:
             raise FileNotFoundError(f"--truth {truth}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no benchmark.json")
+    return TruthSet(kind, truth, pairs, styles, _extra_predictions(pred, pairs, output, truth))
+
+
+def _extra_predictions(pred: Path, pairs: list[PagePair], output: Path, truth: Path) -> list[str]:
+    """Images in PRED's chapter folders that match no ground-truth page (a misnamed page shows up here).
+
+    Only the folders pages belong in are looked at, so colorize's contact sheets and our own output are not.
+    """
+    chapters = {p.chapter for p in pairs}
     matched = {p.prediction.resolve() for p in pairs if p.prediction is not None}
-    extra = [
-        p.relative_to(pred).as_posix()
-        for p in _images_under(pred, skip=output)
-        if p.resolve() not in matched and not p.resolve().is_relative_to(truth.resolve())
+    return [
+        path.relative_to(pred).as_posix()
+        for path in _images_under(pred, skip=output)
+        if path.relative_to(pred).parent.as_posix() in chapters
+        and path.resolve() not in matched
+        and not path.resolve().is_relative_to(truth.resolve())
     ]
-    return TruthSet(kind, truth, pairs, styles, extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------

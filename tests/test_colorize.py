@@ -82,6 +82,7 @@ def test_colours_a_chapter_skips_finished_pages_and_redoes_changed_settings(chap
     assert redone["settings_fingerprint"] != summary["settings_fingerprint"]
     record = json.loads((out / "2.json").read_text())
     assert record["settings"]["sampling"]["steps"] == 3 and len(record["retrievals"]) == 12
+    assert colorize_main([*args, "--memory", "offload", "--device", "cpu"]) == 2  # offload needs CUDA workers
 
 
 def test_released_layout_loads_through_colorflow_weights_on_ray(chapter, tiny_models, tmp_path, ray_local) -> None:

@@ -112,7 +112,9 @@ def test_failures_are_counted_listed_and_not_fatal(bench: Path, tmp_path: Path, 
     small = pred / pages[2][0] / f"{pages[2][1]}.png"
     with Image.open(small) as image:
         image.resize((image.width // 2, image.height // 2)).save(small)  # wrong size
-    (pred / "stray.png").write_bytes(small.read_bytes())
+    (pred / pages[3][0] / "misnamed.png").write_bytes(small.read_bytes())
+    (pred / "contact_sheets" / pages[3][0]).mkdir(parents=True)
+    (pred / "contact_sheets" / pages[3][0] / f"{pages[3][1]}.jpg").write_bytes(b"not a prediction")
     out = tmp_path / "out"
     fast = ["--ssim-precision", "float32"]
     assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), *fast]) == 0
@@ -122,7 +124,7 @@ def test_failures_are_counted_listed_and_not_fatal(bench: Path, tmp_path: Path, 
     reasons = {f["status"]: f["reason"] for f in summary["failures"]}
     assert "pass --resize" in reasons["wrong_size"] and f"{pages[2][1]}.png is " in reasons["wrong_size"]
     assert reasons["missing"].startswith(f"no prediction {pages[0][0]}/{pages[0][1]}.png")
-    assert summary["extra_predictions"] == ["stray.png"]
+    assert summary["extra_predictions"] == [f"{pages[3][0]}/misnamed.png"]
     assert summary["paper_row"] is None and summary["style"]["name"] == "halftone"
     assert summary["style"]["renderer_id"].startswith("halftone")
     assert summary["metrics"]["skipped"] == {
@@ -151,6 +153,15 @@ def test_screenstyle_style_of_a_halftone_benchmark_is_refused(bench: Path, tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "style 'screenstyle' (from --style) is not a style of the benchmark" in err[0]
     assert "['grey', 'halftone']" in err[0] and "Traceback" not in err[0]
+    with pytest.raises(ValueError, match="is not a style of the benchmark"):  # --debug: the traceback
+        cli(["--pred", str(pred), "--truth", str(bench), "--style", "screenstyle", "--debug"])
+    assert cli(["--pred", str(tmp_path / "absent"), "--truth", str(bench)]) == 1
+    expected = f"python -m jobs.evaluate: error: --pred {tmp_path / 'absent'}: no such folder"
+    assert capsys.readouterr().err.strip() == expected
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(bench, unfinished, ignore=shutil.ignore_patterns("benchmark.json"))
+    assert cli(["--pred", str(pred), "--truth", str(unfinished)]) == 1
+    assert "no benchmark.json; the benchmark folder is incomplete" in capsys.readouterr().err
 
 
 def test_no_prediction_at_all_exits_1_with_one_line(bench: Path, tmp_path: Path, capsys) -> None:

@@ -133,7 +133,8 @@ def _step(guided: GuidedVAE, fusion: GSRPFusion, colour, bw, target):
 
 
 def test_gradient_checkpointing_keeps_the_fusion_and_its_gradients():
-    """The released fork drops the fused maps when checkpointing is on; here outputs and gradients are equal."""
+    """The released fork drops the fused maps when checkpointing is on; here outputs and gradients are equal
+    (VAE and fusion checkpointed)."""
     vae = tiny_vae()
     fusion = tiny_fusion(vae, norm="group").train()
     guided = GuidedVAE(vae)
@@ -142,12 +143,15 @@ def test_gradient_checkpointing_keeps_the_fusion_and_its_gradients():
     # a pre-hook: checkpoint's recomputation stops early, before a block's forward hooks would run
     vae.decoder.up_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
+    fusion.branches[0].blocks[0].register_forward_pre_hook(lambda *_: calls.append(2))
+
     plain_output, plain_grads = _step(guided, fusion, colour, bw, target)
-    plain_calls = len(calls)
+    assert sorted(calls) == [1, 2]
     vae.enable_gradient_checkpointing()
+    fusion.enable_gradient_checkpointing()
     calls.clear()
     ckpt_output, ckpt_grads = _step(guided, fusion, colour, bw, target)
-    assert len(calls) == 2 * plain_calls  # the block really was recomputed in backward
+    assert sorted(calls) == [1, 1, 2, 2]  # the VAE and the fusion blocks really were recomputed in backward
     assert torch.allclose(plain_output, ckpt_output, atol=1e-6)
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, ckpt_grads[name], atol=1e-6, rtol=1e-5), name
@@ -257,7 +261,9 @@ def test_frozen_batchnorm_statistics_and_group_norm_batch_independence():
     assert all(torch.equal(a, b) for a, b in zip(train_out, eval_out, strict=True))
     fusion.freeze_batchnorm_statistics(False)
     fusion.train()
-    fusion(taps, taps)
+    fusion.enable_gradient_checkpointing()  # not applied while statistics update: they would be updated twice
+    fusion(taps, taps)[0].sum().backward()
+    assert int(fusion.branches[0].blocks[0].norm1.num_batches_tracked) == 1
     assert any(not torch.equal(before[k], v) for k, v in fusion.state_dict().items() if "running_mean" in k)
 
     group = tiny_fusion(vae, norm="group").train()  # no batch statistics: a sample's output ignores its batch

@@ -114,6 +114,12 @@ def test_foreign_or_missing_keys_fail_naming_them(tmp_path, base_unet, trained):
     torch.save(unknown_module, tmp_path / "unknown.bin")
     with pytest.raises(ValueError, match=r"unexpected key 'up_blocks\.9\.attentions"):
         load_icp_lora(copy.deepcopy(base_unet), tmp_path / "unknown.bin")
+    wrong_key = next(key for key in state if ".lora_B." in key)
+    torch.save({**state, wrong_key: torch.zeros(3, 4)}, tmp_path / "shape.bin")
+    injected = add_icp_lora(copy.deepcopy(base_unet), rank=4, alpha=8)
+    expected_name = wrong_key.replace(".default", "").replace(".", r"\.")
+    with pytest.raises(ValueError, match=f"key '{expected_name}' has shape \\(3, 4\\)"):
+        load_icp_lora(injected, tmp_path / "shape.bin")
     missing_key = next(iter(state))
     missing = {key: value for key, value in state.items() if key != missing_key}
     torch.save(missing, tmp_path / "missing.bin")

@@ -96,7 +96,7 @@ def test_a_short_run_overfits_a_handful_of_samples(sd15: Path, pipeline_data: Pa
 def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
     sd15: Path, pipeline_data: Path, tmp_path: Path
 ) -> None:
-    common = ["--checkpointing_steps", "2"]
+    common = ["--checkpointing_steps", "2", "--gradient_accumulation_steps", "2"]
     main(parse_args(_args(sd15, pipeline_data, tmp_path / "straight", "--max_train_steps", "4", *common)))
     stopped = tmp_path / "stopped"
     main(parse_args(_args(sd15, pipeline_data, stopped, "--max_train_steps", "2", *common)))
@@ -111,10 +111,10 @@ def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert any(not torch.equal(first_export[k], resumed[k]) for k in straight)  # the resumed steps did train
     state = json.loads((stopped / "checkpoint-4" / "train_state.json").read_text())
-    assert state["global_step"] == 4 and state["samples_per_rank"] == 8
+    assert state["global_step"] == 4 and state["samples_per_rank"] == 16  # 4 steps x 2 micro-batches x 2 samples
     with pytest.raises(ValueError, match="cannot resume exactly"):
-        main(parse_args(_args(sd15, pipeline_data, stopped, "--max_train_steps", "6", "--resume_from_checkpoint",
-                              "latest", "--train_batch_size", "3", *common[:0])))  # fmt: skip
+        changed = ["--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--train_batch_size", "3"]
+        main(parse_args(_args(sd15, pipeline_data, stopped, *changed)))
 
 
 def test_accelerate_launch_writes_checkpoints_tensorboard_and_a_loadable_export(

@@ -218,3 +218,16 @@ def test_a_bad_sample_is_logged_counted_and_replaced_without_shifting_batches(
     assert sum(s["bad_skipped"] for s in stream) == 1
     assert len({s["key"] for s in stream}) == 11  # the substitute is the next good sample, read once more
     assert any("bad sample skipped" in r.getMessage() and "broken-000000.tar" in r.getMessage() for r in caplog.records)
+
+
+def test_each_stream_reads_only_its_own_members(pipeline_data: Path, tmp_path: Path) -> None:
+    raws = _raw_samples(resolve_train_shards(pipeline_data)[0])
+    samples = [{"__key__": r["__key__"], **{f: r["." + f] for f in FIELDS}} for r in raws]
+    for sample in samples:
+        sample["hr_color.jpg"] = b"broken GSRP member"
+    write_tar(tmp_path / "train-000000.tar", samples)
+    data = str(tmp_path / "train-000000.tar")
+    icp = _take(build_icp_dataset(data, ICPDataConfig(), seed=0, rank=0, world_size=1), 6)
+    assert sum(s["bad_skipped"] for s in icp) == 0  # ICP never decodes hr_color.jpg
+    with pytest.raises(RuntimeError, match="bad samples in a row"):
+        _take(build_gsrp_dataset(data, GSRPDataConfig(), seed=0, rank=0, world_size=1), 1)

@@ -192,13 +192,25 @@ def resolve_shard_source(data: str | os.PathLike | Sequence[str], split: str = T
     return ShardSource(tuple(u for u, _ in kept), tuple(n for _, n in kept), None, digest)
 
 
+def first_samples(urls: Sequence[str], count: int) -> list[dict[str, Any]]:
+    """The first `count` raw samples (member name -> bytes) of the shards in order: fixed validation samples."""
+    samples: list[dict[str, Any]] = []
+    for url in urls:
+        shard = _open_shard(url, _cache_dir())
+        try:
+            for index in range(min(len(shard), count - len(samples))):
+                raw = shard[index]
+                samples.append({k: v.getvalue() if isinstance(v, io.BytesIO) else v for k, v in raw.items()})
+        finally:
+            shard.close()
+        if len(samples) >= count:
+            break
+    return samples
+
+
 def frame_size(source: ShardSource) -> tuple[int, int]:
     """The (W, H) frame size of a source's samples, read from its first sample's metadata."""
-    shard = _open_shard(source.urls[0], _cache_dir())
-    try:
-        size = _meta(shard[0])["size"]
-    finally:
-        shard.close()
+    size = _meta(first_samples(source.urls, 1)[0])["size"]
     return int(size[0]), int(size[1])
 
 
@@ -245,13 +257,23 @@ class _OpenShards:
         self.urls, self.capacity, self.cache_dir = list(urls), max(1, capacity), cache_dir
         self._open: OrderedDict[int, Any] = OrderedDict()
 
-    def sample(self, shard: int, index: int) -> dict[str, Any]:
+    def sample(self, shard: int, index: int, fields: Sequence[str]) -> dict[str, Any]:
+        """Sample `index` of a shard: only the members named in `fields` are read (``.<field>`` -> bytes)."""
         if shard not in self._open:
             self._open[shard] = _open_shard(self.urls[shard], self.cache_dir)
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(shard)
-        return self._open[shard][index]
+        samples = self._open[shard]
+        reader = samples.reader  # wids' mmap reader: member (name, offset, size) by index
+        out: dict[str, Any] = {}
+        for member in samples.samples[index]:
+            name, offset, _ = reader.by_index[member]
+            key, _, field = name.partition(".")
+            out["__key__"] = key
+            if field in fields:
+                out["." + field] = reader.get_at_offset(offset)[1]
+        return out
 
     def close(self) -> None:
         while self._open:
@@ -321,6 +343,7 @@ class ShardStream(IterableDataset):
         self,
         source: ShardSource,
         transform: Callable[[Mapping[str, Any], int], dict[str, Any]],
+        fields: Sequence[str],
         *,
         seed: int,
         rank: int,
@@ -337,7 +360,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if start_sample < 0 or start_sample % batch_size:
             raise ValueError(f"start_sample {start_sample} must be a non-negative multiple of batch size {batch_size}")
-        self.source, self.transform = source, transform
+        self.source, self.transform, self.fields = source, transform, tuple(fields)
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.shuffle_shards, self.start_sample = batch_size, shuffle_shards, start_sample
         self.cache_dir = cache_dir or _cache_dir()
@@ -368,7 +391,7 @@ class ShardStream(IterableDataset):
 
     def _load(self, position: int, shards: _OpenShards, cache: OrderedDict[int, np.ndarray]) -> dict[str, Any]:
         epoch, shard, index = self.locate(position, cache)
-        raw = shards.sample(shard, index)
+        raw = shards.sample(shard, index, self.fields)
         out = self.transform(raw, epoch)
         out.update(position=position, epoch=epoch)
         return out
@@ -691,6 +714,7 @@ def build_icp_dataset(
     return ShardStream(
         _source(urls),
         _Transform(icp_sample, config, seed),
+        ICP_FIELDS,
         seed=seed,
         rank=rank,
         world_size=world_size,
@@ -715,6 +739,7 @@ def build_gsrp_dataset(
     return ShardStream(
         _source(urls),
         _Transform(gsrp_sample, config, seed),
+        GSRP_FIELDS,
         seed=seed,
         rank=rank,
         world_size=world_size,

@@ -99,7 +99,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_epsilon", type=float, default=1e-8)
     train.add_argument("--max_grad_norm", type=float, default=1.0)
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
-    train.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint the VAE decoder blocks")
+    train.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute VAE and fusion blocks in backward"
+    )
     train.add_argument("--allow_tf32", action="store_true")
 
     save = parser.add_argument_group("checkpoints, logging, validation")
@@ -306,6 +308,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         vae.enable_gradient_checkpointing()
     guided = GuidedVAE(vae)
     fusion = build_fusion(args, guided)
+    if args.gradient_checkpointing:
+        fusion.enable_gradient_checkpointing()
     train_source = resolve_shard_source(args.data)
 
     def save_model_hook(models, weights, folder):
@@ -462,7 +466,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             Path(args.export_dir) if args.export_dir else output_dir / "export",
             unwrapped_fusion,
             {
-                "base_model": str(args.vae or args.pretrained_model_name_or_path),
+                "base_model": str(args.pretrained_model_name_or_path or args.vae),
                 "vae": str(args.vae) if args.vae else f"{args.pretrained_model_name_or_path}/vae",
                 "sr_scale": args.sr_scale,
                 "steps": global_step,

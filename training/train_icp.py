@@ -35,7 +35,14 @@ import torch.nn.functional as F
 
 from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.storage import atomic_write_json, read_json
-from training.data import ICPDataConfig, ShardSource, build_icp_dataset, frame_size, resolve_shard_source
+from training.data import (
+    ICPDataConfig,
+    ShardSource,
+    build_icp_dataset,
+    first_samples,
+    frame_size,
+    resolve_shard_source,
+)
 
 logger = logging.getLogger("training.train_icp")
 
@@ -286,8 +293,6 @@ def register_hooks(accelerator: Any, model_type: type) -> None:
 
 def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
     """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
-    from wids.wids import IndexedTarSamples
-
     from pipelines.samples import build_training_inputs, decode_sample
 
     try:
@@ -295,16 +300,9 @@ def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> l
     except (FileNotFoundError, ValueError):
         urls = source.urls
     inputs = []
-    for url in urls:
-        shard = IndexedTarSamples(path=url)
-        try:
-            for index in range(min(len(shard), count - len(inputs))):
-                raw = {k: v for k, v in shard[index].items() if not k.startswith("__") or k == "__key__"}
-                inputs.append(build_training_inputs(decode_sample(raw), VALIDATION_ALPHA))
-        finally:
-            shard.close()
-        if len(inputs) >= count:
-            break
+    for raw in first_samples(urls, count):
+        members = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
+        inputs.append(build_training_inputs(decode_sample(members), VALIDATION_ALPHA))
     return inputs
 
 
@@ -312,13 +310,13 @@ def log_validation(
     accelerator: Any, models: dict[str, Any], model: Any, samples: list[Any], args: argparse.Namespace, step: int
 ) -> None:
     """Colourise the fixed samples with the sampling pipeline; log C_bw | output | target per sample."""
+    from diffusers import UniPCMultistepScheduler
+
     from model.pipeline_icp import ColorFlowICPPipeline
     from pipelines.geometry import CompositeLayout
 
     inner = accelerator.unwrap_model(model)
     scheduler_config = models["noise_scheduler"].config
-    from diffusers import UniPCMultistepScheduler
-
     pipeline = ColorFlowICPPipeline(
         vae=models["vae"],
         text_encoder=models["text_encoder"],
@@ -331,7 +329,7 @@ def log_validation(
     rows = []
     was_training = inner.training
     inner.eval()
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the frozen base runs in the mixed-precision dtype, trainables fp32
         for index, sample in enumerate(samples):
             generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
             output = pipeline(

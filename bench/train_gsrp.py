@@ -1,0 +1,211 @@
+"""GSRP training costs: the data path's samples/s per core, and on CUDA the full step's s/step and peak memory.
+
+1. Data path (CPU, one thread): `training.data.build_gsrp_dataset` at the paper's sizes (frames 512x800, GSRP pairs
+   768x1200, 512x512 crops, screenstyle blend) against the baseline of decoding the same members (hr_color.jpg,
+   hr_grey.png, hr_tone.png) straight from the tars with PIL, which any reader must at least do. Repeats alternate
+   the two and report the median. The shards are built once under --work by `jobs.pipeline` on the generated corpus.
+2. Training step (CUDA when available, bf16 autocast, an SD1.5-size VAE with random weights built from its config,
+   gradient checkpointing on VAE and fusion, batch --batch at 768x1200): the trainer's full step (degradation round
+   trip, two encodes, fusion forward/backward, fused decode forward/backward, AdamW) against the anchor, the VAE
+   decoder's forward + backward alone (decoder weights trainable, checkpointing). Reports s/step, samples/s and
+   peak memory for both and their ratio. Without CUDA this part is skipped, unless --step-device cpu asks for a
+   (slow) smoke run at a size of your choosing.
+
+Run: ``.venv/bin/python bench/train_gsrp.py [--work DIR] [--samples 24] [--repeat 3] [--batch 4] [--steps 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# bench/screentone.py would shadow the `screentone` package: take bench/ off the import path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from diffusers import AutoencoderKL  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from jobs.common import parse_size  # noqa: E402
+from model.gsrp_fusion import GSRPFusion  # noqa: E402
+from model.gsrp_vae import GuidedVAE  # noqa: E402
+from training.data import GSRPDataConfig, build_gsrp_dataset, resolve_shard_source  # noqa: E402
+from training.train_gsrp import batch_generator, degrade_like_icp  # noqa: E402
+
+SD15_VAE = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+}
+HR_MEMBERS = ("hr_color.jpg", "hr_grey.png", "hr_tone.png")
+
+
+def build_data(work: Path) -> Path:
+    """Shards of the generated tiny corpus at 512x800 (GSRP 768x1200), built once."""
+    data = work / "data"
+    if not (data / "shards" / "manifest.json").exists():
+        from jobs.pipeline import main as pipeline_main
+
+        pipeline_main(
+            ["--generate-sample", str(work / "corpus"), "--output", str(data), "--sample-preset", "tiny",
+             "--size", "512x800", "--encoder", "weightfree", "--local", "--bench-chapters", "1", "--bench-refs", "8",
+             "--bench-bw", "8", "--bench-max-series-fraction", "0.5", "--max-samples", "6"]
+        )  # fmt: skip
+    return data
+
+
+def time_baseline(urls: list[str], samples: int) -> float:
+    """Seconds per sample to decode the three high-resolution members from the tars (wids, PIL)."""
+    from wids.wids import IndexedTarSamples
+
+    shards = [IndexedTarSamples(path=url) for url in urls]
+    positions = [(s, i) for s, shard in enumerate(shards) for i in range(len(shard))]
+    started = time.perf_counter()
+    for n in range(samples):
+        shard, index = positions[n % len(positions)]
+        raw = shards[shard][index]
+        for member in HR_MEMBERS:
+            Image.open(raw["." + member]).load()
+    elapsed = time.perf_counter() - started
+    for shard in shards:
+        shard.close()
+    return elapsed / samples
+
+
+def time_data_path(source, samples: int, crop: tuple[int, int]) -> float:
+    """Seconds per sample of the GSRP stream (read, decode, screenstyle blend, crop, to tensors)."""
+    config = GSRPDataConfig(crop_size=crop, variant="screenstyle", batch_size=1)
+    stream = iter(build_gsrp_dataset(source, config, seed=0, rank=0, world_size=1))
+    next(stream)  # open the first shards outside the timing
+    started = time.perf_counter()
+    for _ in range(samples):
+        sample = next(stream)
+    elapsed = time.perf_counter() - started
+    assert sample["hr_bw"].shape[0] == 3
+    return elapsed / samples
+
+
+def bench_data(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    source = resolve_shard_source(build_data(args.work))
+    first = next(iter(build_gsrp_dataset(source, GSRPDataConfig(crop_size=args.crop), seed=0, rank=0, world_size=1)))
+    print(f"data path: {source.nsamples} samples in {len(source.urls)} shards, crops {tuple(first['hr_bw'].shape)}")
+    baseline, stream = [], []
+    for _ in range(args.repeat):
+        baseline.append(time_baseline(list(source.urls), args.samples))
+        stream.append(time_data_path(source, args.samples, args.crop))
+    base_rate, stream_rate = 1 / statistics.median(baseline), 1 / statistics.median(stream)
+    print(f"  baseline (decode the 3 members): {base_rate:8.2f} samples/s per core")
+    print(f"  GSRP data path:                  {stream_rate:8.2f} samples/s per core")
+    print(f"  ratio data path / baseline:      {stream_rate / base_rate:8.2f}")
+
+
+def _timed(step, steps: int, device: torch.device) -> tuple[float, float]:
+    """(seconds per step, peak GiB) over `steps` steps after two warm-up steps."""
+    for _ in range(2):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - started) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return seconds, peak
+
+
+def time_full_step(guided: GuidedVAE, hr_color: torch.Tensor, steps: int) -> tuple[float, float]:
+    """The trainer's step: degradation, two encodes, fusion, fused decode, L1, backward, AdamW."""
+    device = hr_color.device
+    fusion = GSRPFusion.from_vae_config(guided.vae.config).to(device).train()
+    fusion.freeze_batchnorm_statistics()  # fine-tuning the released weights: the default
+    fusion.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(fusion.parameters(), lr=1e-5)
+    hr_bw = hr_color.mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            degraded = degrade_like_icp(guided, hr_color, 1.5)
+            output = guided.restore(fusion, degraded, hr_bw, batch_generator(0, 0))
+            loss = F.l1_loss(output.float(), hr_color)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _timed(step, steps, device)
+
+
+def time_anchor(vae: AutoencoderKL, hr_color: torch.Tensor, steps: int) -> tuple[float, float]:
+    """The anchor: the VAE decoder's forward + backward (decoder weights trainable), checkpointing on."""
+    vae.decoder.requires_grad_(True)
+    batch, _, height, width = hr_color.shape
+    latents = torch.randn(batch, 4, height // 8, width // 8, device=hr_color.device, dtype=vae.dtype)
+
+    def step() -> None:
+        with torch.autocast(hr_color.device.type, dtype=torch.bfloat16):
+            loss = F.l1_loss(vae.decode(latents).sample.float(), hr_color)
+        loss.backward()
+        vae.zero_grad(set_to_none=True)
+
+    try:
+        return _timed(step, steps, hr_color.device)
+    finally:
+        vae.decoder.requires_grad_(False)
+
+
+def bench_step(args: argparse.Namespace) -> None:
+    diffusers_logging.set_verbosity_error()  # casting a random VAE to bf16 is what we mean to do
+    device = torch.device(args.step_device)
+    width, height = args.size
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD15_VAE).to(device, torch.bfloat16).requires_grad_(False).eval()
+    vae.enable_gradient_checkpointing()
+    hr_color = torch.rand(args.batch, 3, height, width, device=device) * 2 - 1
+    step_s, step_gib = time_full_step(GuidedVAE(vae), hr_color, args.steps)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    anchor_s, anchor_gib = time_anchor(vae, hr_color, args.steps)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"training step at {width}x{height}, batch {args.batch}, bf16, checkpointing, on {name}:")
+    print(f"  anchor (VAE decoder fwd+bwd): {anchor_s:7.3f} s/step  {args.batch / anchor_s:6.2f} samples/s  "
+          f"peak {anchor_gib:6.1f} GiB")  # fmt: skip
+    print(f"  GSRP full step:               {step_s:7.3f} s/step  {args.batch / step_s:6.2f} samples/s  "
+          f"peak {step_gib:6.1f} GiB")  # fmt: skip
+    print(f"  ratio full step / anchor:     {step_s / anchor_s:7.2f} (goal <= 2)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/colorflow-bench-gsrp"), help="data cache folder")
+    parser.add_argument("--samples", type=int, default=24, help="samples per timed pass")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--crop", type=parse_size, default=(512, 512), help="training crop WxH")
+    parser.add_argument("--size", type=parse_size, default=(768, 1200), help="training-step image WxH")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--step-device", default="cuda" if torch.cuda.is_available() else None, help="default: cuda when available"
+    )
+    parser.add_argument("--skip-data", action="store_true")
+    args = parser.parse_args(argv)
+    if not args.skip_data:
+        bench_data(args)
+    if args.step_device is None:
+        print("training step: no CUDA device here, skipped (run on a GPU machine, or --step-device cpu --size 64x64)")
+    else:
+        bench_step(args)
+
+
+if __name__ == "__main__":
+    main()
