@@ -20,12 +20,14 @@ RUNTIME_ERROR = 1
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` to every option that takes a value, unless its text already states the default."""
+    """Appends ``(default: X)`` to every option that takes a value, unless its text already states the default or
+    says it is required (alone, or as one of a required choice of options)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
         takes_value = action.nargs != 0 and action.option_strings
-        if not takes_value or action.required or action.default is argparse.SUPPRESS or "default" in text.lower():
+        stated = "default" in text.lower() or "required" in text.lower()
+        if not takes_value or action.required or action.default is argparse.SUPPRESS or stated:
             return text
         return f"{text} (default: %(default)s)"
 

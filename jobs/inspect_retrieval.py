@@ -19,8 +19,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder of the retrieval job (OUT)")
     which = parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("--frame", action="append", help="frame (page) id; repeat for several")
-    which.add_argument("--random", type=positive_int, metavar="N", help="N frames drawn at random (with --seed)")
+    which.add_argument(
+        "--frame", action="append", help="frame (page) id; repeat for several; this or --random is required"
+    )
+    which.add_argument(
+        "--random",
+        type=positive_int,
+        metavar="N",
+        help="N frames drawn at random (with --seed); this or --frame is required",
+    )
     parser.add_argument("--seed", type=int, default=0, help="fixes the --random draw")
     parser.add_argument("--out", default=None, help="output PNG for a single --frame (default: <out-dir>/<id>.png)")
     parser.add_argument("--out-dir", default="contact_sheets", help="output folder")

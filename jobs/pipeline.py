@@ -33,9 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
-        "--input", help="raw chapters laid out <series>/<chapter>/<pages> or <series>/<chapter>.cbz (or a URI)"
+        "--input",
+        help="raw chapters laid out <series>/<chapter>/<pages> or <series>/<chapter>.cbz (or a URI); this or "
+        "--generate-sample is required",
     )
-    source.add_argument("--generate-sample", metavar="ROOT", help="generate the sample corpus at ROOT and use it")
+    source.add_argument(
+        "--generate-sample",
+        metavar="ROOT",
+        help="generate the sample corpus at ROOT and use it as the input; this or --input is required",
+    )
     parser.add_argument(
         "--sample-preset",
         default="demo",

@@ -342,7 +342,6 @@ class ColorizeWorker:
 
     def colorize(self, jobs: list[PageJob]) -> list[dict[str, Any]]:
         """Colour and write a batch of pages; every page gets a result row (ok or error with its cause)."""
-        started = time.perf_counter()
         prepared: list[tuple[PageJob, dict[str, Any]]] = []
         results: dict[str, dict[str, Any]] = {}
         for job in jobs:
@@ -352,19 +351,16 @@ class ColorizeWorker:
                 results[job.output] = _error_row(job, "preparing", exc)
         if prepared:
             if self.config.settings.models is None:
-                outputs: list[Any] = [(None, None)] * len(prepared)
+                outputs: list[Image.Image | None] = [None] * len(prepared)
             else:
                 outputs = self._run_models(prepared, results)
-            for (job, inputs), (final, lowres) in zip(prepared, outputs, strict=True):
+            for (job, inputs), final in zip(prepared, outputs, strict=True):
                 if job.output in results:
                     continue
                 try:
-                    results[job.output] = self._write(job, inputs, final, lowres)
+                    results[job.output] = self._write(job, inputs, final)
                 except Exception as exc:  # noqa: BLE001 - e.g. a full disk: this page fails, its row says why
                     results[job.output] = _error_row(job, "writing", exc)
-        elapsed = time.perf_counter() - started
-        for row in results.values():
-            row["worker_seconds"] = round(elapsed / max(1, len(jobs)), 3)
         return [results[job.output] for job in jobs]
 
     def page_inputs(self, job: PageJob) -> dict[str, Any]:
@@ -377,7 +373,9 @@ class ColorizeWorker:
         hr_bw = bw_frame(page, *settings.sr_size)
         return {"bw": bw, "canvases": canvases, "hr_bw": hr_bw, "fitted_refs": fitted_refs}
 
-    def _run_models(self, prepared: list[tuple[PageJob, dict[str, Any]]], results: dict[str, dict[str, Any]]) -> list:
+    def _run_models(
+        self, prepared: list[tuple[PageJob, dict[str, Any]]], results: dict[str, dict[str, Any]]
+    ) -> list[Image.Image | None]:
         """The batch through ICP + GSRP; if the batch fails, each page alone, so a failure names its page."""
         colorizer = self.colorizer()
         layout = self.config.settings.layout
@@ -387,24 +385,22 @@ class ColorizeWorker:
             for job, inputs in prepared
         ]  # fmt: skip
         try:
-            finals, lowres = colorizer.colorize(items, layout)
-            return list(zip(finals, lowres, strict=True))
+            return colorizer.colorize(items, layout)
         except Exception as exc:  # noqa: BLE001 - a batch's failure is retried page by page below
             if len(items) == 1:
                 results[prepared[0][0].output] = _error_row(prepared[0][0], "colouring", exc)
-                return [(None, None)]
+                return [None]
             log.warning("a batch of %d pages failed (%s); colouring its pages one by one", len(items), exc)
         outputs = []
         for (job, _), item in zip(prepared, items, strict=True):
             try:
-                finals, lowres = colorizer.colorize([item], layout)
-                outputs.append((finals[0], lowres[0]))
+                outputs.append(colorizer.colorize([item], layout)[0])
             except Exception as exc:  # noqa: BLE001 - this page's failure, the batch goes on
                 results[job.output] = _error_row(job, "colouring", exc)
-                outputs.append((None, None))
+                outputs.append(None)
         return outputs
 
-    def _write(self, job: PageJob, inputs: dict[str, Any], final: Image.Image | None, lowres: Any) -> dict[str, Any]:
+    def _write(self, job: PageJob, inputs: dict[str, Any], final: Image.Image | None) -> dict[str, Any]:
         out = Path(self.config.output)
         if final is not None and final.size != tuple(job.out_size):
             final = final.resize(tuple(job.out_size), Image.Resampling.BICUBIC)
@@ -734,7 +730,7 @@ def run_colorize(
         "failures": [{"chapter": r["chapter"], "page": r["page"], "error": r["error"]} for r in failures],
         "reference_failures": ref_failures,
         "chapter_failures": chapter_failures,
-        "page_rows": [{k: v for k, v in row.items() if k != "worker_seconds"} for row in rows],
+        "page_rows": rows,
         "seconds": round(time.perf_counter() - started, 3),
     }
     atomic_write_json(output / SUMMARY_FILE, summary)

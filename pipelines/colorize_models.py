@@ -139,6 +139,7 @@ class Colorizer:
 
     def __init__(self, paths: ModelPaths, sampling: SamplingSettings, device: str) -> None:
         import torch
+
         from model.icp_weights import load_icp_pipeline
 
         self.device = torch.device(device)
@@ -160,8 +161,8 @@ class Colorizer:
             self.pipeline.vae.enable_slicing()
             self.pipeline.vae.enable_tiling()
 
-    def colorize(self, items: list[PageBatchItem], layout: Any) -> tuple[list[Image.Image], list[Image.Image]]:
-        """(final pages at the GSRP size, ICP centre crops at W x H) for a batch of pages."""
+    def colorize(self, items: list[PageBatchItem], layout: Any) -> list[Image.Image]:
+        """The final pages (GSRP size) of a batch: ICP canvases, their centre W x H crops, then GSRP."""
         import torch
 
         from model.gsrp_vae import super_resolve
@@ -184,7 +185,7 @@ class Colorizer:
             upsampled = [
                 low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)
             ]
-            return upsampled, lowres
+            return upsampled
         vae = self.pipeline.vae
         offloaded = self.sampling.memory == "offload"
         if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
@@ -198,4 +199,4 @@ class Colorizer:
         finally:
             if offloaded:
                 vae.to("cpu")
-        return finals, lowres
+        return finals

@@ -67,6 +67,19 @@ def test_sd15_guider_on_meta_matches_the_released_listing():
     assert channels == [entry["channels"] for entry in reference["residuals"]["up"]]
 
 
+def test_residual_resolutions_follow_the_released_listing(tiny_unet):
+    # The tiny UNet has SD1.5's structure, so its 28 residuals sit at the listing's scales (32x40 latent, as there).
+    residuals = json.loads(REFERENCE.read_text())["residuals"]
+    guider = ColorGuider.from_unet(tiny_unet)
+    with torch.no_grad():
+        out = guider(torch.zeros(1, 4, 32, 40), 1, torch.zeros(1, 9, 32, 40))
+    for produced, listed in ((out.down_residuals, residuals["down"]), (out.up_residuals, residuals["up"])):
+        assert [(32 // r.shape[2], 40 // r.shape[3]) for r in produced] == [
+            (entry["downscale_vs_latent"],) * 2 for entry in listed
+        ]
+    assert out.mid_residual.shape[2:] == (32 // residuals["mid"]["downscale_vs_latent"], 40 // 8)
+
+
 def test_from_unet_copies_weights_and_starts_with_zero_outputs(tiny_unet):
     guider = ColorGuider.from_unet(tiny_unet)
     weight = guider.conv_in_condition.weight
