@@ -120,3 +120,24 @@ def build_tiny_sd15(folder: str | Path, seed: int = TINY_SEED) -> Path:
         )
         pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.tiny FOLDER`: write the tiny folder (what `make demo` trains and colours with)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m model.tiny",
+        description="Write a tiny random SD1.5-shaped diffusers folder (no weights needed; for demos and tests).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("folder", type=Path, help="where to write the folder (replaced if it exists)")
+    parser.add_argument("--seed", type=int, default=TINY_SEED, help="seed of the random weights")
+    args = parser.parse_args(argv)
+    build_tiny_sd15(args.folder, seed=args.seed)
+    print(f"tiny SD1.5-shaped folder written to {args.folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

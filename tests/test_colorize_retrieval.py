@@ -81,6 +81,11 @@ def test_archive_sources_and_output_names(chapter, tmp_path: Path) -> None:
         listed = [(p.name, p.refused) for p in source.pages(reader)]
     assert [name for name, _ in listed] == ["../escape.png", "chapter/1.png", "chapter/2.png", "chapter/10.png"]
     assert "escapes" in listed[0][1]
+    code, summary = _run(["--pages", str(archive), "--refs", str(refs), "--output", str(tmp_path / "cbz"),
+                          "--references-only", "--size", "64x96", "--encoder", "weightfree", "--local"])  # fmt: skip
+    assert code == 1 and [row["status"] for row in summary["page_rows"]] == ["error", "ok", "ok", "ok"]
+    assert "escapes" in summary["failures"][0]["error"]
+    assert (tmp_path / "cbz" / "chapter" / "10.json").is_file()  # named after the member, folders kept
     assert output_stems(["a/1.jpg", "a/1.png", "b.png"]) == {"a/1.jpg": "a/1_jpg", "a/1.png": "a/1_png", "b.png": "b"}
     usage = ["--refs", str(refs), "--output", str(tmp_path / "o"), "--references-only", "--local"]
     assert colorize_main(["--pages", str(tmp_path / "missing"), *usage]) == 2  # one line on stderr, exit 2

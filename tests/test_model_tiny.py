@@ -21,3 +21,14 @@ def test_tiny_folder_loads_as_a_stable_diffusion_pipeline(tmp_path):
     other = StableDiffusionPipeline.from_pretrained(build_tiny_sd15(tmp_path / "again"))
     for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), other.unet.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_command_line_writes_the_same_folder(tmp_path, capsys):
+    from model.tiny import main
+
+    assert main([str(tmp_path / "cli"), "--seed", "3"]) == 0
+    assert "written to" in capsys.readouterr().out
+    built = StableDiffusionPipeline.from_pretrained(build_tiny_sd15(tmp_path / "api", seed=3))
+    cli = StableDiffusionPipeline.from_pretrained(tmp_path / "cli")
+    for (name, a), (_, b) in zip(built.vae.state_dict().items(), cli.vae.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
