@@ -452,7 +452,8 @@ def variant_alpha(
     return alpha
 
 
-def _bw(grey: Image.Image, tone: Image.Image, alpha: float) -> Image.Image:
+def blended_bw(grey: Image.Image, tone: Image.Image, alpha: float) -> Image.Image:
+    """The B&W frame at tone weight `alpha` as RGB; training streams and shard inputs share these pixels."""
     from screentone.augment import blend
 
     if alpha == 0.0:
@@ -480,7 +481,7 @@ def build_training_inputs(
     decoded = sample if isinstance(sample, DecodedSample) else decode_sample(sample)
     alpha = variant_alpha(variant, decoded.key, seed=seed, epoch=epoch, alpha_range=alpha_range)
     layout = decoded.layout
-    bw = _bw(decoded.grey, decoded.tone, alpha)
+    bw = blended_bw(decoded.grey, decoded.tone, alpha)
     canvases = composite_inputs(layout, decoded.ring, bw)
     return TrainingInputs(
         alpha=alpha,
@@ -491,6 +492,6 @@ def build_training_inputs(
         mask=canvases.mask,
         refs_only=canvases.refs_only,
         frame_only=canvases.frame_only,
-        hr_bw=_bw(decoded.hr_grey, decoded.hr_tone, alpha),
+        hr_bw=blended_bw(decoded.hr_grey, decoded.hr_tone, alpha),
         hr_color=decoded.hr_color,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def test_references_only_reads_in_natural_order_and_reports_a_corrupt_page(chapt
     for stem in ("1", "2", "3", "10"):
         used = [row["ref_page_id"] for row in json.loads((out / f"{stem}.json").read_text())["retrievals"]]
         assert max(used.count(ref) for ref in used) <= 3
+
+
+def test_a_bad_reference_is_left_out_of_the_pool(chapter, tmp_path: Path) -> None:
+    pages, refs = chapter
+    pool = tmp_path / "refs"
+    shutil.copytree(refs, pool)
+    (pool / "ref9.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 40)
+    code, summary = _run(["--pages", str(pages), "--refs", str(pool), "--output", str(tmp_path / "out"),
+                          "--references-only", "--size", "64x96", "--encoder", "weightfree", "--local"])  # fmt: skip
+    assert summary["references_used"] == 5 and summary["references_failed"] == 1
+    assert summary["reference_failures"][0]["reference"] == "ref9.jpg"
+    assert summary["pages_done"] == 4  # the pages are coloured from the other references
 
 
 def test_archive_sources_and_output_names(chapter, tmp_path: Path) -> None:

@@ -64,10 +64,10 @@ from pipelines.samples import (
     FIELD_RING,
     FIELD_TONE,
     CompositeInputs,
+    blended_bw,
     composite_inputs,
     variant_alpha,
 )
-from screentone.augment import blend
 
 logger = logging.getLogger(__name__)
 
@@ -496,17 +496,6 @@ def _expect_size(image: Image.Image, size: Sequence[int], key: str, name: str) -
         raise ValueError(f"sample {key!r}: {name} is {image.size}, its metadata says {tuple(size)}")
 
 
-def bw_frame(grey: Image.Image, tone: Image.Image, alpha: float) -> Image.Image:
-    """The B&W frame at tone weight `alpha` as RGB: the same pixels as `build_training_inputs` makes."""
-    if alpha == 0.0:
-        mixed = grey
-    elif alpha == 1.0:
-        mixed = tone
-    else:
-        mixed = Image.fromarray(blend(np.asarray(grey), np.asarray(tone), alpha), mode="L")
-    return mixed.convert("RGB")
-
-
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """An RGB image as a (3, h, w) float32 tensor in [-1, 1]."""
     return _unit_range(torch.from_numpy(np.array(image)).permute(2, 0, 1))
@@ -626,7 +615,7 @@ def icp_canvases(raw: Mapping[str, Any], config: ICPDataConfig, *, seed: int, ep
     _expect_size(ring, (2 * size[0], 2 * size[1]), key, FIELD_RING)
     layout = CompositeLayout(*size)
     alpha = _sample_alpha(config, key, seed, epoch)
-    composite = composite_inputs(layout, ring, bw_frame(grey, tone, alpha))
+    composite = composite_inputs(layout, ring, blended_bw(grey, tone, alpha))
     return ICPCanvases(alpha=alpha, composite=composite, c_color=layout.compose(ring, color), layout=layout)
 
 
@@ -678,7 +667,7 @@ def gsrp_sample(raw: Mapping[str, Any], epoch: int, *, config: GSRPDataConfig, s
     return {
         "key": key,
         "alpha": alpha,
-        "hr_bw": to_tensor(bw_frame(hr_grey.crop(box), hr_tone.crop(box), alpha)),
+        "hr_bw": to_tensor(blended_bw(hr_grey.crop(box), hr_tone.crop(box), alpha)),
         "hr_color": to_tensor(hr_color.crop(box)),
         "crop": torch.tensor(box, dtype=torch.int64),
     }

@@ -41,7 +41,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from jobs.common import parse_size, run_job
+from jobs.common import JobArgumentParser, parse_size, run_job
 from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
@@ -54,7 +54,7 @@ logger = logging.getLogger(PROG)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = JobArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("models")
     model.add_argument(
         "--pretrained_model_name_or_path", default=None, help="SD1.5-style folder; the VAE is its vae/ subfolder"
@@ -79,40 +79,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument(
         "--validation_data", nargs="+", default=None, help="validation shards (default: the data root's val split)"
     )
-    data.add_argument("--crop_size", type=parse_size, default=(512, 512), help="training crop WxH (default 512x512)")
-    data.add_argument("--sr_scale", type=float, default=1.5, help="high-resolution size / ICP size (default 1.5)")
+    data.add_argument(
+        "--crop_size",
+        type=parse_size,
+        default=(512, 512),
+        help="training crop WxH (whole frame if smaller)",
+    )
+    data.add_argument("--sr_scale", type=float, default=1.5, help="GSRP size / ICP size (released: 1.5)")
     data.add_argument("--bw_variant", default="screenstyle", help="B&W input: screenstyle, grey, tone or a weight")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers per process")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--output_dir", default="gsrp-out")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--output_dir", default="gsrp-out", help="run folder: checkpoints, logs, export")
+    train.add_argument("--seed", type=int, default=0, help="fixes data order, alphas, crops and VAE samples")
     train.add_argument("--train_batch_size", type=int, default=1, help="per device")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per step")
     train.add_argument("--max_train_steps", type=int, default=30000, help="optimizer steps (paper: 30k)")
-    train.add_argument("--learning_rate", type=float, default=1e-4)
+    train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (our choice)")
     train.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--adam_beta1", type=float, default=0.9)
-    train.add_argument("--adam_beta2", type=float, default=0.999)
-    train.add_argument("--adam_weight_decay", type=float, default=0.0)
-    train.add_argument("--adam_epsilon", type=float, default=1e-8)
-    train.add_argument("--max_grad_norm", type=float, default=1.0)
+    train.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
+    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     train.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute VAE and fusion blocks in backward"
     )
-    train.add_argument("--allow_tf32", action="store_true")
+    train.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+")
 
     save = parser.add_argument_group("checkpoints, logging, validation")
-    save.add_argument("--checkpointing_steps", type=int, default=500)
-    save.add_argument("--checkpoints_total_limit", type=int, default=None)
+    save.add_argument("--checkpointing_steps", type=int, default=500, help="save state every N steps")
+    save.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep the newest N (none: all)")
     save.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-<step> folder or 'latest'")
-    save.add_argument("--validation_steps", type=int, default=500)
-    save.add_argument("--num_validation_images", type=int, default=4)
+    save.add_argument("--validation_steps", type=int, default=500, help="validation images every N steps")
+    save.add_argument("--num_validation_images", type=int, default=4, help="fixed validation samples")
     save.add_argument("--report_to", default="tensorboard", help="accelerate tracker ('none' for no tracking)")
     save.add_argument("--export_dir", default=None, help="final export folder (default OUTPUT_DIR/export)")
-    save.add_argument("--debug", action="store_true", help="tracebacks on errors")
 
     args = parser.parse_args(argv)
     if args.pretrained_model_name_or_path is None and args.vae is None:
