@@ -34,7 +34,7 @@ demo: $(STAMP)
 		--output_dir $(DEMO_DIR)/gsrp --max_train_steps $(LOOP_STEPS) --checkpointing_steps $(LOOP_STEPS) \
 		--validation_steps $(LOOP_STEPS) --crop_size 256x256
 	$(PY) -m jobs.colorize --benchmark $(DEMO_DIR)/data/benchmark --style halftone --output $(DEMO_DIR)/colorized \
-		--icp $(DEMO_DIR)/icp --gsrp $(DEMO_DIR)/gsrp/export --sd15 $(DEMO_DIR)/tiny-sd15 --encoder weightfree \
+		--icp $(DEMO_DIR)/icp --gsrp $(DEMO_DIR)/gsrp --sd15 $(DEMO_DIR)/tiny-sd15 --encoder weightfree \
 		--steps 2 --local
 	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized --truth $(DEMO_DIR)/data/benchmark --fid-features weightfree \
 		--clip-encoder weightfree

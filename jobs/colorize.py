@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_arguments, parse_size, start_ray
+from jobs.common import JobArgumentParser, add_ray_arguments, parse_size, start_ray
 from pipelines.colorize import (
     SIZE_PRESETS,
     ColorizeSettings,
@@ -31,7 +31,7 @@ PRESETS = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.colorize", description=__doc__)
+    parser = JobArgumentParser(prog="python -m jobs.colorize", description=__doc__)
     inputs = parser.add_argument_group("what to colour")
     inputs.add_argument("--pages", help="B&W pages: a folder or a .cbz/.zip archive (natural page order)")
     inputs.add_argument("--refs", help="colour reference pages: a folder or a .cbz/.zip archive")
@@ -60,17 +60,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--max-per-page", type=int, default=None, help="cap on one reference page's patches per page (default: none)"
     )
     sampling = parser.add_argument_group("sampling (defaults: the export's export.json, then the released app's)")
-    sampling.add_argument("--size", type=parse_size, default=None, help=f"frame WxH: {PRESETS} or multiples of 16")
-    sampling.add_argument("--sr-scale", type=float, default=None, help="GSRP size as a multiple of --size (1.5)")
-    sampling.add_argument("--steps", type=int, default=None, help="UniPC steps (10)")
-    sampling.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (7.5)")
-    sampling.add_argument("--prompt", default=None, help="text prompt ('manga')")
-    sampling.add_argument("--negative-prompt", default=None, help="negative prompt ('')")
-    sampling.add_argument("--conditioning-scale", type=float, default=1.0, help="guider residual scale (1.0)")
+    sampling.add_argument(
+        "--size",
+        type=parse_size,
+        default=None,
+        help=f"frame WxH: {PRESETS} or multiples of 16 (default: the ICP export's, else 512x800)",
+    )
+    sampling.add_argument(
+        "--sr-scale",
+        type=float,
+        default=None,
+        help="GSRP size as a multiple of --size (default: the GSRP export's, else 1.5)",
+    )
+    sampling.add_argument("--steps", type=int, default=None, help="UniPC steps (default: 10, as released)")
+    sampling.add_argument(
+        "--guidance-scale", type=float, default=None, help="classifier-free guidance (default: 7.5, as released)"
+    )
+    sampling.add_argument("--prompt", default=None, help="text prompt (default: the ICP export's, else 'manga')")
+    sampling.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty, as released)")
+    sampling.add_argument("--conditioning-scale", type=float, default=1.0, help="guider residual scale")
     sampling.add_argument("--seed", type=int, default=0, help="noise of each page: derived from the seed and the page")
     run = parser.add_argument_group("devices")
     run.add_argument("--device", default=None, help="torch device of the workers (default: cuda when present)")
-    run.add_argument("--dtype", choices=DTYPES, default=None, help="model dtype (float16 on GPU, else float32)")
+    run.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="model dtype (default: float16 on GPU, else float32)"
+    )
     run.add_argument(
         "--memory",
         choices=MEMORY_MODES,
@@ -81,7 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--actors", type=int, default=None, help="Ray workers (default: one per GPU, else 1)")
     run.add_argument("--cpus-per-actor", type=int, default=None, help="CPUs of a CPU worker (default: all / actors)")
     run.add_argument("--rebuild", action="store_true", help="redo every page, finished or not")
-    run.add_argument("--debug", action="store_true", help="show tracebacks")
     add_ray_arguments(parser)
     args = parser.parse_args(argv)
     if bool(args.benchmark) == bool(args.pages or args.refs):

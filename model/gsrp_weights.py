@@ -25,6 +25,7 @@ EXPORT_FORMAT_VERSION = 1
 EXPORT_FILE = "export.json"
 FUSION_FOLDER = "fusion"
 RELEASED_FILE = "MultiResNetModel.bin"
+RUN_EXPORT_FOLDER = "export"  # where train_gsrp puts the export inside its run folder
 
 
 def save_gsrp_export(folder: str | os.PathLike, fusion: GSRPFusion, meta: dict[str, Any]) -> Path:
@@ -61,13 +62,23 @@ def read_gsrp_export(folder: str | os.PathLike) -> dict[str, Any]:
     return record
 
 
+def run_export(path: Path) -> Path:
+    """A GSRP training run folder stands for its export (`train_gsrp` exports to OUTPUT_DIR/export, beside the
+    checkpoints, since an export replaces its folder whole); any other path is returned unchanged."""
+    nested = path / RUN_EXPORT_FOLDER
+    if path.is_dir() and not (path / EXPORT_FILE).is_file() and (nested / EXPORT_FILE).is_file():
+        return nested
+    return path
+
+
 def load_gsrp(path_or_dir: str | os.PathLike) -> GSRPFusion:
-    """A fusion net (eval mode) from: our export folder (export.json + fusion/), a `save_pretrained` folder
-    (config.json), a released `MultiResNetModel.bin`, or a folder holding one (e.g. ColorFlow's `GraySD/`).
+    """A fusion net (eval mode) from: our export folder (export.json + fusion/) or the train_gsrp run
+    folder holding it (OUTPUT_DIR/export), a `save_pretrained` folder (config.json), a released
+    `MultiResNetModel.bin`, or a folder holding one (e.g. ColorFlow's `GraySD/`).
 
     Raises FileNotFoundError when nothing loadable is there, ValueError on a wrong layout (naming the key).
     """
-    path = Path(path_or_dir)
+    path = run_export(Path(path_or_dir))
     if path.is_file():
         return GSRPFusion.from_released(path)
     if (path / EXPORT_FILE).is_file():

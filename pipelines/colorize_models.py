@@ -98,7 +98,9 @@ def resolve_model_paths(
         raise ColorizeInputError(
             f"SD1.5 folder {base}: no model_index.json (a local diffusers pipeline folder is needed; give --sd15 DIR)"
         )
-    gsrp = str(Path(gsrp).absolute()) if gsrp else None
+    from model.gsrp_weights import run_export
+
+    gsrp = str(run_export(Path(gsrp)).absolute()) if gsrp else None  # a train_gsrp run folder: its export/
     return ModelPaths(sd15=str(Path(base).absolute()), icp=str(Path(icp).absolute()), gsrp=gsrp)
 
 

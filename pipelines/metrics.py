@@ -35,7 +35,7 @@ SSIM_PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
 
 def _as_batch(image: np.ndarray, dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.Tensor:
     """An H x W x 3 uint8 array -> (1, 3, H, W) tensor in [0, 255]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)[None].to(dtype)
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).to(device).permute(2, 0, 1)[None].to(dtype)
 
 
 def psnr(prediction: np.ndarray, truth: np.ndarray) -> float:
@@ -163,15 +163,18 @@ class _GivenFeatures(torch.nn.Module):
         return features
 
 
-def frechet_distance(real: np.ndarray, fake: np.ndarray) -> float:
-    """FID between two sets of features (N, D), by torchmetrics' FID statistics (float64); needs N >= 2 each."""
+def frechet_distance(real: np.ndarray, fake: np.ndarray, device: str = "cpu") -> float:
+    """FID between two sets of features (N, D), by torchmetrics' FID statistics (float64); needs N >= 2 each.
+
+    Its cost is the eigenvalues of a D x D product: ~2 minutes at D = 2048 on 2 CPU cores, far less on a GPU.
+    """
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 pages on each side, got {len(real)} and {len(fake)}")
-    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]), normalize=True)
-    metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)), real=True)
-    metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)), real=False)
+    metric = FrechetInceptionDistance(feature=_GivenFeatures(real.shape[1]), normalize=True).to(device)
+    metric.update(torch.from_numpy(np.asarray(real, dtype=np.float64)).to(device), real=True)
+    metric.update(torch.from_numpy(np.asarray(fake, dtype=np.float64)).to(device), real=False)
     return max(float(metric.compute()), 0.0)  # negative only by rounding: the distance is >= 0
 
 

@@ -70,7 +70,8 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_perfect_prediction_scores_above_a_degraded_one(bench: Path, aesthetic_head: Path, tmp_path: Path) -> None:
-    options = ["--clip-encoder", "weightfree", "--fid-features", FID, "--aesthetic-predictor", str(aesthetic_head)]
+    options = ["--clip-encoder", "weightfree", "--fid-features", FID, "--fid-per-chapter"]
+    options += ["--aesthetic-predictor", str(aesthetic_head)]
     tables = {}
     for name in ("perfect", "degraded"):
         pred = write_predictions(bench, tmp_path / name, "grey", degraded=name == "degraded")
@@ -83,6 +84,7 @@ def test_perfect_prediction_scores_above_a_degraded_one(bench: Path, aesthetic_h
         per_chapter = read_csv(out / "per_chapter.csv")
         assert [r["scope"] for r in per_chapter][1:] == ["overall", "paper: ColorFlow, greyscale"]
         assert per_chapter[0]["scope"] == ground_truth_pages(bench)[0][0] and per_chapter[0]["pages"] == "8"
+        assert per_chapter[0]["fid"] == per_chapter[1]["fid"] != ""  # one chapter: its FID is the overall one
         assert "| overall | grey | 8 | 8 | 0 |" in (out / "overall.md").read_text()
         assert sorted(p.name for p in (out / "grids").iterdir()) == [
             "aesthetic.jpg",
@@ -167,12 +169,13 @@ def test_screenstyle_style_of_a_halftone_benchmark_is_refused(bench: Path, tmp_p
 def test_no_prediction_at_all_exits_1_with_one_line(bench: Path, tmp_path: Path, capsys) -> None:
     pred = tmp_path / "empty"
     pred.mkdir()
-    assert cli(["--pred", str(pred), "--truth", str(bench)]) == 1
+    assert cli(["--pred", str(pred), "--truth", str(bench), "--fid-features", FID]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("python -m jobs.evaluate: error: no page scored (8 failed; first: no prediction ")
     summary = json.loads((pred / "evaluate" / "evaluate.summary.json").read_text())
     assert summary["complete"] is False and summary["overall"]["psnr"] is None
     assert "style unknown" in summary["notes"][1]
+    assert summary["metrics"]["skipped"]["fid"] == "fewer than 2 scored pages"
 
 
 def test_usage_errors_exit_2(tmp_path: Path) -> None:
@@ -197,8 +200,11 @@ def test_plain_folder_mirrors_relative_paths(tmp_path: Path, capsys) -> None:
         with Image.open(truth / name) as decoded:
             decoded.convert("RGB").save((pred / name).with_suffix(".png"))
     shutil.copy(pred / "b" / "p3.png", pred / "b" / "p4.png")  # no ground truth: listed, ignored
-    assert cli(["--pred", str(pred), "--truth", str(truth), "--style", "screenstyle", "--grid-pages", "1"]) == 0
+    argv = ["--pred", str(pred), "--truth", str(truth), "--style", "screenstyle", "--grid-pages", "1", "--fid-features"]
+    assert cli([*argv, FID]) == 0
     summary = json.loads((pred / "evaluate" / "evaluate.summary.json").read_text())
+    assert summary["overall"]["fid"] == 0.0 and summary["chapters"]["a"]["fid"] is None  # no --fid-per-chapter
+    assert any(note.startswith("FID per chapter not computed") for note in summary["notes"])
     assert summary["truth_kind"] == "folder" and summary["scored"] == 3
     assert sorted(summary["chapters"]) == ["a", "b"] and summary["chapters"]["a"]["pages"] == 2
     assert summary["paper_row"] == "paper: ColorFlow, screenstyle"

@@ -90,6 +90,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift() -> None:
         frechet_distance(base[:1], base)
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.* is deprecated:FutureWarning")  # TorchScript files still load
 def test_fid_feature_specs_resolve_to_networks(tmp_path: Path) -> None:
     pages = random_pages(2, seed=4)
     by_callable = resolve_fid_features("test_evaluate_metrics:tiny_extractor")

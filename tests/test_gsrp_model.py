@@ -238,14 +238,16 @@ def test_save_released_round_trip_and_our_export(tmp_path):
     again = save_gsrp_export(tmp_path / "export", fusion, {"base_model": "tiny", "sr_scale": 2.0})
     assert read_gsrp_export(again)["sr_scale"] == 2.0
     exported = load_gsrp(export)
+    run_folder = load_gsrp(tmp_path)  # a training run folder stands for its export/ subfolder
     taps = [torch.rand(1, c, 8, 8) for c in fusion.config.encoder_channels]
     with torch.no_grad():
         want = fusion(taps, taps)
-        for other in (released, exported):
+        for other in (released, exported, run_folder):
             for a, b in zip(want, other(taps, taps), strict=True):
                 assert torch.equal(a, b)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no GSRP weights"):
-        load_gsrp(tmp_path)
+        load_gsrp(tmp_path / "empty")
 
 
 def test_frozen_batchnorm_statistics_and_group_norm_batch_independence():

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.storage import atomic_write_json, read_json
@@ -306,6 +307,20 @@ def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> l
     return inputs
 
 
+def validation_canvases(sample: Any, resolution: tuple[int, int] | None) -> tuple[Image.Image, Image.Image, np.ndarray]:
+    """The guider's canvases and mask of a validation sample at 2x the training resolution: the model colours the
+    whole canvas at the frame size it was trained on (as inference colours 1024x1600 for 512x800 frames)."""
+    if resolution is None or tuple(resolution) == sample.color.size:
+        return sample.refs_only, sample.frame_only, sample.mask
+    canvas = (2 * resolution[0], 2 * resolution[1])
+    mask = Image.fromarray(sample.mask.astype(np.float32), mode="F").resize(canvas, Image.Resampling.NEAREST)
+    return (
+        sample.refs_only.resize(canvas, Image.Resampling.BICUBIC),
+        sample.frame_only.resize(canvas, Image.Resampling.BICUBIC),
+        np.asarray(mask, dtype=np.float32),
+    )
+
+
 def log_validation(
     accelerator: Any, models: dict[str, Any], model: Any, samples: list[Any], args: argparse.Namespace, step: int
 ) -> None:
@@ -332,10 +347,11 @@ def log_validation(
     with torch.no_grad(), accelerator.autocast():  # the frozen base runs in the mixed-precision dtype, trainables fp32
         for index, sample in enumerate(samples):
             generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
+            refs_only, frame_only, mask = validation_canvases(sample, args.resolution)
             output = pipeline(
-                refs_only=sample.refs_only,
-                frame_only=sample.frame_only,
-                mask=sample.mask,
+                refs_only=refs_only,
+                frame_only=frame_only,
+                mask=mask,
                 prompt=args.prompt,
                 num_inference_steps=args.validation_inference_steps,
                 generator=generator,
