@@ -22,6 +22,8 @@ install: $(STAMP)
 # steps of each trainer, then colorize + evaluate over the benchmark folder. It shows the loop runs end to end;
 # tiny random models colour nothing well, so the scores only say that every piece is wired.
 LOOP_STEPS ?= 4
+# The loop runs at a quarter of the data's 512x800 so that a CPU colours the benchmark in about a minute.
+LOOP_SIZE ?= 128x192
 demo: $(STAMP)
 	$(PY) -m jobs.pipeline --generate-sample $(DEMO_DIR)/corpus --output $(DEMO_DIR)/data --report $(DEMO_DIR)/report \
 		--encoder weightfree --renderer halftone $(DEMO_ARGS)
@@ -29,15 +31,16 @@ demo: $(STAMP)
 	$(PY) -m model.tiny $(DEMO_DIR)/tiny-sd15
 	$(PY) -m training.train_icp --pretrained_model_name_or_path $(DEMO_DIR)/tiny-sd15 --data $(DEMO_DIR)/data \
 		--output_dir $(DEMO_DIR)/icp --max_train_steps $(LOOP_STEPS) --checkpointing_steps $(LOOP_STEPS) \
-		--validation_steps $(LOOP_STEPS) --validation_inference_steps 2 --learning_rate 1e-4 --dataloader_num_workers 0
+		--validation_steps $(LOOP_STEPS) --validation_inference_steps 2 --learning_rate 1e-4 --dataloader_num_workers 0 \
+		--resolution $(LOOP_SIZE) --resume_from_checkpoint latest
 	$(PY) -m training.train_gsrp --pretrained_model_name_or_path $(DEMO_DIR)/tiny-sd15 --data $(DEMO_DIR)/data \
 		--output_dir $(DEMO_DIR)/gsrp --max_train_steps $(LOOP_STEPS) --checkpointing_steps $(LOOP_STEPS) \
-		--validation_steps $(LOOP_STEPS) --crop_size 256x256
+		--validation_steps $(LOOP_STEPS) --crop_size 256x256 --resume_from_checkpoint latest
 	$(PY) -m jobs.colorize --benchmark $(DEMO_DIR)/data/benchmark --style halftone --output $(DEMO_DIR)/colorized \
 		--icp $(DEMO_DIR)/icp --gsrp $(DEMO_DIR)/gsrp --sd15 $(DEMO_DIR)/tiny-sd15 --encoder weightfree \
-		--steps 2 --local
+		--steps 2 --size $(LOOP_SIZE) --local
 	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized --truth $(DEMO_DIR)/data/benchmark --fid-features weightfree \
-		--clip-encoder weightfree
+		--clip-encoder weightfree --ssim-precision float32
 	@echo "== demo done: data in $(DEMO_DIR)/data, report in $(DEMO_DIR)/report, loop smoke run in $(DEMO_DIR)/{icp,gsrp,colorized}"
 
 lint: $(STAMP)
