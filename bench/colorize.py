@@ -65,54 +65,19 @@ def write_chapter(root: Path, pages: int, refs: int, size: tuple[int, int]) -> t
 def build_full_size_sd15(folder: Path) -> Path:
     """A random model with SD1.5's architecture (configs of stable-diffusion-v1-5), saved as a diffusers folder."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from model.tiny import build_tiny_tokenizer
+    from model.tiny import SD15_UNET_CONFIG, SD15_VAE_CONFIG, build_tiny_tokenizer, save_sd_folder
 
     tokenizer = build_tiny_tokenizer(folder.parent / "tokenizer-src")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2,
-        latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+    vae = AutoencoderKL(**SD15_VAE_CONFIG)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, pad_token_id=1, eos_token_id=2)
     )  # SD1.5's text tower (768 wide, 12 layers); only the vocabulary is the tiny hand-written one
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(folder, safe_serialization=True)
-    return folder
+    return save_sd_folder(folder, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 def build_models(root: Path, full_size: bool) -> tuple[Path, Path, Path]:

@@ -31,7 +31,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 from model.colorguider import ColorGuider, GuiderOutput  # noqa: E402
 from model.guided_unet import guided_unet_forward  # noqa: E402
 from model.lora import add_icp_lora  # noqa: E402
-from model.tiny import TINY_TEXT_DIM, build_tiny_unet  # noqa: E402
+from model.tiny import SD15_UNET_CONFIG, TINY_TEXT_DIM, build_tiny_unet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,8 +39,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def build(size: str) -> tuple[UNet2DConditionModel, int]:
     if size == "tiny":
         return build_tiny_unet(), TINY_TEXT_DIM
-    config = {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8}
-    return UNet2DConditionModel(**config), 768
+    return UNet2DConditionModel(**SD15_UNET_CONFIG), SD15_UNET_CONFIG["cross_attention_dim"]
 
 
 def timed(

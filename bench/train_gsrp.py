@@ -34,17 +34,10 @@ from PIL import Image  # noqa: E402
 from jobs.common import parse_size  # noqa: E402
 from model.gsrp_fusion import GSRPFusion  # noqa: E402
 from model.gsrp_vae import GuidedVAE  # noqa: E402
+from model.tiny import SD15_VAE_CONFIG  # noqa: E402
 from training.data import GSRPDataConfig, build_gsrp_dataset, resolve_shard_source  # noqa: E402
 from training.train_gsrp import batch_generator, degrade_like_icp  # noqa: E402
 
-SD15_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-}
 HR_MEMBERS = ("hr_color.jpg", "hr_grey.png", "hr_tone.png")
 
 
@@ -169,7 +162,7 @@ def bench_step(args: argparse.Namespace) -> None:
     device = torch.device(args.step_device)
     width, height = args.size
     torch.manual_seed(0)
-    vae = AutoencoderKL(**SD15_VAE).to(device, torch.bfloat16).requires_grad_(False).eval()
+    vae = AutoencoderKL(**SD15_VAE_CONFIG).to(device, torch.bfloat16).requires_grad_(False).eval()
     vae.enable_gradient_checkpointing()
     hr_color = torch.rand(args.batch, 3, height, width, device=device) * 2 - 1
     step_s, step_gib = time_full_step(GuidedVAE(vae), hr_color, args.steps)

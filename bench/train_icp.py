@@ -180,21 +180,14 @@ def _models(kind: str, device: torch.device, dtype: torch.dtype):
     """(vae, unet) built on `device`: SD1.5's configs, or the tiny test folder's (a smoke run anywhere)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from model.tiny import build_tiny_unet, build_tiny_vae
+    from model.tiny import SD15_UNET_CONFIG, SD15_VAE_CONFIG, build_tiny_unet, build_tiny_vae
 
     torch.manual_seed(0)
     with torch.device(device):  # built in place: random init of ~1.7B parameters on a CPU takes minutes
         if kind == "tiny":
             vae, unet = build_tiny_vae(), build_tiny_unet()
         else:
-            vae = AutoencoderKL(
-                block_out_channels=(128, 256, 512, 512),
-                down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4,
-                layers_per_block=2,
-                latent_channels=4,
-            )
-            unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)  # SD1.5's config
+            vae, unet = AutoencoderKL(**SD15_VAE_CONFIG), UNet2DConditionModel(**SD15_UNET_CONFIG)
     return vae.to(dtype=dtype).requires_grad_(False), unet
 
 

@@ -94,6 +94,31 @@ def _zero_conv(channels: int) -> nn.Conv2d:
     return conv
 
 
+def _level_block(
+    attention_block: type[nn.Module],
+    plain_block: type[nn.Module],
+    with_attention: bool,
+    common: dict,
+    *,
+    layers: int,
+    heads: int,
+    use_linear_projection: bool,
+    upcast_attention: bool,
+) -> nn.Module:
+    """One down or up level, so both paths build their attention blocks alike: self-attention only
+    (`cross_attention_dim=None`: the guider never sees the text), or the plain block."""
+    if not with_attention:
+        return plain_block(**common)
+    return attention_block(
+        **common,
+        transformer_layers_per_block=layers,
+        num_attention_heads=heads,
+        cross_attention_dim=None,
+        use_linear_projection=use_linear_projection,
+        upcast_attention=upcast_attention,
+    )
+
+
 def _per_block(value, count: int, name: str) -> list:
     values = [value] * count if isinstance(value, int) or value is None else list(value)
     if len(values) != count:
@@ -209,17 +234,16 @@ class ColorGuider(ModelMixin, ConfigMixin):
                 "downsample_padding": downsample_padding,
                 "resnet_time_scale_shift": resnet_time_scale_shift,
             }
-            if _ATTENTION_DOWN[name]:
-                block = CrossAttnDownBlock2D(
-                    **common,
-                    transformer_layers_per_block=layers[level],
-                    num_attention_heads=heads[level],
-                    cross_attention_dim=None,
-                    use_linear_projection=use_linear_projection,
-                    upcast_attention=upcast_attention,
-                )
-            else:
-                block = DownBlock2D(**common)
+            block = _level_block(
+                CrossAttnDownBlock2D,
+                DownBlock2D,
+                _ATTENTION_DOWN[name],
+                common,
+                layers=layers[level],
+                heads=heads[level],
+                use_linear_projection=use_linear_projection,
+                upcast_attention=upcast_attention,
+            )
             self.down_blocks.append(block)
             outputs = layers_per_block + (1 if level < levels - 1 else 0)
             self.brushnet_down_blocks.extend(_zero_conv(output_channel) for _ in range(outputs))
@@ -265,17 +289,16 @@ class ColorGuider(ModelMixin, ConfigMixin):
                 "resnet_groups": norm_num_groups,
                 "resnet_time_scale_shift": resnet_time_scale_shift,
             }
-            if _ATTENTION_UP[name]:
-                block = CrossAttnUpBlock2D(
-                    **common,
-                    transformer_layers_per_block=reversed_layers[level],
-                    num_attention_heads=reversed_heads[level],
-                    cross_attention_dim=None,
-                    use_linear_projection=use_linear_projection,
-                    upcast_attention=upcast_attention,
-                )
-            else:
-                block = UpBlock2D(**common)
+            block = _level_block(
+                CrossAttnUpBlock2D,
+                UpBlock2D,
+                _ATTENTION_UP[name],
+                common,
+                layers=reversed_layers[level],
+                heads=reversed_heads[level],
+                use_linear_projection=use_linear_projection,
+                upcast_attention=upcast_attention,
+            )
             self.up_blocks.append(block)
             outputs = layers_per_block + 1 + int(add_upsample)
             self.brushnet_up_blocks.extend(_zero_conv(output_channel) for _ in range(outputs))

@@ -3,6 +3,9 @@
 Same structure as `stable-diffusion-v1-5` (StableDiffusionPipeline layout, PNDM scheduler config, CLIP tokenizer and
 text encoder, a UNet with three cross-attention levels and a plain last level, two layers per block, so a guider
 built from it has the SD1.5 count of 28 residuals; a VAE with four levels, so the latent factor is 8), only narrow.
+
+Also home to the real SD1.5 layouts (`SD15_VAE_CONFIG`, `SD15_UNET_CONFIG`, `sd15_scheduler`) and the folder writer
+(`save_sd_folder`), so the full-size random models of the benches and tests are built the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import json
 import string
 import tempfile
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -18,6 +23,42 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 TINY_TEXT_DIM = 32
 TINY_SEED = 0
+
+# stable-diffusion-v1-5's VAE and UNet layouts (its config.json files, architecture keys only), shared so benches and
+# tests that build SD1.5-size random models from configs cannot drift apart. Read-only: pass them as `**kwargs`.
+SD15_VAE_CONFIG: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "sample_size": 512,
+        "scaling_factor": 0.18215,
+    }
+)
+SD15_UNET_CONFIG: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    }
+)
+# The tiny VAE's levels (SD1.5's four, so the latent factor is 8), narrow; norm groups and sizes are left to callers.
+TINY_VAE_LAYOUT: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "block_out_channels": (8, 8, 16, 16),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "layers_per_block": 1,
+        "latent_channels": 4,
+    }
+)
 
 
 def _tiny_vocabulary() -> dict[str, int]:
@@ -55,16 +96,7 @@ def build_tiny_unet() -> UNet2DConditionModel:
 def build_tiny_vae() -> AutoencoderKL:
     """Four encoder/decoder levels like SD1.5's VAE, so images map to latents 8x smaller."""
     return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
+        in_channels=3, out_channels=3, **TINY_VAE_LAYOUT, norm_num_groups=8, sample_size=64, scaling_factor=0.18215
     )
 
 
@@ -83,6 +115,43 @@ def build_tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
+def sd15_scheduler() -> PNDMScheduler:
+    """The PNDM scheduler as configured in stable-diffusion-v1-5's scheduler/ folder."""
+    return PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+    )
+
+
+def save_sd_folder(
+    folder: str | Path,
+    *,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+) -> Path:
+    """Write the models as a StableDiffusionPipeline folder (SD1.5's scheduler, no safety checker), so random
+    models load through the same `from_pretrained` path as real weights. Returns the folder."""
+    folder = Path(folder)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=sd15_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
 def build_tiny_sd15(folder: str | Path, seed: int = TINY_SEED) -> Path:
     """Write a tiny random SD1.5-shaped pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
     model_index.json) with `save_pretrained`; loadable with `StableDiffusionPipeline.from_pretrained(folder)`.
@@ -99,26 +168,7 @@ def build_tiny_sd15(folder: str | Path, seed: int = TINY_SEED) -> Path:
             unet = build_tiny_unet()
             vae = build_tiny_vae()
             text_encoder = build_tiny_text_encoder(len(tokenizer))
-        scheduler = PNDMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            set_alpha_to_one=False,
-            skip_prk_steps=True,
-            steps_offset=1,
-        )
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipeline.save_pretrained(folder, safe_serialization=True)
+        save_sd_folder(folder, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer)
     return folder
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray for the session, the generated sample corpus, the repository root."""
+"""Shared fixtures: a real local Ray for the session, the generated sample corpus, the repository root, a one-thread
+torch cap."""
 
 from __future__ import annotations
 
@@ -14,6 +15,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture
+def frugal_threads() -> Iterator[None]:
+    """One torch thread for the test (the machine's cores are shared), the previous count restored after; opt in
+    per module with ``pytestmark = pytest.mark.usefixtures("frugal_threads")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

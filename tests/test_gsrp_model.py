@@ -14,17 +14,10 @@ from PIL import Image
 from model.gsrp_fusion import GSRPFusion, released_key, vae_fusion_channels
 from model.gsrp_vae import GuidedVAE, pil_to_tensor, super_resolve, tensor_to_pil
 from model.gsrp_weights import load_gsrp, read_gsrp_export, save_gsrp_export
-from model.tiny import build_tiny_vae
+from model.tiny import SD15_VAE_CONFIG, build_tiny_vae
 
 REFERENCE = Path(__file__).parent / "reference" / "colorflow_gsrp_fusion.json"
-SD15_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "layers_per_block": 2,
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-}
+pytestmark = pytest.mark.usefixtures("frugal_threads")
 
 
 def reference_listing() -> dict[str, list[int]]:
@@ -39,14 +32,6 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
 def tiny_fusion(vae: AutoencoderKL, seed: int = 1, **kwargs) -> GSRPFusion:
     torch.manual_seed(seed)
     return GSRPFusion.from_vae_config(vae.config, **kwargs)
-
-
-@pytest.fixture(autouse=True)
-def _frugal_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_released_layout_equals_the_reference_listing():
@@ -69,7 +54,7 @@ def test_shapes_through_every_level(layout):
     """Taps, fused maps and output for the tiny VAE (real values) and SD1.5's VAE (meta device, shapes only)."""
     if layout == "sd15":
         with torch.device("meta"):
-            vae = AutoencoderKL(**SD15_VAE)
+            vae = AutoencoderKL(**SD15_VAE_CONFIG)
             fusion = GSRPFusion.from_vae_config(vae.config)
         images = torch.empty(2, 3, 64, 96, device="meta")
         assert vae_fusion_channels(vae.config) == ((128, 128, 256, 512, 512), (256, 512, 512, 512, 512))
@@ -216,7 +201,7 @@ def test_mismatched_released_file_fails_naming_the_key(tmp_path, edit, message):
 def test_released_file_of_other_widths_fails_against_a_given_layout(tmp_path):
     """A tiny release checked against SD1.5's widths fails by name (SD1.5 has a projection where tiny has none)."""
     _fake_release(_tiny_listing(), tmp_path / "MultiResNetModel.bin")
-    encoder, decoder = vae_fusion_channels(SD15_VAE)
+    encoder, decoder = vae_fusion_channels(SD15_VAE_CONFIG)
     with pytest.raises(ValueError, match="missing key 'two_layer_resnets.1.block1.shortcut.0.weight'"):
         GSRPFusion.from_released(tmp_path / "MultiResNetModel.bin", encoder_channels=encoder, decoder_channels=decoder)
     (tmp_path / "broken.bin").write_bytes(b"not a torch file")

@@ -15,11 +15,12 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from model.gsrp_weights import load_gsrp, read_gsrp_export
-from model.tiny import build_tiny_sd15
+from model.tiny import TINY_VAE_LAYOUT, build_tiny_sd15
 from training.data import resolve_shard_source
 from training.train_gsrp import cli, icp_size, main, parse_args
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("frugal_threads")
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,7 @@ def overfit_vae(tmp_path_factory) -> Path:
     """A tiny 4-level VAE with two channels per norm group. With one channel per group (model.tiny's VAE) the
     random decoder's last GroupNorm pins every channel's mean, which bounds the L1 any fusion can reach."""
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        norm_num_groups=2,
-        latent_channels=4,
-    )
+    vae = AutoencoderKL(**TINY_VAE_LAYOUT, norm_num_groups=2)
     folder = tmp_path_factory.mktemp("vae") / "vae"
     vae.save_pretrained(folder)
     return folder
@@ -49,14 +43,6 @@ def overfit_vae(tmp_path_factory) -> Path:
 def one_shard(pipeline_data) -> str:
     """One train shard of the fixture (6 samples): a few pairs to overfit."""
     return resolve_shard_source(pipeline_data).urls[0]
-
-
-@pytest.fixture(autouse=True)
-def _frugal_threads():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def base_args(tiny_sd: Path, data: str, output: Path, *extra: str) -> list[str]:

@@ -689,6 +689,33 @@ def _source(urls: ShardSource | str | os.PathLike | Sequence[str]) -> ShardSourc
     return urls if isinstance(urls, ShardSource) else resolve_shard_source(urls)
 
 
+def _rank_stream(
+    urls: ShardSource | str | os.PathLike | Sequence[str],
+    function: Callable[..., dict[str, Any]],
+    fields: Sequence[str],
+    config: ICPDataConfig | GSRPDataConfig,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    start_sample: int,
+) -> ShardStream:
+    """One rank's ShardStream of `function`'s samples: ICP and GSRP differ only in the transform and the members
+    read, so batching, shuffling, resume and caching are set from the config in one place."""
+    return ShardStream(
+        _source(urls),
+        _Transform(function, config, seed),
+        fields,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        batch_size=config.batch_size,
+        shuffle_shards=config.shuffle_shards,
+        start_sample=start_sample,
+        cache_dir=config.cache_dir,
+    )
+
+
 def build_icp_dataset(
     urls: ShardSource | str | os.PathLike | Sequence[str],
     config: ICPDataConfig,
@@ -700,17 +727,8 @@ def build_icp_dataset(
 ) -> ShardStream:
     """The ICP stream of one rank: dicts with key, alpha, c_color, refs_only, frame_only (3, H, W), mask
     (1, H/f, W/f), crop box, position, epoch and bad_skipped. Use a DataLoader with ``config.batch_size``."""
-    return ShardStream(
-        _source(urls),
-        _Transform(icp_sample, config, seed),
-        ICP_FIELDS,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        batch_size=config.batch_size,
-        shuffle_shards=config.shuffle_shards,
-        start_sample=start_sample,
-        cache_dir=config.cache_dir,
+    return _rank_stream(
+        urls, icp_sample, ICP_FIELDS, config, seed=seed, rank=rank, world_size=world_size, start_sample=start_sample
     )
 
 
@@ -725,15 +743,6 @@ def build_gsrp_dataset(
 ) -> ShardStream:
     """The GSRP stream of one rank: dicts with hr_bw and hr_color (3, h, w) in [-1, 1], key, alpha, crop box,
     position, epoch and bad_skipped. Use a DataLoader with ``config.batch_size``."""
-    return ShardStream(
-        _source(urls),
-        _Transform(gsrp_sample, config, seed),
-        GSRP_FIELDS,
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        batch_size=config.batch_size,
-        shuffle_shards=config.shuffle_shards,
-        start_sample=start_sample,
-        cache_dir=config.cache_dir,
+    return _rank_stream(
+        urls, gsrp_sample, GSRP_FIELDS, config, seed=seed, rank=rank, world_size=world_size, start_sample=start_sample
     )
