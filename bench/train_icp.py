@@ -41,14 +41,8 @@ from PIL import Image  # noqa: E402
 
 from pipelines.geometry import hires_size  # noqa: E402
 from pipelines.pagestore import encode_page  # noqa: E402
-from pipelines.samples import (  # noqa: E402
-    ChapterPages,
-    FrameRecord,
-    SampleConfig,
-    build_sample,
-    build_training_inputs,
-    decode_sample,  # noqa: E402
-)
+from pipelines.sample_inputs import build_training_inputs, decode_sample  # noqa: E402
+from pipelines.samples import ChapterPages, FrameRecord, SampleConfig, build_sample  # noqa: E402
 from pipelines.shards import write_tar  # noqa: E402
 from screentone.halftone import render_halftone  # noqa: E402
 from screentone.synthetic import synthetic_colour_page  # noqa: E402

@@ -10,7 +10,7 @@ Per chapter (a PAGES/REFS pair, or each chapter of a benchmark folder):
    the encoder), and searched with FAISS: top 3 per query patch (`pipelines.colorize_refs`).
 3. Pages go to workers in batches: Ray actors, one per GPU (or CPU actors without GPUs), each loading the
    encoder and the models once; `local=True` runs one worker in this process. A worker rebuilds a page's
-   composite with `pipelines.samples.composite_inputs` (the trainer's function), runs ICP and GSRP
+   composite with `pipelines.sample_inputs.composite_inputs` (the trainer's function), runs ICP and GSRP
    (`pipelines.colorize_models`), and writes the page, its contact sheet and, last, its fingerprint file, each
    atomically. A page that fails is a row with its cause; the others go on.
 

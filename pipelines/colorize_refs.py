@@ -26,7 +26,8 @@ from PIL import Image
 from pipelines.encoders import Encoder, EncoderInfo, load_encoder, resolve_encoder
 from pipelines.geometry import RANKS_PER_PATCH, CompositeLayout, reference_boxes
 from pipelines.retrieval import fitted_page, page_patches
-from pipelines.samples import CompositeInputs, composite_inputs, retrieval_grid
+from pipelines.sample_inputs import CompositeInputs, composite_inputs
+from pipelines.samples import retrieval_grid
 from pipelines.schemas import QUERY_PATCHES, REF_PATCHES
 from pipelines.search import PoolSearcher, RefKeys
 from pipelines.storage import sha256_file
@@ -232,7 +233,7 @@ def page_composite(
     grid: list[dict[str, Any]],
     fitted_refs: Mapping[str, Image.Image],
 ) -> tuple[Image.Image, CompositeInputs]:
-    """(B&W frame, the four ICP canvases) of a page: `samples.composite_inputs`, the trainer's own function."""
+    """(B&W frame, the four ICP canvases) of a page: `sample_inputs.composite_inputs`, the trainer's own function."""
     grid = retrieval_grid(page_id, grid)
     bw = bw_frame(page, layout.width, layout.height)
     return bw, composite_inputs(layout, ring_from_references(layout, grid, fitted_refs), bw)

@@ -49,7 +49,7 @@ def training_sample_sheets(layout: DataLayout, folder: Path, *, samples: int = 2
     """For a few train samples: C_bw | mask | C_color, rebuilt from the shard alone as training will."""
     import webdataset as wds
 
-    from pipelines.samples import build_training_inputs
+    from pipelines.sample_inputs import build_training_inputs
 
     manifest = read_json(layout.shards_manifest)
     shards = [s for s in manifest["splits"][TRAIN_SPLIT]["shards"]]

@@ -28,7 +28,8 @@ from pipelines.colorize_refs import (
 )
 from pipelines.colorize_sources import open_source, output_stems
 from pipelines.geometry import CompositeLayout
-from pipelines.samples import ChapterPages, DecodedSample, build_ring, build_training_inputs
+from pipelines.sample_inputs import DecodedSample, build_training_inputs
+from pipelines.samples import ChapterPages, build_ring
 
 SIZE = (64, 96)
 

@@ -11,18 +11,8 @@ from PIL import Image, JpegImagePlugin
 
 from pipelines.geometry import CompositeLayout, fit_image, reference_boxes
 from pipelines.pagestore import encode_page
-from pipelines.samples import (
-    FIELDS,
-    ChapterPages,
-    FrameRecord,
-    SampleConfig,
-    SampleError,
-    build_sample,
-    build_training_inputs,
-    composite_inputs,
-    decode_sample,
-    retrieval_grid,
-)
+from pipelines.sample_inputs import build_training_inputs, composite_inputs, decode_sample
+from pipelines.samples import FIELDS, ChapterPages, FrameRecord, SampleConfig, SampleError, build_sample, retrieval_grid
 from pipelines.screentone_job import ScreentoneOptions, render_frame, renderer_for
 from screentone.augment import blend, sample_alpha
 from screentone.synthetic import synthetic_colour_page

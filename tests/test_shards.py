@@ -23,7 +23,8 @@ from fsync_spy import check_markers_follow_their_data, record_fsyncs
 from shard_inputs import build_corpus
 
 from pipelines.layout import DataLayout
-from pipelines.samples import FIELDS, build_training_inputs, decode_sample
+from pipelines.sample_inputs import build_training_inputs, decode_sample
+from pipelines.samples import FIELDS
 from pipelines.shard_job import ShardJobOptions, run_shards
 from pipelines.shards import PlanMismatchError, code_version, shard_code_files, write_tar
 from pipelines.storage import TMP_TAG
@@ -412,11 +413,14 @@ def test_code_version_covers_only_the_code_that_produces_shard_bytes(tmp_path: P
     } <= scope
     assert not {p for p in scope if p.split("/")[0] in ("model", "training", "jobs")}
     assert "pipelines/report.py" not in scope
+    assert "pipelines/sample_inputs.py" not in scope  # how training reads a sample back
     before = code_version(tmp_path)
     (tmp_path / "model" / "new_model.py").write_text("VALUE = 1\n")
     (tmp_path / "training" / "__init__.py").write_text("# edited\n")
     (tmp_path / "jobs" / "shards.py").write_text((tmp_path / "jobs" / "shards.py").read_text() + "\n# edited\n")
     (tmp_path / "pipelines" / "report.py").write_text("# edited\n")
+    inputs = tmp_path / "pipelines" / "sample_inputs.py"
+    inputs.write_text(inputs.read_text() + "\n# edited\n")
     assert code_version(tmp_path) == before  # finished shards stay valid
     samples = tmp_path / "pipelines" / "samples.py"
     samples.write_text(samples.read_text() + "\n# edited\n")

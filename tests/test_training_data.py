@@ -14,7 +14,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipelines.geometry import CompositeLayout
-from pipelines.samples import FIELD_RING, FIELDS, build_training_inputs, decode_sample
+from pipelines.sample_inputs import build_training_inputs, decode_sample
+from pipelines.samples import FIELD_RING, FIELDS
 from pipelines.shards import write_tar
 from screentone.augment import sample_alpha
 from training.data import (

@@ -24,7 +24,7 @@ A sample that fails to read or decode is logged, counted (``bad_skipped`` on the
 its slot is filled by the next good sample of the same worker's stream, so batch boundaries, and with them
 exact resumption, survive bad samples.
 
-ICP samples: the canvases come from `pipelines.samples.composite_inputs` (the one composite of training,
+ICP samples: the canvases come from `pipelines.sample_inputs.composite_inputs` (the one composite of training,
 validation and colorize), then the patch-wise crop: a window of the 2W x 2H canvas that always contains the
 whole centre frame (side scale ~ U(crop_scale) of the frame's, aspect ~ log-U(crop_aspect) of the frame's,
 position uniform among windows containing the frame), resized to the training size; the mask is cropped the
@@ -54,6 +54,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.geometry import CompositeLayout
+from pipelines.sample_inputs import CompositeInputs, blended_bw, composite_inputs, variant_alpha
 from pipelines.samples import (
     FIELD_COLOR,
     FIELD_GREY,
@@ -63,10 +64,6 @@ from pipelines.samples import (
     FIELD_META,
     FIELD_RING,
     FIELD_TONE,
-    CompositeInputs,
-    blended_bw,
-    composite_inputs,
-    variant_alpha,
 )
 
 logger = logging.getLogger(__name__)

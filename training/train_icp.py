@@ -294,7 +294,7 @@ def register_hooks(accelerator: Any, model_type: type) -> None:
 
 def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
     """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
-    from pipelines.samples import build_training_inputs, decode_sample
+    from pipelines.sample_inputs import build_training_inputs, decode_sample
 
     try:
         urls = resolve_shard_source(data if len(data) > 1 else data[0], "val").urls
