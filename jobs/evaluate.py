@@ -13,13 +13,13 @@ import argparse
 import json
 import sys
 
-from jobs.common import configure_logging
+from jobs.common import JobArgumentParser, configure_logging, error_line
 from pipelines.encoders import WEIGHT_FREE
 from pipelines.evaluate import RESAMPLING, EvaluateOptions, run_evaluate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__)
+    parser = JobArgumentParser(prog="python -m jobs.evaluate", description=__doc__)
     parser.add_argument("--pred", required=True, help="folder of predictions (PRED)")
     parser.add_argument("--truth", required=True, help="benchmark folder, or a plain folder of ground-truth images")
     parser.add_argument("--output", default=None, help="where tables, grids and the summary go (default PRED/evaluate)")
@@ -58,13 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     fid.add_argument(
         "--inception-weights",
         default=None,
-        help="torch-fidelity Inception-v3 file weights-inception-2015-12-05-6726825d.pth (the standard FID)",
+        help="torch-fidelity Inception-v3 file weights-inception-2015-12-05-6726825d.pth (the standard FID; "
+        "default: FID skipped unless --fid-features)",
     )
     fid.add_argument(
         "--fid-features",
         default=None,
         help=f"another feature network: {WEIGHT_FREE!r}, 'open_clip:<model>:<weights>', 'torchscript:<file>' or "
-        "'<module>:<callable>' returning an nn.Module (uint8 N x 3 x H x W -> N x D)",
+        "'<module>:<callable>' returning an nn.Module (uint8 N x 3 x H x W -> N x D); default: none",
     )
     parser.add_argument(
         "--ssim-precision",
@@ -79,7 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--grid-pages", type=int, default=3, help="best and worst pages shown per metric (default 3)")
     parser.add_argument("--device", default=None, help="torch device for the networks (default: cuda if available)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = parser.parse_args(argv)
     if args.aesthetic_predictor and not (args.aesthetic_encoder or args.clip_encoder):
         parser.error("--aesthetic-predictor needs --aesthetic-encoder (or --clip-encoder): the embeddings it scores")
@@ -116,10 +116,12 @@ def cli(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         summary = main(argv)
-    except (OSError, ValueError, TypeError, RuntimeError) as error:
+    except SystemExit as exit_:  # --help, or a usage error already printed in one line
+        return exit_.code if isinstance(exit_.code, int) else 2
+    except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows where it came from
         if "--debug" in argv:
             raise
-        print(f"python -m jobs.evaluate: error: {error}", file=sys.stderr)
+        print(f"python -m jobs.evaluate: error: {error_line(error)}", file=sys.stderr)
         return 1
     if not summary["scored"]:
         first = summary["failures"][0]["reason"] if summary["failures"] else "no ground-truth pages"
