@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, UniPCMultistepSchedul
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from model.colorguider import RELEASED_CLASS_NAME, WEIGHT_FILES, ColorGuider
+from model.devices import place
 from model.lora import ADAPTER_NAME, ICP_LORA_TARGETS, add_icp_lora, load_icp_lora, lora_settings, save_icp_lora
 from model.pipeline_icp import ColorFlowICPPipeline
 from pipelines.storage import TMP_TAG, atomic_write_json, fsync_tree
@@ -155,4 +156,5 @@ def load_icp_pipeline(
     for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet, pipeline.guider):
         module.requires_grad_(False)
         module.eval()
-    return pipeline.to(device=device, dtype=dtype)
+        place(module, device, dtype)
+    return pipeline

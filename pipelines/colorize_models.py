@@ -154,9 +154,10 @@ class Colorizer:
         self.pipeline.set_progress_bar_config(disable=True)
         self.fusion = None
         if paths.gsrp is not None:
+            from model.devices import place
             from model.gsrp_weights import load_gsrp
 
-            self.fusion = load_gsrp(paths.gsrp).to(self.device, dtype=dtype).eval()
+            self.fusion = place(load_gsrp(paths.gsrp), self.device, dtype).eval()
         if sampling.memory == "offload":
             self.pipeline.enable_model_cpu_offload(device=self.device)
         elif sampling.memory == "vae-slicing":

@@ -381,6 +381,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from model.devices import place
     from model.guided_unet import GuidedUNet
 
     started = time.perf_counter()
@@ -409,9 +410,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     vae, text_encoder, model = models["vae"], models["text_encoder"], models["model"]
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
-    vae.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    model.unet.to(device, dtype=weight_dtype)
+    place(vae, device, weight_dtype)
+    place(text_encoder, device, weight_dtype)
+    place(model.unet, device, weight_dtype)
     model.guider.to(device)
     cast_training_params(model.unet, dtype=torch.float32)  # LoRA weights train in fp32; the frozen base stays low
     if args.gradient_checkpointing:
