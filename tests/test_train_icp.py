@@ -169,10 +169,12 @@ def test_two_processes_train_together_on_disjoint_samples(sd15: Path, pipeline_d
     digests = summary["trainable_sha256_per_rank"]
     assert len(digests) == 2 and digests[0] == digests[1]  # all-reduced gradients: equal weights on both ranks
     assert summary["samples"] == 8
-    # only the main process writes: one state, one event file, no second rank's files
+    # only the main process writes weights, state and events; the second rank adds only its own random states
     assert sorted(p.name for p in (out / "checkpoint-2").iterdir()) == [
-        "colorguider", "optimizer.bin", "random_states_0.pkl", "scheduler.bin", "train_state.json", "unet_lora",
+        "colorguider", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin",
+        "train_state.json", "unet_lora",
     ]  # fmt: skip
+    assert not list(out.glob(".checkpoint-*"))  # no scratch folder left behind
     event_files = list(out.glob("logs/**/events.out.tfevents.*"))  # events.out.tfevents.<time>.<host>.<pid>.<n>
     assert event_files and len({p.name.split(".")[-2] for p in event_files}) == 1
 

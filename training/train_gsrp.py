@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -46,6 +45,7 @@ from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
 from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, resolve_shard_source
+from training.train_icp import bw_variant_arg, list_checkpoints, publish_state
 
 PROG = "train_gsrp"
 FUSION_SUBFOLDER = "fusion"
@@ -86,7 +86,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="training crop WxH (whole frame if smaller)",
     )
     data.add_argument("--sr_scale", type=float, default=1.5, help="GSRP size / ICP size (released: 1.5)")
-    data.add_argument("--bw_variant", default="screenstyle", help="B&W input: screenstyle, grey, tone or a weight")
+    data.add_argument(
+        "--bw_variant",
+        type=bw_variant_arg,
+        default="screenstyle",
+        help="B&W input: screenstyle, grey, tone or a weight",
+    )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers per process")
 
     train = parser.add_argument_group("training")
@@ -113,7 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     save.add_argument("--checkpointing_steps", type=int, default=500, help="save state every N steps")
     save.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep the newest N (none: all)")
     save.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-<step> folder or 'latest'")
-    save.add_argument("--validation_steps", type=int, default=500, help="validation images every N steps")
+    save.add_argument("--validation_steps", type=int, default=500, help="validation images every N steps (0: off)")
     save.add_argument("--num_validation_images", type=int, default=4, help="fixed validation samples")
     save.add_argument("--report_to", default="tensorboard", help="accelerate tracker ('none' for no tracking)")
     save.add_argument("--export_dir", default=None, help="final export folder (default OUTPUT_DIR/export)")
@@ -231,23 +236,8 @@ def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
         if not path.is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
         return path
-    found = sorted(
-        (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
-        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
-    )
+    found = list_checkpoints(output_dir)  # only complete ones: `publish_state` renames a finished folder into place
     return found[-1] if found else None
-
-
-def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
-    """Before saving a new checkpoint, delete the oldest so that `keep` remain afterwards."""
-    if keep is None:
-        return
-    found = sorted(
-        (p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name.removeprefix(CHECKPOINT_PREFIX).isdigit()),
-        key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)),
-    )
-    for old in found[: max(0, len(found) - keep + 1)]:
-        shutil.rmtree(old)
 
 
 def validation_source(args: argparse.Namespace, train_source: ShardSource) -> ShardSource:
@@ -448,11 +438,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         step_loss = 0.0
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            if accelerator.is_main_process:
-                prune_checkpoints(output_dir, args.checkpoints_total_limit)
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(output_dir / f"{CHECKPOINT_PREFIX}{global_step}"))
-        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            state = {"global_step": global_step, "world_size": accelerator.num_processes, "seed": args.seed}
+            state |= {"train_batch_size": args.train_batch_size, "accumulation": args.gradient_accumulation_steps}
+            publish_state(accelerator, output_dir, global_step, args.checkpoints_total_limit, state)
+        if (
+            args.validation_steps > 0
+            and global_step % args.validation_steps == 0
+            and global_step < args.max_train_steps
+        ):
             validate()
     progress.close()
     elapsed = time.perf_counter() - started

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import os
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
-from pipelines.storage import atomic_write_json, read_json
+from pipelines.storage import atomic_write_json, fsync_dir, fsync_tree, read_json
 from training.data import (
     ICPDataConfig,
     ShardSource,
@@ -64,7 +63,8 @@ def _pair(kind: type) -> Any:
     return parse
 
 
-def _variant(text: str) -> str | float:
+def bw_variant_arg(text: str) -> str | float:
+    """A --bw_variant value: a blend weight as a float, else a variant name (checked by the data config)."""
     try:
         return float(text)
     except ValueError:
@@ -83,7 +83,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # data
     parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
     parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
-    parser.add_argument("--bw_variant", type=_variant, default="screenstyle", help="screenstyle|grey|tone|weight")
+    parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
     parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
     parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
     parser.add_argument("--crop_aspect", type=_pair(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH")
@@ -605,17 +605,7 @@ def export_model(output_dir: Path, model: Any, meta: dict[str, Any]) -> Path:
 def save_checkpoint(
     accelerator: Any, output_dir: Path, step: int, args: argparse.Namespace, world: int, source: ShardSource
 ) -> None:
-    """save_state into checkpoint-<step> (atomically, main process only), pruning to the total limit first."""
-    if not accelerator.is_main_process:
-        return
-    if args.checkpoints_total_limit is not None:
-        existing = list_checkpoints(output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            shutil.rmtree(old)
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    scratch = output_dir / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    accelerator.save_state(str(scratch))
+    """checkpoint-<step> with the run settings that an exact resume needs (see `publish_state`)."""
     state = {
         "global_step": step,
         "world_size": world,
@@ -625,11 +615,35 @@ def save_checkpoint(
         "samples_per_rank": step * args.train_batch_size * args.gradient_accumulation_steps,
         "shard_manifest_sha256": source.sha256,
     }
-    atomic_write_json(scratch / TRAIN_STATE, state)
-    if final.exists():
-        shutil.rmtree(final)
-    scratch.rename(final)
-    logger.info("saved %s", final)
+    publish_state(accelerator, output_dir, step, args.checkpoints_total_limit, state)
+
+
+def publish_state(accelerator: Any, output_dir: Path, step: int, total_limit: int | None, state: dict) -> Path:
+    """`save_state` on every rank (each writes its own random states) into a scratch folder; then the main process
+    writes `train_state.json`, renames the folder to checkpoint-<step> and only then prunes to `total_limit`, so a
+    kill at any point leaves every earlier checkpoint whole and never a half-written one under a final name.
+
+    Shared by both trainers (`training.train_gsrp` imports it)."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    scratch = output_dir / f".{final.name}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(scratch, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(scratch))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(scratch / TRAIN_STATE, state)
+        fsync_tree(scratch)
+        if final.exists():
+            shutil.rmtree(final)
+        scratch.rename(final)
+        fsync_dir(output_dir)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+        logger.info("saved %s", final)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
