@@ -158,6 +158,7 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        tiled_decode: bool = False,
     ) -> ColorFlowICPPipelineOutput | tuple:
         """Colourise the centre of each composite.
 
@@ -165,6 +166,8 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         `mask`: 2H x 2W, 1 on the reference ring (a float array as `CompositeLayout.mask()` returns; PIL masks are
         grey / 255); one mask is shared by the whole batch. Guidance applies when `guidance_scale` > 1.
         `output_type`: "pil", "np", "pt" or "latent". Same generator seed, same output.
+        `tiled_decode`: decode the final latents tile by tile (lower peak memory); the canvases' encodes are never
+        tiled, so the guider sees exactly the latents it was trained on.
         """
         refs_list, frame_list = _as_list(refs_only), _as_list(frame_only)
         if len(refs_list) != len(frame_list):
@@ -199,6 +202,11 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator).to(self.guider.dtype)
         step_kwargs = self._step_kwargs(generator)
 
+        # Model offload hooks fire on a module's forward; the guided UNet runs the UNet's blocks directly, so its hook
+        # is fired here to bring it onto the device (the guider's and the VAE's own calls fire theirs).
+        offload_hook = getattr(self.unet, "_hf_hook", None)
+        if offload_hook is not None:
+            offload_hook.pre_forward(self.unet)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(latents, t)
             residuals = self.guider(model_input.to(self.guider.dtype), t, cond, conditioning_scale=conditioning_scale)
@@ -214,7 +222,8 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         if output_type == "latent":
             images = latents
         else:
-            decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            decoded = (self.vae.tiled_decode(scaled) if tiled_decode else self.vae.decode(scaled)).sample
             images = self.image_processor.postprocess(decoded, output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -161,8 +161,7 @@ class Colorizer:
         if sampling.memory == "offload":
             self.pipeline.enable_model_cpu_offload(device=self.device)
         elif sampling.memory == "vae-slicing":
-            self.pipeline.vae.enable_slicing()
-            self.pipeline.vae.enable_tiling()
+            self.pipeline.vae.enable_slicing()  # tiling only for the final decode (see tiled_decode below)
 
     def colorize(self, items: list[PageBatchItem], layout: Any) -> list[Image.Image]:
         """The final pages (GSRP size) of a batch: ICP canvases, their centre W x H crops, then GSRP."""
@@ -182,6 +181,7 @@ class Colorizer:
             conditioning_scale=self.sampling.conditioning_scale,
             generator=generators if len(items) > 1 else generators[0],
             output_type="pil",
+            tiled_decode=self.sampling.memory == "vae-slicing",
         ).images
         lowres = [layout.crop_centre(canvas) for canvas in canvases]
         if self.fusion is None:

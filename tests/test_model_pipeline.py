@@ -116,3 +116,21 @@ def test_export_and_released_layout_reload_to_the_same_outputs(tmp_path, sd15, t
 
     with pytest.raises(FileNotFoundError, match="not ICP weights"):
         load_icp_pipeline(sd15, tmp_path / "run" / "checkpoint-2")
+
+
+def test_tiled_decode_tiles_only_the_decode(trained_pipeline):
+    pipe = trained_pipeline
+    _, inputs = _composite(48, 80)
+    vae = pipe.vae
+    saved = vae.tile_sample_min_size, vae.tile_latent_min_size
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 32, 4  # force several tiles on this small canvas
+    try:
+        plain, tiled = _run(pipe, inputs, 5), _run(pipe, inputs, 5, tiled_decode=True)
+        assert not vae.use_tiling  # the canvases were encoded whole: the guider saw its training-time latents
+        latents = _run(pipe, inputs, 5, output_type="latent")
+        assert torch.equal(latents, _run(pipe, inputs, 5, output_type="latent", tiled_decode=True))
+    finally:
+        vae.tile_sample_min_size, vae.tile_latent_min_size = saved
+    assert tiled.shape == plain.shape == (1, 160, 96, 3)
+    assert not np.array_equal(plain, tiled)  # the decode really ran in tiles
+    assert np.abs(plain.astype(np.float32) - tiled.astype(np.float32)).mean() < 0.1  # blended tiles, same picture
