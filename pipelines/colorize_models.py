@@ -50,11 +50,18 @@ def _files_token(path: str | None) -> Any:
     if path is None:
         return None
     root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and _is_weight_file(root, p))
     return stable_hash(
         [[str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
         16,
     )
+
+
+def _is_weight_file(root: Path, path: Path) -> bool:
+    """Files that decide the weights: not a training run's checkpoints, TensorBoard logs or scratch (an ICP export
+    sits at the top of its run folder, so those grow beside it while the export itself stays the same)."""
+    parts = path.relative_to(root).parts
+    return not any(part.startswith(("checkpoint-", ".")) or part == "logs" for part in parts)
 
 
 def read_export(folder: str | Path | None) -> dict[str, Any]:

@@ -126,3 +126,20 @@ def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models
     assert scored["style"]["name"] == "grey" and scored["style"]["source"] != "--style"  # read from our summary
     code = colorize_main([*args, "--encoder", "weightfree", "--local", "--style", "nosuchstyle"])
     assert code == 2
+
+
+def test_weight_token_ignores_a_training_runs_checkpoints_and_logs(tmp_path: Path) -> None:
+    from pipelines.colorize_models import _files_token
+
+    run = tmp_path / "icp-run"  # train_icp writes its export at the top of the run folder
+    (run / "colorguider").mkdir(parents=True)
+    (run / "colorguider" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
+    (run / "export.json").write_text("{}")
+    token = _files_token(str(run))
+    (run / "logs" / "train_icp").mkdir(parents=True)
+    (run / "logs" / "train_icp" / "events.out.tfevents.1").write_bytes(b"event")
+    (run / "checkpoint-500").mkdir()
+    (run / "checkpoint-500" / "optimizer.bin").write_bytes(b"state")
+    assert _files_token(str(run)) == token  # training went on beside the export: finished pages stay valid
+    (run / "colorguider" / "diffusion_pytorch_model.safetensors").write_bytes(b"new weights")
+    assert _files_token(str(run)) != token  # a new export redoes them

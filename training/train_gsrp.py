@@ -110,7 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     train.add_argument(
-        "--gradient_checkpointing", action="store_true", help="recompute VAE and fusion blocks in backward"
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute VAE and fusion blocks in backward (fusion blocks only while BatchNorm statistics are frozen "
+        "or with --norm group: updating statistics twice would be wrong)",
     )
     train.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+")
 
