@@ -120,6 +120,13 @@ def test_resume_is_exact(tiny_sd, pipeline_data, tmp_path):
     start = load_file(tmp_path / "whole" / "checkpoint-2" / "fusion" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(start[key], want[key]) for key in want)  # steps 3-4 did change the weights
 
+    (tmp_path / "other").mkdir()  # another batch size would replay other samples: refused, not silently inexact
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "other" / "checkpoint-2")
+    argv = [*base_args(tiny_sd, str(pipeline_data), tmp_path / "other"), *common, "--resume_from_checkpoint", "latest"]
+    argv[argv.index("--gradient_accumulation_steps") + 1] = "1"
+    with pytest.raises(ValueError, match="settings differ.*gradient_accumulation_steps"):
+        main(parse_args(argv))
+
 
 def test_init_from_a_release_freezes_batchnorm_statistics(tiny_sd, one_shard, tmp_path):
     """Fine-tuning a (fake, tiny) release: the running statistics stay as released, the affine parameters move."""

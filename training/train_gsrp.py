@@ -44,8 +44,9 @@ from jobs.common import JobArgumentParser, parse_size, run_job
 from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
+from pipelines.storage import read_json
 from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, resolve_shard_source
-from training.train_icp import bw_variant_arg, list_checkpoints, publish_state
+from training.train_icp import TRAIN_STATE, bw_variant_arg, list_checkpoints, publish_state
 
 PROG = "train_gsrp"
 FUSION_SUBFOLDER = "fusion"
@@ -232,6 +233,16 @@ def build_fusion(args: argparse.Namespace, guided: GuidedVAE) -> GSRPFusion:
     return fusion.train()
 
 
+def run_settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """What an exact resume needs unchanged: the sample order and the samples per step depend on all of it."""
+    return {
+        "world_size": world_size,
+        "seed": args.seed,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+    }
+
+
 def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
     """'latest' -> the highest checkpoint-<step> (None when there is none yet); else the given folder."""
     if resume != "latest":
@@ -352,6 +363,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
         else:
+            saved = read_json(checkpoint / TRAIN_STATE) if (checkpoint / TRAIN_STATE).is_file() else {}
+            different = {
+                key: (saved[key], value)
+                for key, value in run_settings(args, accelerator.num_processes).items()
+                if key in saved and saved[key] != value
+            }
+            if different:  # the data stream resumes at step x samples per step: these must not change
+                raise ValueError(f"{checkpoint}: cannot resume exactly, settings differ (saved, now): {different}")
             accelerator.load_state(str(checkpoint))
             global_step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
             unwrapped_fusion.train()
@@ -441,8 +460,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         step_loss = 0.0
         if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            state = {"global_step": global_step, "world_size": accelerator.num_processes, "seed": args.seed}
-            state |= {"train_batch_size": args.train_batch_size, "accumulation": args.gradient_accumulation_steps}
+            state = {"global_step": global_step, **run_settings(args, accelerator.num_processes)}
             publish_state(accelerator, output_dir, global_step, args.checkpoints_total_limit, state)
         if (
             args.validation_steps > 0
