@@ -39,6 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from jobs.common import parse_size  # noqa: E402
 from pipelines.geometry import hires_size  # noqa: E402
 from pipelines.pagestore import encode_page  # noqa: E402
 from pipelines.sample_inputs import build_training_inputs, decode_sample  # noqa: E402
@@ -47,11 +48,6 @@ from pipelines.shards import write_tar  # noqa: E402
 from screentone.halftone import render_halftone  # noqa: E402
 from screentone.synthetic import synthetic_colour_page  # noqa: E402
 from training.data import ICPDataConfig, build_icp_dataset, crop_resize, crop_window, resolve_shard_source  # noqa: E402
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
 
 
 def _png(array: np.ndarray) -> bytes:

@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import JobArgumentParser, add_ray_arguments, parse_size, start_ray
+from jobs.common import JobArgumentParser, add_ray_arguments, error_line, parse_size, start_ray
 from pipelines.colorize import (
     SIZE_PRESETS,
     ColorizeSettings,
@@ -146,12 +146,12 @@ def build_settings(args: argparse.Namespace) -> ColorizeSettings:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        start_ray(args)
-        settings = build_settings(args)
+        settings = build_settings(args)  # weights, inputs and sizes are checked before Ray starts
         if args.benchmark:
             tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
         else:
             tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
+        start_ray(args)
         options = RunOptions(
             batch_size=args.batch_size,
             local=args.local,
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        print(f"colorize: error: {exc}", file=sys.stderr)
+        print(f"python -m jobs.colorize: error: {error_line(exc)}", file=sys.stderr)
         return 2 if isinstance(exc, ColorizeInputError) else 1
     shown = {k: v for k, v in summary.items() if k not in ("page_rows", "settings")}
     print(json.dumps(shown, indent=2, sort_keys=True))

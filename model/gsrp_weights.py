@@ -12,13 +12,12 @@ manifest hash). The folder is built under a temporary name and renamed into plac
 from __future__ import annotations
 
 import os
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
 from model.gsrp_fusion import GSRPFusion
-from pipelines.storage import atomic_write_json, publish_tree, read_json
+from pipelines.storage import atomic_write_json, read_json, replace_tree
 
 EXPORT_FORMAT = "colorflow-gsrp-export"
 EXPORT_FORMAT_VERSION = 1
@@ -43,11 +42,7 @@ def save_gsrp_export(folder: str | os.PathLike, fusion: GSRPFusion, meta: dict[s
         "fusion_config": {key: value for key, value in fusion.config.items() if not key.startswith("_")},
     }
     atomic_write_json(tmp / EXPORT_FILE, record)
-    old = folder.with_name(f"{folder.name}.old-{tag}")
-    if folder.exists():
-        os.replace(folder, old)
-    publish_tree(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_tree(tmp, folder)
     return folder
 
 

@@ -23,23 +23,11 @@ from model.colorguider import RELEASED_CLASS_NAME, WEIGHT_FILES, ColorGuider
 from model.devices import place
 from model.lora import ADAPTER_NAME, ICP_LORA_TARGETS, add_icp_lora, load_icp_lora, lora_settings, save_icp_lora
 from model.pipeline_icp import ColorFlowICPPipeline
-from pipelines.storage import TMP_TAG, atomic_write_json, fsync_tree
+from pipelines.storage import TMP_TAG, atomic_write_json, replace_tree
 
 EXPORT_FORMAT = "colorflow-icp-export"
 EXPORT_VERSION = 1
 RELEASED_LORA_FILE = "unet_lora.bin"
-
-
-def _publish_folder(tmp: Path, final: Path) -> None:
-    """Move a finished temporary folder onto `final`, replacing an older one."""
-    fsync_tree(tmp)
-    if final.exists():
-        old = final.with_name(f"{final.name}{TMP_TAG}old-{uuid.uuid4().hex[:8]}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
 
 
 def _fresh_tmp(final: Path) -> Path:
@@ -59,10 +47,10 @@ def save_icp_export(folder: str | Path, guider: ColorGuider, unet: UNet2DConditi
     tmp = _fresh_tmp(folder / "colorguider")
     try:
         guider.save_pretrained(tmp, safe_serialization=True)
-        _publish_folder(tmp, folder / "colorguider")
+        replace_tree(tmp, folder / "colorguider")
         tmp = _fresh_tmp(folder / "unet_lora")
         save_icp_lora(unet, tmp)
-        _publish_folder(tmp, folder / "unet_lora")
+        replace_tree(tmp, folder / "unet_lora")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     record = {**meta, "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "lora": lora_settings(unet)}

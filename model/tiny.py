@@ -174,12 +174,11 @@ def build_tiny_sd15(folder: str | Path, seed: int = TINY_SEED) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.tiny FOLDER`: write the tiny folder (what `make demo` trains and colours with)."""
-    import argparse
+    from jobs.common import JobArgumentParser
 
-    parser = argparse.ArgumentParser(
+    parser = JobArgumentParser(
         prog="python -m model.tiny",
         description="Write a tiny random SD1.5-shaped diffusers folder (no weights needed; for demos and tests).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("folder", type=Path, help="where to write the folder (replaced if it exists)")
     parser.add_argument("--seed", type=int, default=TINY_SEED, help="seed of the random weights")
@@ -190,4 +189,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from jobs.common import run_job
+
+    raise SystemExit(run_job(main, prog="python -m model.tiny"))

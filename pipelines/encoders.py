@@ -21,6 +21,7 @@ encoder writes beside the old ones, never over them.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from screentone.augment import to_grey
 
 DEFAULT_ENCODER = "open_clip:ViT-H-14:laion2b_s32b_b79k"
 WEIGHT_FREE = "weightfree"
+logger = logging.getLogger(__name__)
 
 
 def grey_version(image: Image.Image) -> Image.Image:
@@ -151,13 +153,19 @@ def ensure_encoder_weights(info: EncoderInfo) -> str | None:
             f"HF_HUB_OFFLINE is set: {remedy}"
         )
     import open_clip
+    from huggingface_hub.utils import logging as hub_logging
     from open_clip import pretrained
 
+    logger.info("encoder %s: weights not in the cache, downloading them once", info.spec)
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # each failed retry would print its own warning; the error below says it all
     try:
         return pretrained.download_pretrained(open_clip.get_pretrained_cfg(model_name, tag))
     except Exception as exc:  # noqa: BLE001 - any download failure has the same remedy
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise EncoderWeightsMissing(f"encoder {info.spec}: cannot download its weights ({cause}): {remedy}") from exc
+    finally:
+        hub_logging.set_verbosity(verbosity)
 
 
 def load_encoder(info: EncoderInfo, device: str = "cpu") -> Encoder:

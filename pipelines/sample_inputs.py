@@ -56,7 +56,7 @@ def _normalise_field(name: str) -> str:
     return name[1:] if name.startswith(".") else name
 
 
-def _as_image(value: Any, name: str, mode: str) -> Image.Image:
+def as_image(value: Any, name: str, mode: str) -> Image.Image:
     """Accept what each reader yields: raw bytes (webdataset), a byte stream (wids), a PIL image (HF datasets)."""
     if isinstance(value, Image.Image):
         image = value
@@ -71,7 +71,7 @@ def _as_image(value: Any, name: str, mode: str) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def _as_meta(value: Any) -> dict[str, Any]:
+def as_meta(value: Any) -> dict[str, Any]:
     if isinstance(value, Mapping):
         return dict(value)
     data = value.read() if hasattr(value, "read") else value
@@ -84,16 +84,16 @@ def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
     missing = [name for name in FIELDS if name not in fields]
     if missing:
         raise KeyError(f"sample {fields.get('__key__')!r} lacks fields {missing}; a sample has {list(FIELDS)}")
-    meta = _as_meta(fields[FIELD_META])
+    meta = as_meta(fields[FIELD_META])
     decoded = DecodedSample(
         key=str(fields.get("__key__", meta.get("key"))),
-        color=_as_image(fields[FIELD_COLOR], FIELD_COLOR, "RGB"),
-        grey=_as_image(fields[FIELD_GREY], FIELD_GREY, "L"),
-        tone=_as_image(fields[FIELD_TONE], FIELD_TONE, "L"),
-        ring=_as_image(fields[FIELD_RING], FIELD_RING, "RGB"),
-        hr_color=_as_image(fields[FIELD_HR_COLOR], FIELD_HR_COLOR, "RGB"),
-        hr_grey=_as_image(fields[FIELD_HR_GREY], FIELD_HR_GREY, "L"),
-        hr_tone=_as_image(fields[FIELD_HR_TONE], FIELD_HR_TONE, "L"),
+        color=as_image(fields[FIELD_COLOR], FIELD_COLOR, "RGB"),
+        grey=as_image(fields[FIELD_GREY], FIELD_GREY, "L"),
+        tone=as_image(fields[FIELD_TONE], FIELD_TONE, "L"),
+        ring=as_image(fields[FIELD_RING], FIELD_RING, "RGB"),
+        hr_color=as_image(fields[FIELD_HR_COLOR], FIELD_HR_COLOR, "RGB"),
+        hr_grey=as_image(fields[FIELD_HR_GREY], FIELD_HR_GREY, "L"),
+        hr_tone=as_image(fields[FIELD_HR_TONE], FIELD_HR_TONE, "L"),
         meta=meta,
     )
     size, hr = tuple(meta["size"]), tuple(meta["hires_size"])

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,6 +59,16 @@ def publish_tree(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync_tree(tmp)
     os.replace(tmp, final)
     fsync_dir(Path(final).parent)
+
+
+def replace_tree(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """`publish_tree` onto a folder that may already exist: the old one is moved aside first, removed after."""
+    final = Path(final)
+    old = final.with_name(f"{final.name}{TMP_TAG}old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    publish_tree(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -118,12 +129,21 @@ def stable_hash(obj: Any, length: int | None = None) -> str:
     return digest[:length] if length else digest
 
 
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a file's bytes, remembered per (path, size, modification time): a multi-GB checkpoint that the
+    preconditions, the job and its fingerprints all name is read once per process."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(chunk), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
 
 
 def marker_path(output: str | os.PathLike) -> Path:

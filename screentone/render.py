@@ -256,7 +256,9 @@ class ScreenStyleRenderer:
 
     def network_input(self, page: np.ndarray) -> torch.Tensor:
         """The generator's float32 input (1 x 4 x H' x W', line map first) for a page, as this path builds it."""
-        prepared = self._prepare(page)
+        return self._network_input(self._prepare(page))
+
+    def _network_input(self, prepared: _Prepared) -> torch.Tensor:
         if self.path == "colorflow":
             return colorflow_network_input(prepared.rgb, prepared.lines)
         x = torch.cat([_legacy_signed(prepared.lines), _legacy_signed(prepared.rgb)], dim=1)
@@ -267,7 +269,7 @@ class ScreenStyleRenderer:
         """The generator's 4-channel ScreenMap (float32 4 x h x w in [-1, 1]) cropped to the (halved) page."""
         prepared = self._prepare(page)
         h, w = prepared.lines.shape
-        x = self.network_input(page).to(self.device, self.dtype)
+        x = self._network_input(prepared).to(self.device, self.dtype)
         return self.generator(x)[0, :, :h, :w].float().cpu().numpy()
 
     def render(self, page: np.ndarray, seed: int) -> np.ndarray:

@@ -31,7 +31,6 @@ from screentone.layers import (
     PageLayerNorm,
     bilinear_up,
     leaky_relu,
-    pad_bottom_right,
     pad_to_multiple,
     padded_size,
 )
@@ -230,7 +229,7 @@ def decode_tone(
     encode branch). ColorFlow passes the whole 256-padded ScreenMap and line map here and crops only at the end.
     """
     h, w = screenmap.shape[-2:]
-    tone = decoder(pad_bottom_right(screenmap, *decoder_input_size(h, w)), generator)[..., :h, :w]
+    tone = decoder(pad_to_multiple(screenmap, DECODER_PAD_MULTIPLE, always=True), generator)[..., :h, :w]
     return multiply_lines(tone, lines)
 
 

@@ -54,7 +54,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.geometry import CompositeLayout
-from pipelines.sample_inputs import CompositeInputs, blended_bw, composite_inputs, variant_alpha
+from pipelines.sample_inputs import CompositeInputs, as_image, as_meta, blended_bw, composite_inputs, variant_alpha
 from pipelines.samples import (
     FIELD_COLOR,
     FIELD_GREY,
@@ -65,6 +65,7 @@ from pipelines.samples import (
     FIELD_RING,
     FIELD_TONE,
 )
+from pipelines.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +90,6 @@ class ShardSource:
     @property
     def nsamples(self) -> int:
         return sum(self.lengths)
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _split_manifest_path(path: Path, split: str) -> Path:
@@ -139,7 +136,7 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
         lengths.append(nsamples)
     if not urls:
         raise ValueError(f"{path}: the manifest lists no shard with samples")
-    return ShardSource(tuple(urls), tuple(lengths), str(path), _sha256_file(path))
+    return ShardSource(tuple(urls), tuple(lengths), str(path), sha256_file(path))
 
 
 def shard_length(url: str) -> int:
@@ -479,13 +476,11 @@ def _member(raw: Mapping[str, Any], name: str) -> bytes:
 
 
 def _image(raw: Mapping[str, Any], name: str, mode: str) -> Image.Image:
-    image = Image.open(io.BytesIO(_member(raw, name)))
-    image.load()
-    return image if image.mode == mode else image.convert(mode)
+    return as_image(_member(raw, name), name, mode)
 
 
 def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return json.loads(_member(raw, FIELD_META).decode())
+    return as_meta(_member(raw, FIELD_META))
 
 
 def _expect_size(image: Image.Image, size: Sequence[int], key: str, name: str) -> None:
@@ -592,6 +587,7 @@ def crop_window(
 class ICPCanvases:
     """The uncropped canvases of one sample: `composite_inputs` plus C_color (the target)."""
 
+    key: str
     alpha: float
     composite: CompositeInputs
     c_color: Image.Image
@@ -613,13 +609,13 @@ def icp_canvases(raw: Mapping[str, Any], config: ICPDataConfig, *, seed: int, ep
     layout = CompositeLayout(*size)
     alpha = _sample_alpha(config, key, seed, epoch)
     composite = composite_inputs(layout, ring, blended_bw(grey, tone, alpha))
-    return ICPCanvases(alpha=alpha, composite=composite, c_color=layout.compose(ring, color), layout=layout)
+    return ICPCanvases(key=key, alpha=alpha, composite=composite, c_color=layout.compose(ring, color), layout=layout)
 
 
 def icp_sample(raw: Mapping[str, Any], epoch: int, *, config: ICPDataConfig, seed: int) -> dict[str, Any]:
     """One ICP training sample: cropped canvases as (3, h, w) tensors in [-1, 1] and the mask at latent size."""
     canvases = icp_canvases(raw, config, seed=seed, epoch=epoch)
-    key = str(raw.get("__key__") or _meta(raw)["key"])
+    key = canvases.key
     layout = canvases.layout
     width, height = config.resolution or (layout.width, layout.height)
     box = crop_window(layout, config, seed, epoch, key)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
-from pipelines.storage import atomic_write_json, fsync_dir, fsync_tree, read_json
+from pipelines.storage import atomic_write_json, publish_tree, read_json
 from training.data import (
     ICPDataConfig,
     ShardSource,
@@ -402,11 +402,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-
     source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
     models = load_models(args)
+    if accelerator.is_main_process:  # only once the data and models resolve: a failed start leaves no empty folder
+        output_dir.mkdir(parents=True, exist_ok=True)
     vae, text_encoder, model = models["vae"], models["text_encoder"], models["model"]
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
@@ -633,11 +632,9 @@ def publish_state(accelerator: Any, output_dir: Path, step: int, total_limit: in
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_json(scratch / TRAIN_STATE, state)
-        fsync_tree(scratch)
         if final.exists():
             shutil.rmtree(final)
-        scratch.rename(final)
-        fsync_dir(output_dir)
+        publish_tree(scratch, final)
         if total_limit is not None:
             for old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
