@@ -39,7 +39,7 @@ import itertools
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -921,13 +921,20 @@ def run_retrieval(
     ]
     pool_parts = itertools.chain(_iter_parts(run_folder, done, 0, POOLS), [table_from_rows(error_pools, POOLS)])
     pool_table_rows = _stream_table(layout.pools, POOLS, pool_parts)
-    retrieval_rows = _stream_table(layout.retrievals, RETRIEVALS, _iter_parts(run_folder, done, 1, RETRIEVALS))
+    histogram: Counter[str] = Counter()  # distinct pages per frame, counted as the parts stream past (a frame's
+    # retrievals all sit in its chapter's part), not by reading the written table back
+
+    def counted(parts: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for part in parts:
+            histogram.update(distinct_pages_histogram(part))
+            yield part
+
+    retrieval_rows = _stream_table(layout.retrievals, RETRIEVALS, counted(_iter_parts(run_folder, done, 1, RETRIEVALS)))
     frames = {"frames": 0, "frames_ok": 0, "frames_short": 0, "frames_excluded": 0, "frames_error": 0}
     for chapter_id in done:
         state = search_state(run_folder, chapter_id) or {}
         for key in frames:
             frames[key] += state.get(key, 0)
-    histogram = distinct_pages_histogram(pq.read_table(layout.retrievals, columns=["frame_id", "ref_page_id"]))
     frames["frames"] += len(error_pools)
     frames["frames_error"] += len(error_pools)
     summary = {
@@ -942,7 +949,7 @@ def run_retrieval(
         **frames,
         "pools_rows": pool_table_rows,
         "retrieval_rows": retrieval_rows,
-        "distinct_ref_pages_per_frame": distinct_pages_summary(histogram),
+        "distinct_ref_pages_per_frame": distinct_pages_summary(dict(histogram)),
         "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
         "outputs": {
             "embeddings": str(store.folder.relative_to(layout.root)),
