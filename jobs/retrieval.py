@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     RetrievalParams(
         args.refs, args.min_refs, args.k_per_patch, args.seed, width, height, max_per_page=args.max_per_page
     )
-    require_stage(args.data, "ingest", needed_by="retrieval")  # cheap checks first: the encoder may download
     check_encoder(args.encoder)
+    require_stage(args.data, "ingest", needed_by="retrieval")
     start_ray(args)
     summary = run_retrieval(
         args.data,
