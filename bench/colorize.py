@@ -1,7 +1,7 @@
 """Colorize benchmark: pages per second and peak memory per device, with and without each memory option.
 
 For every device (the CPU, and CUDA when present) and memory mode ("none" is the baseline; "vae-slicing" = sliced
-and tiled VAE; "offload" = `enable_model_cpu_offload`, CUDA only), a fresh process runs `pipelines.colorize` on a
+and tiled VAE; "offload" = `enable_model_cpu_offload`, CUDA only), a fresh process runs `inference.colorize` on a
 generated chapter, in-process (`local`): a one-page warm-up run (models loaded, kernels chosen), then the measured
 run over `--pages` pages (retrieval, ICP, GSRP and writing included; model loading excluded). It reports pages/s,
 the process's peak resident memory and, on CUDA, the peak allocated GPU memory, each with its ratio to the
@@ -42,9 +42,9 @@ def drawn_page(seed: int, width: int, height: int) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(12):
         left, top = int(rng.integers(0, width - 40)), int(rng.integers(0, height - 40))
-        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
         size = (int(rng.integers(20, width // 3)), int(rng.integers(20, height // 3)))
-        draw.ellipse((left, top, left + size[0], top + size[1]), fill=colour, outline=(0, 0, 0), width=3)
+        draw.ellipse((left, top, left + size[0], top + size[1]), fill=color, outline=(0, 0, 0), width=3)
     return image
 
 
@@ -105,8 +105,8 @@ def child(args: argparse.Namespace) -> dict:
     """One device and memory mode in this (fresh) process: warm-up run, then the measured run."""
     import torch
 
-    from pipelines.colorize import ColorizeSettings, RunOptions, chapter_tasks_for_sources, run_colorize
-    from pipelines.colorize_models import SamplingSettings, resolve_model_paths
+    from inference.colorize import ColorizeSettings, RunOptions, chapter_tasks_for_sources, run_colorize
+    from inference.models import SamplingSettings, resolve_model_paths
 
     work = Path(args.workdir)
     models = resolve_model_paths(icp=str(work / "icp"), gsrp=str(work / "gsrp"), colorflow_weights=None,

@@ -26,10 +26,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageFilter  # noqa: E402
 
-from pipelines.encoders import resolve_encoder  # noqa: E402
-from pipelines.evaluate import EvaluateOptions, collect_pairs, load_scorers, run_evaluate, score_page  # noqa: E402
-from pipelines.metrics import frechet_distance  # noqa: E402
-from screentone.synthetic import synthetic_colour_page  # noqa: E402
+from evaluation.metrics import frechet_distance  # noqa: E402
+from evaluation.scoring import EvaluateOptions, collect_pairs, load_scorers, run_evaluate, score_page  # noqa: E402
+from pipelines.core.encoders import resolve_encoder  # noqa: E402
+from screentone.synthetic import synthetic_color_page  # noqa: E402
 
 
 def write_pages(root: Path, count: int, width: int, height: int) -> tuple[Path, Path]:
@@ -38,7 +38,7 @@ def write_pages(root: Path, count: int, width: int, height: int) -> tuple[Path, 
     truth.mkdir(parents=True)
     pred.mkdir(parents=True)
     for seed in range(count):
-        page = Image.fromarray(synthetic_colour_page(height, width, seed))
+        page = Image.fromarray(synthetic_color_page(height, width, seed))
         page.save(truth / f"page{seed:03d}.png")
         blurred = np.asarray(page.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.float64)
         noisy = blurred + np.random.default_rng(seed).normal(0, 6, blurred.shape)

@@ -24,11 +24,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.colour import classify, page_features
-from pipelines.decode import DecodeError, decode_for_analysis
-from pipelines.ingest import IngestOptions, normalise_for_store, run_ingest
-from pipelines.sample_corpus import generate_corpus
-from pipelines.sources import ChapterReader, InputRoot, PageReadError, list_chapters
+from pipelines.core.decode import DecodeError, decode_for_analysis
+from pipelines.core.sources import ChapterReader, InputRoot, PageReadError, list_chapters
+from pipelines.ingest.color import classify, page_features
+from pipelines.ingest.stage import IngestOptions, normalise_for_store, run_ingest
+from pipelines.sample_corpus.generate import generate_corpus
 
 DUMP_PAGES = 1_700_000
 

@@ -32,20 +32,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.encoders import WEIGHT_FREE, load_encoder, resolve_encoder  # noqa: E402
-from pipelines.ingest import run_ingest  # noqa: E402
-from pipelines.layout import DataLayout  # noqa: E402
-from pipelines.pagestore import decode_page, read_chapter_pages  # noqa: E402
-from pipelines.retrieval import (  # noqa: E402
-    EmbeddingStore,
-    RetrievalParams,
-    page_patches,
-    run_retrieval,
-)
-from pipelines.sample_corpus import generate_corpus  # noqa: E402
-from pipelines.schemas import POOLS, QUERY_PATCHES, REF_PATCHES, STATUS_OK  # noqa: E402
-from pipelines.search import PoolSearcher, RefKeys, padded_rows  # noqa: E402
-from pipelines.storage import read_parquet  # noqa: E402
+from pipelines.core.embeddings import EmbeddingStore
+from pipelines.core.encoders import WEIGHT_FREE, load_encoder, resolve_encoder  # noqa: E402
+from pipelines.core.layout import DataLayout  # noqa: E402
+from pipelines.core.pagestore import decode_page, read_chapter_pages  # noqa: E402
+from pipelines.core.patches import page_patches
+from pipelines.core.schemas import POOLS, QUERY_PATCHES, REF_PATCHES, STATUS_OK  # noqa: E402
+from pipelines.core.search import PoolSearcher, RefKeys, padded_rows  # noqa: E402
+from pipelines.core.storage import read_parquet  # noqa: E402
+from pipelines.ingest.stage import run_ingest  # noqa: E402
+from pipelines.retrieval.stage import RetrievalParams, run_retrieval
+from pipelines.sample_corpus.generate import generate_corpus  # noqa: E402
 
 
 def per_frame_pipeline(layout: DataLayout, pools: list[dict], width: int, height: int) -> tuple[float, int]:
@@ -148,7 +145,7 @@ def gpu_encoder_throughput(model_name: str, batch: int, batches: int) -> dict[st
     import open_clip
     import torch
 
-    from pipelines.encoders import OpenClipEncoder
+    from pipelines.core.encoders import OpenClipEncoder
 
     if not torch.cuda.is_available():
         return None

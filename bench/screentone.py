@@ -28,7 +28,7 @@ from screentone.color2manga import ColorToScreenMapGenerator  # noqa: E402
 from screentone.loader import ScreenStyleModels  # noqa: E402
 from screentone.render import HalftoneRenderer, ScreenStyleRenderer  # noqa: E402
 from screentone.screenvae import ScreenVAEDecoder  # noqa: E402
-from screentone.synthetic import synthetic_colour_page  # noqa: E402
+from screentone.synthetic import synthetic_color_page  # noqa: E402
 
 FRAMES = 300_000  # frames of a training corpus, for the hours column
 
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"part 1: renderers on CPU, torch threads {torch.get_num_threads()}, {args.pages} pages each")
         print(f"{'size':>10}  {'renderer':<20} {'pages/s':>9} {'s/page':>8} {'vs baseline':>12}")
         for width, height in sizes:
-            pages = [synthetic_colour_page(height, width, seed=s) for s in range(args.pages)]
+            pages = [synthetic_color_page(height, width, seed=s) for s in range(args.pages)]
             baseline = None
             for name, work in renderers.items():
                 rate = pages_per_second(work or per_page.render, pages)
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{'>2 levels':>10} {f'h/{FRAMES // 1000}k':>8}"
     )
     for width, height in sizes:
-        pages = [synthetic_colour_page(height, width, seed=s) for s in range(args.pages)]
+        pages = [synthetic_color_page(height, width, seed=s) for s in range(args.pages)]
         reference_rate, reference = None, None
         for dtype in dtypes:
             renderer = ScreenStyleRenderer(models, device=device, dtype=dtype, max_pixels=None)

@@ -4,7 +4,7 @@ sample costs, in one run.
 Builds a data folder with the real upstream stages (generated "small" corpus at 1.5x scale, ingestion, weight-free
 retrieval, halftone screentone at the training size) and assembles every frame's sample once in memory, timed in
 CPU seconds of this one process (the per-core figure, which a busy shared machine distorts less; wall clock is
-printed too). Then it times (a) `pipelines.shards.write_tar` + the Parquet index, shard by shard, as the job
+printed too). Then it times (a) `pipelines.shards.writer.write_tar` + the Parquet index, shard by shard, as the job
 writes them (temporary name, fsync, rename, folder fsync), and (b) the baseline: the same member bytes written
 sequentially as ONE file per shard, fsynced (file and folder), the least any durable writer must do. Both run
 interleaved on the same disk and start after an `os.sync()`; the tar writer also hashes (sha256) everything it
@@ -34,15 +34,15 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipelines.ingest import run_ingest  # noqa: E402
-from pipelines.layout import DataLayout  # noqa: E402
-from pipelines.retrieval import run_retrieval  # noqa: E402
-from pipelines.sample_corpus import generate_corpus  # noqa: E402
-from pipelines.samples import FIELDS, FrameRecord, SampleConfig, sample_nbytes  # noqa: E402
-from pipelines.schemas import PAGES, SHARD_INDEX, table_from_rows  # noqa: E402
-from pipelines.screentone_job import ScreentoneOptions, run_screentone  # noqa: E402
-from pipelines.shards import iter_frame_samples, write_tar  # noqa: E402
-from pipelines.storage import fsync_dir, read_json, read_parquet, write_parquet  # noqa: E402
+from pipelines.core.layout import DataLayout  # noqa: E402
+from pipelines.core.samples import FIELDS, FrameRecord, SampleConfig, sample_nbytes  # noqa: E402
+from pipelines.core.schemas import PAGES, SHARD_INDEX, table_from_rows  # noqa: E402
+from pipelines.core.storage import fsync_dir, read_json, read_parquet, write_parquet  # noqa: E402
+from pipelines.ingest.stage import run_ingest  # noqa: E402
+from pipelines.retrieval.stage import run_retrieval  # noqa: E402
+from pipelines.sample_corpus.generate import generate_corpus  # noqa: E402
+from pipelines.screentone.stage import ScreentoneOptions, run_screentone  # noqa: E402
+from pipelines.shards.writer import iter_frame_samples, write_tar  # noqa: E402
 
 MB = 1e6
 
@@ -117,7 +117,7 @@ def timed_alternately(work: Path, shards: list[list[dict]], repeat: int) -> dict
 
 def encoding_alternatives(samples: list[dict]) -> dict[str, float]:
     """Mean bytes of tone as JPEG q95 (and the error it makes) and of colour as lossless PNG."""
-    tone_jpeg, tone_error, tone_max, colour_png = [], [], [], []
+    tone_jpeg, tone_error, tone_max, color_png = [], [], [], []
     for sample in samples:
         tone = Image.open(io.BytesIO(sample["tone.png"]))
         buf = io.BytesIO()
@@ -129,12 +129,12 @@ def encoding_alternatives(samples: list[dict]) -> dict[str, float]:
         tone_max.append(float(difference.max()))
         buf = io.BytesIO()
         Image.open(io.BytesIO(sample["color.jpg"])).save(buf, format="PNG", compress_level=6)
-        colour_png.append(len(buf.getvalue()))
+        color_png.append(len(buf.getvalue()))
     return {
         "tone_as_jpeg_q95": statistics.mean(tone_jpeg),
         "tone_jpeg_error": statistics.mean(tone_error),
         "tone_jpeg_max_error": max(tone_max),
-        "color_as_png": statistics.mean(colour_png),
+        "color_as_png": statistics.mean(color_png),
     }
 
 

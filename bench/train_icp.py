@@ -40,13 +40,13 @@ import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from jobs.common import parse_size  # noqa: E402
-from pipelines.geometry import hires_size  # noqa: E402
-from pipelines.pagestore import encode_page  # noqa: E402
-from pipelines.sample_inputs import build_training_inputs, decode_sample  # noqa: E402
-from pipelines.samples import ChapterPages, FrameRecord, SampleConfig, build_sample  # noqa: E402
-from pipelines.shards import write_tar  # noqa: E402
+from pipelines.core.geometry import hires_size  # noqa: E402
+from pipelines.core.pagestore import encode_page  # noqa: E402
+from pipelines.core.sample_inputs import build_training_inputs, decode_sample  # noqa: E402
+from pipelines.core.samples import ChapterPages, FrameRecord, SampleConfig, build_sample  # noqa: E402
+from pipelines.shards.writer import write_tar  # noqa: E402
 from screentone.halftone import render_halftone  # noqa: E402
-from screentone.synthetic import synthetic_colour_page  # noqa: E402
+from screentone.synthetic import synthetic_color_page  # noqa: E402
 from training.data import ICPDataConfig, build_icp_dataset, crop_resize, crop_window, resolve_shard_source  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def build_shards(work: Path, size: tuple[int, int], samples: int, per_shard: int
     width, height = size
     config = SampleConfig(width=width, height=height, renderer_id="halftone-bench")
     hr = hires_size(width, height, config.hires_scale)
-    pages = {f"p{i:04d}": synthetic_colour_page(height + 16, width + 64, seed=i) for i in range(samples)}
+    pages = {f"p{i:04d}": synthetic_color_page(height + 16, width + 64, seed=i) for i in range(samples)}
     store = ChapterPages({pid: encode_page(Image.fromarray(page), "png") for pid, page in pages.items()})
     built = []
     for n, pid in enumerate(pages):
@@ -79,10 +79,10 @@ def build_shards(work: Path, size: tuple[int, int], samples: int, per_shard: int
             for q in range(4)
             for r in range(3)
         ]
-        colour = np.asarray(store.fitted(pid, width, height))
-        hr_colour = np.asarray(store.fitted(pid, *hr, keep=False))
+        color = np.asarray(store.fitted(pid, width, height))
+        hr_color = np.asarray(store.fitted(pid, *hr, keep=False))
         frame = FrameRecord(pid, "bench", "bench-ch0", "ch0", n)
-        tone, hr_tone = _png(render_halftone(colour, seed=n)), _png(render_halftone(hr_colour, seed=n))
+        tone, hr_tone = _png(render_halftone(color, seed=n)), _png(render_halftone(hr_color, seed=n))
         built.append(build_sample(frame, store, rows, tone, hr_tone, config))
     for start in range(0, samples, per_shard):
         write_tar(folder / f"train-{start // per_shard:06d}.tar", built[start : start + per_shard])

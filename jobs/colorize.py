@@ -12,8 +12,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import JobArgumentParser, add_ray_arguments, error_line, parse_size, start_ray
-from pipelines.colorize import (
+from inference.colorize import (
     SIZE_PRESETS,
     ColorizeSettings,
     RunOptions,
@@ -24,8 +23,10 @@ from pipelines.colorize import (
     export_defaults,
     run_colorize,
 )
-from pipelines.colorize_models import DTYPES, MEMORY_MODES, SamplingSettings, resolve_model_paths
-from pipelines.colorize_sources import ColorizeInputError
+from inference.models import DTYPES, MEMORY_MODES, SamplingSettings, resolve_model_paths
+from inference.sources import ColorizeInputError
+from jobs.common import add_ray_arguments, start_ray
+from pipelines.core.cli import JobArgumentParser, error_line, parse_size
 
 PRESETS = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS)
 

@@ -1,105 +1,13 @@
-"""What every job shares: its argument parser, where Ray runs, sizes written as WxH, and how it exits.
+"""Argument groups the data jobs share (sizes, renderer, seed; where Ray runs) and starting Ray for a job.
 
-A job fails the way a user can act on: one line on stderr (what, where, why), exit status 2 for a usage error
-and 1 for a runtime error, and the traceback only with ``--debug``. `JobArgumentParser` gives every job the
-same ``--help`` (every flag described, every default shown) and the one-line usage errors; `run_job` turns an
-exception of ``main`` into that line and the exit status.
+The parser, the one-line errors and the exit statuses are `pipelines.core.cli`, shared with the trainers.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
-import traceback
-from collections.abc import Callable, Sequence
-from typing import Any
 
-USAGE_ERROR = 2
-RUNTIME_ERROR = 1
-
-
-class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)`` to every option that takes a value, unless its text already states the default or
-    says it is required (alone, or as one of a required choice of options)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        takes_value = action.nargs != 0 and action.option_strings
-        stated = "default" in text.lower() or "required" in text.lower()
-        if not takes_value or action.required or action.default is argparse.SUPPRESS or stated:
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-class JobArgumentParser(argparse.ArgumentParser):
-    """argparse for the jobs: defaults in ``--help``, ``--debug``, and a usage error in one line (exit 2)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", help="on an error, also print its full traceback")
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *, prog: str) -> int:
-    """Run a job's ``main(argv)`` and return its exit status: 0 done, 1 failed units or a runtime error (one line
-    on stderr; the traceback too with ``--debug``), 2 a usage error, 130 interrupted."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        result = main(argv)
-    except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
-        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows where it came from
-        if "--debug" in argv:
-            traceback.print_exc()
-        print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
-        return RUNTIME_ERROR
-    if isinstance(result, dict):
-        return exit_status(result)
-    return result if isinstance(result, int) else 0  # an exit status, or what a job printed (paths, ...)
-
-
-EXPECTED_ERRORS = (ValueError, OSError, LookupError, RuntimeError)
-
-
-def error_line(exc: BaseException) -> str:
-    """One line for an exception: its message (first line), with its type when it is not an expected error."""
-    from pipelines.preconditions import PreconditionError
-
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    message = lines[0] if lines else type(exc).__name__
-    if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
-        message = exc.args[0]  # str(KeyError) quotes its text
-    if isinstance(exc, (PreconditionError, *EXPECTED_ERRORS)):
-        return message
-    return f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x800' -> (512, 800); argparse reports the ValueError text to the user."""
-    try:
-        width, height = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 512x800") from None
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
-    return width, height
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
-    return value
+from pipelines.core.cli import configure_logging, parse_size
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,21 +36,11 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--local", action="store_true", help="run in this process without Ray (debugging, tiny runs)")
 
 
-def exit_status(summary: dict) -> int:
-    """The process exit code of a job: non-zero when units failed, so `ray job submit` reports FAILED."""
-    return 0 if summary.get("complete", True) else 1
-
-
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is not news
-
-
 def start_ray(args: argparse.Namespace) -> None:
     """Logging for the job, then Ray as the arguments say (nothing with --local)."""
     configure_logging()
     if args.local:
         return
-    from pipelines.runtime import init_ray
+    from pipelines.runtime.ray import init_ray
 
     init_ray(args.ray_address, num_cpus=args.num_cpus)

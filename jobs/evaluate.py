@@ -13,9 +13,9 @@ import argparse
 import json
 import sys
 
-from jobs.common import JobArgumentParser, configure_logging, error_line
-from pipelines.encoders import WEIGHT_FREE
-from pipelines.evaluate import RESAMPLING, EvaluateOptions, run_evaluate
+from evaluation.scoring import RESAMPLING, EvaluateOptions, run_evaluate
+from pipelines.core.cli import JobArgumentParser, configure_logging, error_line
+from pipelines.core.encoders import WEIGHT_FREE
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,18 +10,19 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jobs.common import JobArgumentParser, add_ray_arguments, configure_logging, positive_int, run_job
-from pipelines.colour import ColourThresholds, FeatureParams
-from pipelines.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
-from pipelines.ingest import (
+from jobs.common import add_ray_arguments
+from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
+from pipelines.core.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
+from pipelines.core.pagestore import ENCODINGS
+from pipelines.core.sources import DEFAULT_MAX_FILE_BYTES
+from pipelines.ingest.color import ColorThresholds, FeatureParams
+from pipelines.ingest.stage import (
     DEFAULT_CHAPTERS_PER_TASK,
     DEFAULT_MIN_COLOR_PAGES,
     DEFAULT_STORE_LONGEST_SIDE,
     IngestOptions,
     run_ingest,
 )
-from pipelines.pagestore import ENCODINGS
-from pipelines.sources import DEFAULT_MAX_FILE_BYTES
 
 PROG = "python -m jobs.ingest"
 
@@ -80,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--color-threshold",
         type=float,
-        default=ColourThresholds().threshold,
+        default=ColorThresholds().threshold,
         help="colour iff color_score >= this (default %(default)s; see pipelines/colour.py)",
     )
     parser.add_argument(
@@ -116,7 +117,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         store_encoding=args.store_encoding,
         store_quality=args.store_quality,
         features=FeatureParams(),
-        thresholds=dataclasses.replace(ColourThresholds(), threshold=args.color_threshold),
+        thresholds=dataclasses.replace(ColorThresholds(), threshold=args.color_threshold),
     )
 
 

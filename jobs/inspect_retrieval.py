@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jobs.common import JobArgumentParser, positive_int, run_job
-from pipelines.preconditions import require_stage
-from pipelines.retrieval_eval import write_contact_sheets
+from pipelines.core.cli import JobArgumentParser, positive_int, run_job
+from pipelines.retrieval.inspect import write_contact_sheets
+from pipelines.runtime.preconditions import require_stage
 
 PROG = "python -m jobs.inspect_retrieval"
 

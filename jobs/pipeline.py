@@ -12,18 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import (
-    JobArgumentParser,
-    add_common_arguments,
-    add_ray_arguments,
-    configure_logging,
-    positive_int,
-    run_job,
-)
+from jobs.common import add_common_arguments, add_ray_arguments
 from jobs.retrieval import add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
-from pipelines.pipeline import PipelineOptions, run_pipeline, stage_lines
-from pipelines.preconditions import check_encoder, check_output_creatable
+from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
+from pipelines.runner import PipelineOptions, run_pipeline, stage_lines
+from pipelines.runtime.preconditions import check_encoder, check_output_creatable
 
 PROG = "python -m jobs.pipeline"
 
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     labels = None
     input_root = args.input
     if args.generate_sample:
-        from pipelines.sample_corpus import default_labels_path, generate_corpus
+        from pipelines.sample_corpus.generate import default_labels_path, generate_corpus
 
         input_root = args.generate_sample
         labels = default_labels_path(Path(input_root))

@@ -9,12 +9,13 @@ import argparse
 import json
 import sys
 
-from jobs.common import JobArgumentParser, add_ray_arguments, parse_size, positive_int, run_job, start_ray
-from pipelines.encoders import DEFAULT_ENCODER, WEIGHT_FREE
-from pipelines.pools import NearDuplicateRule
-from pipelines.preconditions import check_encoder, require_stage
-from pipelines.retrieval import RetrievalParams, run_retrieval
-from pipelines.retrieval_eval import character_hit_rate
+from jobs.common import add_ray_arguments, start_ray
+from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
+from pipelines.core.pools import NearDuplicateRule
+from pipelines.retrieval.inspect import character_hit_rate
+from pipelines.retrieval.stage import RetrievalParams, run_retrieval
+from pipelines.runtime.preconditions import check_encoder, require_stage
 
 PROG = "python -m jobs.retrieval"
 ENCODER_HELP = (

@@ -6,17 +6,11 @@ import argparse
 import json
 import sys
 
-from jobs.common import (
-    JobArgumentParser,
-    add_common_arguments,
-    add_ray_arguments,
-    positive_int,
-    run_job,
-    start_ray,
-)
-from pipelines.geometry import CompositeLayout
-from pipelines.preconditions import require_stage
-from pipelines.screentone_job import ScreentoneOptions, run_screentone
+from jobs.common import add_common_arguments, add_ray_arguments, start_ray
+from pipelines.core.cli import JobArgumentParser, positive_int, run_job
+from pipelines.core.geometry import CompositeLayout
+from pipelines.runtime.preconditions import require_stage
+from pipelines.screentone.stage import ScreentoneOptions, run_screentone
 
 PROG = "python -m jobs.screentone"
 

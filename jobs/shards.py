@@ -7,18 +7,11 @@ import json
 import re
 import sys
 
-from jobs.common import (
-    JobArgumentParser,
-    add_common_arguments,
-    add_ray_arguments,
-    parse_size,
-    positive_int,
-    run_job,
-    start_ray,
-)
-from pipelines.geometry import CompositeLayout
-from pipelines.preconditions import require_stage
-from pipelines.shard_job import ShardJobOptions, run_shards
+from jobs.common import add_common_arguments, add_ray_arguments, start_ray
+from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.core.geometry import CompositeLayout
+from pipelines.runtime.preconditions import require_stage
+from pipelines.shards.stage import ShardJobOptions, run_shards
 
 PROG = "python -m jobs.shards"
 

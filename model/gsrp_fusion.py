@@ -26,7 +26,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from pipelines.storage import atomic_path
+from pipelines.core.storage import atomic_path
 
 NORMS = ("batch", "group")
 RELEASED_ENCODER_CHANNELS = (128, 128, 256, 512, 512)
@@ -167,17 +167,17 @@ class GSRPFusion(ModelMixin, ConfigMixin):
         return cls(encoder_channels=encoder, decoder_channels=decoder, **kwargs)
 
     def forward(
-        self, colour_features: Sequence[torch.Tensor], bw_features: Sequence[torch.Tensor]
+        self, color_features: Sequence[torch.Tensor], bw_features: Sequence[torch.Tensor]
     ) -> list[torch.Tensor]:
         """One fused map per branch from the two images' encoder taps (same order as `GuidedVAE.encode_features`)."""
-        if not len(colour_features) == len(bw_features) == len(self.branches):
+        if not len(color_features) == len(bw_features) == len(self.branches):
             raise ValueError(
-                f"expected {len(self.branches)} taps per image, got {len(colour_features)} colour "
+                f"expected {len(self.branches)} taps per image, got {len(color_features)} colour "
                 f"and {len(bw_features)} B&W"
             )
         return [
-            branch(torch.cat([colour, bw], dim=1))
-            for branch, colour, bw in zip(self.branches, colour_features, bw_features, strict=True)
+            branch(torch.cat([color, bw], dim=1))
+            for branch, color, bw in zip(self.branches, color_features, bw_features, strict=True)
         ]
 
     def freeze_batchnorm_statistics(self, frozen: bool = True) -> None:

@@ -104,7 +104,7 @@ class GuidedVAE:
     def restore(
         self,
         fusion: GSRPFusion,
-        colour: torch.Tensor,
+        color: torch.Tensor,
         bw: torch.Tensor,
         generator: torch.Generator | None = None,
         *,
@@ -118,13 +118,13 @@ class GuidedVAE:
         computed B&W taps.
         """
         with torch.no_grad():
-            posterior, colour_taps = self.encode_features(colour.to(self.vae.device, self.vae.dtype))
+            posterior, color_taps = self.encode_features(color.to(self.vae.device, self.vae.dtype))
             if bw_taps is None:
                 _, bw_taps = self.encode_features(bw.to(self.vae.device, self.vae.dtype))
             latents = posterior.sample(generator=generator)
         first = next(fusion.parameters())
         fused = fusion(
-            [t.to(first.device, first.dtype) for t in colour_taps], [t.to(first.device, first.dtype) for t in bw_taps]
+            [t.to(first.device, first.dtype) for t in color_taps], [t.to(first.device, first.dtype) for t in bw_taps]
         )
         return self.decode_fused(latents, [f.to(self.vae.device) for f in fused])
 
@@ -165,9 +165,9 @@ def super_resolve(
     guided = GuidedVAE(vae)
     guided.check_fusion(fusion)
     width, height = hr_bw.size
-    colour = pil_to_tensor(lowres_color.convert("RGB").resize((width, height), Image.BICUBIC))
+    color = pil_to_tensor(lowres_color.convert("RGB").resize((width, height), Image.BICUBIC))
     bw = pil_to_tensor(hr_bw)
-    batch = _pad_to_multiple(torch.stack([colour, bw]), guided.scale_factor)
+    batch = _pad_to_multiple(torch.stack([color, bw]), guided.scale_factor)
     was_training = fusion.training
     fusion.eval()
     try:

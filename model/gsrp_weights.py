@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.gsrp_fusion import GSRPFusion
-from pipelines.storage import atomic_write_json, read_json, replace_tree
+from pipelines.core.storage import atomic_write_json, read_json, replace_tree
 
 EXPORT_FORMAT = "colorflow-gsrp-export"
 EXPORT_FORMAT_VERSION = 1

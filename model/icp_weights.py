@@ -23,7 +23,7 @@ from model.colorguider import RELEASED_CLASS_NAME, WEIGHT_FILES, ColorGuider
 from model.devices import place
 from model.lora import ADAPTER_NAME, ICP_LORA_TARGETS, add_icp_lora, load_icp_lora, lora_settings, save_icp_lora
 from model.pipeline_icp import ColorFlowICPPipeline
-from pipelines.storage import TMP_TAG, atomic_write_json, replace_tree
+from pipelines.core.storage import TMP_TAG, atomic_write_json, replace_tree
 
 EXPORT_FORMAT = "colorflow-icp-export"
 EXPORT_VERSION = 1

@@ -1,8 +1,9 @@
 """The ICP sampling pipeline: the stitched composite in, the colourised 2W x 2H canvas out (a diffusers pipeline).
 
-Inputs are the guider's two canvases and the mask exactly as `pipelines.sample_inputs.composite_inputs` builds them, so
-training validation and colorize stitch identically: `refs_only` (the ring with a black centre), `frame_only` (a
-black canvas with the B&W frame in the centre) and `mask` (2H x 2W, 1 on the reference ring, 0 on the centre).
+Inputs are the guider's two canvases and the mask exactly as
+`pipelines.core.sample_inputs.composite_inputs` builds them, so training validation and colorize stitch
+identically: `refs_only` (the ring with a black centre), `frame_only` (a black canvas with the B&W frame in the
+centre) and `mask` (2H x 2W, 1 on the reference ring, 0 on the centre).
 Both canvases are VAE-encoded (posterior samples drawn from `generator`, times the VAE scaling factor); the mask is
 downsampled to latent size with BILINEAR interpolation, as the released inference does (BrushNet's training used
 nearest). Classifier-free guidance contrasts the prompt with the negative prompt only: the guider gets the same

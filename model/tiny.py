@@ -174,7 +174,7 @@ def build_tiny_sd15(folder: str | Path, seed: int = TINY_SEED) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m model.tiny FOLDER`: write the tiny folder (what `make demo` trains and colours with)."""
-    from jobs.common import JobArgumentParser
+    from pipelines.core.cli import JobArgumentParser
 
     parser = JobArgumentParser(
         prog="python -m model.tiny",
@@ -189,6 +189,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.common import run_job
+    from pipelines.core.cli import run_job
 
     raise SystemExit(run_job(main, prog="python -m model.tiny"))

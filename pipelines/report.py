@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.layout import DataLayout
-from pipelines.storage import atomic_path, atomic_write_json, read_json
+from pipelines.core.layout import DataLayout
+from pipelines.core.storage import atomic_path, atomic_write_json, read_json
 
 TRAIN_SPLIT = "train"
 
@@ -28,10 +28,9 @@ def _save(image: Image.Image, path: Path) -> Path:
 
 def screentone_sheet(layout: DataLayout, path: Path, *, frames: int = 3) -> Path:
     """colour | grey | tone | blends for the first frames of the first kept chapter, from stored renderings."""
-    from pipelines.geometry import fit_image
-    from pipelines.ingest import kept_chapter_ids
-    from pipelines.pagestore import load_chapter_images
-    from pipelines.shards import read_screentone_chapter
+    from pipelines.core.geometry import fit_image
+    from pipelines.core.pagestore import kept_chapter_ids, load_chapter_images
+    from pipelines.shards.writer import read_screentone_chapter
     from screentone.contact_sheet import SheetRow, write_contact_sheet
 
     summary = read_json(layout.summary("screentone"))
@@ -41,7 +40,7 @@ def screentone_sheet(layout: DataLayout, path: Path, *, frames: int = 3) -> Path
     rows = []
     for frame_id, page in sorted(load_chapter_images(layout, chapter).items())[:frames]:
         tone = np.asarray(Image.open(io.BytesIO(tones[(frame_id, "train")])))
-        rows.append(SheetRow(colour=np.asarray(fit_image(page, width, height)), tone=tone, label=frame_id))
+        rows.append(SheetRow(color=np.asarray(fit_image(page, width, height)), tone=tone, label=frame_id))
     return write_contact_sheet(rows, path)
 
 
@@ -49,7 +48,7 @@ def training_sample_sheets(layout: DataLayout, folder: Path, *, samples: int = 2
     """For a few train samples: C_bw | mask | C_color, rebuilt from the shard alone as training will."""
     import webdataset as wds
 
-    from pipelines.sample_inputs import build_training_inputs
+    from pipelines.core.sample_inputs import build_training_inputs
 
     manifest = read_json(layout.shards_manifest)
     shards = [s for s in manifest["splits"][TRAIN_SPLIT]["shards"]]
@@ -76,7 +75,7 @@ def write_report(
 ) -> dict[str, Any]:
     """Contact sheets + counts under `report_dir`: how diverse the retrievals are (distinct reference pages per
     frame, and the cap used), and with sample-corpus labels the retrieval character hit rate."""
-    from pipelines.retrieval_eval import character_hit_rate, write_contact_sheets
+    from pipelines.retrieval.inspect import character_hit_rate, write_contact_sheets
 
     layout = DataLayout.at(data)
     folder = Path(report_dir)

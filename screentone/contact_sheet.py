@@ -26,7 +26,7 @@ _BACKGROUND = (96, 96, 96)
 class SheetRow:
     """One page: its colour image (H x W x 3 uint8) and its screentone (H x W uint8, same size)."""
 
-    colour: np.ndarray
+    color: np.ndarray
     tone: np.ndarray
     label: str = ""
 
@@ -56,12 +56,12 @@ def build_contact_sheet(rows: Sequence[SheetRow], alphas: Sequence[float] = EVAL
 
 
 def _panels(row: SheetRow, alphas: Sequence[float]) -> list[tuple[str, Image.Image]]:
-    colour = np.asarray(row.colour)
-    grey = to_grey(colour)
+    color = np.asarray(row.color)
+    grey = to_grey(color)
     if grey.shape != row.tone.shape:
         raise ValueError(f"row {row.label!r}: tone {row.tone.shape} does not match the page {grey.shape}")
     panels = [
-        ("colour", Image.fromarray(colour)),
+        ("colour", Image.fromarray(color)),
         ("grey", Image.fromarray(grey)),
         ("tone", Image.fromarray(row.tone)),
     ]
@@ -98,7 +98,7 @@ def render_contact_sheet(
     if len(labels) != len(pages):
         raise ValueError(f"got {len(labels)} labels for {len(pages)} pages")
     rows = [
-        SheetRow(colour=page, tone=renderer.render(page, seed + i), label=label)
+        SheetRow(color=page, tone=renderer.render(page, seed + i), label=label)
         for i, (page, label) in enumerate(zip(pages, labels, strict=True))
     ]
     return write_contact_sheet(rows, path, alphas)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -424,3 +424,14 @@ def make_renderer(
     else:
         g_path, dec_path = find_screenstyle_files(argument)
     return ScreenStyleRenderer.from_files(g_path, dec_path, device=device, batch_size=batch_size, **options)
+
+
+_RENDERERS: dict[tuple[str, str | None], Any] = {}
+
+
+def renderer_for(spec: str, device: str | None = None):
+    """One renderer per worker process and spec: weights load once, not once per chapter."""
+    key = (spec, device)
+    if key not in _RENDERERS:
+        _RENDERERS[key] = make_renderer(spec, device=device)
+    return _RENDERERS[key]

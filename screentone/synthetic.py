@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def synthetic_colour_page(height: int, width: int, seed: int = 0) -> np.ndarray:
+def synthetic_color_page(height: int, width: int, seed: int = 0) -> np.ndarray:
     """An H x W x 3 uint8 colour page with panels, outlined flat shapes, a gradient and black areas."""
     if height < 64 or width < 64:
         raise ValueError(f"synthetic pages need at least 64 x 64 pixels, got {height} x {width}")
@@ -36,7 +36,7 @@ def synthetic_colour_page(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.asarray(page, dtype=np.uint8).copy()
 
 
-def _colour(rng: np.random.Generator, value: float | None = None) -> tuple[int, int, int]:
+def _color(rng: np.random.Generator, value: float | None = None) -> tuple[int, int, int]:
     hue = rng.uniform(0, 1)
     saturation = rng.uniform(0.35, 0.9)
     value = rng.uniform(0.45, 0.95) if value is None else value
@@ -45,7 +45,7 @@ def _colour(rng: np.random.Generator, value: float | None = None) -> tuple[int, 
 
 def _gradient_sky(page: Image.Image, box: tuple[int, int, int, int], rng: np.random.Generator) -> None:
     x0, y0, x1, y1 = box
-    top = np.array(_colour(rng, 0.95), dtype=np.float32)
+    top = np.array(_color(rng, 0.95), dtype=np.float32)
     bottom = np.array([255, 255, 255], dtype=np.float32)
     t = np.linspace(0.0, 1.0, y1 - y0, dtype=np.float32)[:, None, None]
     strip = (1 - t) * top + t * bottom
@@ -64,11 +64,11 @@ def _fill_panel(
     w, h = x1 - x0, y1 - y0
     if not with_sky:
         floor = y0 + int(h * rng.uniform(0.55, 0.75))
-        draw.rectangle((x0, floor, x1, y1), fill=_colour(rng), outline=(0, 0, 0), width=line)
+        draw.rectangle((x0, floor, x1, y1), fill=_color(rng), outline=(0, 0, 0), width=line)
     for _ in range(int(rng.integers(2, 5))):
         cx, cy = x0 + rng.uniform(0.2, 0.8) * w, y0 + rng.uniform(0.25, 0.75) * h
         rx, ry = rng.uniform(0.08, 0.22) * w, rng.uniform(0.1, 0.3) * h
-        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=_colour(rng), outline=(0, 0, 0), width=line)
+        draw.ellipse((cx - rx, cy - ry, cx + rx, cy + ry), fill=_color(rng), outline=(0, 0, 0), width=line)
     # Two squares of equal luma and different hue: a renderer must tell them apart by texture.
     side = int(min(w, h) * 0.18)
     sx, sy = x0 + int(w * 0.06), y0 + int(h * 0.08)

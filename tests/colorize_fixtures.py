@@ -17,9 +17,9 @@ def drawn_page(seed: int, width: int = 120, height: int = 180) -> Image.Image:
     draw = ImageDraw.Draw(image)
     for _ in range(6):
         left, top = int(rng.integers(0, width - 20)), int(rng.integers(0, height - 20))
-        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
         box = (left, top, left + int(rng.integers(10, 50)), top + int(rng.integers(10, 50)))
-        draw.ellipse(box, fill=colour, outline=(0, 0, 0), width=2)
+        draw.ellipse(box, fill=color, outline=(0, 0, 0), width=2)
     return image
 
 

@@ -58,7 +58,7 @@ def ray_local() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory: pytest.TempPathFactory):
     """The `tiny` preset of the sample corpus (seed 0), generated once: a CorpusInfo (root, labels_path, ...)."""
-    from pipelines.sample_corpus import generate_corpus
+    from pipelines.sample_corpus.generate import generate_corpus
 
     return generate_corpus(tmp_path_factory.mktemp("corpus") / "tiny", preset="tiny", seed=0)
 

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipelines.storage import MARKER_SUFFIX
+from pipelines.core.storage import MARKER_SUFFIX
 
 _TMP = re.compile(r"\.tmp-[^/]*")
 

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines.encoders import WEIGHT_FREE, load_encoder, resolve_encoder
-from pipelines.geometry import WHOLE_PAGE_PATCH
-from pipelines.layout import DataLayout
-from pipelines.pagestore import encode_page, write_chapter_pages
-from pipelines.schemas import CHAPTERS, EMBEDDINGS, PAGES, RETRIEVALS, STATUS_OK, table_from_rows
-from pipelines.screentone_job import ScreentoneOptions, run_screentone
-from pipelines.storage import atomic_write_bytes, atomic_write_json, write_marker, write_parquet
-from screentone.synthetic import synthetic_colour_page
+from pipelines.core.encoders import WEIGHT_FREE, load_encoder, resolve_encoder
+from pipelines.core.geometry import WHOLE_PAGE_PATCH
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import encode_page, write_chapter_pages
+from pipelines.core.schemas import CHAPTERS, EMBEDDINGS, PAGES, RETRIEVALS, STATUS_OK, table_from_rows
+from pipelines.core.storage import atomic_write_bytes, atomic_write_json, write_marker, write_parquet
+from pipelines.screentone.stage import ScreentoneOptions, run_screentone
+from screentone.synthetic import synthetic_color_page
 
 
 @dataclass
@@ -47,7 +47,7 @@ def chapter_id_of(series: str, chapter: str) -> str:
 
 def _page_image(series_index: int, chapter_index: int, page_index: int, size: tuple[int, int]) -> Image.Image:
     seed = 1000 * series_index + 100 * chapter_index + page_index
-    return Image.fromarray(synthetic_colour_page(size[1], size[0], seed=seed))
+    return Image.fromarray(synthetic_color_page(size[1], size[0], seed=seed))
 
 
 def build_corpus(

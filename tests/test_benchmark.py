@@ -14,20 +14,18 @@ from fsync_spy import check_markers_follow_their_data, record_fsyncs
 from PIL import Image
 from shard_inputs import build_corpus
 
-from pipelines.benchmark import (
-    BENCHMARK_FORMAT_VERSION,
+from pipelines.core.benchmark_format import BENCHMARK_FORMAT_VERSION, read_benchmark, read_chapter_index
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import read_chapter_pages
+from pipelines.core.storage import TMP_TAG, marker_path
+from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
     eligible_per_series,
-    read_benchmark,
-    read_chapter_index,
     read_frames,
     select_benchmark,
     write_benchmark,
 )
-from pipelines.layout import DataLayout
-from pipelines.pagestore import read_chapter_pages
-from pipelines.storage import TMP_TAG, marker_path
 
 CONFIG = BenchmarkConfig(chapters=3, refs=3, bw=4, width=96, height=144, seed=1)
 BENCH_SERIES = ["s0", "s1"]

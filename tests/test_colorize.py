@@ -55,7 +55,7 @@ def _run(args: list[str]) -> tuple[int, dict]:
     return code, json.loads((output / "colorize.summary.json").read_text())
 
 
-def test_colours_a_chapter_skips_finished_pages_and_redoes_changed_settings(chapter, tiny_models, tmp_path) -> None:
+def test_colors_a_chapter_skips_finished_pages_and_redoes_changed_settings(chapter, tiny_models, tmp_path) -> None:
     pages, refs = chapter
     out = tmp_path / "out"
     args = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--encoder", "weightfree", "--local"]
@@ -108,7 +108,7 @@ def test_released_layout_loads_through_colorflow_weights_on_ray(chapter, tiny_mo
 
 def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models, tmp_path) -> None:
     from jobs.evaluate import main as evaluate_main
-    from pipelines.benchmark import read_benchmark, read_chapter_index
+    from pipelines.core.benchmark_format import read_benchmark, read_chapter_index
 
     bench = pipeline_data / "benchmark"
     out = tmp_path / "pred"
@@ -129,7 +129,7 @@ def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models
 
 
 def test_weight_token_ignores_a_training_runs_checkpoints_and_logs(tmp_path: Path) -> None:
-    from pipelines.colorize_models import _files_token
+    from inference.models import _files_token
 
     run = tmp_path / "icp-run"  # train_icp writes its export at the top of the run folder
     (run / "colorguider").mkdir(parents=True)

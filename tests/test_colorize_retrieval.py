@@ -12,24 +12,24 @@ import pytest
 from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
 from PIL import Image
 
-from jobs.colorize import main as colorize_main
-from pipelines.colorize import (
+from inference.colorize import (
     ChapterTask,
     ColorizeSettings,
     ColorizeWorker,
     WorkerConfig,
     plan_chapter,
 )
-from pipelines.colorize_refs import (
+from inference.references import (
     CLIP_VISION,
     load_colorize_encoder,
     patch_preparer,
     resolve_colorize_encoder,
 )
-from pipelines.colorize_sources import open_source, output_stems
-from pipelines.geometry import CompositeLayout
-from pipelines.sample_inputs import DecodedSample, build_training_inputs
-from pipelines.samples import ChapterPages, build_ring
+from inference.sources import open_source, output_stems
+from jobs.colorize import main as colorize_main
+from pipelines.core.geometry import CompositeLayout
+from pipelines.core.sample_inputs import DecodedSample, build_training_inputs
+from pipelines.core.samples import ChapterPages, build_ring
 
 SIZE = (64, 96)
 

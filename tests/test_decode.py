@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import ExifTags, Image
 
-from pipelines.decode import DecodeError, decode_for_analysis, decode_upright, to_rgb
+from pipelines.core.decode import DecodeError, decode_for_analysis, decode_upright, to_rgb
 
 
 def _encode(image: Image.Image, fmt: str, **params) -> bytes:
@@ -144,7 +144,7 @@ def test_decompression_bombs_are_refused_from_the_header() -> None:
 
 @pytest.mark.parametrize("fmt", ["GIF", "TIFF"])
 def test_multi_frame_files_decode_their_first_frame(fmt: str) -> None:
-    frames = [Image.new("RGB", (40, 60), colour) for colour in ((250, 0, 0), (0, 0, 250), (0, 250, 0))]
+    frames = [Image.new("RGB", (40, 60), color) for color in ((250, 0, 0), (0, 0, 250), (0, 250, 0))]
     data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:])
     assert Image.open(io.BytesIO(data)).n_frames == 3
     image, _ = decode_upright(data, f"s/c/anim.{fmt.lower()}")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.distributor import Unit, run_units
-from pipelines.schemas import STATUS_ERROR, STATUS_OK
-from pipelines.storage import is_done, write_marker
+from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
+from pipelines.core.storage import is_done, write_marker
+from pipelines.runtime.distributor import Unit, run_units
 
 
 def _square_worker(unit: Unit) -> dict:

@@ -12,12 +12,12 @@ import pyarrow.parquet as pq
 from fsync_spy import check_markers_follow_their_data, record_fsyncs
 from PIL import Image
 
-from pipelines.ingest import IngestOptions, run_ingest
-from pipelines.schemas import STATUS_ERROR, STATUS_OK
-from pipelines.storage import atomic_write_bytes, write_marker
+from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
+from pipelines.core.storage import atomic_write_bytes, write_marker
+from pipelines.ingest.stage import IngestOptions, run_ingest
 
 
-def _colour_png(seed: int) -> bytes:
+def _color_png(seed: int) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 255, size=(60, 40, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="PNG")
@@ -27,7 +27,7 @@ def _colour_png(seed: int) -> bytes:
 def _chapter(folder: Path, seed: int, pages: int = 2) -> None:
     folder.mkdir(parents=True)
     for i in range(pages):
-        (folder / f"{i + 1}.png").write_bytes(_colour_png(seed + i))
+        (folder / f"{i + 1}.png").write_bytes(_color_png(seed + i))
 
 
 def test_a_file_and_its_folder_reach_the_disk_before_the_marker(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from pipelines.encoders import (
+from pipelines.core.encoders import (
     DEFAULT_ENCODER,
     WEIGHT_FREE,
     WeightFreeEncoder,
@@ -18,7 +18,7 @@ from pipelines.encoders import (
     load_encoder,
     resolve_encoder,
 )
-from pipelines.storage import stable_hash
+from pipelines.core.storage import stable_hash
 from screentone.augment import to_grey
 
 # A ViT small enough to build in a test: 64-px input, 2 layers, 32-d embedding (and the text tower open_clip needs).
@@ -52,8 +52,8 @@ def drawn_page(seed: int, size: tuple[int, int] = (160, 240)) -> Image.Image:
     for _ in range(12):
         x0, y0 = int(rng.integers(0, size[0] - 20)), int(rng.integers(0, size[1] - 20))
         x1, y1 = x0 + int(rng.integers(10, 60)), y0 + int(rng.integers(10, 80))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=colour, outline=(0, 0, 0))
+        color = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)((x0, y0, x1, y1), fill=color, outline=(0, 0, 0))
     return image
 
 
@@ -130,14 +130,14 @@ def test_weight_free_encoder_is_deterministic_and_normalised() -> None:
     assert resolve_encoder(WEIGHT_FREE).encoder_id == info.encoder_id
 
 
-def test_weight_free_encoder_matches_grey_queries_to_colour_references() -> None:
+def test_weight_free_encoder_matches_grey_queries_to_color_references() -> None:
     info = resolve_encoder(WEIGHT_FREE)
     encoder, prepare = load_encoder(info), info.preparer()
-    colour = drawn_page(7)
-    grey = grey_version(colour)
-    np.testing.assert_array_equal(prepare(colour), prepare(grey))  # colour is ignored by design
+    color = drawn_page(7)
+    grey = grey_version(color)
+    np.testing.assert_array_equal(prepare(color), prepare(grey))  # colour is ignored by design
     buf = io.BytesIO()
-    colour.save(buf, format="JPEG", quality=60)
+    color.save(buf, format="JPEG", quality=60)
     resaved = Image.open(io.BytesIO(buf.getvalue()))
     others = [drawn_page(s) for s in (8, 9, 10)]
     vectors = encoder.embed(np.stack([prepare(im) for im in [grey, resaved, *others]]))
@@ -156,10 +156,10 @@ def test_patch_geometry_joins_the_id() -> None:
 
 
 def test_grey_version_is_the_project_luma_and_keeps_grey_images() -> None:
-    colour = drawn_page(11)
-    grey = grey_version(colour)
-    assert grey.mode == "L" and grey.size == colour.size
-    np.testing.assert_array_equal(np.asarray(grey), to_grey(np.asarray(colour)))
+    color = drawn_page(11)
+    grey = grey_version(color)
+    assert grey.mode == "L" and grey.size == color.size
+    np.testing.assert_array_equal(np.asarray(grey), to_grey(np.asarray(color)))
     assert grey_version(grey) is grey
-    palette = colour.convert("P")
+    palette = color.convert("P")
     np.testing.assert_array_equal(np.asarray(grey_version(palette)), to_grey(np.asarray(palette.convert("RGB"))))

@@ -15,7 +15,7 @@ from PIL import Image, ImageFilter
 
 from jobs.evaluate import cli
 from jobs.evaluate import main as evaluate_main
-from pipelines.benchmark import read_benchmark, read_chapter_index
+from pipelines.core.benchmark_format import read_benchmark, read_chapter_index
 
 torch.set_num_threads(1)
 

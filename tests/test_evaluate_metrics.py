@@ -10,9 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.evaluate import paper_style
-from pipelines.evaluate_report import format_value, json_value, ranked
-from pipelines.metrics import (
+from evaluation.metrics import (
     FeatureExtractor,
     ImageEmbedder,
     cosine,
@@ -23,6 +21,8 @@ from pipelines.metrics import (
     resolve_fid_features,
     ssim,
 )
+from evaluation.reports import format_value, json_value, ranked
+from evaluation.scoring import paper_style
 
 torch.set_num_threads(1)
 

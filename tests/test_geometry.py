@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.geometry import (
+from pipelines.core.geometry import (
     ASPECT_TOLERANCE,
     RING_CELLS,
     CompositeLayout,
@@ -134,7 +134,7 @@ def test_ring_canvas_and_compose_place_patches_and_frame() -> None:
         CompositeLayout(500, 800)
 
 
-# The reference table (colorflow-notes.md, "Composite and mask"), stated here independently of pipelines.geometry:
+# The reference table (colorflow-notes.md, "Composite and mask"), stated here independently of pipelines.core.geometry:
 # per query patch TL, TR, BL, BR, the (row, col) of the 4x4 grid for rank 1, 2, 3.
 REFERENCE_RING_TABLE = {
     0: ((1, 0), (0, 1), (0, 0)),  # TL
@@ -148,10 +148,10 @@ def test_ring_cells_match_the_reference_table_cell_by_cell_on_the_canvas() -> No
     assert RING_CELLS == REFERENCE_RING_TABLE
     # and on pixels: each (query patch, rank) patch lands in the reference cell, whatever the table in the code says
     layout = CompositeLayout(64, 96)
-    colours = {(q, rank): (40 * q + 10, 60 * rank + 20, 200) for q in range(4) for rank in range(3)}
-    ring = np.asarray(layout.ring_canvas({key: Image.new("RGB", (8, 8), c) for key, c in colours.items()}))
+    colors = {(q, rank): (40 * q + 10, 60 * rank + 20, 200) for q in range(4) for rank in range(3)}
+    ring = np.asarray(layout.ring_canvas({key: Image.new("RGB", (8, 8), c) for key, c in colors.items()}))
     cell_w, cell_h = 32, 48  # W/2 x H/2
-    for (q, rank), colour in colours.items():
+    for (q, rank), color in colors.items():
         row, col = REFERENCE_RING_TABLE[q][rank]
         centre = ring[row * cell_h + cell_h // 2, col * cell_w + cell_w // 2]
-        assert tuple(centre) == colour, f"query patch {q} rank {rank + 1} is not in cell {(row, col)}"
+        assert tuple(centre) == color, f"query patch {q} rank {rank + 1} is not in cell {(row, col)}"

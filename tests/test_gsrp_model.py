@@ -100,8 +100,8 @@ def test_gradients_reach_only_the_fusion():
     vae = tiny_vae()
     fusion = tiny_fusion(vae, norm="group").train()
     guided = GuidedVAE(vae)
-    colour, bw, target = (torch.rand(2, 3, 32, 48) * 2 - 1 for _ in range(3))
-    output = guided.restore(fusion, colour, bw, torch.Generator().manual_seed(0))
+    color, bw, target = (torch.rand(2, 3, 32, 48) * 2 - 1 for _ in range(3))
+    output = guided.restore(fusion, color, bw, torch.Generator().manual_seed(0))
     (output - target).abs().mean().backward()
     assert all(p.grad is None for p in vae.parameters())
     assert all(p.grad is not None for p in fusion.parameters())
@@ -110,9 +110,9 @@ def test_gradients_reach_only_the_fusion():
         assert p.grad is not None
 
 
-def _step(guided: GuidedVAE, fusion: GSRPFusion, colour, bw, target):
+def _step(guided: GuidedVAE, fusion: GSRPFusion, color, bw, target):
     fusion.zero_grad(set_to_none=True)
-    output = guided.restore(fusion, colour, bw, torch.Generator().manual_seed(3))
+    output = guided.restore(fusion, color, bw, torch.Generator().manual_seed(3))
     (output - target).abs().mean().backward()
     return output.detach(), {name: p.grad.clone() for name, p in fusion.named_parameters()}
 
@@ -123,25 +123,25 @@ def test_gradient_checkpointing_keeps_the_fusion_and_its_gradients():
     vae = tiny_vae()
     fusion = tiny_fusion(vae, norm="group").train()
     guided = GuidedVAE(vae)
-    colour, bw, target = (torch.rand(1, 3, 32, 48) * 2 - 1 for _ in range(3))
+    color, bw, target = (torch.rand(1, 3, 32, 48) * 2 - 1 for _ in range(3))
     calls = []
     # a pre-hook: checkpoint's recomputation stops early, before a block's forward hooks would run
     vae.decoder.up_blocks[0].register_forward_pre_hook(lambda *_: calls.append(1))
 
     fusion.branches[0].blocks[0].register_forward_pre_hook(lambda *_: calls.append(2))
 
-    plain_output, plain_grads = _step(guided, fusion, colour, bw, target)
+    plain_output, plain_grads = _step(guided, fusion, color, bw, target)
     assert sorted(calls) == [1, 2]
     vae.enable_gradient_checkpointing()
     fusion.enable_gradient_checkpointing()
     calls.clear()
-    ckpt_output, ckpt_grads = _step(guided, fusion, colour, bw, target)
+    ckpt_output, ckpt_grads = _step(guided, fusion, color, bw, target)
     assert sorted(calls) == [1, 1, 2, 2]  # the VAE and the fusion blocks really were recomputed in backward
     assert torch.allclose(plain_output, ckpt_output, atol=1e-6)
     for name, grad in plain_grads.items():
         assert torch.allclose(grad, ckpt_grads[name], atol=1e-6, rtol=1e-5), name
     with torch.no_grad():  # and the fusion is really in there: not the plain decode
-        latents = guided.encode_features(colour)[0].sample(torch.Generator().manual_seed(3))
+        latents = guided.encode_features(color)[0].sample(torch.Generator().manual_seed(3))
         assert (ckpt_output - guided.decode_fused(latents, None)).abs().max() > 1e-3
 
 
@@ -273,10 +273,10 @@ def test_super_resolve_matches_the_tensor_path_and_keeps_the_size():
 
     hr_bw = hr_bw.resize((48, 64))  # multiples of 8: no padding, so the tensor path gives the same pixels
     result = super_resolve(vae, fusion, lowres, hr_bw, generator=torch.Generator().manual_seed(5))
-    colour = pil_to_tensor(lowres.resize((48, 64), Image.BICUBIC))[None]
+    color = pil_to_tensor(lowres.resize((48, 64), Image.BICUBIC))[None]
     fusion.eval()
     with torch.no_grad():
-        output = GuidedVAE(vae).restore(fusion, colour, pil_to_tensor(hr_bw)[None], torch.Generator().manual_seed(5))
+        output = GuidedVAE(vae).restore(fusion, color, pil_to_tensor(hr_bw)[None], torch.Generator().manual_seed(5))
     assert np.array_equal(np.asarray(result), np.asarray(tensor_to_pil(output[0])))
 
     other = GSRPFusion(encoder_channels=(8, 8, 8, 16), decoder_channels=(8, 16, 16, 16), norm="group")

@@ -21,13 +21,13 @@ from PIL import Image
 
 from jobs.ingest import main as ingest_main
 from jobs.ingest import parse_args
-from pipelines.colour import classify_features
-from pipelines.ingest import IngestOptions, kept_chapter_ids, pages_part, run_ingest
-from pipelines.layout import DataLayout
-from pipelines.pagestore import load_chapter_images
-from pipelines.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
-from pipelines.sources import stable_id
-from pipelines.storage import marker_path
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import kept_chapter_ids, load_chapter_images
+from pipelines.core.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
+from pipelines.core.sources import stable_id
+from pipelines.core.storage import marker_path
+from pipelines.ingest.color import classify_features
+from pipelines.ingest.stage import IngestOptions, pages_part, run_ingest
 
 SUMMARY = "ingest.summary.json"
 
@@ -108,7 +108,7 @@ def test_one_row_per_file_and_one_error_row_per_broken_file(ingested) -> None:
     assert "not an image" in causes["not_image"] and "decompression bomb" in causes["decompression_bomb"]
 
 
-def test_colour_precision_and_recall(ingested) -> None:
+def test_color_precision_and_recall(ingested) -> None:
     info, out, _ = ingested
     labels = _labels(info)
     pages = [p for p in pq.read_table(DataLayout.at(out).pages).to_pylist() if p["status"] == STATUS_OK]
@@ -280,9 +280,9 @@ def test_failed_chapter_task_leaves_the_summary_incomplete(tmp_path) -> None:
     assert rerun["run"]["chapters_reused"] == 1
 
 
-def _png(colour: tuple[int, int, int]) -> bytes:
+def _png(color: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
-    Image.new("RGB", (40, 60), colour).save(buf, format="PNG")
+    Image.new("RGB", (40, 60), color).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from jobs import ingest, inspect_retrieval, pipeline, retrieval, screentone, shards
-from jobs.common import DefaultsHelpFormatter, run_job
+from pipelines.core.cli import DefaultsHelpFormatter, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = (ingest, retrieval, screentone, shards, pipeline, inspect_retrieval)
@@ -136,7 +136,7 @@ def test_stages_run_before_their_predecessor_fail_at_once_without_starting_ray(t
     data.mkdir()
     script = (
         "import sys, ray\n"
-        "from jobs.common import run_job\n"
+        "from pipelines.core.cli import run_job\n"
         "from jobs import retrieval, screentone, shards, inspect_retrieval\n"
         "data = sys.argv[1]\n"
         "for job, argv in ((retrieval, ['--encoder', 'weightfree']), (screentone, []), (shards, []),\n"
@@ -222,7 +222,7 @@ def test_weights_in_the_hub_cache_satisfy_the_precondition(tmp_path: Path) -> No
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"stand-in: only its presence is checked before the job starts")
     script = (
-        "from pipelines.encoders import DEFAULT_ENCODER, ensure_encoder_weights, resolve_encoder\n"
+        "from pipelines.core.encoders import DEFAULT_ENCODER, ensure_encoder_weights, resolve_encoder\n"
         "print(ensure_encoder_weights(resolve_encoder(DEFAULT_ENCODER)))\n"
     )
     done = _subprocess(["-c", script], HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
@@ -236,7 +236,7 @@ def test_weights_in_the_hub_cache_satisfy_the_precondition(tmp_path: Path) -> No
 def test_importing_screentone_augment_does_not_import_torch() -> None:
     script = (
         "import sys\n"
-        "import screentone.augment, pipelines.samples\n"
+        "import screentone.augment, pipelines.core.samples\n"
         "print('torch' in sys.modules)\n"
         "from screentone import blend, make_renderer\n"
         "print('torch' in sys.modules)\n"

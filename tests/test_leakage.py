@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from shard_inputs import Corpus, build_corpus, chapter_id_of, page_id_of
 
-from pipelines.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_encoder
-from pipelines.layout import DataLayout
-from pipelines.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
-from pipelines.retrieval import EmbeddingStore
-from pipelines.shard_job import ShardJobOptions, run_shards
-from pipelines.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
+from pipelines.core.embeddings import EmbeddingStore
+from pipelines.core.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_encoder
+from pipelines.core.layout import DataLayout
+from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
+from pipelines.shards.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
+from pipelines.shards.stage import ShardJobOptions, run_shards
 
 SERIES = [f"s{i}" for i in range(5)]
 SEED = 7

@@ -10,8 +10,8 @@ from PIL import Image
 
 from model.icp_weights import describe_weights, load_icp_pipeline, save_icp_export, write_released_icp_layout
 from model.tiny import build_tiny_sd15
-from pipelines.geometry import CompositeLayout
-from pipelines.sample_inputs import composite_inputs
+from pipelines.core.geometry import CompositeLayout
+from pipelines.core.sample_inputs import composite_inputs
 
 torch.set_num_threads(1)
 

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 from jobs.pipeline import main as pipeline_main
-from pipelines.layout import DataLayout
-from pipelines.storage import read_json
+from pipelines.core.layout import DataLayout
+from pipelines.core.storage import read_json
 
 ARGS = [
     "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
@@ -47,8 +47,8 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
     assert set(_stage_flags(second).values()) == {True}
 
     # A new colour chapter in the input: ingestion runs again, and so does everything after it.
-    colour_chapter = sorted(p for p in (corpus / "s1").iterdir() if p.is_dir())[0]
-    shutil.copytree(colour_chapter, corpus / "s1" / "ch900")
+    color_chapter = sorted(p for p in (corpus / "s1").iterdir() if p.is_dir())[0]
+    shutil.copytree(color_chapter, corpus / "s1" / "ch900")
     third = pipeline_main(argv)
     assert set(_stage_flags(third).values()) == {False}
     assert (
@@ -60,7 +60,7 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
 
 def test_the_retrieval_cap_reaches_the_retrieval_stage_only_when_set() -> None:
     from jobs.pipeline import parse_args
-    from pipelines.pipeline import PipelineOptions
+    from pipelines.runner import PipelineOptions
 
     assert "max_per_page" not in PipelineOptions().stage_settings("retrieval")  # uncapped settings hash as before
     args = parse_args(["--input", "in", "--output", "out", "--max-per-page", "3"])

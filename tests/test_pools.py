@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance
 
-from pipelines.pools import (
+from pipelines.core.pools import (
     NearDuplicateRule,
     chapter_pools,
     edge_hash,
@@ -18,7 +18,7 @@ from pipelines.pools import (
     page_hashes,
     select_pool,
 )
-from pipelines.schemas import STATUS_EXCLUDED, STATUS_OK
+from pipelines.core.schemas import STATUS_EXCLUDED, STATUS_OK
 
 RULE = NearDuplicateRule()
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.ingest import run_ingest
+from pipelines.ingest.stage import run_ingest
 
 VENV_BIN = Path(sys.executable).parent
 

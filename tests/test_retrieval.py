@@ -17,15 +17,17 @@ from test_encoders import make_tiny_open_clip
 
 from jobs import inspect_retrieval
 from jobs import retrieval as retrieval_job
-from pipelines.contact_sheets import QUERY_COLOURS
-from pipelines.ingest import run_ingest
-from pipelines.layout import DataLayout
-from pipelines.leakage import LeakageConfig, PageRef, find_duplicates
-from pipelines.pagestore import encode_page, read_chapter_pages
-from pipelines.retrieval import EmbeddingStore, fitted_page, inflight_limit, run_retrieval
-from pipelines.schemas import PAGE_STORE, STATUS_ERROR, STATUS_EXCLUDED, STATUS_OK
-from pipelines.search import RefKeys, brute_force_topk
-from pipelines.storage import read_json, stable_hash, write_parquet
+from pipelines.core.contact_sheets import QUERY_COLORS
+from pipelines.core.embeddings import EmbeddingStore
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import encode_page, read_chapter_pages
+from pipelines.core.patches import fitted_page
+from pipelines.core.schemas import PAGE_STORE, STATUS_ERROR, STATUS_EXCLUDED, STATUS_OK
+from pipelines.core.search import RefKeys, brute_force_topk
+from pipelines.core.storage import read_json, stable_hash, write_parquet
+from pipelines.ingest.stage import run_ingest
+from pipelines.retrieval.stage import inflight_limit, run_retrieval
+from pipelines.shards.leakage import LeakageConfig, PageRef, find_duplicates
 
 SIZE = {"width": 128, "height": 192}  # small frames keep the tests fast; the geometry is the paper's
 FRAMES = 48  # colour pages stored by ingestion for the tiny corpus (two kept chapters of 24)
@@ -309,8 +311,8 @@ def test_contact_sheets(weightfree_run: tuple[Path, dict], tmp_path: Path) -> No
     assert inspect_retrieval.main(["--data", str(out), "--frame", frame_id, "--out", str(target)]) == [str(target)]
     sheet = Image.open(target).convert("RGB")
     assert sheet.width > sheet.height > 400
-    colours = {tuple(c) for c in np.asarray(sheet).reshape(-1, 3)[::7]}
-    assert all(colour in colours for colour in QUERY_COLOURS)  # the four query boxes are drawn
+    colors = {tuple(c) for c in np.asarray(sheet).reshape(-1, 3)[::7]}
+    assert all(color in colors for color in QUERY_COLORS)  # the four query boxes are drawn
     written = inspect_retrieval.main(["--data", str(out), "--random", "2", "--seed", "3", "--out-dir", str(tmp_path)])
     assert len(written) == 2 and all(Path(p).stat().st_size > 10_000 for p in written)
     with pytest.raises(KeyError, match="'not-a-frame' is not a frame of this retrieval run"):
@@ -345,7 +347,7 @@ import json, os, sys
 import ray
 ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False,
          runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "OMP_NUM_THREADS": "1"}})
-from pipelines.retrieval import run_retrieval
+from pipelines.retrieval.stage import run_retrieval
 summary = run_retrieval(sys.argv[1], encoder=sys.argv[2], width=128, height=192)
 print("SUMMARY " + json.dumps({"resources": ray.cluster_resources(), **summary}))
 """
@@ -402,7 +404,7 @@ def test_a_cpu_cluster_runs_one_float32_actor_with_batches_of_32(weightfree_run:
 def test_encoder_dtype_is_fp16_on_cuda_and_float32_elsewhere(tmp_path: Path) -> None:
     import torch
 
-    from pipelines.encoders import encoder_dtype, load_encoder, resolve_encoder
+    from pipelines.core.encoders import encoder_dtype, load_encoder, resolve_encoder
 
     assert encoder_dtype("cuda") == encoder_dtype(torch.device("cuda", 0)) == torch.float16
     assert encoder_dtype("cpu") == torch.float32

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pipelines import sample_corpus
-from pipelines.sample_corpus import (
+from pipelines.sample_corpus import generate as sample_corpus
+from pipelines.sample_corpus.generate import (
     BOMB_SIZE,
     BROKEN_KINDS,
     BW_STYLES,
-    COLOUR_STYLES,
+    COLOR_STYLES,
     LABEL_FIELDS,
     PRESETS,
     CorpusInfo,
@@ -141,7 +141,7 @@ def test_oddities_are_present(corpus):
     extensions = {lb["source"].rsplit(".", 1)[1] for lb in labels}
     assert {"JPG", "PNG"} & extensions and {"jpg", "png", "webp"} <= extensions
     assert {lb["broken"] for lb in labels} == {None, *BROKEN_KINDS}
-    assert {lb["style"] for lb in labels} >= {*COLOUR_STYLES, *BW_STYLES}
+    assert {lb["style"] for lb in labels} >= {*COLOR_STYLES, *BW_STYLES}
     assert any(lb["kind"] == "archive" and lb["source"].count("/") == 3 for lb in labels)  # pages in a subfolder
     assert any(lb["kind"] == "archive" and lb["source"].count("/") == 2 for lb in labels)  # flat archive
 
@@ -223,7 +223,7 @@ def test_bomb_is_small_on_disk_but_declares_a_huge_valid_image(corpus):
     data = page_bytes(corpus.root, label)
     assert len(data) < 2_000_000
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height, depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    width, height, depth, color_type = struct.unpack(">IIBB", data[16:26])
     assert (width, height) == BOMB_SIZE and width * height > 2 * Image.MAX_IMAGE_PIXELS
     chunks, offset = {}, 8
     while offset < len(data):
@@ -237,7 +237,7 @@ def test_bomb_is_small_on_disk_but_declares_a_huge_valid_image(corpus):
     while stream:
         produced += len(inflater.decompress(stream, 1 << 24))
         stream = inflater.unconsumed_tail
-    assert inflater.eof and produced == height * (1 + (width * depth + 7) // 8) and colour_type == 0
+    assert inflater.eof and produced == height * (1 + (width * depth + 7) // 8) and color_type == 0
 
 
 def test_character_boxes_lie_inside_the_page_and_a_panel(corpus):
@@ -257,7 +257,7 @@ def test_character_boxes_lie_inside_the_page_and_a_panel(corpus):
     assert counted > corpus.n_files
 
 
-def test_character_boxes_contain_the_characters_colours(corpus):
+def test_character_boxes_contain_the_characters_colors(corpus):
     """On lossless colour pages each box shows its character's hair or clothes colour (labels are truthful)."""
     cast = {c.name: c for c in corpus.cast}
     checked = hits = 0
@@ -276,8 +276,8 @@ def test_character_boxes_contain_the_characters_colours(corpus):
     assert hits >= 0.95 * checked
 
 
-def test_colour_pages_have_chroma(corpus):
-    for label in pages(corpus, *COLOUR_STYLES):
+def test_color_pages_have_chroma(corpus):
+    for label in pages(corpus, *COLOR_STYLES):
         c = chroma(upright_rgb(corpus.root, label))
         if label["style"] in ("colour", "cover"):
             assert (c > 60).mean() > 0.02, label["source"]

@@ -9,13 +9,22 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipelines.geometry import CompositeLayout, fit_image, reference_boxes
-from pipelines.pagestore import encode_page
-from pipelines.sample_inputs import build_training_inputs, composite_inputs, decode_sample
-from pipelines.samples import FIELDS, ChapterPages, FrameRecord, SampleConfig, SampleError, build_sample, retrieval_grid
-from pipelines.screentone_job import ScreentoneOptions, render_frame, renderer_for
+from pipelines.core.geometry import CompositeLayout, fit_image, reference_boxes
+from pipelines.core.pagestore import encode_page
+from pipelines.core.sample_inputs import build_training_inputs, composite_inputs, decode_sample
+from pipelines.core.samples import (
+    FIELDS,
+    ChapterPages,
+    FrameRecord,
+    SampleConfig,
+    SampleError,
+    build_sample,
+    retrieval_grid,
+)
+from pipelines.screentone.stage import ScreentoneOptions, render_frame
 from screentone.augment import blend, sample_alpha
-from screentone.synthetic import synthetic_colour_page
+from screentone.render import renderer_for
+from screentone.synthetic import synthetic_color_page
 
 W, H = 128, 192
 CONFIG = SampleConfig(width=W, height=H, encoder_id="enc-test", renderer_id="halftone-test", code_version={"v": 1})
@@ -28,7 +37,7 @@ def chapter() -> dict:
     # pages of different aspect ratios: the 200x240 one is centre-cropped by the fit, the others resized
     sizes = [(160, 240), (200, 240), (170, 250), (160, 240), (150, 230), (160, 240)]
     images = {
-        p: Image.fromarray(synthetic_colour_page(h, w, seed=i))
+        p: Image.fromarray(synthetic_color_page(h, w, seed=i))
         for i, (p, (w, h)) in enumerate(zip(PAGE_IDS, sizes, strict=True))
     }
     encoded = {p: encode_page(im, "png") for p, im in images.items()}
@@ -70,7 +79,7 @@ def _open(data: bytes) -> Image.Image:
 def test_sample_has_every_field_in_the_documented_encodings(chapter: dict) -> None:
     sample = _sample(chapter)
     assert set(sample) == {"__key__", *FIELDS} and sample["__key__"] == FRAME.frame_id
-    colour = fit_image(chapter["images"][FRAME.frame_id], W, H)
+    color = fit_image(chapter["images"][FRAME.frame_id], W, H)
     hr_size = CONFIG.hires_size
     assert hr_size == (192, 288)
     for name, fmt, mode, size in [
@@ -87,10 +96,10 @@ def test_sample_has_every_field_in_the_documented_encodings(chapter: dict) -> No
         if fmt == "JPEG":
             assert JpegImagePlugin.get_sampling(image) == 0, f"{name} must keep full chroma (4:4:4)"
     # greyscale is lossless and exactly the luma of the fitted colour frame; tone is stored as rendered
-    assert np.array_equal(np.asarray(_open(sample["grey.png"])), np.asarray(colour.convert("L")))
+    assert np.array_equal(np.asarray(_open(sample["grey.png"])), np.asarray(color.convert("L")))
     assert sample["tone.png"] == chapter["tones"]["train"] and sample["hr_tone.png"] == chapter["tones"]["hires"]
-    colour_error = np.abs(np.asarray(_open(sample["color.jpg"]), np.int16) - np.asarray(colour, np.int16)).mean()
-    assert colour_error < 3.0  # q95 JPEG
+    color_error = np.abs(np.asarray(_open(sample["color.jpg"]), np.int16) - np.asarray(color, np.int16)).mean()
+    assert color_error < 3.0  # q95 JPEG
 
 
 def test_metadata_records_the_frame_the_retrievals_and_the_versions(chapter: dict) -> None:

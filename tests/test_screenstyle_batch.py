@@ -11,7 +11,7 @@ from screentone.layers import BatchInvariantConv2d, draw_noise
 from screentone.loader import ScreenStyleModels
 from screentone.render import ScreenStyleRenderer
 from screentone.screenvae import ScreenVAEDecoder
-from screentone.synthetic import synthetic_colour_page
+from screentone.synthetic import synthetic_color_page
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_small_convs_give_each_page_what_it_gets_alone():
 @pytest.mark.parametrize("path", ["colorflow", "eroded-binarised"])
 def test_render_batch_equals_per_page_renders(models, path):
     renderer = ScreenStyleRenderer(models, device="cpu", path=path)
-    pages = [synthetic_colour_page(72, 64, seed=s) for s in range(2)] + [synthetic_colour_page(64, 88, seed=3)]
+    pages = [synthetic_color_page(72, 64, seed=s) for s in range(2)] + [synthetic_color_page(64, 88, seed=3)]
     pages.insert(1, pages[0])  # the same page twice in one batch, with another seed
     seeds = [5, 6, 7, 8]
     single = [renderer.render(page, seed) for page, seed in zip(pages, seeds, strict=True)]

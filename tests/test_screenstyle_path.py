@@ -29,7 +29,7 @@ from screentone.screenvae import (
     decoder_input_size,
     multiply_lines,
 )
-from screentone.synthetic import synthetic_colour_page
+from screentone.synthetic import synthetic_color_page
 
 # Page pixel (10, 200, 255): PIL grey = (10 * 19595 + 200 * 38470 + 255 * 7471 + 32768) >> 16 = 149.
 PIXEL, PIXEL_GREY = (10, 200, 255), 149
@@ -127,7 +127,7 @@ def test_decoder_gets_the_uncropped_screenmap_replicate_padded(generator, decode
     ]
     try:
         ScreenStyleRenderer(ScreenStyleModels(generator, decoder), device="cpu").render(
-            synthetic_colour_page(200, 300, seed=1), seed=0
+            synthetic_color_page(200, 300, seed=1), seed=0
         )
     finally:
         for hook in hooks:

@@ -12,11 +12,11 @@ from screentone.filters import box_count, gaussian_blur, min_filter, mode_filter
 from screentone.halftone import HalftoneConfig, PageScreens, render_halftone, tone_labels
 from screentone.lines import erode_lines, extract_lines
 from screentone.render import HalftoneRenderer, ScreentoneRenderer, make_renderer
-from screentone.synthetic import synthetic_colour_page
+from screentone.synthetic import synthetic_color_page
 
 
-def _flat(colour: tuple[int, int, int], size: tuple[int, int] = (160, 160)) -> np.ndarray:
-    return np.broadcast_to(np.array(colour, dtype=np.uint8), (*size, 3)).copy()
+def _flat(color: tuple[int, int, int], size: tuple[int, int] = (160, 160)) -> np.ndarray:
+    return np.broadcast_to(np.array(color, dtype=np.uint8), (*size, 3)).copy()
 
 
 def _near_bitonal_fraction(tone: np.ndarray) -> float:
@@ -25,7 +25,7 @@ def _near_bitonal_fraction(tone: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def page() -> np.ndarray:
-    return synthetic_colour_page(400, 256, seed=4)
+    return synthetic_color_page(400, 256, seed=4)
 
 
 def test_to_grey_is_pillow_luma_bit_for_bit():
@@ -134,7 +134,7 @@ def test_darker_greys_get_more_ink():
     assert inks == sorted(inks) and inks[-1] - inks[0] > 0.3
 
 
-def test_equal_luma_colours_of_different_hue_get_different_screens():
+def test_equal_luma_colors_of_different_hue_get_different_screens():
     red, green = _flat((200, 60, 60)), _flat((40, 145, 40))
     assert abs(int(to_grey(red)[0, 0]) - int(to_grey(green)[0, 0])) <= 1
     tone_red, tone_green = render_halftone(red, seed=8), render_halftone(green, seed=8)

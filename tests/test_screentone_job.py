@@ -12,18 +12,18 @@ import torch
 from PIL import Image
 
 from jobs.screentone import main as screentone_main
-from pipelines.geometry import hires_size
-from pipelines.ingest import kept_chapter_ids, run_ingest
-from pipelines.layout import DataLayout
-from pipelines.pagestore import encode_page
-from pipelines.schemas import SCREENTONE, STATUS_OK
-from pipelines.screentone_job import ScreentoneOptions, render_frame, render_frames, run_screentone
-from pipelines.storage import read_parquet, read_parquet_parts
+from pipelines.core.geometry import hires_size
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import encode_page, kept_chapter_ids
+from pipelines.core.schemas import SCREENTONE, STATUS_OK
+from pipelines.core.storage import read_parquet, read_parquet_parts
+from pipelines.ingest.stage import run_ingest
+from pipelines.screentone.stage import ScreentoneOptions, render_frame, render_frames, run_screentone
 from screentone.color2manga import ColorToScreenMapGenerator
 from screentone.loader import ScreenStyleModels
 from screentone.render import ScreenStyleRenderer
 from screentone.screenvae import ScreenVAEDecoder
-from screentone.synthetic import synthetic_colour_page
+from screentone.synthetic import synthetic_color_page
 
 SIZE = (128, 192)
 
@@ -87,7 +87,7 @@ def test_batched_frames_equal_single_frames_and_a_broken_frame_is_an_error() -> 
     torch.manual_seed(3)
     models = ScreenStyleModels(ColorToScreenMapGenerator(width=16).eval(), ScreenVAEDecoder(width=16).eval())
     renderer = ScreenStyleRenderer(models, device="cpu")
-    images = {f"f{i}": Image.fromarray(synthetic_colour_page(100, 70, seed=i)) for i in range(3)}
+    images = {f"f{i}": Image.fromarray(synthetic_color_page(100, 70, seed=i)) for i in range(3)}
     pages = {frame_id: encode_page(image, "png") for frame_id, image in images.items()} | {"f9": b"not an image"}
     options = ScreentoneOptions(width=64, height=96, hires_scale=1.25, seed=2, batch_size=3)
     tones, errors = render_frames(pages, options, renderer)

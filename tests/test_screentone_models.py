@@ -30,7 +30,7 @@ from screentone.loader import (
 )
 from screentone.render import HalftoneRenderer, ScreenStyleRenderer, make_renderer
 from screentone.screenvae import ScreenVAEDecoder, ScreenVAEEncoder, decode_tone_binarised, encode_screenmap
-from screentone.synthetic import synthetic_colour_page
+from screentone.synthetic import synthetic_color_page
 
 REFERENCE = Path(__file__).resolve().parent / "reference"  # published key layouts, copied into the tests
 
@@ -199,7 +199,7 @@ def test_encoder_pads_arbitrary_pages_and_crops_back():
 
 def test_renderer_output_is_deterministic_in_eval_and_seeded(generator, decoder):
     renderer = ScreenStyleRenderer(ScreenStyleModels(generator, decoder), device="cpu")
-    page = synthetic_colour_page(100, 150, seed=2)  # not a multiple of 256: padded and cropped back
+    page = synthetic_color_page(100, 150, seed=2)  # not a multiple of 256: padded and cropped back
     first, second = renderer.render(page, seed=11), renderer.render(page, seed=11)
     other = renderer.render(page, seed=12)
     assert first.shape == (100, 150) and first.dtype == np.uint8
@@ -215,7 +215,7 @@ def test_renderer_output_is_deterministic_in_eval_and_seeded(generator, decoder)
 def test_eroded_binarised_path_keeps_the_first_version(generator, decoder):
     """The first version stays available by name: eroded line map, sign-binarised line (ink is black), v1 id."""
     renderer = ScreenStyleRenderer(ScreenStyleModels(generator, decoder), device="cpu", path="eroded-binarised")
-    page = synthetic_colour_page(100, 150, seed=2)
+    page = synthetic_color_page(100, 150, seed=2)
     tone = renderer.render(page, seed=11)
     lines = renderer.line_map(page)
     grey = np.asarray(Image.fromarray(page).convert("L"))
@@ -230,7 +230,7 @@ def test_renderer_line_options_and_id(generator, decoder):
     colorflow = ScreenStyleRenderer(models, device="cpu")
     single = ScreenStyleRenderer(models, device="cpu", line_passes=1)
     xdog = ScreenStyleRenderer(models, device="cpu", line_source="xdog")
-    page = synthetic_colour_page(128, 128, seed=3)
+    page = synthetic_color_page(128, 128, seed=3)
     twice, once = colorflow.render(page, 0), single.render(page, 0)
     assert np.all(twice <= once) and np.any(twice < once)  # the second grey multiplication only darkens
     assert set(np.unique(xdog.line_map(page))) <= {0, 255}

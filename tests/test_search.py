@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.search import PoolSearcher, RefKeys, brute_force_topk, exact_scores, padded_rows
+from pipelines.core.search import PoolSearcher, RefKeys, brute_force_topk, exact_scores, padded_rows
 
 
 def _unit(rows: np.ndarray) -> np.ndarray:

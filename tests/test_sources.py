@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.sources import (
+from pipelines.core.sources import (
     KIND_ARCHIVE,
     KIND_FOLDER,
     ChapterEntry,

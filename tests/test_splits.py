@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from pipelines.splits import (
+from pipelines.shards.splits import (
     BENCH,
     REASON_MIN_TRAIN,
     REASON_MIN_VAL,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from pipelines.storage import (
+from pipelines.core.storage import (
     atomic_path,
     atomic_write_json,
     is_done,

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from pipelines.geometry import CompositeLayout
-from pipelines.sample_inputs import build_training_inputs, decode_sample
-from pipelines.samples import FIELD_RING, FIELDS
-from pipelines.shards import write_tar
+from pipelines.core.geometry import CompositeLayout
+from pipelines.core.sample_inputs import build_training_inputs, decode_sample
+from pipelines.core.samples import FIELD_RING, FIELDS
+from pipelines.shards.writer import write_tar
 from screentone.augment import sample_alpha
 from training.data import (
     GSRPDataConfig,

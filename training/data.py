@@ -1,6 +1,6 @@
 """The training data streams of ICP and GSRP: shards in, tensors out, in an order fixed by the seed.
 
-Shards are the WebDataset tars `jobs.shards` writes (see `pipelines.samples` for the members). They are read
+Shards are the WebDataset tars `jobs.shards` writes (see `pipelines.core.samples` for the members). They are read
 with wids (`wids.IndexedTarSamples`: an mmap of the tar and an index of its members), so a sample is a seek,
 and only the members a stream needs are decoded: ICP reads color.jpg, grey.png, tone.png, ring.jpg and json;
 GSRP reads hr_color.jpg, hr_grey.png, hr_tone.png and json.
@@ -24,7 +24,7 @@ A sample that fails to read or decode is logged, counted (``bad_skipped`` on the
 its slot is filled by the next good sample of the same worker's stream, so batch boundaries, and with them
 exact resumption, survive bad samples.
 
-ICP samples: the canvases come from `pipelines.sample_inputs.composite_inputs` (the one composite of training,
+ICP samples: the canvases come from `pipelines.core.sample_inputs.composite_inputs` (the one composite of training,
 validation and colorize), then the patch-wise crop: a window of the 2W x 2H canvas that always contains the
 whole centre frame (side scale ~ U(crop_scale) of the frame's, aspect ~ log-U(crop_aspect) of the frame's,
 position uniform among windows containing the frame), resized to the training size; the mask is cropped the
@@ -53,9 +53,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipelines.geometry import CompositeLayout
-from pipelines.sample_inputs import CompositeInputs, as_image, as_meta, blended_bw, composite_inputs, variant_alpha
-from pipelines.samples import (
+from pipelines.core.geometry import CompositeLayout
+from pipelines.core.sample_inputs import CompositeInputs, as_image, as_meta, blended_bw, composite_inputs, variant_alpha
+from pipelines.core.samples import (
     FIELD_COLOR,
     FIELD_GREY,
     FIELD_HR_COLOR,
@@ -65,7 +65,7 @@ from pipelines.samples import (
     FIELD_RING,
     FIELD_TONE,
 )
-from pipelines.storage import sha256_file
+from pipelines.core.storage import sha256_file
 
 logger = logging.getLogger(__name__)
 

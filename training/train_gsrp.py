@@ -40,11 +40,11 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from jobs.common import JobArgumentParser, parse_size, run_job
 from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
-from pipelines.storage import read_json
+from pipelines.core.cli import JobArgumentParser, parse_size, run_job
+from pipelines.core.storage import read_json
 from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, resolve_shard_source
 from training.train_icp import TRAIN_STATE, bw_variant_arg, list_checkpoints, publish_state
 

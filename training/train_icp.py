@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from jobs.common import JobArgumentParser, parse_size, positive_int, run_job
-from pipelines.storage import atomic_write_json, publish_tree, read_json
+from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.core.storage import atomic_write_json, publish_tree, read_json
 from training.data import (
     ICPDataConfig,
     ShardSource,
@@ -294,7 +294,7 @@ def register_hooks(accelerator: Any, model_type: type) -> None:
 
 def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
     """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
-    from pipelines.sample_inputs import build_training_inputs, decode_sample
+    from pipelines.core.sample_inputs import build_training_inputs, decode_sample
 
     try:
         urls = resolve_shard_source(data if len(data) > 1 else data[0], "val").urls
@@ -328,7 +328,7 @@ def log_validation(
     from diffusers import UniPCMultistepScheduler
 
     from model.pipeline_icp import ColorFlowICPPipeline
-    from pipelines.geometry import CompositeLayout
+    from pipelines.core.geometry import CompositeLayout
 
     inner = accelerator.unwrap_model(model)
     scheduler_config = models["noise_scheduler"].config

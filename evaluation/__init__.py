@@ -1,0 +1,1 @@
+"""Scoring colourisations against a benchmark (`jobs.evaluate`): metrics, scoring, reports."""

@@ -1,0 +1,212 @@
+"""The models colorize runs, located and loaded: ICP (guider + UNet LoRA on SD1.5) and GSRP (VAE fusion net).
+
+Weights come from our exports (`--icp DIR`, `--gsrp DIR`: folders with `export.json`, written by the trainers) or
+from the released ColorFlow folder (`--colorflow-weights DIR`: `GraySD/` with `config.json`,
+`diffusion_pytorch_model.bin`, `unet_lora.bin`, `MultiResNetModel.bin`; `image_encoder/`), always on a local
+SD1.5 folder (`--sd15 DIR`, or the base model an export records). Loading goes through the model package's own
+loaders (`model.icp_weights.load_icp_pipeline`, `model.gsrp_weights.load_gsrp`), strict on released layouts.
+
+One page, as the released app colours it: ICP samples the whole 2W x 2H canvas (UniPC, prompt "manga", CFG 7.5,
+10 steps), the centre W x H is cropped out, then GSRP fuses it (upsampled to the GSRP size) with the B&W page at
+that size through the frozen VAE. Without GSRP the centre crop is only upsampled (bicubic), the app's `up_img`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from inference.sources import ColorizeInputError
+from pipelines.core.storage import stable_hash
+
+MEMORY_MODES = ("none", "vae-slicing", "offload")
+DTYPES = ("float32", "float16", "bfloat16")
+EXPORT_FILE = "export.json"
+RELEASED_ICP_FOLDER = "GraySD"
+RELEASED_GSRP_FILE = "MultiResNetModel.bin"
+RELEASED_ENCODER_FOLDER = "image_encoder"
+BASE_MODEL_KEYS = ("base_model", "pretrained_model_name_or_path")  # where an export may record its SD1.5
+
+
+@dataclass(frozen=True)
+class ModelPaths:
+    """Where every model's files are; resolved once in the driver, shipped to the workers."""
+
+    sd15: str
+    icp: str  # our ICP export folder or a released GraySD/ folder
+    gsrp: str | None  # our GSRP export folder, a released MultiResNetModel.bin, or None (bicubic upsampling)
+
+    def identity(self) -> dict[str, Any]:
+        """What names these weights in a fingerprint: each weight file's name, size and modification time."""
+        return {"sd15": _files_token(self.sd15), "icp": _files_token(self.icp), "gsrp": _files_token(self.gsrp)}
+
+
+def _files_token(path: str | None) -> Any:
+    """A cheap token of a model file or folder's contents (hashing gigabytes on every run would cost minutes)."""
+    if path is None:
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file() and _is_weight_file(root, p))
+    return stable_hash(
+        [[str(p.relative_to(root)) if p != root else p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        16,
+    )
+
+
+def _is_weight_file(root: Path, path: Path) -> bool:
+    """Files that decide the weights: not a training run's checkpoints, TensorBoard logs or scratch (an ICP export
+    sits at the top of its run folder, so those grow beside it while the export itself stays the same)."""
+    parts = path.relative_to(root).parts
+    return not any(part.startswith(("checkpoint-", ".")) or part == "logs" for part in parts)
+
+
+def read_export(folder: str | Path | None) -> dict[str, Any]:
+    """The `export.json` of an export folder ({} when there is none, e.g. a released folder)."""
+    if folder is None:
+        return {}
+    path = Path(folder) / EXPORT_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ColorizeInputError(f"{path}: not valid JSON: {exc}") from None
+
+
+def resolve_model_paths(
+    *, icp: str | None, gsrp: str | None, colorflow_weights: str | None, sd15: str | None
+) -> ModelPaths:
+    """Check the weight options and locate every file; ColorizeInputError says which option is wrong and why."""
+    if colorflow_weights and icp:
+        raise ColorizeInputError("--colorflow-weights and --icp both name ICP weights; give one")
+    if colorflow_weights:
+        root = Path(colorflow_weights)
+        icp_dir = root / RELEASED_ICP_FOLDER
+        if not icp_dir.is_dir():
+            raise ColorizeInputError(f"--colorflow-weights {root}: no {RELEASED_ICP_FOLDER}/ folder (release layout)")
+        icp = str(icp_dir)
+        if gsrp is None:
+            released = icp_dir / RELEASED_GSRP_FILE
+            gsrp = str(released) if released.is_file() else None
+    if not icp:
+        raise ColorizeInputError("no ICP weights: give --icp EXPORT_DIR or --colorflow-weights DIR")
+    if not Path(icp).is_dir():
+        raise ColorizeInputError(f"ICP weights {icp}: no such folder")
+    if gsrp is not None and not Path(gsrp).exists():
+        raise ColorizeInputError(f"GSRP weights {gsrp}: no such file or folder")
+    base = sd15 or next((read_export(icp).get(key) for key in BASE_MODEL_KEYS if read_export(icp).get(key)), None)
+    if not base:
+        raise ColorizeInputError("no SD1.5 folder: give --sd15 DIR (a local stable-diffusion-v1-5 folder)")
+    if not (Path(base) / "model_index.json").is_file():
+        raise ColorizeInputError(
+            f"SD1.5 folder {base}: no model_index.json (a local diffusers pipeline folder is needed; give --sd15 DIR)"
+        )
+    from model.gsrp_weights import run_export
+
+    gsrp = str(run_export(Path(gsrp)).absolute()) if gsrp else None  # a train_gsrp run folder: its export/
+    return ModelPaths(sd15=str(Path(base).absolute()), icp=str(Path(icp).absolute()), gsrp=gsrp)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that decides a page's pixels given its inputs (the device and batch size excepted)."""
+
+    steps: int = 10
+    guidance_scale: float = 7.5
+    prompt: str = "manga"
+    negative_prompt: str = ""
+    conditioning_scale: float = 1.0
+    dtype: str = "float32"
+    memory: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ColorizeInputError(f"--steps must be at least 1, got {self.steps}")
+        if self.dtype not in DTYPES:
+            raise ColorizeInputError(f"--dtype {self.dtype!r}: choose one of {DTYPES}")
+        if self.memory not in MEMORY_MODES:
+            raise ColorizeInputError(f"--memory {self.memory!r}: choose one of {MEMORY_MODES}")
+
+
+@dataclass
+class PageBatchItem:
+    """One page's model inputs: the ICP canvases, the B&W page at the GSRP size, and its noise seed."""
+
+    refs_only: Image.Image
+    frame_only: Image.Image
+    mask: Any  # float32 2H x 2W, 1 on the ring
+    hr_bw: Image.Image
+    seed: int
+
+
+class Colorizer:
+    """ICP and GSRP loaded once (per Ray actor), colouring batches of pages."""
+
+    def __init__(self, paths: ModelPaths, sampling: SamplingSettings, device: str) -> None:
+        import torch
+
+        from model.icp_weights import load_icp_pipeline
+
+        self.device = torch.device(device)
+        self.sampling = sampling
+        dtype = getattr(torch, sampling.dtype)
+        if sampling.memory == "offload" and self.device.type != "cuda":
+            raise ColorizeInputError("--memory offload moves models between CPU and GPU: it needs a CUDA device")
+        load_device = "cpu" if sampling.memory == "offload" else str(self.device)
+        self.pipeline = load_icp_pipeline(paths.sd15, paths.icp, device=load_device, dtype=dtype)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.fusion = None
+        if paths.gsrp is not None:
+            from model.devices import place
+            from model.gsrp_weights import load_gsrp
+
+            self.fusion = place(load_gsrp(paths.gsrp), self.device, dtype).eval()
+        if sampling.memory == "offload":
+            self.pipeline.enable_model_cpu_offload(device=self.device)
+        elif sampling.memory == "vae-slicing":
+            self.pipeline.vae.enable_slicing()  # tiling only for the final decode (see tiled_decode below)
+
+    def colorize(self, items: list[PageBatchItem], layout: Any) -> list[Image.Image]:
+        """The final pages (GSRP size) of a batch: ICP canvases, their centre W x H crops, then GSRP."""
+        import torch
+
+        from model.gsrp_vae import super_resolve
+
+        generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
+        canvases = self.pipeline(
+            refs_only=[item.refs_only for item in items],
+            frame_only=[item.frame_only for item in items],
+            mask=[item.mask for item in items],
+            prompt=[self.sampling.prompt] * len(items),
+            negative_prompt=[self.sampling.negative_prompt] * len(items),
+            num_inference_steps=self.sampling.steps,
+            guidance_scale=self.sampling.guidance_scale,
+            conditioning_scale=self.sampling.conditioning_scale,
+            generator=generators if len(items) > 1 else generators[0],
+            output_type="pil",
+            tiled_decode=self.sampling.memory == "vae-slicing",
+        ).images
+        lowres = [layout.crop_centre(canvas) for canvas in canvases]
+        if self.fusion is None:
+            upsampled = [
+                low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)
+            ]
+            return upsampled
+        vae = self.pipeline.vae
+        offloaded = self.sampling.memory == "offload"
+        if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
+            vae.to(self.device)
+        try:
+            finals = []
+            for item, low in zip(items, lowres, strict=True):
+                generator = torch.Generator("cpu").manual_seed(item.seed + 1)
+                with torch.inference_mode():
+                    finals.append(super_resolve(vae, self.fusion, low, item.hr_bw, generator=generator))
+        finally:
+            if offloaded:
+                vae.to("cpu")
+        return finals

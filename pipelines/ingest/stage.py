@@ -1,0 +1,503 @@
+"""The ingestion job: raw chapters in, a pages table, a chapters table and a page store of colour frames out.
+
+The unit of work is a chapter, listed in a manifest before any page is decoded. A worker reads its chapter's
+pages in reading order, decodes each small and classifies it, decides whether the chapter is kept (at least
+`min_color_pages` colour pages: a frame plus its references), writes the kept chapter's colour pages to the page
+store once (full quality, upright RGB), then its parts of the pages and chapters tables, then its completion
+marker. The driver fans chapters out over Ray in batches, consolidates the tables in manifest order and writes
+the run summary last. Every output name derives from the input, so a rerun rewrites the same bytes and skips
+the chapters already marked done with the same options and the same chapter signature (see
+`pipelines.core.sources.chapter_signature`): a chapter whose pages were added or replaced since is ingested again.
+The summary's `complete` is false when a chapter's task failed, so a later run (or the whole-pipeline job) knows
+to retry it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipelines.core.decode import (
+    DEFAULT_ANALYSIS_SIDE,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    ImageInfo,
+    decode_for_analysis,
+    decode_upright,
+)
+from pipelines.core.errors import PreconditionError
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import ENCODINGS, encode_page, write_chapter_pages
+from pipelines.core.schemas import CHAPTERS, COLOR_FEATURE_FIELDS, PAGES, STATUS_ERROR, STATUS_OK, table_from_rows
+from pipelines.core.sources import (
+    DEFAULT_MAX_FILE_BYTES,
+    ChapterEntry,
+    ChapterReader,
+    InputRoot,
+    PageEntry,
+    PageReadError,
+    chapter_signature,
+    layout_problem,
+    list_chapters,
+    manifest_table,
+)
+from pipelines.core.storage import (
+    TMP_TAG,
+    atomic_write_json,
+    is_done,
+    marker_path,
+    read_json,
+    read_parquet,
+    stable_hash,
+    sweep_tmp,
+    write_marker,
+    write_parquet,
+)
+from pipelines.ingest.color import ColorThresholds, FeatureParams, classify, page_features
+from pipelines.runtime.distributor import RunReport, Unit, run_units
+from pipelines.runtime.preconditions import check_input_root, check_output_creatable, created_folder
+
+STAGE = "ingest"
+DEFAULT_MIN_COLOR_PAGES = 21  # a training frame plus 20 reference pages from the same chapter
+DEFAULT_STORE_LONGEST_SIDE = 2048  # room for the 1280x2000 inference size; frames are fitted later
+DEFAULT_CHAPTERS_PER_TASK = 4
+FEATURE_NAMES = [f.name for f in COLOR_FEATURE_FIELDS]
+FEATURE_TYPES = {f.name: f.type for f in COLOR_FEATURE_FIELDS}
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """Everything that changes the outputs; its fingerprint is stored in each chapter's completion marker."""
+
+    min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    analysis_side: int = DEFAULT_ANALYSIS_SIDE
+    store_longest_side: int | None = DEFAULT_STORE_LONGEST_SIDE
+    store_encoding: str = "jpeg"
+    store_quality: int = 95
+    features: FeatureParams = field(default_factory=FeatureParams)
+    thresholds: ColorThresholds = field(default_factory=ColorThresholds)
+
+    def __post_init__(self) -> None:
+        if self.store_encoding not in ENCODINGS:
+            raise ValueError(f"store encoding {self.store_encoding!r} is not one of {ENCODINGS}")
+        if self.min_color_pages < 1:
+            raise ValueError(f"min_color_pages must be at least 1, got {self.min_color_pages}")
+        if self.store_longest_side is not None and self.store_longest_side < 16:
+            raise ValueError(f"store_longest_side must be at least 16 (or None), got {self.store_longest_side}")
+        if self.max_pixels < 1 or self.max_file_bytes < 1 or self.analysis_side < 16:
+            raise ValueError("max_pixels and max_file_bytes must be positive and analysis_side at least 16")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return stable_hash(self.to_dict(), 16)
+
+
+@dataclass(frozen=True)
+class ChapterTask:
+    """What a worker needs for one chapter (picklable, small).
+
+    `signature` is taken when the driver lists the chapter and goes into the completion marker: if the chapter
+    changes while it is processed, the next run sees a different signature and redoes it.
+    """
+
+    input_root: str
+    output: str
+    chapter: ChapterEntry
+    options: IngestOptions
+    signature: str
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Worker
+
+
+def _page_row(chapter: ChapterEntry, page: PageEntry) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "page_id": page.page_id,
+        "chapter_id": chapter.chapter_id,
+        "series": chapter.series,
+        "chapter": chapter.chapter,
+        "page_index": page.page_index,
+        "source": page.source,
+        "file_bytes": page.file_bytes,
+        "format": None,
+        "mode": None,
+        "width": None,
+        "height": None,
+        "is_color": None,
+        "color_score": None,
+        "stored": False,
+        "status": STATUS_OK,
+        "error": None,
+    }
+    row.update(dict.fromkeys(FEATURE_NAMES))
+    return row
+
+
+def _set_info(row: dict[str, Any], info: ImageInfo) -> None:
+    row.update(format=info.format, mode=info.mode, width=info.width, height=info.height)
+
+
+def _fail(row: dict[str, Any], error: str) -> None:
+    row.update(status=STATUS_ERROR, error=error, is_color=None, color_score=None, stored=False)
+
+
+def analyse_page(reader: ChapterReader, page: PageEntry, chapter: ChapterEntry, options: IngestOptions) -> dict:
+    """One pages-table row: header info, features and the colour decision, or status error with the reason."""
+    row = _page_row(chapter, page)
+    try:
+        data = reader.read(page)
+        if row["file_bytes"] is None:
+            row["file_bytes"] = len(data)
+        small, info = decode_for_analysis(data, page.source, max_pixels=options.max_pixels, side=options.analysis_side)
+    except (PageReadError, DecodeError) as exc:
+        _fail(row, str(exc))
+        return row
+    _set_info(row, info)
+    try:
+        features = _as_stored(page_features(small, options.features))
+    except Exception as exc:  # noqa: BLE001 - a classifier failure on one odd page must not lose the chapter
+        _fail(row, f"{page.source}: colour classifier failed: {type(exc).__name__}: {exc}")
+        return row
+    score, is_color = classify(features, options.thresholds)
+    row.update(features)
+    row.update(color_score=score, is_color=is_color)
+    return row
+
+
+def _as_stored(features: dict[str, Any]) -> dict[str, Any]:
+    """Round features to their column types first, so a re-cut from the table reproduces every decision."""
+    return {
+        name: float(np.float32(value)) if FEATURE_TYPES[name] == pa.float32() else value
+        for name, value in features.items()
+    }
+
+
+def normalise_for_store(data: bytes, source: str, options: IngestOptions) -> tuple[int, int, bytes]:
+    """Full-quality decode of a page -> (width, height, encoded bytes): upright RGB, bounded size, never upscaled."""
+    image, _ = decode_upright(data, source, max_pixels=options.max_pixels, longest_side=options.store_longest_side)
+    return image.width, image.height, encode_page(image, options.store_encoding, options.store_quality)
+
+
+def store_page(reader: ChapterReader, page: PageEntry, chapter_id: str, options: IngestOptions) -> dict[str, Any]:
+    """A page-store row for a kept colour page."""
+    width, height, encoded = normalise_for_store(reader.read(page), page.source, options)
+    return {
+        "page_id": page.page_id,
+        "chapter_id": chapter_id,
+        "width": width,
+        "height": height,
+        "encoding": options.store_encoding,
+        "image": encoded,
+    }
+
+
+def _chapter_row(chapter: ChapterEntry, rows: list[dict[str, Any]], kept: bool, reason: str | None) -> dict[str, Any]:
+    return {
+        **chapter.row(),
+        "n_pages": len(rows),
+        "n_color": _n_color(rows),
+        "n_bw": sum(r["is_color"] is False for r in rows),
+        "n_error": sum(r["status"] == STATUS_ERROR for r in rows),
+        "kept": kept,
+        "reason": reason,
+        "status": STATUS_OK,
+        "error": None,
+    }
+
+
+def _n_color(rows: list[dict[str, Any]]) -> int:
+    return sum(r["is_color"] is True for r in rows)
+
+
+def _not_kept_reason(n_color: int, options: IngestOptions) -> str | None:
+    if n_color >= options.min_color_pages:
+        return None
+    return f"{n_color} colour pages, fewer than min_color_pages={options.min_color_pages}"
+
+
+def _store_color_pages(
+    reader: ChapterReader, rows: list[dict[str, Any]], chapter_id: str, options: IngestOptions
+) -> list[dict[str, Any]]:
+    """Page-store rows for the colour pages; a page that fails its full decode becomes an error row instead."""
+    pages = {page.page_id: page for page in reader.pages}
+    stored = []
+    for row in rows:
+        if row["is_color"]:
+            try:
+                stored.append(store_page(reader, pages[row["page_id"]], chapter_id, options))
+                row["stored"] = True
+            except (PageReadError, DecodeError) as exc:
+                _fail(row, f"page store: {exc}")
+    return stored
+
+
+def _read_chapter(
+    root: InputRoot, chapter: ChapterEntry, options: IngestOptions
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(chapter row, page rows, page-store rows) of one chapter; an unreadable chapter is an error row."""
+    with contextlib.ExitStack() as stack:
+        try:
+            reader = stack.enter_context(ChapterReader(root, chapter, options.max_file_bytes))
+        except Exception as exc:  # noqa: BLE001 - an unreadable chapter (corrupt zip, vanished folder) is a row
+            chapter_row = _chapter_row(chapter, [], False, "chapter could not be read")
+            chapter_row.update(
+                status=STATUS_ERROR, error=f"{chapter.source}: cannot read {chapter.kind}: {type(exc).__name__}: {exc}"
+            )
+            return chapter_row, [], []
+        rows = [analyse_page(reader, page, chapter, options) for page in reader.pages]
+        stored = []
+        if _not_kept_reason(_n_color(rows), options) is None:
+            stored = _store_color_pages(reader, rows, chapter.chapter_id, options)
+    reason = _not_kept_reason(_n_color(rows), options)
+    if reason is not None:  # a store failure can drop a chapter under the minimum: then nothing is stored
+        stored = []
+        for row in rows:
+            row["stored"] = False
+    return _chapter_row(chapter, rows, reason is None, reason if rows else "no image files"), rows, stored
+
+
+def process_chapter(task: ChapterTask) -> dict[str, Any]:
+    """Ingest one chapter and write its outputs (page store, table parts, marker last); returns its counts."""
+    chapter, options = task.chapter, task.options
+    layout = DataLayout.at(task.output)
+    chapter_id = chapter.chapter_id
+    root = InputRoot(task.input_root)  # an unreachable input root fails the task: nothing is marked done
+    chapter_row, rows, stored = _read_chapter(root, chapter, options)
+    store_path = layout.pagestore_chapter(chapter_id)
+    if stored:
+        write_chapter_pages(layout, chapter_id, stored)
+    else:
+        store_path.unlink(missing_ok=True)  # a previous run with other options may have kept this chapter
+    write_parquet(table_from_rows([chapter_row], CHAPTERS), chapter_part(layout, chapter_id), CHAPTERS)
+    pages_path = pages_part(layout, chapter_id)
+    write_parquet(table_from_rows(rows, PAGES), pages_path, PAGES)
+    counts = {k: chapter_row[k] for k in ("n_pages", "n_color", "n_bw", "n_error", "kept")}
+    counts["n_stored"] = len(stored)
+    status = chapter_row["status"]
+    marker = {"chapter_id": chapter_id, "options": options.fingerprint(), "signature": task.signature, "status": status}
+    write_marker(pages_path, {**marker, **counts})
+    return {**counts, "chapter_status": status}
+
+
+def ingest_unit(unit: Unit) -> dict[str, Any]:
+    """The distributor's worker: a Unit whose payload is a ChapterTask."""
+    return process_chapter(unit.payload)
+
+
+def pages_part(layout: DataLayout, chapter_id: str) -> Path:
+    return layout.ingest_pages / f"{chapter_id}.parquet"
+
+
+def chapter_part(layout: DataLayout, chapter_id: str) -> Path:
+    return layout.ingest_chapters / f"{chapter_id}.parquet"
+
+
+def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
+    """The chapter's completion marker if written with these options (`fingerprint`) and the task's chapter
+    signature, else None."""
+    part = pages_part(layout, task.chapter.chapter_id)
+    if not is_done(part):
+        return None
+    try:
+        marker = read_json(marker_path(part))
+    except (OSError, ValueError):
+        return None
+    current = marker.get("options") == fingerprint and marker.get("signature") == task.signature
+    return marker if current else None
+
+
+def chapter_done(layout: DataLayout, task: ChapterTask, fingerprint: str) -> bool:
+    """Skip on rerun: finished with the same options and contents, and readable. Unreadable chapters are retried
+    each run (a mount that was down or an archive that was still being copied may be fine now); other options or
+    changed pages redo it."""
+    marker = _marker(layout, task, fingerprint)
+    return marker is not None and marker.get("status") == STATUS_OK
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver
+
+
+def _consolidate(
+    layout: DataLayout, tasks: list[ChapterTask], report: RunReport, fingerprint: str
+) -> tuple[pa.Table, pa.Table]:
+    """Tables in manifest order from the per-chapter parts; a chapter whose task crashed gets an error row."""
+    failures = {r["key"]: r.get("error") for r in report.failed}
+    page_tables, chapter_rows = [], []
+    for task in tasks:
+        chapter = task.chapter
+        part = chapter_part(layout, chapter.chapter_id)
+        pages_path = pages_part(layout, chapter.chapter_id)
+        if _marker(layout, task, fingerprint) is not None and part.exists():
+            chapter_rows.extend(read_parquet(part, CHAPTERS).to_pylist())
+            page_tables.append(read_parquet(pages_path, PAGES))
+            continue
+        row = _chapter_row(chapter, [], False, "chapter task failed")
+        error = failures.get(chapter.chapter_id) or "no output: the chapter's task did not finish"
+        row.update(status=STATUS_ERROR, error=f"{chapter.source}: {error}")
+        chapter_rows.append(row)
+    pages = pa.concat_tables(page_tables) if page_tables else PAGES.empty_table()
+    return pages, table_from_rows(chapter_rows, CHAPTERS)
+
+
+def _sweep_tmp(layout: DataLayout) -> None:
+    """Remove temporary files a killed ingestion left, only in this stage's folders (other stages may be running)."""
+    for folder in (layout.ingest_pages, layout.ingest_chapters, layout.pagestore):
+        sweep_tmp(folder)
+    for final in (layout.manifest, layout.pages, layout.chapters, layout.summary(STAGE)):
+        for leftover in final.parent.glob(f"{final.name}{TMP_TAG}*"):
+            leftover.unlink(missing_ok=True)
+
+
+def _count(table: pa.Table, column: str, value: Any) -> int:
+    return int(pc.sum(pc.equal(table.column(column), value)).as_py() or 0)
+
+
+def run_ingest(
+    input_root: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    options: IngestOptions | None = None,
+    chapters_per_task: int = DEFAULT_CHAPTERS_PER_TASK,
+    limit: int | None = None,
+    local: bool = False,
+    ray_address: str | None = None,
+    num_cpus: int | None = None,
+    task_memory: int | None = None,
+    max_retries: int = 2,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Run the ingestion of `input_root` into `output`; returns the run summary (also written as JSON).
+
+    `local=True` processes chapters in this process without Ray (debugging, tiny dumps). Otherwise Ray runs the
+    chapters as tasks of `chapters_per_task` chapters: on the cluster at `ray_address` (or RAY_ADDRESS, set by
+    `ray job submit`), else on a local Ray started in-process.
+    """
+    options = options or IngestOptions()
+    started = time.perf_counter()
+    # preconditions, before any folder is created or Ray starts; workers get absolute paths (another cwd or node)
+    input_uri = check_input_root(input_root)
+    output = str(check_output_creatable(output))
+    root = InputRoot(input_uri)
+    chapters = list_chapters(root)
+    if not chapters:
+        raise PreconditionError(f"--input {input_root}: {layout_problem(root)}")
+    if limit is not None:
+        chapters = chapters[: max(0, limit)]
+    run = {"chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
+    run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
+    with created_folder(output):
+        return _run_ingest(root, input_uri, output, chapters, options, **run)
+
+
+def _run_ingest(
+    root: InputRoot,
+    input_uri: str,
+    output: str,
+    chapters: list[ChapterEntry],
+    options: IngestOptions,
+    *,
+    chapters_per_task: int,
+    local: bool,
+    ray_address: str | None,
+    num_cpus: int | None,
+    task_memory: int | None,
+    max_retries: int,
+    verbose: bool,
+    started: float,
+) -> dict[str, Any]:
+    layout = DataLayout.at(output)
+    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
+    _sweep_tmp(layout)
+    write_parquet(manifest_table(chapters), layout.manifest)
+    tasks = [ChapterTask(input_uri, output, c, options, chapter_signature(root, c)) for c in chapters]
+    listed = time.perf_counter()
+
+    fingerprint = options.fingerprint()
+    units = [Unit(key=task.chapter.chapter_id, payload=task) for task in tasks]
+    if not local:
+        from pipelines.runtime.ray import init_ray
+
+        init_ray(ray_address, num_cpus=num_cpus)
+    report = run_units(
+        units,
+        ingest_unit,
+        is_done=lambda unit: chapter_done(layout, unit.payload, fingerprint),
+        desc="ingest chapters",
+        units_per_task=chapters_per_task,
+        memory=task_memory,
+        max_retries=max_retries,
+        local=local,
+    )
+    pages, chapter_table = _consolidate(layout, tasks, report, fingerprint)
+    write_parquet(pages, layout.pages, PAGES)
+    write_parquet(chapter_table, layout.chapters, CHAPTERS)
+
+    processed_pages = sum(int(r.get("n_pages", 0)) for r in report.results)
+    summary = {
+        "stage": STAGE,
+        "complete": not report.failed,  # False: a chapter's task failed; the next run retries it
+        "input": input_uri,
+        "output": output,
+        "options": options.to_dict(),
+        "options_fingerprint": fingerprint,
+        "chapters": {
+            "total": chapter_table.num_rows,
+            "kept": _count(chapter_table, "kept", True),
+            "dropped": chapter_table.num_rows - _count(chapter_table, "kept", True),
+            "error": _count(chapter_table, "status", STATUS_ERROR),
+        },
+        "pages": {
+            "total": pages.num_rows,
+            "color": _count(pages, "is_color", True),
+            "bw": _count(pages, "is_color", False),
+            "error": _count(pages, "status", STATUS_ERROR),
+            "stored": _count(pages, "stored", True),
+        },
+        "run": {
+            "chapters_processed": len(report.results),
+            "chapters_reused": len(report.skipped),
+            "chapters_failed": len(report.failed),
+            "failures": [{"chapter_id": r["key"], "error": r.get("error")} for r in report.failed],
+            "pages_processed": processed_pages,
+            "listing_seconds": round(listed - started, 3),
+            "processing_seconds": round(report.seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3),
+            "pages_per_second": round(processed_pages / report.seconds, 2) if report.seconds > 0 else None,
+            "mode": "local" if local else "ray",
+            "chapters_per_task": chapters_per_task,
+        },
+    }
+    atomic_write_json(layout.summary(STAGE), summary)
+    if verbose:
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The final human-readable lines: counts and rates."""
+    c, p, r = summary["chapters"], summary["pages"], summary["run"]
+    rate = f"{r['pages_per_second']:.1f} pages/s" if r["pages_per_second"] else "no pages processed"
+    lines = [
+        f"ingest: {c['total']} chapters: {c['kept']} kept, {c['dropped']} dropped ({c['error']} unreadable)",
+        f"ingest: {p['total']} pages: {p['color']} colour, {p['bw']} B&W, {p['error']} error; {p['stored']} stored",
+        f"ingest: this run processed {r['chapters_processed']} chapters ({r['chapters_reused']} reused from an "
+        f"earlier run, {r['chapters_failed']} failed), {r['pages_processed']} pages in "
+        f"{r['processing_seconds']:.1f} s: {rate}",
+        f"ingest: outputs in {summary['output']}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,844 @@
+"""The retrieval cache job (ColorFlow's Retrieval-Augmented Pipeline): pools, patch embeddings, top-k per frame.
+
+Frames are the stored colour pages of kept chapters (the page store written by ingestion); a frame's pool
+candidates are the other frames of its chapter. Two stages, both resumable chapter by chapter:
+
+1. Embed. Each page is embedded once per encoder, whatever number of pools it appears in: the page is fitted
+   to W x H (`geometry.fit_image`), 4 query crops are cut from its greyscale version and 5 reference crops (the
+   same 4 + the whole page) from the colour page, so 9 vectors per page, stored L2-normalised as fp16 per
+   chapter with the page ids, patch indices and the encoder fingerprint. Decoding and cropping run in CPU tasks;
+   the encoder runs in Ray actors (one per GPU, fp16, explicit batch size; on CPU-only clusters one CPU actor).
+   A rerun embeds only pages it has not embedded yet (new or changed bytes); a new encoder or page size gets its
+   own folder beside the old ones.
+2. Search. Per chapter: pools (`pipelines.core.pools`), then each frame's query patches are searched among its
+   pool's reference patches with FAISS (`pipelines.core.search`), top `k_per_patch` per query patch (the paper's
+   independent top-k; `max_per_page` optionally caps the patches one reference page gives a frame). Outputs go
+   to a run folder named by a hash of (encoder id, refs, min_refs, k, cap, seed, near-duplicate rule), so a
+   change of k, cap, pool size or seed re-searches from the stored vectors with zero encoder calls. The summary
+   reports how many distinct reference pages each frame's patches come from.
+
+Then the current chapters' parts are streamed into `pools.parquet` and `retrievals.parquet`, and
+`retrieval.summary.json` (what was embedded, reused and re-searched) is written last. No process holds all
+embeddings: every step works on one chapter. On a cluster, OUT must be on storage every node can read and write.
+
+Files under OUT (see `pipelines.core.layout`):
+
+    retrieval/embeddings/<encoder_id>/encoder.json             fingerprint: encoder + patch geometry
+    retrieval/embeddings/<encoder_id>/<chapter>.npy            fp16 vectors, 9 rows per usable page
+    retrieval/embeddings/<encoder_id>/<chapter>.parquet        EMBEDDINGS ids: page_id, role, patch, row
+    retrieval/embeddings/<encoder_id>/pages/<chapter>.parquet  EMBEDDED_PAGES: bytes sha1, edge hashes, status
+    retrieval/embeddings/<encoder_id>/<chapter>.done.json      marker: content version, page-store file stat
+    retrieval/runs/<run_id>/run.json                           the run's parameters
+    retrieval/runs/<run_id>/{pools,retrievals}/<chapter>.parquet (+ retrievals/<chapter>.done.json)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipelines.core.embeddings import PATCHES_PER_PAGE, QUERY_ROLE, REF_ROLE, ChapterEmbeddings, EmbeddingStore
+from pipelines.core.encoders import (
+    DEFAULT_ENCODER,
+    WEIGHT_FREE,
+    Encoder,
+    EncoderInfo,
+    load_encoder,
+    resolve_encoder,
+)
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import decode_page, kept_chapter_ids
+from pipelines.core.patches import page_patches, patch_geometry
+from pipelines.core.pools import NearDuplicateRule, Pool, chapter_pools, error_pool, page_hashes
+from pipelines.core.schemas import (
+    EMBEDDED_PAGES,
+    EMBEDDINGS,
+    PAGE_STORE,
+    POOLS,
+    QUERY_PATCHES,
+    REF_PATCHES,
+    RETRIEVALS,
+    STATUS_ERROR,
+    STATUS_EXCLUDED,
+    STATUS_OK,
+    table_from_rows,
+)
+from pipelines.core.search import PoolSearcher, RefKeys, padded_rows
+from pipelines.core.storage import (
+    atomic_path,
+    atomic_write_json,
+    marker_path,
+    read_json,
+    read_parquet,
+    stable_hash,
+    sweep_tmp,
+    write_marker,
+    write_parquet,
+)
+from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.ray import init_ray
+
+log = logging.getLogger(__name__)
+
+SEARCH_VERSION = 1  # bump when the pool or search semantics change: old run folders are then not reused
+
+
+# ---- parameters --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrievalParams:
+    """Everything that decides the pools and retrievals (given the embeddings)."""
+
+    refs: int = 20
+    min_refs: int = 10
+    k_per_patch: int = 3
+    seed: int = 0
+    width: int = 512
+    height: int = 800
+    rule: NearDuplicateRule = field(default_factory=NearDuplicateRule)
+    max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
+
+    def __post_init__(self) -> None:
+        if self.max_per_page is not None and self.max_per_page * self.min_refs < QUERY_PATCHES * self.k_per_patch:
+            raise ValueError(
+                f"max_per_page={self.max_per_page} cannot fill a frame: {QUERY_PATCHES} query patches x k_per_patch="
+                f"{self.k_per_patch} need at least {-(-QUERY_PATCHES * self.k_per_patch // self.min_refs)} patches "
+                f"per page from a pool of min_refs={self.min_refs} pages"
+            )
+        if not 1 <= self.min_refs <= self.refs:
+            raise ValueError(f"need 1 <= min_refs <= refs, got min_refs={self.min_refs}, refs={self.refs}")
+        if not 1 <= self.k_per_patch <= min(127, REF_PATCHES * self.min_refs):
+            raise ValueError(
+                f"k_per_patch={self.k_per_patch} must be in 1..{min(127, REF_PATCHES * self.min_refs)}: a pool of "
+                f"min_refs={self.min_refs} pages offers {REF_PATCHES * self.min_refs} reference patches"
+            )
+        if self.width < 4 or self.height < 4:
+            raise ValueError(f"page size {self.width}x{self.height} is too small")
+
+    def run_id(self, encoder_id: str) -> str:
+        key = {
+            "encoder_id": encoder_id,
+            "refs": self.refs,
+            "min_refs": self.min_refs,
+            "k_per_patch": self.k_per_patch,
+            "seed": self.seed,
+            "rule": self.rule.as_dict(),
+            "search_version": SEARCH_VERSION,
+        }
+        if self.max_per_page is not None:  # absent when off, so uncapped run folders keep their ids
+            key["max_per_page"] = self.max_per_page
+        return stable_hash(key, 12)
+
+
+# ---- the embeddings store ----------------------------------------------------------------------------------------
+
+
+def _pagestore_stat(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _content_version(pages: list[dict[str, Any]]) -> str:
+    """Names a chapter's embedded content: the pages, their bytes and whether they could be used."""
+    key = [(p["page_id"], p["image_sha1"], p["status"]) for p in sorted(pages, key=lambda p: p["page_id"])]
+    return stable_hash(key, 12)
+
+
+# ---- stage 1: embedding ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    root: str
+    chapter_id: str
+    folder: str
+    width: int
+    height: int
+    info: EncoderInfo
+    rebuild: bool
+
+
+@dataclass
+class PreparedChapter:
+    """A chapter's pages after decoding and cropping; `stats` is set when no encoder work was left to do."""
+
+    chapter_id: str
+    pages: list[dict[str, Any]]  # EMBEDDED_PAGES rows, sorted by page id
+    new_page_ids: list[str]  # pages whose 9 prepared patches are in the patch array, in this order
+    reused_page_ids: list[str]
+    version: str
+    old_version: str | None
+    pagestore_stat: dict[str, int]
+    patch_bytes: int = 0  # size of the prepared patch array (what the chapter holds in the object store)
+    stats: dict[str, Any] | None = None
+
+
+def prepare_chapter(job: EmbedJob) -> tuple[PreparedChapter, np.ndarray | None]:
+    """Decode and crop the pages that need vectors; reuse the rest. Runs in a CPU task."""
+    layout = DataLayout.at(job.root)
+    store = EmbeddingStore(Path(job.folder))
+    source = layout.pagestore_chapter(job.chapter_id)
+    if not source.exists():
+        raise FileNotFoundError(f"chapter {job.chapter_id}: page store file {source} is missing (rerun ingestion)")
+    stat = _pagestore_stat(source)
+    stored = read_parquet(source, PAGE_STORE).select(["page_id", "image"])
+    old_state = None if job.rebuild else store.state(job.chapter_id)
+    old_pages: dict[str, dict[str, Any]] = {}
+    if old_state is not None:
+        old_table = read_parquet(store.pages_path(job.chapter_id), EMBEDDED_PAGES)
+        old_pages = {row["page_id"]: row for row in old_table.to_pylist()}
+
+    prepare = job.info.preparer()
+    rows: list[dict[str, Any]] = []
+    new_ids: list[str] = []
+    reused: list[str] = []
+    patches: list[np.ndarray] = []
+    order = np.argsort(np.array(stored.column("page_id").to_pylist(), dtype=object), kind="stable")
+    for index in order:
+        page_id = stored.column("page_id")[int(index)].as_py()
+        data = stored.column("image")[int(index)].as_py()
+        sha1 = hashlib.sha1(data).hexdigest()
+        old = old_pages.get(page_id)
+        if old is not None and old["image_sha1"] == sha1:
+            rows.append({**old, "chapter_id": job.chapter_id})
+            if old["status"] == STATUS_OK:
+                reused.append(page_id)
+            continue
+        row = {"page_id": page_id, "chapter_id": job.chapter_id, "image_sha1": sha1, "hashes": []}
+        try:
+            page = decode_page(data)
+            page_arrays = [prepare(patch) for patch in page_patches(page, job.width, job.height)]
+            row.update(hashes=page_hashes(page), status=STATUS_OK, error=None)
+            patches.extend(page_arrays)
+            new_ids.append(page_id)
+        except Exception as exc:  # noqa: BLE001 - one bad page is a row with its reason, not a failed chapter
+            row.update(status=STATUS_ERROR, error=f"page {page_id}: cannot decode or crop the stored image: {exc}")
+        rows.append(row)
+
+    prepared = PreparedChapter(
+        chapter_id=job.chapter_id,
+        pages=rows,
+        new_page_ids=new_ids,
+        reused_page_ids=reused,
+        version=_content_version(rows),
+        old_version=old_state["version"] if old_state else None,
+        pagestore_stat=stat,
+    )
+    if new_ids:
+        stacked = np.stack(patches)
+        prepared.patch_bytes = stacked.nbytes
+        return prepared, stacked
+    prepared.stats = finish_chapter(job, prepared, None)
+    return prepared, None
+
+
+def _marker(job: EmbedJob, prepared: PreparedChapter, rows: int) -> dict[str, Any]:
+    n_error = sum(p["status"] != STATUS_OK for p in prepared.pages)
+    return {
+        "version": prepared.version,
+        "pagestore": prepared.pagestore_stat,
+        "encoder_id": job.info.encoder_id,
+        "n_pages": len(prepared.pages),
+        "n_ok": len(prepared.pages) - n_error,
+        "n_error": n_error,
+        "rows": rows,
+        "dim": job.info.dim,
+    }
+
+
+def finish_chapter(job: EmbedJob, prepared: PreparedChapter, new_vectors: np.ndarray | None) -> dict[str, Any]:
+    """Merge reused and new vectors in page order and write the chapter's files (marker last)."""
+    store = EmbeddingStore(Path(job.folder))
+    stats = {
+        "chapter_id": job.chapter_id,
+        "pages_embedded": len(prepared.new_page_ids),
+        "pages_reused": len(prepared.reused_page_ids),
+        "pages_failed": sum(p["status"] != STATUS_OK for p in prepared.pages),
+        "encoder_images": 0,
+        "encoder_batches": 0,
+    }
+    if prepared.version == prepared.old_version:
+        state = store.state(job.chapter_id) or {}
+        write_marker(store.folder / job.chapter_id, {**state, "pagestore": prepared.pagestore_stat})
+        return {**stats, "action": "unchanged"}
+    old_rows: dict[str, np.ndarray] = {}
+    old_vectors = None
+    if prepared.reused_page_ids:
+        old = store.load(job.chapter_id)
+        if old.version != prepared.old_version:
+            raise RuntimeError(f"chapter {job.chapter_id}: embeddings changed while it was being prepared")
+        old_rows, old_vectors = old.page_rows(), old.vectors
+    new_index = {page_id: i for i, page_id in enumerate(prepared.new_page_ids)}
+    blocks: list[np.ndarray] = []
+    id_rows: list[dict[str, Any]] = []
+    for page in prepared.pages:
+        if page["status"] != STATUS_OK:
+            continue
+        page_id = page["page_id"]
+        if page_id in new_index:
+            start = new_index[page_id] * PATCHES_PER_PAGE
+            blocks.append(np.asarray(new_vectors[start : start + PATCHES_PER_PAGE], dtype=np.float16))
+        else:
+            blocks.append(np.asarray(old_vectors[old_rows[page_id]], dtype=np.float16))
+        first = len(id_rows)
+        id_rows += [{"page_id": page_id, "role": QUERY_ROLE, "patch": p, "row": first + p} for p in range(4)]
+        id_rows += [
+            {"page_id": page_id, "role": REF_ROLE, "patch": p, "row": first + QUERY_PATCHES + p} for p in range(5)
+        ]
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, job.info.dim), dtype=np.float16)
+    store.write(
+        job.chapter_id,
+        vectors,
+        table_from_rows(id_rows, EMBEDDINGS),
+        table_from_rows(prepared.pages, EMBEDDED_PAGES),
+        _marker(job, prepared, len(id_rows)),
+    )
+    return {**stats, "action": "embedded" if prepared.new_page_ids else "rewritten"}
+
+
+def embed_patches(encoder: Encoder, patches: np.ndarray, batch_size: int) -> tuple[np.ndarray, int]:
+    """Vectors (fp16) of prepared patches in batches of `batch_size`; returns (vectors, number of batches)."""
+    out = []
+    for start in range(0, len(patches), batch_size):
+        vectors = encoder.embed(patches[start : start + batch_size])
+        if not np.all(np.isfinite(vectors)):
+            raise FloatingPointError("the encoder returned non-finite values")
+        out.append(vectors.astype(np.float16))
+    return np.concatenate(out), len(out)
+
+
+def _assigned_gpus() -> list[str]:
+    """The GPU ids Ray assigned to this process (empty outside a Ray worker or without GPUs)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+class EncoderWorker:
+    """Holds one loaded encoder; as a Ray actor it owns a GPU (fp16) or one CPU, and writes what it embeds."""
+
+    def __init__(self, info: EncoderInfo, batch_size: int, threads: int = 1) -> None:
+        self.device = "cpu"
+        self.gpu_ids = _assigned_gpus()
+        if info.kind != WEIGHT_FREE:  # torch is only needed (and only imported) for model encoders
+            import torch
+
+            from pipelines.runtime.ray import torch_device
+
+            torch.set_num_threads(max(1, threads))
+            self.device = torch_device()
+            if self.gpu_ids and self.device == "cpu":
+                log.warning("Ray assigned GPU %s but torch sees no CUDA device: the encoder runs on CPU", self.gpu_ids)
+        self.encoder = load_encoder(info, self.device)
+        self.batch_size = batch_size
+
+    def ready(self) -> dict[str, Any]:
+        """Where this worker runs: device, dtype, batch size and the GPUs Ray assigned it."""
+        dtype = getattr(self.encoder, "dtype", "float32")
+        return {
+            "device": str(self.device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "gpu_ids": self.gpu_ids,
+        }
+
+    def embed_and_write(self, job: EmbedJob, prepared: PreparedChapter, patches: np.ndarray) -> dict[str, Any]:
+        vectors, batches = embed_patches(self.encoder, patches, self.batch_size)
+        stats = finish_chapter(job, prepared, vectors)
+        return {**stats, "encoder_images": len(patches), "encoder_batches": batches}
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    batch_size: int | None = None  # default: 64 on GPU, 32 on CPU
+    actors: int | None = None  # default: one per GPU, else 1
+    cpus_per_actor: int = 1
+    inflight_bytes: int = 2 << 30  # prepared patches held in the object store at once, beyond the minimum below
+
+
+def inflight_limit(n_actors: int, cpus: int, chapter_bytes: int, budget: int) -> int:
+    """How many chapters may be preparing, waiting or embedding at once.
+
+    Never fewer than keeps every actor busy with one chapter queued behind (2 per actor, + 2 being prepared);
+    more only while the largest chapter seen so far (`chapter_bytes`, 0 while unknown) fits `budget` that many
+    times, and never more than the CPUs can prepare. An open_clip chapter of 200 pages is ~270 MB of uint8
+    patches: bounded by CPUs alone, a 64-CPU cluster would hold ~17 GB of them in the object store.
+    """
+    floor = 2 * n_actors + 2
+    if not chapter_bytes:
+        return floor
+    return max(floor, min(cpus + 2 * n_actors, budget // chapter_bytes))
+
+
+def _embed_locally(
+    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per-chapter results, the encoder worker's `ready` record if one was loaded), in this process."""
+    worker: EncoderWorker | None = None
+    results = []
+    for job in jobs:
+        try:
+            prepared, patches = prepare_chapter(job)
+            if prepared.stats is not None:
+                results.append(prepared.stats)
+                continue
+            worker = worker or EncoderWorker(info, options.batch_size or 32, options.cpus_per_actor)
+            results.append(worker.embed_and_write(job, prepared, patches))
+        except Exception as exc:  # noqa: BLE001 - a chapter's failure is recorded, the others go on
+            results.append(_chapter_error(job.chapter_id, "embedding", exc))
+    return results, [worker.ready()] if worker else []
+
+
+def _chapter_error(chapter_id: str, stage: str, exc: BaseException) -> dict[str, Any]:
+    return {
+        "chapter_id": chapter_id,
+        "action": "failed",
+        "error": f"{stage} of chapter {chapter_id}: {type(exc).__name__}: {exc}",
+    }
+
+
+def _embed_on_ray(
+    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """CPU tasks decode and crop chapters; encoder actors embed and write them. Bounded work in flight.
+
+    With GPUs in the cluster each actor reserves one GPU and the batch defaults to 64 (fp16 on CUDA); an actor
+    whose GPU torch cannot use falls back to CPU. Actors start only when a chapter needs the encoder, so a run
+    with nothing new loads no model. A model that cannot load fails the job at once (every chapter would fail
+    the same way). Returns (per-chapter results, each actor's `EncoderWorker.ready` record).
+    """
+    import ray
+
+    from pipelines.runtime.ray import cluster_has_gpus
+
+    gpus = cluster_has_gpus()
+    n_actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
+    batch_size = options.batch_size or (64 if gpus else 32)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    prepare_task = ray.remote(prepare_chapter).options(num_cpus=1, num_returns=2, max_retries=1)
+    actor_class = ray.remote(EncoderWorker).options(
+        num_gpus=1 if gpus else 0, num_cpus=options.cpus_per_actor, max_restarts=1
+    )
+    actors: list[Any] = []
+    workers: list[dict[str, Any]] = []
+    load: list[int] = []
+    queue = deque(jobs)
+    preparing: dict[Any, tuple[EmbedJob, Any]] = {}
+    waiting: deque[tuple[EmbedJob, Any, Any]] = deque()
+    embedding: dict[Any, tuple[EmbedJob, int]] = {}
+    results: dict[str, dict[str, Any]] = {}
+    largest_chapter = 0
+    try:
+        while queue or preparing or waiting or embedding:
+            limit = inflight_limit(n_actors, cpus, largest_chapter, options.inflight_bytes)
+            while queue and len(preparing) + len(waiting) + len(embedding) < limit:
+                job = queue.popleft()
+                meta_ref, patches_ref = prepare_task.remote(job)
+                preparing[meta_ref] = (job, patches_ref)
+            while waiting:
+                if not actors:
+                    actors = [actor_class.remote(info, batch_size, options.cpus_per_actor) for _ in range(n_actors)]
+                    load = [0] * n_actors
+                    try:
+                        workers = ray.get([a.ready.remote() for a in actors])
+                    except Exception as exc:
+                        raise RuntimeError(f"encoder {info.spec} could not be loaded in a Ray actor: {exc}") from exc
+                    log.info("encoder %s loaded: %s", info.encoder_id, workers)
+                slot = int(np.argmin(load))
+                if load[slot] >= 2:
+                    break
+                job, meta_ref, patches_ref = waiting.popleft()
+                embedding[actors[slot].embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot)
+                load[slot] += 1
+            ready, _ = ray.wait([*preparing, *embedding], num_returns=1)
+            ref = ready[0]
+            if ref in preparing:
+                job, patches_ref = preparing.pop(ref)
+                try:
+                    prepared = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001
+                    results[job.chapter_id] = _chapter_error(job.chapter_id, "preparing", exc)
+                    continue
+                if prepared.stats is not None:
+                    results[job.chapter_id] = prepared.stats
+                else:
+                    largest_chapter = max(largest_chapter, prepared.patch_bytes)
+                    waiting.append((job, ref, patches_ref))
+            else:
+                job, slot = embedding.pop(ref)
+                load[slot] -= 1
+                try:
+                    results[job.chapter_id] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - e.g. a crashed actor: this chapter fails, Ray restarts it
+                    results[job.chapter_id] = _chapter_error(job.chapter_id, "embedding", exc)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+    return [results[job.chapter_id] for job in jobs], workers
+
+
+# ---- stage 2: pools and search -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    embeddings_folder: str
+    run_folder: str
+    chapter_id: str
+    version: str
+    params: RetrievalParams
+    faiss_threads: int = 1
+
+
+def _run_paths(run_folder: Path, chapter_id: str) -> tuple[Path, Path]:
+    return run_folder / "pools" / f"{chapter_id}.parquet", run_folder / "retrievals" / f"{chapter_id}.parquet"
+
+
+def search_state(run_folder: Path, chapter_id: str) -> dict[str, Any] | None:
+    path = marker_path(run_folder / "retrievals" / chapter_id)
+    return read_json(path) if path.exists() else None
+
+
+def chapter_retrievals(
+    embeddings: ChapterEmbeddings, params: RetrievalParams, faiss_threads: int = 1
+) -> tuple[list[Pool], list[dict[str, Any]]]:
+    """Pools and retrieval rows of every frame of one chapter, from its stored embeddings."""
+    pages = embeddings.pages.to_pylist()
+    ok_pages = [p for p in pages if p["status"] == STATUS_OK]
+    ok_ids = [p["page_id"] for p in ok_pages]
+    rows = embeddings.page_rows()
+    vectors = embeddings.vectors
+    whole = np.asarray(vectors[[rows[p][QUERY_PATCHES + 4] for p in ok_ids]], dtype=np.float32)
+    pools = chapter_pools(
+        ok_ids,
+        [p["hashes"] for p in ok_pages],
+        whole.reshape(len(ok_ids), -1) if ok_ids else None,
+        refs=params.refs,
+        min_refs=params.min_refs,
+        seed=params.seed,
+        rule=params.rule,
+    )
+    pools += [error_pool(p["page_id"], p["error"] or "page unusable") for p in pages if p["status"] != STATUS_OK]
+    pools.sort(key=lambda pool: pool.frame_id)
+
+    retrievals: list[dict[str, Any]] = []
+    ok_pools = [pool for pool in pools if pool.status == STATUS_OK]
+    if not ok_pools:
+        return pools, retrievals
+    ref_rows = np.concatenate([rows[p][QUERY_PATCHES:] for p in ok_ids])
+    keys = RefKeys(np.repeat(np.array(ok_ids), REF_PATCHES), np.tile(np.arange(REF_PATCHES), len(ok_ids)))
+    searcher = PoolSearcher(np.asarray(vectors[ref_rows]), keys.tie_rank, threads=faiss_threads)
+    position = {page_id: i for i, page_id in enumerate(ok_ids)}
+    # the whole chapter in one search: every frame's query patches, each among its own pool's reference patches
+    queries = np.asarray(vectors[np.concatenate([rows[pool.frame_id][:QUERY_PATCHES] for pool in ok_pools])])
+    allowed = padded_rows(
+        [
+            np.concatenate([np.arange(REF_PATCHES) + REF_PATCHES * position[p] for p in pool.ref_page_ids])
+            for pool in ok_pools
+        ],
+        repeats=QUERY_PATCHES,
+    )
+    top_rows, top_scores = searcher.search(
+        queries,
+        allowed,
+        params.k_per_patch,
+        max_per_page=params.max_per_page,
+        ref_pages=keys.page_ids,
+        queries_per_frame=QUERY_PATCHES,
+    )
+    top_rows = top_rows.reshape(len(ok_pools), QUERY_PATCHES, params.k_per_patch)
+    top_scores = top_scores.reshape(top_rows.shape)
+    for pool, frame_rows, frame_scores in zip(ok_pools, top_rows, top_scores, strict=True):
+        for query_patch in range(QUERY_PATCHES):
+            for rank in range(params.k_per_patch):
+                row = int(frame_rows[query_patch, rank])
+                retrievals.append(
+                    {
+                        "frame_id": pool.frame_id,
+                        "chapter_id": embeddings.chapter_id,
+                        "query_patch": query_patch,
+                        "rank": rank,
+                        "ref_page_id": str(keys.page_ids[row]),
+                        "ref_patch": int(keys.patches[row]),
+                        "score": float(frame_scores[query_patch, rank]),
+                    }
+                )
+    return pools, retrievals
+
+
+def distinct_pages_histogram(retrievals: pa.Table) -> dict[str, int]:
+    """Number of frames per count of distinct reference pages among the frame's retrieved patches."""
+    if retrievals.num_rows == 0:
+        return {}
+    per_frame = (
+        retrievals.select(["frame_id", "ref_page_id"])
+        .group_by("frame_id")
+        .aggregate([("ref_page_id", "count_distinct")])
+    )
+    counts = pc.value_counts(per_frame["ref_page_id_count_distinct"]).to_pylist()
+    return {str(c["values"]): c["counts"] for c in sorted(counts, key=lambda c: c["values"])}
+
+
+def distinct_pages_summary(histogram: dict[str, int]) -> dict[str, Any]:
+    """min / median / max / mean of distinct reference pages per frame, and the histogram they come from."""
+    counts = sorted(int(n) for n, frames in histogram.items() for _ in range(frames))
+    if not counts:
+        return {"frames": 0, "histogram": {}}
+    middle = len(counts) // 2
+    median = counts[middle] if len(counts) % 2 else (counts[middle - 1] + counts[middle]) / 2
+    return {
+        "frames": len(counts),
+        "min": counts[0],
+        "median": median,
+        "max": counts[-1],
+        "mean": round(sum(counts) / len(counts), 3),
+        "histogram": {str(n): histogram[str(n)] for n in sorted({*counts})},
+    }
+
+
+def _frame_counts(pools: list[Pool]) -> dict[str, int]:
+    return {
+        "frames": len(pools),
+        "frames_ok": sum(p.status == STATUS_OK for p in pools),
+        "frames_short": sum(p.status == STATUS_OK and p.short for p in pools),
+        "frames_excluded": sum(p.status == STATUS_EXCLUDED for p in pools),
+        "frames_error": sum(p.status == STATUS_ERROR for p in pools),
+    }
+
+
+def search_chapter(unit: Unit) -> dict[str, Any]:
+    """Stage-2 worker: one chapter's pools and retrievals, written to the run folder (marker last)."""
+    job: SearchJob = unit.payload
+    embeddings = EmbeddingStore(Path(job.embeddings_folder)).load(job.chapter_id)
+    if embeddings.version != job.version:
+        raise RuntimeError(f"chapter {job.chapter_id}: embeddings changed during the run; rerun the job")
+    pools, retrievals = chapter_retrievals(embeddings, job.params, job.faiss_threads)
+    run_folder = Path(job.run_folder)
+    pools_path, retrievals_path = _run_paths(run_folder, job.chapter_id)
+    write_parquet(table_from_rows([p.row(job.chapter_id) for p in pools], POOLS), pools_path, POOLS)
+    write_parquet(table_from_rows(retrievals, RETRIEVALS), retrievals_path, RETRIEVALS)
+    stats = {
+        "embeddings_version": job.version,
+        "retrievals": len(retrievals),
+        **_frame_counts(pools),
+    }
+    write_marker(run_folder / "retrievals" / job.chapter_id, stats)
+    return stats
+
+
+# ---- the driver --------------------------------------------------------------------------------------------------
+
+
+def _stored_pages(layout: DataLayout, chapter_ids: set[str]) -> dict[str, list[str]]:
+    """chapter_id -> its stored page ids per the pages table (used to report frames of failed chapters)."""
+    pages = read_parquet(layout.pages).select(["page_id", "chapter_id", "stored"])
+    pages = pages.filter(
+        pc.and_(
+            pc.equal(pages["stored"], True), pc.is_in(pages["chapter_id"], pa.array(sorted(chapter_ids), pa.string()))
+        )
+    )
+    out: dict[str, list[str]] = {}
+    for page_id, chapter_id in zip(
+        pages.column("page_id").to_pylist(), pages.column("chapter_id").to_pylist(), strict=True
+    ):
+        out.setdefault(chapter_id, []).append(page_id)
+    return {chapter_id: sorted(ids) for chapter_id, ids in out.items()}
+
+
+def _write_encoder_record(folder: Path, info: EncoderInfo) -> None:
+    """encoder.json beside the vectors; an existing one must agree (the id is a hash of it)."""
+    path = folder / "encoder.json"
+    record = {"encoder_id": info.encoder_id, "spec": info.spec, "fingerprint": info.fingerprint}
+    if path.exists():
+        existing = read_json(path)
+        if existing.get("fingerprint") != info.fingerprint:
+            raise RuntimeError(f"{path} holds another fingerprint than encoder {info.spec}: refusing to mix vectors")
+        return
+    atomic_write_json(path, record)
+
+
+def _iter_parts(run_folder: Path, chapters: list[str], which: int, schema: pa.Schema) -> Iterator[pa.Table]:
+    for chapter_id in chapters:
+        yield read_parquet(_run_paths(run_folder, chapter_id)[which], schema)
+
+
+def _stream_table(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:
+    """Write tables one after another into one Parquet file (bounded memory), atomically; returns rows."""
+    rows = 0
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        for table in tables:
+            if table.num_rows:
+                writer.write_table(table.select(schema.names).cast(schema))
+                rows += table.num_rows
+    return rows
+
+
+def run_retrieval(
+    data: str | os.PathLike,
+    *,
+    encoder: str = DEFAULT_ENCODER,
+    refs: int = 20,
+    min_refs: int = 10,
+    k_per_patch: int = 3,
+    seed: int = 0,
+    width: int = 512,
+    height: int = 800,
+    rebuild: bool = False,
+    batch_size: int | None = None,
+    encoder_actors: int | None = None,
+    faiss_threads: int = 1,
+    rule: NearDuplicateRule | None = None,
+    max_per_page: int | None = None,
+    local: bool = False,
+) -> dict[str, Any]:
+    """Build (or update) the retrieval cache of an ingested data folder; returns the run summary.
+
+    Uses the Ray the caller started, else joins RAY_ADDRESS or starts a local one; `local=True` runs in this
+    process without Ray. `rebuild` re-embeds and re-searches everything of this encoder and setting.
+    `max_per_page` caps a frame's patches per reference page (None: the paper's independent top-k).
+    """
+    started = time.perf_counter()
+    layout = DataLayout.at(data)
+    params = RetrievalParams(
+        refs, min_refs, k_per_patch, seed, width, height, rule or NearDuplicateRule(), max_per_page=max_per_page
+    )
+    info = resolve_encoder(encoder).with_patch_geometry(patch_geometry(width, height))
+    store = EmbeddingStore(layout.embeddings(info.encoder_id))
+    run_id = params.run_id(info.encoder_id)
+    run_folder = layout.retrieval_run(run_id)
+    chapters = kept_chapter_ids(layout)
+    # the summary marks pools.parquet + retrievals.parquet as a matching pair: gone until both are rewritten
+    layout.summary("retrieval").unlink(missing_ok=True)
+    if not local:
+        init_ray()
+    for folder in (store.folder, run_folder):
+        sweep_tmp(folder)
+    store.folder.mkdir(parents=True, exist_ok=True)
+    _write_encoder_record(store.folder, info)
+    atomic_write_json(run_folder / "run.json", {"run_id": run_id, "encoder_id": info.encoder_id, **asdict(params)})
+
+    # stage 1: embeddings
+    stage1_started = time.perf_counter()
+    jobs, up_to_date = [], []
+    states = {chapter_id: store.state(chapter_id) for chapter_id in chapters}
+    for chapter_id, state in states.items():
+        source = layout.pagestore_chapter(chapter_id)
+        if not rebuild and state is not None and source.exists() and state.get("pagestore") == _pagestore_stat(source):
+            up_to_date.append(chapter_id)
+        else:
+            jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
+    options = EncoderOptions(batch_size=batch_size, actors=encoder_actors)
+    if not jobs:
+        embed_results, workers = [], []
+    elif local:
+        embed_results, workers = _embed_locally(jobs, info, options)
+    else:
+        embed_results, workers = _embed_on_ray(jobs, info, options)
+    states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})
+    failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
+    embed_summary = {
+        "chapters_up_to_date": len(up_to_date),
+        "chapters_embedded": sum(r["action"] == "embedded" for r in embed_results),
+        "chapters_rewritten": sum(r["action"] == "rewritten" for r in embed_results),
+        "chapters_unchanged": sum(r["action"] == "unchanged" for r in embed_results),
+        "chapters_failed": len(failed),
+        "pages_embedded": sum(r.get("pages_embedded", 0) for r in embed_results),
+        "pages_reused": sum(r.get("pages_reused", 0) for r in embed_results)
+        + sum(states[c].get("n_ok", 0) for c in up_to_date),
+        "pages_failed": sum(r.get("pages_failed", 0) for r in embed_results)
+        + sum(states[c].get("n_error", 0) for c in up_to_date),
+        "encoder_images": sum(r.get("encoder_images", 0) for r in embed_results),
+        "encoder_batches": sum(r.get("encoder_batches", 0) for r in embed_results),
+        "encoder_workers": workers,
+        "seconds": round(time.perf_counter() - stage1_started, 3),
+    }
+
+    # stage 2: pools and search
+    versions = {c: state["version"] for c, state in states.items() if c not in failed and state is not None}
+    units = [
+        Unit(c, SearchJob(str(store.folder), str(run_folder), c, versions[c], params, faiss_threads))
+        for c in chapters
+        if c in versions
+    ]
+
+    def is_done(unit: Unit) -> bool:
+        state = search_state(run_folder, unit.key)
+        return not rebuild and state is not None and state.get("embeddings_version") == versions[unit.key]
+
+    report = run_units(
+        units, search_chapter, is_done=is_done, desc="retrieval search", num_cpus=faiss_threads, local=local
+    )
+    failed.update({r["key"]: r["error"] for r in report.failed})
+    search_summary = {
+        "chapters_searched": len(report.results) - len(report.failed),
+        "chapters_reused": len(report.skipped),
+        "chapters_failed": len(report.failed),
+        "seconds": round(report.seconds, 3),
+    }
+
+    # consolidation: the current chapters' parts, then the summary (the stage's completion marker)
+    done = [c for c in chapters if c not in failed]
+    error_frames = _stored_pages(layout, set(failed)) if failed else {}
+    error_pools = [
+        error_pool(frame_id, f"chapter failed: {failed[c]}").row(c)
+        for c in sorted(failed)
+        for frame_id in error_frames.get(c, [])
+    ]
+    pool_parts = itertools.chain(_iter_parts(run_folder, done, 0, POOLS), [table_from_rows(error_pools, POOLS)])
+    pool_table_rows = _stream_table(layout.pools, POOLS, pool_parts)
+    histogram: Counter[str] = Counter()  # distinct pages per frame, counted as the parts stream past (a frame's
+    # retrievals all sit in its chapter's part), not by reading the written table back
+
+    def counted(parts: Iterator[pa.Table]) -> Iterator[pa.Table]:
+        for part in parts:
+            histogram.update(distinct_pages_histogram(part))
+            yield part
+
+    retrieval_rows = _stream_table(layout.retrievals, RETRIEVALS, counted(_iter_parts(run_folder, done, 1, RETRIEVALS)))
+    frames = {"frames": 0, "frames_ok": 0, "frames_short": 0, "frames_excluded": 0, "frames_error": 0}
+    for chapter_id in done:
+        state = search_state(run_folder, chapter_id) or {}
+        for key in frames:
+            frames[key] += state.get(key, 0)
+    frames["frames"] += len(error_pools)
+    frames["frames_error"] += len(error_pools)
+    summary = {
+        "stage": "retrieval",
+        "complete": not failed,  # False makes the whole-pipeline job run this stage again (failed chapters)
+        "encoder": {"spec": info.spec, "encoder_id": info.encoder_id, "fingerprint": info.fingerprint},
+        "run_id": run_id,
+        "params": asdict(params),
+        "chapters": len(chapters),
+        "embeddings": embed_summary,
+        "search": search_summary,
+        **frames,
+        "pools_rows": pool_table_rows,
+        "retrieval_rows": retrieval_rows,
+        "distinct_ref_pages_per_frame": distinct_pages_summary(dict(histogram)),
+        "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
+        "outputs": {
+            "embeddings": str(store.folder.relative_to(layout.root)),
+            "run": str(run_folder.relative_to(layout.root)),
+            "pools": layout.pools.name,
+            "retrievals": layout.retrievals.name,
+        },
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    atomic_write_json(layout.summary("retrieval"), summary)
+    return summary

@@ -1,0 +1,209 @@
+"""The screentone stage: render every frame's screentone at the sizes the shards use, once, beside the page store.
+
+Units are kept chapters. Each frame is fitted to the training size W x H and to the GSRP size, and the colour
+page is rendered at exactly that size (tone is never resampled afterwards). Frames go to the renderer in
+batches of ``batch_size`` pages of one size, each with its own seed, so a batch renders what single pages
+render (exactly on CPU in float32). A frame that fails becomes an error row; a chapter is done when its marker
+exists, so reruns only render what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.core.geometry import CompositeLayout, fit_image, hires_size
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import decode_page, encode_page, kept_chapter_ids, read_chapter_pages
+from pipelines.core.schemas import SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
+from pipelines.core.seeding import derive_seed
+from pipelines.core.storage import atomic_write_json, is_done, read_marker, write_marker, write_parquet
+from pipelines.runtime.distributor import Unit, run_units
+
+STAGE = "screentone"
+VARIANT_TRAIN = "train"
+VARIANT_HIRES = "hires"
+
+
+@dataclass(frozen=True)
+class ScreentoneOptions:
+    renderer: str = "halftone"  # spec for screentone.render.make_renderer
+    width: int = 512
+    height: int = 800
+    hires_scale: float = 1.5
+    seed: int = 0
+    device: str | None = None
+    batch_size: int = 8  # pages of one size per renderer call; does not change the output on CPU
+
+    @property
+    def sizes(self) -> dict[str, tuple[int, int]]:
+        return {
+            VARIANT_TRAIN: (self.width, self.height),
+            VARIANT_HIRES: hires_size(self.width, self.height, self.hires_scale),
+        }
+
+
+def frame_seed(seed: int, frame_id: str, variant: str) -> int:
+    return derive_seed(seed, "screentone", frame_id, variant)
+
+
+def render_frame(page: Image.Image, frame_id: str, options: ScreentoneOptions, renderer) -> dict[str, bytes]:
+    """PNG-encoded tone per variant for one colour frame."""
+    out: dict[str, bytes] = {}
+    for variant, (width, height) in options.sizes.items():
+        fitted = np.asarray(fit_image(page, width, height))
+        tone = renderer.render(fitted, frame_seed(options.seed, frame_id, variant))
+        out[variant] = encode_page(Image.fromarray(tone, mode="L"), "png")
+    return out
+
+
+def render_frames(
+    pages: Mapping[str, bytes], options: ScreentoneOptions, renderer
+) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
+    """PNG tone per variant of every frame (as `render_frame` gives them), and an error per frame that failed.
+
+    Frames are taken ``options.batch_size`` at a time; per variant their fitted pages (all of one size) go to
+    ``renderer.render_batch`` together. A batch that fails is rendered again page by page, so only the broken
+    frame becomes an error.
+    """
+    tones: dict[str, dict[str, bytes]] = {}
+    errors: dict[str, str] = {}
+    frame_ids = sorted(pages)
+    for start in range(0, len(frame_ids), max(1, options.batch_size)):
+        fitted: dict[str, dict[str, np.ndarray]] = {}
+        for frame_id in frame_ids[start : start + options.batch_size]:
+            try:
+                page = decode_page(pages[frame_id])
+                fitted[frame_id] = {v: np.asarray(fit_image(page, w, h)) for v, (w, h) in options.sizes.items()}
+            except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
+                errors[frame_id] = f"{type(exc).__name__}: {exc}"
+        for variant in options.sizes:
+            for frame_id, tone in _render_variant(fitted, variant, options, renderer, errors).items():
+                tones.setdefault(frame_id, {})[variant] = encode_page(Image.fromarray(tone, mode="L"), "png")
+    return {frame_id: tone for frame_id, tone in tones.items() if frame_id not in errors}, errors
+
+
+def _render_variant(
+    fitted: dict[str, dict[str, np.ndarray]], variant: str, options: ScreentoneOptions, renderer, errors: dict
+) -> dict[str, np.ndarray]:
+    frame_ids = [frame_id for frame_id in fitted if frame_id not in errors]
+    pages = [fitted[frame_id][variant] for frame_id in frame_ids]
+    seeds = [frame_seed(options.seed, frame_id, variant) for frame_id in frame_ids]
+    try:
+        return dict(zip(frame_ids, renderer.render_batch(pages, seeds, options.batch_size), strict=True))
+    except Exception:  # noqa: BLE001 - find the broken page: render the batch again one page at a time
+        rendered: dict[str, np.ndarray] = {}
+        for frame_id, page, seed in zip(frame_ids, pages, seeds, strict=True):
+            try:
+                rendered[frame_id] = renderer.render(page, seed)
+            except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
+                errors[frame_id] = f"{variant}: {type(exc).__name__}: {exc}"
+        return rendered
+
+
+def _chapter_worker(unit: Unit) -> dict[str, Any]:
+    data, options, renderer_id = unit.payload
+    layout = DataLayout.at(data)
+    options = ScreentoneOptions(**options)
+    from screentone.render import renderer_for  # torch only where a renderer runs
+
+    renderer = renderer_for(options.renderer, options.device)
+    if renderer.id != renderer_id:
+        raise RuntimeError(f"worker built renderer {renderer.id}, the driver planned {renderer_id}: weights differ")
+    tones, errors = render_frames(read_chapter_pages(layout, unit.key), options, renderer)
+    rows: list[dict[str, Any]] = []
+    for frame_id in sorted([*tones, *errors]):
+        base = {"frame_id": frame_id, "chapter_id": unit.key, "renderer": renderer_id}
+        if frame_id in errors:
+            error = f"frame {frame_id} of chapter {unit.key}: {errors[frame_id]}"
+            failed = {"width": None, "height": None, "image": None, "status": STATUS_ERROR, "error": error}
+            rows += [{**base, "variant": variant, **failed} for variant in options.sizes]
+            continue
+        for variant, png in tones[frame_id].items():
+            width, height = options.sizes[variant]
+            rows.append(
+                {**base, "variant": variant, "width": width, "height": height, "image": png}
+                | {"status": STATUS_OK, "error": None}
+            )
+    output = _chapter_output(layout, renderer_id, options, unit.key)
+    write_parquet(table_from_rows(rows, SCREENTONE), output, SCREENTONE)
+    stats = {
+        "options": _done_options(options, renderer_id),
+        "batch_size": options.batch_size,
+        "frames": len(tones) + len(errors),
+        "errors": len(errors),
+    }
+    write_marker(output, stats)
+    return stats
+
+
+def _done_options(options: ScreentoneOptions, renderer_id: str) -> dict[str, Any]:
+    """What a chapter's output depends on: the options without the batch size, plus the renderer id."""
+    return {k: v for k, v in asdict(options).items() if k != "batch_size"} | {"renderer_id": renderer_id}
+
+
+def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str) -> bool:
+    """Done = marker present and written with the same options (another seed or scale renders again)."""
+    output = _chapter_output(layout, renderer_id, options, chapter_id)
+    return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id)
+
+
+def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
+    return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
+
+
+def run_screentone(
+    data: str,
+    options: ScreentoneOptions = ScreentoneOptions(),
+    *,
+    chapters_per_task: int = 1,
+    local: bool = False,
+) -> dict[str, Any]:
+    """Render the screentone of every frame; returns (and writes) the stage summary."""
+    from pipelines.runtime.ray import cluster_has_gpus
+
+    CompositeLayout(options.width, options.height)  # validates the size before any work
+    layout = DataLayout.at(data)
+    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
+    from screentone.render import renderer_for  # torch only where a renderer runs
+
+    renderer = renderer_for(options.renderer, options.device)
+    neural = not renderer.id.startswith("halftone")
+    num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
+    chapter_ids = kept_chapter_ids(layout)
+    payload = (str(layout.root), asdict(options), renderer.id)
+    units = [Unit(key=chapter_id, payload=payload) for chapter_id in chapter_ids]
+    started = time.perf_counter()
+    report = run_units(
+        units,
+        _chapter_worker,
+        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key),
+        desc="screentone chapters",
+        units_per_task=chapters_per_task,
+        num_gpus=num_gpus,
+        local=local,
+    )
+    seconds = time.perf_counter() - started
+    frames = sum(r.get("frames", 0) for r in report.results)
+    summary = {
+        "stage": STAGE,
+        "complete": not report.failed,
+        "renderer_id": renderer.id,
+        "options": asdict(options),
+        "sizes": {variant: list(size) for variant, size in options.sizes.items()},
+        "folder": str(layout.screentone(renderer.id, options.width, options.height).relative_to(layout.root)),
+        "chapters": len(units),
+        "chapters_rendered": len(report.results),
+        "chapters_reused": len(report.skipped),
+        "frames_rendered": frames,
+        "frame_errors": sum(r.get("errors", 0) for r in report.results),
+        "frames_per_second": round(frames / seconds, 3) if seconds > 0 else None,
+        "distributor": report.summary(),
+    }
+    atomic_write_json(layout.summary(STAGE), summary)
+    return summary

@@ -1,0 +1,2 @@
+"""Stage 4: splits, the benchmark folder, the leakage check, and the WebDataset shards training reads.
+`stage` drives it; `writer` writes the tars, `splits`, `leakage` and `benchmark` decide what goes where."""
