@@ -14,12 +14,14 @@ import json
 import sys
 
 from evaluation.scoring import RESAMPLING, EvaluateOptions, run_evaluate
-from pipelines.core.cli import JobArgumentParser, configure_logging, error_line
+from pipelines.core.cli import JobArgumentParser, configure_logging, run_job
 from pipelines.core.encoders import WEIGHT_FREE
+
+PROG = "python -m jobs.evaluate"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = JobArgumentParser(prog="python -m jobs.evaluate", description=__doc__)
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--pred", required=True, help="folder of predictions (PRED)")
     parser.add_argument("--truth", required=True, help="benchmark folder, or a plain folder of ground-truth images")
     parser.add_argument("--output", default=None, help="where tables, grids and the summary go (default PRED/evaluate)")
@@ -108,27 +110,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     summary = run_evaluate(args.pred, args.truth, options)
     print(json.dumps({k: summary[k] for k in ("overall", "paper_row", "scored", "failed", "output")}, indent=2))
+    if not summary["scored"]:
+        first = summary["failures"][0]["reason"] if summary["failures"] else "no ground-truth pages"
+        raise RuntimeError(f"no page scored ({summary['failed']} failed; first: {first})")
     return summary
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: exit 0 when a page was scored, 1 when none was or on an error (one line, or --debug)."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        summary = main(argv)
-    except SystemExit as exit_:  # --help, or a usage error already printed in one line
-        return exit_.code if isinstance(exit_.code, int) else 2
-    except Exception as error:  # noqa: BLE001 - every failure is one line; --debug shows where it came from
-        if "--debug" in argv:
-            raise
-        print(f"python -m jobs.evaluate: error: {error_line(error)}", file=sys.stderr)
-        return 1
-    if not summary["scored"]:
-        first = summary["failures"][0]["reason"] if summary["failures"] else "no ground-truth pages"
-        message = f"no page scored ({summary['failed']} failed; first: {first})"
-        print(f"python -m jobs.evaluate: error: {message}", file=sys.stderr)
-        return 1
-    return 0
+    return run_job(main, argv, prog=PROG)
 
 
 if __name__ == "__main__":

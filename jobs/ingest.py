@@ -15,7 +15,7 @@ from pipelines.core.cli import JobArgumentParser, configure_logging, positive_in
 from pipelines.core.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.core.pagestore import ENCODINGS
 from pipelines.core.sources import DEFAULT_MAX_FILE_BYTES
-from pipelines.ingest.color import ColorThresholds, FeatureParams
+from pipelines.ingest.color import ColorThresholds, FeatureConfig
 from pipelines.ingest.stage import (
     DEFAULT_CHAPTERS_PER_TASK,
     DEFAULT_MIN_COLOR_PAGES,
@@ -116,7 +116,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
         store_longest_side=args.store_longest_side or None,
         store_encoding=args.store_encoding,
         store_quality=args.store_quality,
-        features=FeatureParams(),
+        features=FeatureConfig(),
         thresholds=dataclasses.replace(ColorThresholds(), threshold=args.color_threshold),
     )
 

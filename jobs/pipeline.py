@@ -16,6 +16,7 @@ from jobs.common import add_common_arguments, add_ray_arguments
 from jobs.retrieval import add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
 from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
+from pipelines.retrieval.stage import RetrievalOptions
 from pipelines.runner import PipelineOptions, run_pipeline, stage_lines
 from pipelines.runtime.preconditions import check_encoder, check_output_creatable
 
@@ -84,13 +85,15 @@ def main(argv: list[str] | None = None) -> dict:
             generate_corpus(Path(input_root), preset=args.sample_preset, seed=args.seed)
     options = PipelineOptions(
         shards=shard_options(args),
+        retrieval=RetrievalOptions(
+            encoder=args.encoder,
+            refs=args.refs,
+            min_refs=args.min_refs,
+            k_per_patch=args.k_per_patch,
+            max_per_page=args.max_per_page,
+        ),
         min_color_pages=args.min_color_pages,
         chapters_per_task=args.chapters_per_task,
-        encoder=args.encoder,
-        refs=args.refs,
-        min_refs=args.min_refs,
-        k_per_patch=args.k_per_patch,
-        max_per_page=args.max_per_page,
     )
     record = run_pipeline(
         input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus

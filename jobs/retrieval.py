@@ -14,7 +14,7 @@ from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_
 from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.core.pools import NearDuplicateRule
 from pipelines.retrieval.inspect import character_hit_rate
-from pipelines.retrieval.stage import RetrievalParams, run_retrieval
+from pipelines.retrieval.stage import RetrievalOptions, run_retrieval
 from pipelines.runtime.preconditions import check_encoder, require_stage
 
 PROG = "python -m jobs.retrieval"
@@ -92,32 +92,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
+    """The stage's options from the command line (validated on construction, before any work)."""
     width, height = args.size
-    RetrievalParams(
-        args.refs, args.min_refs, args.k_per_patch, args.seed, width, height, max_per_page=args.max_per_page
-    )
-    check_encoder(args.encoder)
-    require_stage(args.data, "ingest", needed_by="retrieval")
-    start_ray(args)
-    summary = run_retrieval(
-        args.data,
-        encoder=args.encoder,
+    return RetrievalOptions(
         refs=args.refs,
         min_refs=args.min_refs,
         k_per_patch=args.k_per_patch,
         seed=args.seed,
-        width=args.size[0],
-        height=args.size[1],
-        rebuild=args.rebuild,
+        width=width,
+        height=height,
+        rule=NearDuplicateRule(args.dup_hash_distance, args.dup_loose_hash_distance, args.dup_min_cosine),
+        max_per_page=args.max_per_page,
+        encoder=args.encoder,
         batch_size=args.batch_size,
         encoder_actors=args.encoder_actors,
         faiss_threads=args.faiss_threads,
-        rule=NearDuplicateRule(args.dup_hash_distance, args.dup_loose_hash_distance, args.dup_min_cosine),
-        max_per_page=args.max_per_page,
-        local=args.local,
+        rebuild=args.rebuild,
     )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    options = retrieval_options(args)
+    check_encoder(args.encoder)
+    require_stage(args.data, "ingest", needed_by="retrieval")
+    start_ray(args)
+    summary = run_retrieval(args.data, options, local=args.local)
     print(json.dumps(summary, indent=2, sort_keys=True))
     if args.eval_labels:
         hits = character_hit_rate(args.data, args.eval_labels).as_dict()

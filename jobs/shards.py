@@ -11,7 +11,7 @@ from jobs.common import add_common_arguments, add_ray_arguments, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
-from pipelines.shards.stage import ShardJobOptions, run_shards
+from pipelines.shards.stage import ShardOptions, run_shards
 
 PROG = "python -m jobs.shards"
 
@@ -70,8 +70,8 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def shard_options(args: argparse.Namespace) -> ShardJobOptions:
-    return ShardJobOptions(
+def shard_options(args: argparse.Namespace) -> ShardOptions:
+    return ShardOptions(
         size=args.size,
         hires_scale=args.hires_scale,
         shard_size=args.shard_size,

@@ -7,19 +7,20 @@ stage is itself resumable unit by unit, so even a stage that runs again redoes o
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from pipelines.core.encoders import DEFAULT_ENCODER
 from pipelines.core.geometry import CompositeLayout
 from pipelines.core.layout import DataLayout
 from pipelines.core.sources import input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
-from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES
-from pipelines.retrieval.stage import RetrievalParams
+from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
+from pipelines.retrieval.stage import RetrievalOptions
 from pipelines.runtime.preconditions import (
     check_chapters,
     check_encoder,
@@ -27,7 +28,9 @@ from pipelines.runtime.preconditions import (
     check_output_creatable,
     created_folder,
 )
-from pipelines.shards.stage import ShardJobOptions, run_shards
+from pipelines.screentone.stage import ScreentoneOptions
+from pipelines.shards.stage import ShardOptions
+from pipelines.shards.writer import PlanMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -39,30 +42,41 @@ RECORD = "pipeline.summary.json"
 class PipelineOptions:
     """Settings of every stage; each stage's slice of it decides whether that stage's outputs are current.
 
-    Sizes, seed and screentone renderer live in `shards` and are shared by every stage that uses them.
+    Sizes, seed and screentone renderer live in `shards` and are shared by every stage that uses them (the
+    retrieval options' own size and seed are replaced by them).
     """
 
-    shards: ShardJobOptions = ShardJobOptions()
-    # ingestion
+    shards: ShardOptions = ShardOptions()
+    retrieval: RetrievalOptions = RetrievalOptions()
     min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
     chapters_per_task: int = 4
-    # retrieval
-    encoder: str = DEFAULT_ENCODER
-    refs: int = 20
-    min_refs: int = 10
-    k_per_patch: int = 3
-    max_per_page: int | None = None  # retrieval diversity cap (beyond the paper); None: independent top-k
+
+    def stage_options(self, stage: str) -> Any:
+        """The one options dataclass `stage`'s ``run_<stage>`` takes."""
+        shards = self.shards
+        width, height = shards.size
+        by_stage = {
+            "ingest": IngestOptions(min_color_pages=self.min_color_pages),
+            "retrieval": replace(self.retrieval, width=width, height=height, seed=shards.seed),
+            "screentone": ScreentoneOptions(
+                renderer=shards.renderer, width=width, height=height, hires_scale=shards.hires_scale, seed=shards.seed
+            ),
+            "shards": shards,
+        }
+        return by_stage[stage]
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
+        """What decides whether `stage`'s outputs are current (recorded in the pipeline record)."""
         shards = self.shards
+        retrieval = self.retrieval
         by_stage = {
             "ingest": {"min_color_pages": self.min_color_pages},
             "retrieval": {
-                "encoder": self.encoder,
-                "refs": self.refs,
-                "min_refs": self.min_refs,
-                "k_per_patch": self.k_per_patch,
-                **({"max_per_page": self.max_per_page} if self.max_per_page is not None else {}),
+                "encoder": retrieval.encoder,
+                "refs": retrieval.refs,
+                "min_refs": retrieval.min_refs,
+                "k_per_patch": retrieval.k_per_patch,
+                **({"max_per_page": retrieval.max_per_page} if retrieval.max_per_page is not None else {}),
                 "size": list(shards.size),
                 "seed": shards.seed,
             },
@@ -77,49 +91,26 @@ class PipelineOptions:
         return by_stage[stage]
 
 
+def stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
+    """``pipelines.<stage>.stage.run_<stage>``, imported on first use (Ray, torch and FAISS load with the stage).
+
+    Every stage runs as ``run_<stage>(data, options, local=...)``; ingestion also takes its input root first.
+    """
+    return getattr(importlib.import_module(f"pipelines.{stage}.stage"), f"run_{stage}")
+
+
 def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
-    shards = options.shards
-    width, height = shards.size
+    run = stage_runner(stage)
+    inputs = (input_root, layout.root) if stage == "ingest" else (layout.root,)
+    stage_options = options.stage_options(stage)
     if stage == "ingest":
-        from pipelines.ingest.stage import IngestOptions, run_ingest
-
-        return run_ingest(
-            input_root,
-            layout.root,
-            options=IngestOptions(min_color_pages=options.min_color_pages),
-            chapters_per_task=options.chapters_per_task,
-            local=local,
-        )
-    if stage == "retrieval":
-        from pipelines.retrieval.stage import run_retrieval
-
-        return run_retrieval(
-            layout.root,
-            encoder=options.encoder,
-            refs=options.refs,
-            min_refs=options.min_refs,
-            k_per_patch=options.k_per_patch,
-            max_per_page=options.max_per_page,
-            seed=shards.seed,
-            width=width,
-            height=height,
-            local=local,
-        )
-    if stage == "screentone":
-        from pipelines.screentone.stage import ScreentoneOptions, run_screentone
-
-        screentone = ScreentoneOptions(
-            renderer=shards.renderer, width=width, height=height, hires_scale=shards.hires_scale, seed=shards.seed
-        )
-        return run_screentone(str(layout.root), screentone, local=local)
-    from pipelines.shards.writer import PlanMismatchError
-
+        return run(*inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local)
     try:
-        return run_shards(layout.root, shards, local=local)
+        return run(*inputs, stage_options, local=local)
     except PlanMismatchError as exc:
         # Upstream outputs changed (new chapters, another encoder...): the old shards describe other data.
-        log.warning("shards were planned for other inputs; rebuilding them (%s)", exc)
-        return run_shards(layout.root, shards, local=local, rebuild=True)
+        log.warning("%s were planned for other inputs; rebuilding them (%s)", stage, exc)
+        return run(*inputs, stage_options, local=local, rebuild=True)
 
 
 def run_pipeline(
@@ -141,9 +132,8 @@ def run_pipeline(
     output = check_output_creatable(output)
     width, height = options.shards.size
     CompositeLayout(width, height)  # the training size must suit the composite: refused before any work
-    retrieval = {"k_per_patch": options.k_per_patch, "max_per_page": options.max_per_page}
-    RetrievalParams(options.refs, options.min_refs, width=width, height=height, **retrieval)  # validates early
-    check_encoder(options.encoder)
+    options.stage_options("retrieval")  # validates the retrieval settings at the pipeline's size, before any work
+    check_encoder(options.retrieval.encoder)
     with created_folder(output):
         return _run_pipeline(input_root, DataLayout.at(output), options, local, ray_address, num_cpus)
 

@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 
 from screentone.filters import gaussian_blur, mode_filter
-from screentone.lines import XDoGParams, extract_lines
+from screentone.lines import XDoGConfig, extract_lines
 
 Pattern = Literal["dot", "line"]
 
@@ -79,7 +79,7 @@ class HalftoneConfig:
     keep_lines: bool = True
     min_coverage: float = 0.1
     max_coverage: float = 0.82
-    xdog: XDoGParams = field(default_factory=XDoGParams)
+    xdog: XDoGConfig = field(default_factory=XDoGConfig)
 
     def __post_init__(self) -> None:
         low, high = self.cell_px

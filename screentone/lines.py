@@ -20,7 +20,7 @@ from screentone.filters import gaussian_blur, min_filter
 
 
 @dataclass(frozen=True)
-class XDoGParams:
+class XDoGConfig:
     """XDoG settings in pixel units of the page they are applied to.
 
     sigma: scale of the fine Gaussian (about half the stroke width kept); k: ratio of the coarse one.
@@ -39,7 +39,7 @@ class XDoGParams:
             raise ValueError(f"invalid XDoG parameters {self}: need sigma > 0, k > 1, 0 < tau <= 1, phi > 0")
 
 
-def xdog(grey: np.ndarray, params: XDoGParams = XDoGParams()) -> np.ndarray:
+def xdog(grey: np.ndarray, params: XDoGConfig = XDoGConfig()) -> np.ndarray:
     """Soft XDoG line response of a uint8 grey page: float32 H x W in [0, 1], 1 = paper, 0 = ink."""
     image = np.asarray(grey)
     if image.dtype != np.uint8 or image.ndim != 2:
@@ -52,7 +52,7 @@ def xdog(grey: np.ndarray, params: XDoGParams = XDoGParams()) -> np.ndarray:
     return np.where(response >= params.epsilon, 1.0, soft).astype(np.float32)
 
 
-def extract_lines(page: np.ndarray, params: XDoGParams = XDoGParams(), solid_black: int = 50) -> np.ndarray:
+def extract_lines(page: np.ndarray, params: XDoGConfig = XDoGConfig(), solid_black: int = 50) -> np.ndarray:
     """Binary line map (uint8, 0 = ink, 255 = paper) of an RGB or grey uint8 page.
 
     XDoG only marks strokes and region borders; pixels darker than ``solid_black`` (luma 0-255) are ink too,

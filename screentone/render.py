@@ -32,7 +32,7 @@ from screentone.augment import to_grey
 from screentone.color2manga import GENERATOR_PAD_MULTIPLE
 from screentone.halftone import HalftoneConfig, render_halftone
 from screentone.layers import pad_to_multiple, padded_size
-from screentone.lines import XDoGParams, erode_lines, extract_lines
+from screentone.lines import XDoGConfig, erode_lines, extract_lines
 from screentone.loader import PathLike, ScreenStyleModels, find_screenstyle_files, load_screenstyle
 from screentone.screenvae import decode_tone, decode_tone_binarised
 
@@ -199,7 +199,7 @@ class ScreenStyleRenderer:
         path: ScreenStylePath = "colorflow",
         line_source: LineSource = "grey",
         line_passes: int = 2,
-        xdog: XDoGParams | None = None,
+        xdog: XDoGConfig | None = None,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype = torch.float32,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -219,7 +219,7 @@ class ScreenStyleRenderer:
         self.path = path
         self.line_source = line_source
         self.line_passes = line_passes
-        self.xdog = xdog or XDoGParams()
+        self.xdog = xdog or XDoGConfig()
         self.max_pixels = max_pixels
         self.halve_above = halve_above
         self.batch_size = batch_size
@@ -368,7 +368,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _xdog_digest(params: XDoGParams) -> str:
+def _xdog_digest(params: XDoGConfig) -> str:
     return hashlib.sha256(repr(params).encode()).hexdigest()[:6]
 
 

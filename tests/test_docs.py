@@ -207,7 +207,11 @@ def command_problem(module_name: str, args: list[str]) -> str | None:
         found = False
     if not found:
         return f"no module {module_name}"
-    parse = argument_parser_of(importlib.import_module(module_name))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"module {module_name} cannot be imported: {exc}"
+    parse = argument_parser_of(module)
     if parse is None:
         return (
             f"module {module_name} cannot be parsed by this test: it has no parse_args(argv), build_parser() or "

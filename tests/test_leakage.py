@@ -15,14 +15,14 @@ from pipelines.core.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_enco
 from pipelines.core.layout import DataLayout
 from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
 from pipelines.shards.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
-from pipelines.shards.stage import ShardJobOptions, run_shards
+from pipelines.shards.stage import ShardOptions, run_shards
 
 SERIES = [f"s{i}" for i in range(5)]
 SEED = 7
 SPLIT_OF = split_of(assign_splits(SERIES, ["s0"], SplitConfig(val_fraction=0.3, seed=SEED)))
 TRAIN_SERIES = sorted(s for s, split in SPLIT_OF.items() if split == TRAIN)
 VAL_SERIES = sorted(s for s, split in SPLIT_OF.items() if split == VAL)
-OPTIONS = ShardJobOptions(
+OPTIONS = ShardOptions(
     size=(128, 192),
     shard_size=400_000,
     estimate_frames=4,

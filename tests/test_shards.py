@@ -26,12 +26,12 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.sample_inputs import build_training_inputs, decode_sample
 from pipelines.core.samples import FIELDS
 from pipelines.core.storage import TMP_TAG
-from pipelines.shards.stage import ShardJobOptions, run_shards
+from pipelines.shards.stage import ShardOptions, run_shards
 from pipelines.shards.writer import PlanMismatchError, code_version, shard_code_files, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (128, 192)
-OPTIONS = ShardJobOptions(
+OPTIONS = ShardOptions(
     size=SIZE,
     shard_size=400_000,  # about 3 samples of ~140 kB per tar
     estimate_frames=4,
@@ -237,7 +237,7 @@ def test_rerun_skips_and_a_changed_plan_needs_rebuild(sharded: tuple[Path, dict]
     again = run_shards(work, OPTIONS, local=True)
     assert again["splits"]["train"]["units_run"] == 0 and again["splits"]["train"]["units_skipped"] >= 2
     assert _fingerprints(work) == before
-    bigger = ShardJobOptions(**{**OPTIONS.__dict__, "max_samples": 1})
+    bigger = ShardOptions(**{**OPTIONS.__dict__, "max_samples": 1})
     with pytest.raises(PlanMismatchError, match="--rebuild"):
         run_shards(work, bigger, local=True)
     rebuilt = run_shards(work, bigger, local=True, rebuild=True)
@@ -253,7 +253,7 @@ def test_a_frame_without_screentone_becomes_an_error_row(corpus_root: Path, tmp_
     train_series = {"s1", "s2", "s3", "s4"}
     victim = next(p for p in pages if p["series"] in train_series)
     (folder / f"{victim['chapter_id']}.parquet").unlink()
-    options = ShardJobOptions(**{**OPTIONS.__dict__, "bench_series": ("s0",), "val_fraction": 0.0})
+    options = ShardOptions(**{**OPTIONS.__dict__, "bench_series": ("s0",), "val_fraction": 0.0})
     summary = run_shards(work, options, local=True)
     chapter_frames = [p["page_id"] for p in pages if p["chapter_id"] == victim["chapter_id"]]
     errors = pq.read_table(layout.shards("train") / "errors.parquet").to_pylist()
@@ -342,7 +342,7 @@ def test_end_to_end_on_the_generated_corpus_with_the_real_upstream_stages(tmp_pa
     run_ingest(corpus, out, local=True, verbose=False)
     retrieval = run_retrieval(out, encoder="weightfree", width=128, height=192, local=True)
     screentone = run_screentone(str(out), ScreentoneOptions(width=128, height=192), local=True)
-    options = ShardJobOptions(
+    options = ShardOptions(
         size=SIZE, shard_size=1_000_000, bench_series=("s3",), bench_chapters=1, bench_refs=10, bench_bw=12, seed=0
     )
     summary = run_shards(out, options, local=True)

@@ -739,3 +739,11 @@ def build_gsrp_dataset(
     return _rank_stream(
         urls, gsrp_sample, GSRP_FIELDS, config, seed=seed, rank=rank, world_size=world_size, start_sample=start_sample
     )
+
+
+def bw_variant_arg(text: str) -> str | float:
+    """A --bw_variant value: a blend weight as a float, else a variant name (checked by the data config)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text

@@ -45,8 +45,8 @@ from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
 from pipelines.core.storage import read_json
-from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, resolve_shard_source
-from training.train_icp import TRAIN_STATE, bw_variant_arg, list_checkpoints, publish_state
+from training.checkpoints import TRAIN_STATE, publish_state, resolve_resume
+from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, bw_variant_arg, resolve_shard_source
 
 PROG = "train_gsrp"
 FUSION_SUBFOLDER = "fusion"
@@ -140,7 +140,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-# ---- the math of one step (pure functions, shared with bench/train_gsrp.py) ---------------------------------------
+# ---- the math of one step (pure functions, shared with bench/bench_train_gsrp.py) ----------------------------------
 
 
 def crop_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -241,17 +241,6 @@ def run_settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
         "train_batch_size": args.train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
     }
-
-
-def find_checkpoint(output_dir: Path, resume: str) -> Path | None:
-    """'latest' -> the highest checkpoint-<step> (None when there is none yet); else the given folder."""
-    if resume != "latest":
-        path = Path(resume)
-        if not path.is_dir():
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: no such checkpoint folder")
-        return path
-    found = list_checkpoints(output_dir)  # only complete ones: `publish_state` renames a finished folder into place
-    return found[-1] if found else None
 
 
 def validation_source(args: argparse.Namespace, train_source: ShardSource) -> ShardSource:
@@ -359,7 +348,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     global_step = 0
     if args.resume_from_checkpoint:
-        checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+        checkpoint = resolve_resume(output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
         else:

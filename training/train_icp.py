@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -34,11 +33,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
-from pipelines.core.storage import atomic_write_json, publish_tree, read_json
+from pipelines.core.storage import atomic_write_json, read_json
+from training.checkpoints import TRAIN_STATE, publish_state, resolve_resume
 from training.data import (
     ICPDataConfig,
     ShardSource,
     build_icp_dataset,
+    bw_variant_arg,
     first_samples,
     frame_size,
     resolve_shard_source,
@@ -47,8 +48,6 @@ from training.data import (
 logger = logging.getLogger("training.train_icp")
 
 PROG = "train_icp"
-CHECKPOINT_PREFIX = "checkpoint-"
-TRAIN_STATE = "train_state.json"
 SUMMARY = "train_icp.summary.json"
 VALIDATION_ALPHA = 0.5  # the released preprocessing's 50/50 grey/tone blend
 
@@ -61,14 +60,6 @@ def _pair(kind: type) -> Any:
         return tuple(kind(p) for p in parts)
 
     return parse
-
-
-def bw_variant_arg(text: str) -> str | float:
-    """A --bw_variant value: a blend weight as a float, else a variant name (checked by the data config)."""
-    try:
-        return float(text)
-    except ValueError:
-        return text
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -139,28 +130,6 @@ def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.de
     """The generator of one micro-batch: a pure function of (seed, step, micro-batch, rank)."""
     digest = hashlib.sha256(f"icp-step\x1f{seed}\x1f{step}\x1f{micro}\x1f{rank}".encode()).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints (``checkpoint-<step>`` with a train_state.json), oldest first."""
-    found = []
-    for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*"):
-        suffix = path.name.removeprefix(CHECKPOINT_PREFIX)
-        if suffix.isdigit() and (path / TRAIN_STATE).is_file():
-            found.append((int(suffix), path))
-    return [path for _, path in sorted(found)]
-
-
-def resolve_resume(output_dir: Path, value: str | None) -> Path | None:
-    if value is None:
-        return None
-    if value == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1] if checkpoints else None
-    path = Path(value)
-    if not (path / TRAIN_STATE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: not a complete checkpoint (no {TRAIN_STATE})")
-    return path
 
 
 def encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, device: torch.device) -> torch.Tensor:
@@ -615,32 +584,6 @@ def save_checkpoint(
         "shard_manifest_sha256": source.sha256,
     }
     publish_state(accelerator, output_dir, step, args.checkpoints_total_limit, state)
-
-
-def publish_state(accelerator: Any, output_dir: Path, step: int, total_limit: int | None, state: dict) -> Path:
-    """`save_state` on every rank (each writes its own random states) into a scratch folder; then the main process
-    writes `train_state.json`, renames the folder to checkpoint-<step> and only then prunes to `total_limit`, so a
-    kill at any point leaves every earlier checkpoint whole and never a half-written one under a final name.
-
-    Shared by both trainers (`training.train_gsrp` imports it)."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    scratch = output_dir / f".{final.name}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(scratch, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(scratch))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(scratch / TRAIN_STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        publish_tree(scratch, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
-        logger.info("saved %s", final)
-    accelerator.wait_for_everyone()
-    return final
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -25,7 +25,7 @@ near-bitonal tone PNG is also ~11x smaller than JPEG q95). Colour is the diffusi
 ring: JPEG at quality 95 with 4:4:4 chroma (no chroma subsampling, which would smear the colour edges the
 model learns) costs about half of PNG's bytes.
 
-Bytes per sample, measured by `bench/shards.py` on the generated "small" corpus (pages 576 x 816) at
+Bytes per sample, measured by `bench/bench_shards.py` on the generated "small" corpus (pages 576 x 816) at
 512 x 800 (GSRP 768 x 1200), mean per member: color.jpg 146 kB, grey.png 88 kB, tone.png 27 kB, ring.jpg
 614 kB, hr_color.jpg 252 kB, hr_grey.png 172 kB, hr_tone.png 51 kB, json 1.6 kB: 1.35 MB per sample, about
 740 samples per 1 GB shard. Alternatives: the tone as JPEG q95 would take 296 kB (and change pixels by up to 11

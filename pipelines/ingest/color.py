@@ -30,7 +30,7 @@ CHROMA_HISTOGRAM_BINS = 512  # 0.5-unit chroma bins up to 256 (Lab chroma of sRG
 
 
 @dataclass(frozen=True)
-class FeatureParams:
+class FeatureConfig:
     """How features are measured. Changing these needs a new decode; they are recorded in the run summary."""
 
     dark_l: float = 22.0  # L* below which a pixel is too dark to carry a hue
@@ -129,7 +129,7 @@ def _hue_measures(a: np.ndarray, b: np.ndarray, chroma: np.ndarray) -> tuple[flo
     return max(0.0, 1.0 - resultant), max(0.0, 1.0 - in_best_arc / n), int((sectors >= HUE_BIN_SHARE * n).sum())
 
 
-def page_features(rgb: np.ndarray, params: FeatureParams = FeatureParams()) -> dict[str, float | int]:
+def page_features(rgb: np.ndarray, params: FeatureConfig = FeatureConfig()) -> dict[str, float | int]:
     """The classifier's measurements of one page, from an (H, W, 3) uint8 RGB array (a reduced decode)."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or rgb.size == 0:
         raise ValueError(f"expected a non-empty (H, W, 3) uint8 RGB array, got shape {rgb.shape} dtype {rgb.dtype}")
@@ -178,7 +178,7 @@ def page_features(rgb: np.ndarray, params: FeatureParams = FeatureParams()) -> d
     }
 
 
-def _grey_features(grey: np.ndarray, params: FeatureParams) -> dict[str, float | int]:
+def _grey_features(grey: np.ndarray, params: FeatureConfig) -> dict[str, float | int]:
     """Features of a page whose three channels are equal (greyscale saved as RGB, or a grey decode): no chroma."""
     lightness = 116.0 * _lab_f(_SRGB_TO_LINEAR[grey]) - 16.0
     features: dict[str, float | int] = dict.fromkeys(FEATURE_NAMES, 0.0)

@@ -62,7 +62,7 @@ from pipelines.core.storage import (
     write_marker,
     write_parquet,
 )
-from pipelines.ingest.color import ColorThresholds, FeatureParams, classify, page_features
+from pipelines.ingest.color import ColorThresholds, FeatureConfig, classify, page_features
 from pipelines.runtime.distributor import RunReport, Unit, run_units
 from pipelines.runtime.preconditions import check_input_root, check_output_creatable, created_folder
 
@@ -85,7 +85,7 @@ class IngestOptions:
     store_longest_side: int | None = DEFAULT_STORE_LONGEST_SIDE
     store_encoding: str = "jpeg"
     store_quality: int = 95
-    features: FeatureParams = field(default_factory=FeatureParams)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     thresholds: ColorThresholds = field(default_factory=ColorThresholds)
 
     def __post_init__(self) -> None:
@@ -370,8 +370,8 @@ def _count(table: pa.Table, column: str, value: Any) -> int:
 def run_ingest(
     input_root: str | os.PathLike,
     output: str | os.PathLike,
-    *,
     options: IngestOptions | None = None,
+    *,
     chapters_per_task: int = DEFAULT_CHAPTERS_PER_TASK,
     limit: int | None = None,
     local: bool = False,

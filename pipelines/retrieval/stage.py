@@ -41,7 +41,7 @@ import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,14 @@ SEARCH_VERSION = 1  # bump when the pool or search semantics change: old run fol
 # ---- parameters --------------------------------------------------------------------------------------------------
 
 
+SEARCH_FIELDS = ("refs", "min_refs", "k_per_patch", "seed", "width", "height", "rule", "max_per_page")
+
+
 @dataclass(frozen=True)
-class RetrievalParams:
-    """Everything that decides the pools and retrievals (given the embeddings)."""
+class RetrievalOptions:
+    """The retrieval stage's settings. `SEARCH_FIELDS` decide the pools and retrievals (given the embeddings) and
+    are recorded in run.json and the summary (`search_settings`); the encoder decides the embeddings; the rest
+    decide only how the work runs."""
 
     refs: int = 20
     min_refs: int = 10
@@ -111,6 +116,16 @@ class RetrievalParams:
     height: int = 800
     rule: NearDuplicateRule = field(default_factory=NearDuplicateRule)
     max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
+    encoder: str = DEFAULT_ENCODER
+    batch_size: int | None = None  # encoder batch; None: the encoder's default for its device
+    encoder_actors: int | None = None  # None: one per GPU, else one
+    faiss_threads: int = 1
+    rebuild: bool = False  # re-embed and re-search everything of this encoder and setting
+
+    def search_settings(self) -> dict[str, Any]:
+        """The fields that decide pools and retrievals, as recorded in run.json and the stage summary."""
+        settings = asdict(self)
+        return {name: settings[name] for name in SEARCH_FIELDS}
 
     def __post_init__(self) -> None:
         if self.max_per_page is not None and self.max_per_page * self.min_refs < QUERY_PATCHES * self.k_per_patch:
@@ -502,7 +517,7 @@ class SearchJob:
     run_folder: str
     chapter_id: str
     version: str
-    params: RetrievalParams
+    params: RetrievalOptions
     faiss_threads: int = 1
 
 
@@ -516,7 +531,7 @@ def search_state(run_folder: Path, chapter_id: str) -> dict[str, Any] | None:
 
 
 def chapter_retrievals(
-    embeddings: ChapterEmbeddings, params: RetrievalParams, faiss_threads: int = 1
+    embeddings: ChapterEmbeddings, params: RetrievalOptions, faiss_threads: int = 1
 ) -> tuple[list[Pool], list[dict[str, Any]]]:
     """Pools and retrieval rows of every frame of one chapter, from its stored embeddings."""
     pages = embeddings.pages.to_pylist()
@@ -690,34 +705,18 @@ def _stream_table(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> 
 
 
 def run_retrieval(
-    data: str | os.PathLike,
-    *,
-    encoder: str = DEFAULT_ENCODER,
-    refs: int = 20,
-    min_refs: int = 10,
-    k_per_patch: int = 3,
-    seed: int = 0,
-    width: int = 512,
-    height: int = 800,
-    rebuild: bool = False,
-    batch_size: int | None = None,
-    encoder_actors: int | None = None,
-    faiss_threads: int = 1,
-    rule: NearDuplicateRule | None = None,
-    max_per_page: int | None = None,
-    local: bool = False,
+    data: str | os.PathLike, options: RetrievalOptions | None = None, *, local: bool = False, **overrides: Any
 ) -> dict[str, Any]:
     """Build (or update) the retrieval cache of an ingested data folder; returns the run summary.
 
-    Uses the Ray the caller started, else joins RAY_ADDRESS or starts a local one; `local=True` runs in this
-    process without Ray. `rebuild` re-embeds and re-searches everything of this encoder and setting.
-    `max_per_page` caps a frame's patches per reference page (None: the paper's independent top-k).
+    Options come as a `RetrievalOptions` and/or as keyword overrides of its fields, e.g.
+    ``run_retrieval(out, encoder="weightfree", width=512, height=800)``. Uses the Ray the caller started, else
+    joins RAY_ADDRESS or starts a local one; `local=True` runs in this process without Ray.
     """
     started = time.perf_counter()
     layout = DataLayout.at(data)
-    params = RetrievalParams(
-        refs, min_refs, k_per_patch, seed, width, height, rule or NearDuplicateRule(), max_per_page=max_per_page
-    )
+    params = replace(options or RetrievalOptions(), **overrides)
+    encoder, width, height, rebuild = params.encoder, params.width, params.height, params.rebuild
     info = resolve_encoder(encoder).with_patch_geometry(patch_geometry(width, height))
     store = EmbeddingStore(layout.embeddings(info.encoder_id))
     run_id = params.run_id(info.encoder_id)
@@ -731,7 +730,9 @@ def run_retrieval(
         sweep_tmp(folder)
     store.folder.mkdir(parents=True, exist_ok=True)
     _write_encoder_record(store.folder, info)
-    atomic_write_json(run_folder / "run.json", {"run_id": run_id, "encoder_id": info.encoder_id, **asdict(params)})
+    atomic_write_json(
+        run_folder / "run.json", {"run_id": run_id, "encoder_id": info.encoder_id, **params.search_settings()}
+    )
 
     # stage 1: embeddings
     stage1_started = time.perf_counter()
@@ -743,7 +744,7 @@ def run_retrieval(
             up_to_date.append(chapter_id)
         else:
             jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
-    options = EncoderOptions(batch_size=batch_size, actors=encoder_actors)
+    options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors)
     if not jobs:
         embed_results, workers = [], []
     elif local:
@@ -772,7 +773,7 @@ def run_retrieval(
     # stage 2: pools and search
     versions = {c: state["version"] for c, state in states.items() if c not in failed and state is not None}
     units = [
-        Unit(c, SearchJob(str(store.folder), str(run_folder), c, versions[c], params, faiss_threads))
+        Unit(c, SearchJob(str(store.folder), str(run_folder), c, versions[c], params, params.faiss_threads))
         for c in chapters
         if c in versions
     ]
@@ -782,7 +783,7 @@ def run_retrieval(
         return not rebuild and state is not None and state.get("embeddings_version") == versions[unit.key]
 
     report = run_units(
-        units, search_chapter, is_done=is_done, desc="retrieval search", num_cpus=faiss_threads, local=local
+        units, search_chapter, is_done=is_done, desc="retrieval search", num_cpus=params.faiss_threads, local=local
     )
     failed.update({r["key"]: r["error"] for r in report.failed})
     search_summary = {
@@ -823,7 +824,7 @@ def run_retrieval(
         "complete": not failed,  # False makes the whole-pipeline job run this stage again (failed chapters)
         "encoder": {"spec": info.spec, "encoder_id": info.encoder_id, "fingerprint": info.fingerprint},
         "run_id": run_id,
-        "params": asdict(params),
+        "params": params.search_settings(),
         "chapters": len(chapters),
         "embeddings": embed_summary,
         "search": search_summary,

@@ -51,7 +51,7 @@ SHARDED_SPLITS = (TRAIN, VAL)
 
 
 @dataclass(frozen=True)
-class ShardJobOptions:
+class ShardOptions:
     size: tuple[int, int] = (512, 800)
     hires_scale: float = 1.5
     shard_size: int = 1_000_000_000
@@ -149,7 +149,7 @@ def _input_files(layout: DataLayout) -> dict[str, str | None]:
 
 def run_shards(
     data: str | Path,
-    options: ShardJobOptions | None = None,
+    options: ShardOptions | None = None,
     *,
     local: bool = False,
     rebuild: bool = False,
@@ -157,12 +157,12 @@ def run_shards(
 ) -> dict[str, Any]:
     """Run the whole shard stage on OUT=`data`; returns (and writes last, when complete) the stage summary.
 
-    Options come as a `ShardJobOptions` and/or as keyword overrides of its fields, e.g.
+    Options come as a `ShardOptions` and/or as keyword overrides of its fields, e.g.
     ``run_shards(out, size=(512, 800), bench_chapters=30, local=True)``. The stage is skipped when its summary
     exists for the same options, code and input tables; `rebuild` replaces shards planned differently.
     """
     started = time.perf_counter()
-    options = replace(options or ShardJobOptions(), **overrides)
+    options = replace(options or ShardOptions(), **overrides)
     layout = DataLayout.at(data)
     for path, what in (
         (layout.summary("ingest"), "run the ingestion job (jobs.ingest) first"),

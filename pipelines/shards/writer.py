@@ -27,7 +27,7 @@ an uninterrupted run.
 Cost: one Ray task per shard (1 CPU). It works chapter by chapter, holding one chapter's encoded page store
 and its pages fitted to the training size (about 1.2 MB per page at 512 x 800, `samples.ChapterPages`), and
 streams samples to disk, so memory does not grow with the shard size. Sample assembly (decode, fit, ring,
-encode) runs at about 5 samples/s per core at 512 x 800 (`bench/shards.py`): about 20 core-hours for 300k
+encode) runs at about 5 samples/s per core at 512 x 800 (`bench/bench_shards.py`): about 20 core-hours for 300k
 frames. Writing the tar is not the bottleneck: it runs at disk speed, hashing as it writes.
 """
 

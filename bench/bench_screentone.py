@@ -5,30 +5,25 @@ plus a PNG encode of the same colour page (the least any screentone stage does p
 Part 2 (CUDA when present, else CPU): ScreenStyle's ``render_batch`` by batch size and dtype against the
 per-page float32 rate measured in the same run, with the largest difference (grey levels) to the per-page
 float32 tones and the hours 300k frames take at that rate. Random weights in eval mode: speed does not depend
-on the weight values. Run: ``.venv/bin/python bench/screentone.py [--sizes 512x800,768x1200] [--pages N]``.
+on the weight values. Run: ``.venv/bin/python bench/bench_screentone.py [--sizes 512x800,768x1200] [--pages N]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-# This script shares its name with the package: take bench/ off the import path so `screentone` is the package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from screentone.color2manga import ColorToScreenMapGenerator  # noqa: E402
-from screentone.loader import ScreenStyleModels  # noqa: E402
-from screentone.render import HalftoneRenderer, ScreenStyleRenderer  # noqa: E402
-from screentone.screenvae import ScreenVAEDecoder  # noqa: E402
-from screentone.synthetic import synthetic_color_page  # noqa: E402
+from screentone.color2manga import ColorToScreenMapGenerator
+from screentone.loader import ScreenStyleModels
+from screentone.render import HalftoneRenderer, ScreenStyleRenderer
+from screentone.screenvae import ScreenVAEDecoder
+from screentone.synthetic import synthetic_color_page
 
 FRAMES = 300_000  # frames of a training corpus, for the hours column
 

@@ -17,32 +17,29 @@
     the paper's ViT-H-14 with random weights, against the bare tower's forward on the same batch already on the
     GPU in fp16. One H100 gave 1297 crops/s at batch 64, 97.6% of the bare model.
 
-    python bench/retrieval.py [--preset small] [--size 512x800] [--baseline-frames 24] [--workdir DIR]
+    python bench/bench_retrieval.py [--preset small] [--size 512x800] [--baseline-frames 24] [--workdir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
 from pipelines.core.embeddings import EmbeddingStore
-from pipelines.core.encoders import WEIGHT_FREE, load_encoder, resolve_encoder  # noqa: E402
-from pipelines.core.layout import DataLayout  # noqa: E402
-from pipelines.core.pagestore import decode_page, read_chapter_pages  # noqa: E402
+from pipelines.core.encoders import WEIGHT_FREE, load_encoder, resolve_encoder
+from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import decode_page, read_chapter_pages
 from pipelines.core.patches import page_patches
-from pipelines.core.schemas import POOLS, QUERY_PATCHES, REF_PATCHES, STATUS_OK  # noqa: E402
-from pipelines.core.search import PoolSearcher, RefKeys, padded_rows  # noqa: E402
-from pipelines.core.storage import read_parquet  # noqa: E402
-from pipelines.ingest.stage import run_ingest  # noqa: E402
-from pipelines.retrieval.stage import RetrievalParams, run_retrieval
-from pipelines.sample_corpus.generate import generate_corpus  # noqa: E402
+from pipelines.core.schemas import POOLS, QUERY_PATCHES, REF_PATCHES, STATUS_OK
+from pipelines.core.search import PoolSearcher, RefKeys, padded_rows
+from pipelines.core.storage import read_parquet
+from pipelines.ingest.stage import run_ingest
+from pipelines.retrieval.stage import RetrievalOptions, run_retrieval
+from pipelines.sample_corpus.generate import generate_corpus
 
 
 def per_frame_pipeline(layout: DataLayout, pools: list[dict], width: int, height: int) -> tuple[float, int]:
@@ -213,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             f"    ratio: {base_pf / job_pf:.1f}x fewer passes, "
             f"{(base_seconds / len(sample)) / (job_seconds / frames):.1f}x less time per frame"
         )
-        k = RetrievalParams().k_per_patch
+        k = RetrievalOptions().k_per_patch
         store = EmbeddingStore(Path(out) / summary["outputs"]["embeddings"])
         cases = [
             (

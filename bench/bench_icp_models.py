@@ -9,7 +9,7 @@ guidance (UNet batch 2):
   release   guider on the doubled batch + guided UNet (what the released pipeline does).
 Prints ms/step, the ratios to the baseline, and on CUDA the peak memory of each.
 
-Run: ``.venv/bin/python bench/icp_models.py [--size sd15|tiny] [--frame 512x800] [--repeat 5] [--dtype fp16]``.
+Run: ``.venv/bin/python bench/bench_icp_models.py [--size sd15|tiny] [--frame 512x800] [--repeat 5] [--dtype fp16]``.
 On CPU use ``--size tiny --frame 128x192`` (SD1.5 at 512x800 takes minutes per step there) and
 ``OMP_NUM_THREADS=1`` on a shared machine.
 """
@@ -18,20 +18,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+from diffusers import UNet2DConditionModel
 
-import torch  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
-
-from model.colorguider import ColorGuider, GuiderOutput  # noqa: E402
-from model.guided_unet import guided_unet_forward  # noqa: E402
-from model.lora import add_icp_lora  # noqa: E402
-from model.tiny import SD15_UNET_CONFIG, TINY_TEXT_DIM, build_tiny_unet  # noqa: E402
+from model.colorguider import ColorGuider, GuiderOutput
+from model.guided_unet import guided_unet_forward
+from model.lora import add_icp_lora
+from model.tiny import SD15_UNET_CONFIG, TINY_TEXT_DIM, build_tiny_unet
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -11,32 +11,28 @@
    peak memory for both and their ratio. Without CUDA this part is skipped, unless --step-device cpu asks for a
    (slow) smoke run at a size of your choosing.
 
-Run: ``.venv/bin/python bench/train_gsrp.py [--work DIR] [--samples 24] [--repeat 3] [--batch 4] [--steps 5]``.
+Run: ``.venv/bin/python bench/bench_train_gsrp.py [--work DIR] [--samples 24] [--repeat 3] [--batch 4] [--steps 5]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-# bench/screentone.py would shadow the `screentone` package: take bench/ off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from diffusers import AutoencoderKL  # noqa: E402
-from diffusers.utils import logging as diffusers_logging  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from jobs.common import parse_size  # noqa: E402
-from model.gsrp_fusion import GSRPFusion  # noqa: E402
-from model.gsrp_vae import GuidedVAE  # noqa: E402
-from model.tiny import SD15_VAE_CONFIG  # noqa: E402
-from training.data import GSRPDataConfig, build_gsrp_dataset, resolve_shard_source  # noqa: E402
-from training.train_gsrp import batch_generator, degrade_like_icp  # noqa: E402
+from jobs.common import parse_size
+from model.gsrp_fusion import GSRPFusion
+from model.gsrp_vae import GuidedVAE
+from model.tiny import SD15_VAE_CONFIG
+from training.data import GSRPDataConfig, build_gsrp_dataset, resolve_shard_source
+from training.train_gsrp import batch_generator, degrade_like_icp
 
 HR_MEMBERS = ("hr_color.jpg", "hr_grey.png", "hr_tone.png")
 

@@ -17,7 +17,8 @@ s/step, samples/s, peak memory; against the same two networks run uncoupled (no 
 workload) in the same run, and against the anchor's figures (13.8 samples/s at 20 GB with checkpointing, 20.1 at
 47 GB without, one H100).
 
-Run: ``.venv/bin/python bench/train_icp.py [--size 512x800] [--samples 24] [--repeat 3] [--batch 8] [--work DIR]``.
+Run: ``.venv/bin/python bench/bench_train_icp.py [--size 512x800] [--samples 24] [--repeat 3] [--batch 8]``
+(``--work DIR`` keeps the generated data).
 """
 
 from __future__ import annotations
@@ -26,28 +27,24 @@ import argparse
 import hashlib
 import io
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/screentone.py would shadow the `screentone` package: take bench/ off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from jobs.common import parse_size  # noqa: E402
-from pipelines.core.geometry import hires_size  # noqa: E402
-from pipelines.core.pagestore import encode_page  # noqa: E402
-from pipelines.core.sample_inputs import build_training_inputs, decode_sample  # noqa: E402
-from pipelines.core.samples import ChapterPages, FrameRecord, SampleConfig, build_sample  # noqa: E402
-from pipelines.shards.writer import write_tar  # noqa: E402
-from screentone.halftone import render_halftone  # noqa: E402
-from screentone.synthetic import synthetic_color_page  # noqa: E402
-from training.data import ICPDataConfig, build_icp_dataset, crop_resize, crop_window, resolve_shard_source  # noqa: E402
+from jobs.common import parse_size
+from pipelines.core.geometry import hires_size
+from pipelines.core.pagestore import encode_page
+from pipelines.core.sample_inputs import build_training_inputs, decode_sample
+from pipelines.core.samples import ChapterPages, FrameRecord, SampleConfig, build_sample
+from pipelines.shards.writer import write_tar
+from screentone.halftone import render_halftone
+from screentone.synthetic import synthetic_color_page
+from training.data import ICPDataConfig, build_icp_dataset, crop_resize, crop_window, resolve_shard_source
 
 
 def _png(array: np.ndarray) -> bytes:

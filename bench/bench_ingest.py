@@ -1,6 +1,6 @@
 """Benchmark of the ingestion job against a plain full-resolution PIL decode loop, on the same files, same run.
 
-    python bench/ingest.py [--preset demo] [--scale 2.2] [--ray-cpus 2]
+    python bench/bench_ingest.py [--preset demo] [--scale 2.2] [--ray-cpus 2]
 
 Prints pages/s of (a) the baseline: every page decoded once at full resolution with PIL; (b) the classification
 pass every page pays (reduced-scale decode, colour features), per format and overall; (c) the page-store pass

@@ -12,7 +12,7 @@ model of SD1.5's real architecture (UNet 860M, guider, VAE, text encoder; LoRA r
 the figures measure the architecture's cost, not its output quality. Use `--full-size --size 512x800` on a GPU for
 the paper's 1024x1600 canvas.
 
-    python bench/colorize.py [--pages 4] [--size 128x192] [--steps 2] [--full-size] [--workdir DIR]
+    python bench/bench_colorize.py [--pages 4] [--size 128x192] [--steps 2] [--full-size] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from jobs.common import parse_size  # noqa: E402
+from jobs.common import parse_size
 
 MODES = ("none", "vae-slicing", "offload")
 

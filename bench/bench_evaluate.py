@@ -7,29 +7,25 @@ real one), and all of them with an aesthetic head. Rates are per-page scoring (d
 the networks loaded and after one warm-up page. Two one-off costs are timed apart: one FID distance at 2048-d
 (the eigenvalues of a 2048 x 2048 product, once per FID row) and the whole job end to end (loading, scoring,
 tables, grids, the overall FID). The device is CUDA when available.
-Run: ``.venv/bin/python bench/evaluate.py [--pages N]``.
+Run: ``.venv/bin/python bench/bench_evaluate.py [--pages N]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# This script's name is also a PyPI package's (Hugging Face `evaluate`): take bench/ off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image, ImageFilter  # noqa: E402
-
-from evaluation.metrics import frechet_distance  # noqa: E402
-from evaluation.scoring import EvaluateOptions, collect_pairs, load_scorers, run_evaluate, score_page  # noqa: E402
-from pipelines.core.encoders import resolve_encoder  # noqa: E402
-from screentone.synthetic import synthetic_color_page  # noqa: E402
+from evaluation.metrics import frechet_distance
+from evaluation.scoring import EvaluateOptions, collect_pairs, load_scorers, run_evaluate, score_page
+from pipelines.core.encoders import resolve_encoder
+from screentone.synthetic import synthetic_color_page
 
 
 def write_pages(root: Path, count: int, width: int, height: int) -> tuple[Path, Path]:

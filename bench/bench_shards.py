@@ -11,7 +11,7 @@ interleaved on the same disk and start after an `os.sync()`; the tar writer also
 writes. It also prints bytes per member and per sample, and what the alternative encodings would cost
 (screentone as JPEG, colour as PNG), the figures behind the encoding choice.
 
-Run: ``.venv/bin/python bench/shards.py [--size 512x800] [--scale 1.5] [--repeat 5] [--copies 5] [--work DIR]``.
+Run: ``.venv/bin/python bench/bench_shards.py [--size 512x800] [--scale 1.5] [--repeat 5] [--copies 5] [--work DIR]``.
 """
 
 from __future__ import annotations
@@ -22,27 +22,23 @@ import io
 import os
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# bench/screentone.py would shadow the `screentone` package: take bench/ off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from pipelines.core.layout import DataLayout  # noqa: E402
-from pipelines.core.samples import FIELDS, FrameRecord, SampleConfig, sample_nbytes  # noqa: E402
-from pipelines.core.schemas import PAGES, SHARD_INDEX, table_from_rows  # noqa: E402
-from pipelines.core.storage import fsync_dir, read_json, read_parquet, write_parquet  # noqa: E402
-from pipelines.ingest.stage import run_ingest  # noqa: E402
-from pipelines.retrieval.stage import run_retrieval  # noqa: E402
-from pipelines.sample_corpus.generate import generate_corpus  # noqa: E402
-from pipelines.screentone.stage import ScreentoneOptions, run_screentone  # noqa: E402
-from pipelines.shards.writer import iter_frame_samples, write_tar  # noqa: E402
+from pipelines.core.layout import DataLayout
+from pipelines.core.samples import FIELDS, FrameRecord, SampleConfig, sample_nbytes
+from pipelines.core.schemas import PAGES, SHARD_INDEX, table_from_rows
+from pipelines.core.storage import fsync_dir, read_json, read_parquet, write_parquet
+from pipelines.ingest.stage import run_ingest
+from pipelines.retrieval.stage import run_retrieval
+from pipelines.sample_corpus.generate import generate_corpus
+from pipelines.screentone.stage import ScreentoneOptions, run_screentone
+from pipelines.shards.writer import iter_frame_samples, write_tar
 
 MB = 1e6
 
