@@ -103,15 +103,17 @@ def child(args: argparse.Namespace) -> dict:
     """One device and memory mode in this (fresh) process: warm-up run, then the measured run."""
     import torch
 
-    from inference.colorize import ColorizeSettings, RunOptions, chapter_tasks_for_sources, run_colorize
-    from inference.models import SamplingSettings, resolve_model_paths
+    from inference.colorize import run_colorize
+    from inference.models import SamplingOptions, resolve_model_paths
+    from inference.plan import ColorizeOptions, chapter_tasks_for_sources
+    from inference.worker import RunOptions
 
     work = Path(args.workdir)
     models = resolve_model_paths(icp=str(work / "icp"), gsrp=str(work / "gsrp"), colorflow_weights=None,
                                  sd15=str(work / "sd15"))  # fmt: skip
     dtype = "float16" if args.device.startswith("cuda") else "float32"
-    sampling = SamplingSettings(steps=args.steps, dtype=dtype, memory=args.memory)
-    settings = ColorizeSettings(*args.size, encoder="weightfree", sampling=sampling, models=models)
+    sampling = SamplingOptions(steps=args.steps, dtype=dtype, memory=args.memory)
+    settings = ColorizeOptions(*args.size, encoder="weightfree", sampling=sampling, models=models)
     options = RunOptions(local=True, device=args.device, rebuild=True)
     out = work / "out" / f"{args.device}-{args.memory}"
     run_colorize(chapter_tasks_for_sources(str(work / "warmup"), str(work / "refs")), out / "warmup", settings, options)

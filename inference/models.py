@@ -112,7 +112,7 @@ def resolve_model_paths(
 
 
 @dataclass(frozen=True)
-class SamplingSettings:
+class SamplingOptions:
     """Everything that decides a page's pixels given its inputs (the device and batch size excepted)."""
 
     steps: int = 10
@@ -146,7 +146,7 @@ class PageBatchItem:
 class Colorizer:
     """ICP and GSRP loaded once (per Ray actor), colouring batches of pages."""
 
-    def __init__(self, paths: ModelPaths, sampling: SamplingSettings, device: str) -> None:
+    def __init__(self, paths: ModelPaths, sampling: SamplingOptions, device: str) -> None:
         import torch
 
         from model.icp_weights import load_icp_pipeline

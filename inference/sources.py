@@ -20,6 +20,7 @@ import fsspec
 from PIL import Image
 
 from pipelines.core.decode import DEFAULT_MAX_PIXELS, decode_upright
+from pipelines.core.errors import UsageError
 from pipelines.core.sources import (
     ARCHIVE_EXTENSIONS,
     KIND_ARCHIVE,
@@ -31,7 +32,7 @@ from pipelines.core.sources import (
 )
 
 
-class ColorizeInputError(ValueError):
+class ColorizeInputError(UsageError):
     """The command's inputs cannot be used at all (missing folder, not an archive, empty benchmark): a usage error."""
 
 

@@ -12,27 +12,28 @@ import argparse
 import json
 import sys
 
-from inference.colorize import (
+from inference.colorize import run_colorize
+from inference.models import DTYPES, MEMORY_MODES, SamplingOptions, resolve_model_paths
+from inference.plan import (
     SIZE_PRESETS,
-    ColorizeSettings,
-    RunOptions,
+    ColorizeOptions,
     chapter_tasks_for_benchmark,
     chapter_tasks_for_sources,
     default_dtype,
     default_encoder,
     export_defaults,
-    run_colorize,
 )
-from inference.models import DTYPES, MEMORY_MODES, SamplingSettings, resolve_model_paths
-from inference.sources import ColorizeInputError
+from inference.worker import RunOptions
 from jobs.common import add_ray_arguments, start_ray
-from pipelines.core.cli import JobArgumentParser, error_line, parse_size
+from pipelines.core.cli import JobArgumentParser, parse_size, run_job
+
+PROG = "python -m jobs.colorize"
 
 PRESETS = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = JobArgumentParser(prog="python -m jobs.colorize", description=__doc__)
+    parser = JobArgumentParser(prog=PROG, description=__doc__)
     inputs = parser.add_argument_group("what to colour")
     inputs.add_argument("--pages", help="B&W pages: a folder or a .cbz/.zip archive (natural page order)")
     inputs.add_argument("--refs", help="colour reference pages: a folder or a .cbz/.zip archive")
@@ -109,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_settings(args: argparse.Namespace) -> ColorizeSettings:
+def build_settings(args: argparse.Namespace) -> ColorizeOptions:
     models = None
     defaults = {}
     if not args.references_only:
@@ -123,7 +124,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeSettings:
         """The command line wins, then the export's export.json, then the released app's value."""
         return value if value is not None else defaults.get(key, fallback)
 
-    sampling = SamplingSettings(
+    sampling = SamplingOptions(
         steps=chosen(args.steps, "steps", 10),
         guidance_scale=chosen(args.guidance_scale, "guidance_scale", 7.5),
         prompt=chosen(args.prompt, "prompt", "manga"),
@@ -132,7 +133,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeSettings:
         dtype=args.dtype or default_dtype(args.device, args.local),
         memory=args.memory,
     )
-    return ColorizeSettings(
+    return ColorizeOptions(
         width=width,
         height=height,
         sr_scale=chosen(args.sr_scale, "sr_scale", 1.5),
@@ -144,33 +145,32 @@ def build_settings(args: argparse.Namespace) -> ColorizeSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    try:
-        settings = build_settings(args)  # weights, inputs and sizes are checked before Ray starts
-        if args.benchmark:
-            tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
-        else:
-            tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
-        start_ray(args)
-        options = RunOptions(
-            batch_size=args.batch_size,
-            local=args.local,
-            actors=args.actors,
-            cpus_per_actor=args.cpus_per_actor,
-            device=args.device,
-            rebuild=args.rebuild,
-        )
-        summary = run_colorize(tasks, args.output, settings, options, extra)
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"python -m jobs.colorize: error: {error_line(exc)}", file=sys.stderr)
-        return 2 if isinstance(exc, ColorizeInputError) else 1
+    settings = build_settings(args)  # weights, inputs and sizes are checked before Ray starts
+    if args.benchmark:
+        tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
+    else:
+        tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
+    start_ray(args)
+    options = RunOptions(
+        batch_size=args.batch_size,
+        local=args.local,
+        actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor,
+        device=args.device,
+        rebuild=args.rebuild,
+    )
+    summary = run_colorize(tasks, args.output, settings, options, extra)
     shown = {k: v for k, v in summary.items() if k not in ("page_rows", "settings")}
     print(json.dumps(shown, indent=2, sort_keys=True))
-    return 0 if summary["complete"] else 1
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: 0 when every page was coloured, 1 on failed pages or an error, 2 on unusable inputs."""
+    return run_job(main, argv, prog=PROG)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     labels = None
     input_root = args.input
     if args.generate_sample:
-        from pipelines.sample_corpus.generate import default_labels_path, generate_corpus
+        from pipelines.sample_corpus.generate import generate_corpus
+        from pipelines.sample_corpus.labels import default_labels_path
 
         input_root = args.generate_sample
         labels = default_labels_path(Path(input_root))

@@ -11,7 +11,7 @@ import torch
 from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
 from PIL import Image
 
-from jobs.colorize import main as colorize_main
+from jobs.colorize import cli as colorize_main
 
 STEPS = ["--steps", "2"]
 

@@ -12,10 +12,9 @@ import pytest
 from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
 from PIL import Image
 
-from inference.colorize import (
+from inference.plan import (
     ChapterTask,
-    ColorizeSettings,
-    ColorizeWorker,
+    ColorizeOptions,
     WorkerConfig,
     plan_chapter,
 )
@@ -26,7 +25,8 @@ from inference.references import (
     resolve_colorize_encoder,
 )
 from inference.sources import open_source, output_stems
-from jobs.colorize import main as colorize_main
+from inference.worker import ColorizeWorker
+from jobs.colorize import cli as colorize_main
 from pipelines.core.geometry import CompositeLayout
 from pipelines.core.sample_inputs import DecodedSample, build_training_inputs
 from pipelines.core.samples import ChapterPages, build_ring
@@ -110,7 +110,7 @@ def test_composite_equals_the_trainers(chapter, tmp_path: Path) -> None:
     """Ring, C_bw, mask and the guider's canvases built by colorize equal the trainer's for the same page and
     retrievals: `samples.build_ring` from the reference bytes, then `build_training_inputs` (before any JPEG)."""
     pages, refs = chapter
-    settings = ColorizeSettings(width=SIZE[0], height=SIZE[1], encoder="weightfree")
+    settings = ColorizeOptions(width=SIZE[0], height=SIZE[1], encoder="weightfree")
     info = resolve_colorize_encoder("weightfree")
     config = WorkerConfig(str(tmp_path), settings, info, settings.record(info), device="cpu")
     worker = ColorizeWorker(config)

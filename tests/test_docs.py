@@ -50,8 +50,7 @@ def marked_section(path: Path, name: str) -> str:
 def test_schemas_page_matches_schemas(repo_root: Path) -> None:
     section = marked_section(repo_root / SCHEMAS_PAGE, "schemas")
     assert section == markdown().strip(), (
-        f"the schema section of {SCHEMAS_PAGE} is stale: regenerate it by pasting the output of "
-        "`python -m pipelines.core.schemas` between its markers <!-- schemas:start --> and <!-- schemas:end -->"
+        f"the schema section of {SCHEMAS_PAGE} is stale: regenerate it with `python -m pipelines.core.schemas --docs`"
     )
 
 

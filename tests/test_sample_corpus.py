@@ -13,19 +13,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pipelines.core.sources import natural_key
 from pipelines.sample_corpus import generate as sample_corpus
-from pipelines.sample_corpus.generate import (
-    BOMB_SIZE,
-    BROKEN_KINDS,
-    BW_STYLES,
-    COLOR_STYLES,
-    LABEL_FIELDS,
-    PRESETS,
-    CorpusInfo,
-    generate_corpus,
-    natural_key,
-    read_labels,
-)
+from pipelines.sample_corpus.files import BOMB_SIZE
+from pipelines.sample_corpus.generate import generate_corpus
+from pipelines.sample_corpus.labels import BROKEN_KINDS, BW_STYLES, COLOR_STYLES, LABEL_FIELDS, CorpusInfo, read_labels
+from pipelines.sample_corpus.plans import PRESETS, chapter_plans
 
 JUNK_NAMES = ("Thumbs.db", ".DS_Store", "ComicInfo.xml")
 
@@ -339,7 +332,7 @@ def test_small_preset_has_spreads_and_near_duplicates(small):
 
 def test_every_preset_plan_is_consistent():
     for preset in PRESETS:
-        plans, cast_sizes = sample_corpus._plans(preset)
+        plans, cast_sizes = chapter_plans(preset)
         by_key = {(p.series_index, p.chapter_index): p for p in plans}
         assert set(cast_sizes) == {p.series for p in plans}
         for plan in plans:

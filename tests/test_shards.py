@@ -334,7 +334,8 @@ def test_end_to_end_on_the_generated_corpus_with_the_real_upstream_stages(tmp_pa
 
     from pipelines.ingest.stage import run_ingest
     from pipelines.retrieval.stage import run_retrieval
-    from pipelines.sample_corpus.generate import default_labels_path, generate_corpus, read_labels
+    from pipelines.sample_corpus.generate import generate_corpus
+    from pipelines.sample_corpus.labels import default_labels_path, read_labels
     from pipelines.screentone.stage import ScreentoneOptions, run_screentone
 
     corpus, out = tmp_path / "corpus", tmp_path / "out"

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.core.errors import PreconditionError
+from pipelines.core.errors import PreconditionError, UsageError
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
@@ -49,7 +49,7 @@ class JobArgumentParser(argparse.ArgumentParser):
 
 def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *, prog: str) -> int:
     """Run a job's ``main(argv)`` and return its exit status: 0 done, 1 failed units or a runtime error (one line
-    on stderr; the traceback too with ``--debug``), 2 a usage error, 130 interrupted."""
+    on stderr; the traceback too with ``--debug``), 2 a usage error (argparse's, or a `UsageError`), 130 interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = main(argv)
@@ -62,7 +62,7 @@ def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
         if "--debug" in argv:
             traceback.print_exc()
         print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
-        return RUNTIME_ERROR
+        return USAGE_ERROR if isinstance(exc, UsageError) else RUNTIME_ERROR
     if isinstance(result, dict):
         return exit_status(result)
     return result if isinstance(result, int) else 0  # an exit status, or what a job printed (paths, ...)

@@ -3,3 +3,7 @@
 
 class PreconditionError(Exception):
     """A job cannot start: the message is one line a user can act on."""
+
+
+class UsageError(ValueError):
+    """The command's inputs cannot be used at all (a missing folder, a file of the wrong kind): exit status 2."""

@@ -267,9 +267,12 @@ def markdown() -> str:
     return "\n".join(lines)
 
 
-def update_readme(path: str = "README.md") -> None:
+SCHEMAS_DOC = "docs/reference/schemas.md"
+
+
+def update_docs(path: str = SCHEMAS_DOC) -> None:
     """Replace the schema section (between its markers) of the markdown file at `path` with the current schemas
-    (`--readme`). The section lives in docs/reference/schemas.md; the default path is still README.md."""
+    (``python -m pipelines.core.schemas --docs``; without the flag the section is printed)."""
     from pathlib import Path
 
     start, end = "<!-- schemas:start -->", "<!-- schemas:end -->"
@@ -282,7 +285,7 @@ def update_readme(path: str = "README.md") -> None:
 if __name__ == "__main__":
     import sys
 
-    if "--readme" in sys.argv:
-        update_readme()
+    if "--docs" in sys.argv:
+        update_docs()
     else:
         print(markdown())
