@@ -60,9 +60,12 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
 
 def test_the_retrieval_cap_reaches_the_retrieval_stage_only_when_set() -> None:
     from jobs.pipeline import parse_args
+    from pipelines.retrieval.stage import RetrievalOptions
     from pipelines.runner import PipelineOptions
 
     assert "max_per_page" not in PipelineOptions().stage_settings("retrieval")  # uncapped settings hash as before
     args = parse_args(["--input", "in", "--output", "out", "--max-per-page", "3"])
     assert args.max_per_page == 3
-    assert PipelineOptions(max_per_page=args.max_per_page).stage_settings("retrieval")["max_per_page"] == 3
+    capped = PipelineOptions(retrieval=RetrievalOptions(max_per_page=args.max_per_page))
+    assert capped.stage_settings("retrieval")["max_per_page"] == 3
+    assert capped.stage_options("retrieval").max_per_page == 3
