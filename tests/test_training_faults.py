@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def test_corrupt_checkpoints_locks_and_byte_reproducible_exports(
     train_icp.main(train_icp.parse_args(icp_args(sd15, data_copy, straight, "--max_train_steps", "2",
                                                   "--checkpointing_steps", "1")))  # fmt: skip
     assert not (straight / LOCK_NAME).exists()  # released at the end
+    capsys.readouterr()
 
     resumed = tmp_path / "resumed"
     resumed.mkdir()
@@ -155,13 +157,13 @@ def test_a_shard_with_damaged_samples_stops_training_naming_the_reason(
     from training.data import resolve_shard_source
 
     tar = Path(resolve_shard_source(data_copy).urls[0])
+    with tarfile.open(tar) as archive:
+        offsets = [member.offset_data for member in archive if member.name.endswith(".json")][:2]
     data = bytearray(tar.read_bytes())
-    for start in range(0, len(data), 4096):
-        position = data.find(b'{"', start)  # the json members: garbage instead of JSON
-        if position >= 0:
-            data[position : position + 2] = b"\xff\xfe"
+    for offset in offsets:  # two samples' metadata: garbage instead of JSON
+        data[offset : offset + 2] = b"\xff\xfe"
     tar.write_bytes(bytes(data))
-    code = train_gsrp.cli(gsrp_args(sd15, tar, tmp_path / "run", "--max_train_steps", "3"))
+    code = train_gsrp.cli(gsrp_args(sd15, tar, tmp_path / "run", "--max_train_steps", "12"))
     assert code == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("train_gsrp: error: ") and "samples read were skipped (more than --max_bad_fraction" in line

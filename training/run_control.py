@@ -2,7 +2,7 @@
 output folder (a lock), a clean stop on SIGTERM (a scheduler's preemption), and a budget of skipped samples.
 
 Both trainers use these the same way: `check_base_model` and `check_resolution` before loading, `run_folder` around
-the run, `Preemption.agreed` and `BadSampleBudget` after every optimiser step.
+the run, `Preemption.agreed` and `BadSampleBudget.exceeded` after every optimiser step.
 """
 
 from __future__ import annotations
@@ -232,12 +232,13 @@ class Preemption:
         return bool(accelerator.gather(flag).max().item() > 0)
 
 
-def preempted(step: int) -> JobStopped:
-    return JobStopped(
+def preempted(step: int, accelerator: Any) -> JobStopped:
+    """The stop of a preempted run: every rank exits with 143, the main process alone says where to resume."""
+    message = (
         f"preempted at step {step}: checkpoint-{step} saved; rerun the same command with "
-        "--resume_from_checkpoint latest to resume",
-        exit_status=PREEMPTED_EXIT,
+        "--resume_from_checkpoint latest to resume"
     )
+    return JobStopped(message if accelerator.is_main_process else "", exit_status=PREEMPTED_EXIT)
 
 
 def ignore_sigterm(worker_id: int) -> None:
@@ -251,13 +252,16 @@ def ignore_sigterm(worker_id: int) -> None:
 
 @dataclass
 class BadSampleBudget:
-    """Counts samples read and skipped on this rank; `check` stops the run (one line naming the reason) when, over
-    all ranks, more than max(1, max_fraction x read) were skipped: a damaged shard is not trained around silently."""
+    """Counts samples read and skipped on this rank; `exceeded` is true once, over all ranks, more than
+    max(1, max_fraction x read) were skipped, and `stop` ends the run in one line naming the first reason: a damaged
+    shard is not trained around silently."""
 
     max_fraction: float
     bad: int = 0
     read: int = 0
     reason: str = ""
+    total_bad: int = 0
+    total_read: int = 0
 
     def add(self, batch: dict[str, Any]) -> None:
         skipped = int(batch["bad_skipped"].sum())
@@ -266,17 +270,22 @@ class BadSampleBudget:
         if not self.reason:
             self.reason = next((reason for reason in batch["bad_reason"] if reason), "")
 
-    def check(self, accelerator: Any) -> None:
+    def exceeded(self, accelerator: Any) -> bool:
+        """Whether the ranks together passed the budget (a collective: every rank calls it at every step)."""
         import torch
         from accelerate.utils import gather_object
 
         totals = accelerator.gather(torch.tensor([[self.bad, self.read]], device=accelerator.device)).sum(0).tolist()
-        bad, read = int(totals[0]), int(totals[1])
-        if bad <= max(1.0, self.max_fraction * read):
-            return
+        self.total_bad, self.total_read = int(totals[0]), int(totals[1])
+        if self.total_bad <= max(1.0, self.max_fraction * self.total_read):
+            return False
         reasons = gather_object([self.reason]) if accelerator.num_processes > 1 else [self.reason]
-        reason = next((r for r in reasons if r), "see the warnings above")
+        self.reason = next((r for r in reasons if r), "see the warnings above")
+        return True
+
+    def stop(self) -> None:
+        """Raise the one line that ends the run."""
         raise RuntimeError(
-            f"{bad} of {read} samples read were skipped (more than --max_bad_fraction {self.max_fraction}); "
-            f"first: {reason}"
+            f"{self.total_bad} of {self.total_read} samples read were skipped (more than --max_bad_fraction "
+            f"{self.max_fraction}); first: {self.reason}"
         )

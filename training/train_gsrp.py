@@ -497,14 +497,16 @@ def train(
         )
         accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         step_loss = 0.0
-        budget.check(accelerator)
+        if budget.exceeded(accelerator):
+            progress.close()
+            budget.stop()
         stop = preemption.agreed(accelerator)
         if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             state = {"global_step": global_step, **run_settings(args, accelerator.num_processes)}
             publish_state(accelerator, output_dir, global_step, args.checkpoints_total_limit, state)
         if stop:
             progress.close()
-            raise preempted(global_step)
+            raise preempted(global_step, accelerator)
         if (
             args.validation_steps > 0
             and global_step % args.validation_steps == 0

@@ -571,13 +571,15 @@ def train(
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_histogram("timesteps", all_timesteps.cpu().numpy(), global_step)
-        budget.check(accelerator)
+        if budget.exceeded(accelerator):
+            progress.close()
+            budget.stop()
         stop = preemption.agreed(accelerator)
         if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, args, world, source)
         if stop:
             progress.close()
-            raise preempted(global_step)
+            raise preempted(global_step, accelerator)
         if validation and global_step % args.validation_steps == 0:
             log_validation(accelerator, models, model, validation, args, global_step)
     progress.close()

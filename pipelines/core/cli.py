@@ -71,7 +71,8 @@ def run_job(
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except JobStopped as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
+        if str(exc):  # one process of several may stop without a word
+            print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_status
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows where it came from
         if "--debug" in argv:
