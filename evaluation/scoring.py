@@ -493,7 +493,11 @@ def run_evaluate(pred: str | Path, truth: str | Path, options: EvaluateOptions |
     skipped = dict(scorers.skipped)
     if fid_on and len(scored) < 2:
         skipped["fid"] = "fewer than 2 scored pages"
-    notes = [f"predictions {pred}, ground truth {truth} ({truth_set.kind})", style.note]
+    notes = [
+        f"{len(scored)} of {len(results)} pages scored",
+        f"predictions {pred}, ground truth {truth} ({truth_set.kind})",
+        style.note,
+    ]
     notes += [f"{LABELS[m]}: {spec}" for m, spec in scorers.specs.items()]
     notes += [f"{LABELS[m]} skipped: {reason}" for m, reason in skipped.items()]
     if chapter_fid:
@@ -514,7 +518,9 @@ def run_evaluate(pred: str | Path, truth: str | Path, options: EvaluateOptions |
     grids = write_grids(output / "grids", results, options.grid_pages)
 
     seconds = time.perf_counter() - started
+    not_scored = f" ({', '.join(f'{n} {s}' for s, n in sorted(failed_counts.items()))} not scored)" if failures else ""
     summary = {
+        "headline": f"scored {len(scored)} of {len(results)} pages{not_scored}",
         "pred": str(pred),
         "truth": str(truth),
         "truth_kind": truth_set.kind,
@@ -542,11 +548,8 @@ def run_evaluate(pred: str | Path, truth: str | Path, options: EvaluateOptions |
     }
     atomic_write_json(output / SUMMARY_NAME, summary)
     logger.info(
-        "evaluate: %d pages, %d scored, %d failed%s in %.1f s (%.2f pages/s) -> %s",
-        len(results),
-        len(scored),
-        len(failures),
-        f" ({', '.join(f'{n} {s}' for s, n in sorted(failed_counts.items()))})" if failures else "",
+        "evaluate: %s in %.1f s (%.2f pages/s) -> %s",
+        summary["headline"],
         seconds,
         len(results) / seconds if seconds > 0 else 0.0,
         output,

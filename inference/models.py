@@ -98,6 +98,7 @@ def resolve_model_paths(
         raise ColorizeInputError(f"ICP weights {icp}: no such folder")
     if gsrp is not None and not Path(gsrp).exists():
         raise ColorizeInputError(f"GSRP weights {gsrp}: no such file or folder")
+    _check_weight_kinds(icp, gsrp)
     base = sd15 or next((read_export(icp).get(key) for key in BASE_MODEL_KEYS if read_export(icp).get(key)), None)
     if not base:
         raise ColorizeInputError("no SD1.5 folder: give --sd15 DIR (a local stable-diffusion-v1-5 folder)")
@@ -109,6 +110,36 @@ def resolve_model_paths(
 
     gsrp = str(run_export(Path(gsrp)).absolute()) if gsrp else None  # a train_gsrp run folder: its export/
     return ModelPaths(sd15=str(Path(base).absolute()), icp=str(Path(icp).absolute()), gsrp=gsrp)
+
+
+def _check_weight_kinds(icp: str, gsrp: str | None) -> None:
+    """ICP weights must be ICP weights and GSRP weights GSRP weights (a GSRP export given as --icp, or the
+    reverse, is refused here rather than when a worker loads it)."""
+    from model.gsrp_weights import EXPORT_FORMAT as GSRP_FORMAT
+    from model.gsrp_weights import RELEASED_FILE, run_export
+    from model.icp_weights import EXPORT_FORMAT as ICP_FORMAT
+    from model.icp_weights import describe_weights
+
+    try:
+        describe_weights(icp)
+    except FileNotFoundError as exc:
+        raise ColorizeInputError(f"--icp: {exc}") from None
+    icp_format = read_export(icp).get("format", ICP_FORMAT)
+    if icp_format != ICP_FORMAT:
+        raise ColorizeInputError(f"--icp {icp}: its {EXPORT_FILE} is a {icp_format!r}, not ICP weights ({ICP_FORMAT})")
+    if gsrp is None:
+        return
+    folder = run_export(Path(gsrp))
+    if folder.is_dir():
+        gsrp_format = read_export(folder).get("format", GSRP_FORMAT)
+        if gsrp_format != GSRP_FORMAT:
+            raise ColorizeInputError(
+                f"--gsrp {gsrp}: its {EXPORT_FILE} is a {gsrp_format!r}, not GSRP weights ({GSRP_FORMAT})"
+            )
+        if not any((folder / name).is_file() for name in (EXPORT_FILE, "config.json", RELEASED_FILE)):
+            raise ColorizeInputError(
+                f"--gsrp {gsrp}: no GSRP weights ({EXPORT_FILE}, config.json or {RELEASED_FILE}) in that folder"
+            )
 
 
 @dataclass(frozen=True)

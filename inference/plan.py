@@ -21,6 +21,7 @@ from inference.sources import (
     read_source,
 )
 from pipelines.core.encoders import EncoderInfo
+from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, hires_size
 from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
@@ -169,11 +170,24 @@ def chapter_tasks_for_benchmark(root: str | Path, style: str) -> tuple[list[Chap
         folder = styles[style]["folder"]
         page_files = [entry["inputs"][style] for entry in index["bw"]]
         ref_files = [entry["file"] for entry in index["refs"]]
+        _check_listed_files(root, chapter_id, [*page_files, *ref_files])
         pages = open_source(root / chapter_id / folder, tuple(_inside(f, folder) for f in page_files))
         refs = open_source(root / chapter_id / "refs", tuple(_inside(f, "refs") for f in ref_files))
         size = index.get("size") or bench.get("size")
         tasks.append(ChapterTask(chapter_id, pages, refs, chapter_id, tuple(size) if size else None))
     return tasks, {"benchmark": str(root), "style": style, "chapters": len(tasks)}
+
+
+def _check_listed_files(root: Path, chapter_id: str, files: list[str]) -> None:
+    """Every page and reference a chapter's index lists must exist: a missing one would be left out of the run
+    (and of its score) without a word."""
+    missing = [name for name in files if not (root / chapter_id / name).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise PreconditionError(
+            f"benchmark {root}: chapter {chapter_id} lists {missing[0]}{more} but {root / chapter_id / missing[0]} "
+            "does not exist; copy the benchmark again or rebuild it with python -m jobs.shards --data OUT --rebuild"
+        )
 
 
 def _inside(path: str, folder: str) -> str:

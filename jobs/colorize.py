@@ -26,6 +26,7 @@ from inference.plan import (
 from inference.worker import RunOptions
 from jobs.common import add_ray_arguments, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
+from pipelines.runtime.preconditions import created_folder
 
 PROG = "python -m jobs.colorize"
 
@@ -161,15 +162,19 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         rebuild=args.rebuild,
     )
-    summary = run_colorize(tasks, args.output, settings, options, extra)
+    with created_folder(args.output):  # a run that fails before writing anything leaves no empty folder
+        return run_colorize(tasks, args.output, settings, options, extra)
+
+
+def show(summary: dict) -> str:
+    """What a finished run prints: the summary without its per-page rows and settings (in the summary file)."""
     shown = {k: v for k, v in summary.items() if k not in ("page_rows", "settings")}
-    print(json.dumps(shown, indent=2, sort_keys=True))
-    return summary
+    return json.dumps(shown, indent=2, sort_keys=True)
 
 
 def cli(argv: list[str] | None = None) -> int:
     """The command line: 0 when every page was coloured, 1 on failed pages or an error, 2 on unusable inputs."""
-    return run_job(main, argv, prog=PROG)
+    return run_job(main, argv, prog=PROG, show=show)
 
 
 if __name__ == "__main__":

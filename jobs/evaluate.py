@@ -3,8 +3,8 @@
 TRUTH is a benchmark folder (from `jobs.shards`/`jobs.pipeline`; predictions at PRED/<chapter_id>/<page_id>.png)
 or a plain folder of images (PRED mirrors its relative paths). PSNR and SSIM are always computed; CLIP-IS, FID and
 the aesthetic score when their networks are given, else they are named as skipped with the reason. Exit status:
-0 when at least one page was scored (missing or broken predictions are counted and listed, not fatal), 1 when
-none was or on a runtime error, 2 on a usage error.
+0 when at least one page was scored (missing or broken predictions are counted and listed, not fatal; with
+--strict every page must be), 1 when none was or on a runtime error, 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from evaluation.scoring import RESAMPLING, EvaluateOptions, run_evaluate
 from pipelines.core.cli import JobArgumentParser, configure_logging, run_job
 from pipelines.core.encoders import WEIGHT_FREE
+from pipelines.core.errors import JobFailed
 
 PROG = "python -m jobs.evaluate"
 
@@ -81,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="FID of every chapter too, not only overall (~2 min each at 2048-d on 2 CPU cores; biased on few pages)",
     )
     parser.add_argument("--grid-pages", type=int, default=3, help="best and worst pages shown per metric (default 3)")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 1) unless every ground-truth page was scored (default: a score over the pages found)",
+    )
     parser.add_argument("--device", default=None, help="torch device for the networks (default: cuda if available)")
     args = parser.parse_args(argv)
     if args.aesthetic_predictor and not (args.aesthetic_encoder or args.clip_encoder):
@@ -109,16 +115,24 @@ def main(argv: list[str] | None = None) -> dict:
         fid_per_chapter=args.fid_per_chapter,
     )
     summary = run_evaluate(args.pred, args.truth, options)
-    print(json.dumps({k: summary[k] for k in ("overall", "paper_row", "scored", "failed", "output")}, indent=2))
+    first = summary["failures"][0]["reason"] if summary["failures"] else "no ground-truth pages"
     if not summary["scored"]:
-        first = summary["failures"][0]["reason"] if summary["failures"] else "no ground-truth pages"
-        raise RuntimeError(f"no page scored ({summary['failed']} failed; first: {first})")
+        raise JobFailed(f"no page scored ({summary['failed']} failed; first: {first})", summary)
+    if args.strict and summary["failed"]:
+        raise JobFailed(f"--strict: {summary['headline']}; first: {first}", summary)
     return summary
 
 
+def show(summary: dict) -> str:
+    """What a finished run prints: the headline ("scored N of M pages"), then the overall scores as JSON."""
+    shown = {k: summary[k] for k in ("overall", "paper_row", "scored", "failed", "output")}
+    return f"{summary['headline']}\n{json.dumps(shown, indent=2)}"
+
+
 def cli(argv: list[str] | None = None) -> int:
-    """The command line: exit 0 when a page was scored, 1 when none was or on an error (one line, or --debug)."""
-    return run_job(main, argv, prog=PROG)
+    """The command line: exit 0 when a page was scored (every page with --strict), 1 when not or on an error (one
+    line, or --debug)."""
+    return run_job(main, argv, prog=PROG, show=show)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,27 @@ def save_icp_lora(unet: UNet2DConditionModel, folder: str | Path) -> Path:
         weight_name=LORA_WEIGHT_NAME,
         safe_serialization=True,
     )
+    sort_safetensors_metadata(folder / LORA_WEIGHT_NAME)
     return folder / LORA_WEIGHT_NAME
+
+
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys sorted.
+
+    safetensors writes the metadata from a Rust hash map, so its key order (and the file's bytes) changes from one
+    process to the next; sorted, the same tensors and settings give the same bytes in every run (a resumed run's
+    export equals a straight run's).
+    """
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, as safetensors writes it
+    tmp = path.with_name(path.name + ".sorting")
+    tmp.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length :])
+    tmp.replace(path)
 
 
 def lora_file(path: str | Path) -> Path:

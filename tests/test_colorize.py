@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +144,33 @@ def test_weight_token_ignores_a_training_runs_checkpoints_and_logs(tmp_path: Pat
     assert _files_token(str(run)) == token  # training went on beside the export: finished pages stay valid
     (run / "colorguider" / "diffusion_pytorch_model.safetensors").write_bytes(b"new weights")
     assert _files_token(str(run)) != token  # a new export redoes them
+
+
+def test_damaged_inputs_are_refused_before_work_starts_and_leave_no_folder(
+    pipeline_data, tiny_models, tmp_path, capsys
+) -> None:
+    from pipelines.core.benchmark_format import read_benchmark, read_chapter_index
+
+    bench = tmp_path / "bench"
+    shutil.copytree(pipeline_data / "benchmark", bench)
+    chapter = read_benchmark(bench)["chapters"][0]["chapter_id"]
+    listed = read_chapter_index(bench, chapter)["bw"][1]["inputs"]["grey"]
+    (bench / chapter / listed).unlink()  # listed in the index, gone from disk
+    out = tmp_path / "new" / "pred"
+    args = ["--benchmark", str(bench), "--style", "grey", "--output", str(out), "--references-only", "--local"]
+    assert colorize_main([*args, "--encoder", "weightfree"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"python -m jobs.colorize: error: benchmark {bench}: chapter {chapter} lists {listed} but "
+        f"{bench / chapter / listed} does not exist; copy the benchmark again or rebuild it with python -m "
+        "jobs.shards --data OUT --rebuild"
+    ]
+    pages, refs = tmp_path / "pages", tmp_path / "refs"
+    pages.mkdir()
+    refs.mkdir()
+    swapped = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--local"]
+    assert colorize_main([*swapped, "--icp", str(tiny_models["gsrp"]), "--sd15", str(tiny_models["sd15"])]) == 2
+    assert "--icp" in capsys.readouterr().err
+    assert colorize_main([*swapped, "--icp", str(tiny_models["icp"]), "--gsrp", str(tiny_models["icp"])]) == 2
+    assert "not GSRP weights" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()

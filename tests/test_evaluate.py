@@ -120,8 +120,16 @@ def test_failures_are_counted_listed_and_not_fatal(bench: Path, tmp_path: Path, 
     out = tmp_path / "out"
     fast = ["--ssim-precision", "float32"]
     assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), *fast]) == 0
+    headline = "scored 5 of 8 pages (1 missing, 1 unreadable, 1 wrong_size not scored)"
+    assert capsys.readouterr().out.splitlines()[0] == headline
     summary = json.loads((out / "evaluate.summary.json").read_text())
-    assert (summary["scored"], summary["failed"]) == (5, 3)
+    assert (summary["scored"], summary["failed"]) == (5, 3) and summary["headline"] == headline
+    assert cli(["--pred", str(pred), "--truth", str(bench), "--output", str(out), "--strict", *fast]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines()[-1] == (
+        f"python -m jobs.evaluate: error: --strict: {headline}; first: no prediction {pages[0][0]}/{pages[0][1]}.png "
+        "(nor .jpg/.jpeg/.webp)"
+    )
     assert summary["failed_by_status"] == {"missing": 1, "unreadable": 1, "wrong_size": 1}
     reasons = {f["status"]: f["reason"] for f in summary["failures"]}
     assert "pass --resize" in reasons["wrong_size"] and f"{pages[2][1]}.png is " in reasons["wrong_size"]
@@ -171,11 +179,13 @@ def test_no_prediction_at_all_exits_1_with_one_line(bench: Path, tmp_path: Path,
     pred = tmp_path / "empty"
     pred.mkdir()
     assert cli(["--pred", str(pred), "--truth", str(bench), "--fid-features", FID]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the error alone, not a summary of nulls before it
+    err = captured.err.strip().splitlines()
     assert err[-1].startswith("python -m jobs.evaluate: error: no page scored (8 failed; first: no prediction ")
     summary = json.loads((pred / "evaluate" / "evaluate.summary.json").read_text())
     assert summary["complete"] is False and summary["overall"]["psnr"] is None
-    assert "style unknown" in summary["notes"][1]
+    assert "style unknown" in summary["notes"][2]
     assert summary["metrics"]["skipped"]["fid"] == "fewer than 2 scored pages"
 
 
@@ -209,6 +219,6 @@ def test_plain_folder_mirrors_relative_paths(tmp_path: Path, capsys) -> None:
     assert summary["truth_kind"] == "folder" and summary["scored"] == 3
     assert sorted(summary["chapters"]) == ["a", "b"] and summary["chapters"]["a"]["pages"] == 2
     assert summary["paper_row"] == "paper: ColorFlow, screenstyle"
-    assert "chosen by the style name alone" in summary["notes"][1]
+    assert "chosen by the style name alone" in summary["notes"][2]
     assert summary["extra_predictions"] == ["b/p4.png"]
     assert all(row["psnr"] == "inf" for row in read_csv(pred / "evaluate" / "per_page.csv"))

@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import tarfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import CompositeLayout
 from pipelines.core.sample_inputs import CompositeInputs, as_image, as_meta, blended_bw, composite_inputs, variant_alpha
 from pipelines.core.samples import (
@@ -86,6 +88,9 @@ class ShardSource:
     lengths: tuple[int, ...]
     manifest: str | None  # the manifest or wids index the shards came from, if any
     sha256: str  # of the manifest file, else of the url list and lengths
+    shard_bytes: tuple[int | None, ...] = ()  # per shard, as the manifest records them (empty: not recorded)
+    shard_sha256: tuple[str | None, ...] = ()
+    frame_sizes: tuple[tuple[int, int], ...] = ()  # (W, H) of the samples, as the manifest records them
 
     @property
     def nsamples(self) -> int:
@@ -110,33 +115,46 @@ def _split_manifest_path(path: Path, split: str) -> Path:
     return path
 
 
-def _from_manifest(path: Path, split: str) -> ShardSource:
+def _read_manifest_json(path: Path) -> dict[str, Any]:
     try:
-        spec = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not a readable JSON shards manifest: {exc}") from exc
+
+
+def _from_manifest(path: Path, split: str) -> ShardSource:
+    """The one reader of the manifest formats (jobs.shards' dataset and split manifests, a wids index): the shards
+    with their sample counts and, where recorded, their bytes, sha256 and the samples' frame size."""
+    spec = _read_manifest_json(path)
     if "splits" in spec:  # the dataset manifest (shards/manifest.json): follow the split's own manifest
         if split not in spec["splits"]:
             raise ValueError(f"{path}: dataset manifest has no split {split!r} (has {sorted(spec['splits'])})")
         return _from_manifest(path.parent / spec["splits"][split]["manifest"], split)
     if "shardlist" in spec:  # a wids index
-        entries = [(s["url"], int(s["nsamples"])) for s in spec["shardlist"]]
+        entries = [(s["url"], int(s["nsamples"]), None, None) for s in spec["shardlist"]]
         base = spec.get("base")
     elif "shards" in spec:  # a split manifest
-        entries = [(s.get("url", s.get("name")), int(s["nsamples"])) for s in spec["shards"]]
+        entries = [
+            (s.get("url", s.get("name")), int(s["nsamples"]), s.get("bytes"), s.get("sha256")) for s in spec["shards"]
+        ]
         base = None
     else:
         raise ValueError(f"{path}: JSON has neither 'splits', 'shardlist' nor 'shards': not a shards manifest")
     root = base or str(path.parent)
-    urls, lengths = [], []
-    for url, nsamples in entries:
-        if nsamples <= 0:
-            continue
-        urls.append(url if "://" in url or os.path.isabs(url) else os.path.join(root, url))
-        lengths.append(nsamples)
-    if not urls:
+    kept = [entry for entry in entries if entry[1] > 0]
+    if not kept:
         raise ValueError(f"{path}: the manifest lists no shard with samples")
-    return ShardSource(tuple(urls), tuple(lengths), str(path), sha256_file(path))
+    dataset = path.parent.parent / "manifest.json"  # a split's folder sits in shards/, beside the dataset manifest
+    sample = _read_manifest_json(dataset).get("sample", {}) if dataset.is_file() else {}
+    return ShardSource(
+        urls=tuple(url if "://" in url or os.path.isabs(url) else os.path.join(root, url) for url, *_ in kept),
+        lengths=tuple(nsamples for _, nsamples, *_ in kept),
+        manifest=str(path),
+        sha256=sha256_file(path),
+        shard_bytes=tuple(nbytes for *_, nbytes, _ in kept) if any(e[2] is not None for e in kept) else (),
+        shard_sha256=tuple(digest for *_, digest in kept) if any(e[3] is not None for e in kept) else (),
+        frame_sizes=((int(sample["width"]), int(sample["height"])),) if "width" in sample else (),
+    )
 
 
 def shard_length(url: str) -> int:
@@ -184,6 +202,62 @@ def resolve_shard_source(data: str | os.PathLike | Sequence[str], split: str = T
         raise ValueError(f"the shards {urls[:3]} hold no samples")
     digest = hashlib.sha256(json.dumps(kept, separators=(",", ":")).encode()).hexdigest()
     return ShardSource(tuple(u for u, _ in kept), tuple(n for _, n in kept), None, digest)
+
+
+def check_shards(source: ShardSource, *, verify_sha256: bool = False) -> None:
+    """Refuse damaged shards before training: each local tar must have the bytes (and, with `verify_sha256`, the
+    sha256) its manifest records. Shards without a manifest get a warning and the check their tar headers allow
+    (every member's data inside the file, the end-of-archive blocks present). Raises PreconditionError naming the
+    first bad tar."""
+    recorded = bool(source.shard_bytes)
+    if not recorded:
+        logger.warning(
+            "shards given without a manifest: their sizes and hashes cannot be checked, only their tar headers "
+            "(pass the data root or its shards manifest to check them fully)"
+        )
+    for number, url in enumerate(source.urls):
+        local = _local_path(url)
+        if local is None:
+            continue  # remote shards are checked by wids' download
+        if not local.is_file():
+            raise PreconditionError(f"shard {url}: no such file (listed in {source.manifest})")
+        size = local.stat().st_size
+        if recorded:
+            expected = source.shard_bytes[number]
+            if expected is not None and size != expected:
+                state = "truncated" if size < expected else "longer than written"
+                raise PreconditionError(
+                    f"shard {url}: {state}: {size} bytes, its manifest {source.manifest} records {expected}; "
+                    "rewrite it with python -m jobs.shards --data OUT or copy it again"
+                )
+            digest = source.shard_sha256[number] if source.shard_sha256 else None
+            if verify_sha256 and digest is not None and sha256_file(local) != digest:
+                raise PreconditionError(
+                    f"shard {url}: its sha256 differs from the one its manifest {source.manifest} records: the file "
+                    "is damaged; rewrite it with python -m jobs.shards --data OUT or copy it again"
+                )
+        else:
+            problem = tar_problem(local)
+            if problem:
+                raise PreconditionError(f"shard {url}: {problem}")
+
+
+def tar_problem(path: Path) -> str | None:
+    """What the tar headers say is wrong with a tar file (None when nothing): a truncated member, a missing end."""
+    size = path.stat().st_size
+    try:
+        with tarfile.open(path, "r:") as tar:
+            end = 0
+            for member in tar:
+                end = member.offset_data + member.size
+                if end > size:
+                    return f"truncated: member {member.name} ends at byte {end}, the file has {size} bytes"
+    except tarfile.TarError as exc:
+        state = "truncated" if "unexpected end" in str(exc) else "not a readable tar"
+        return f"{state} ({exc})"
+    if end + 2 * tarfile.BLOCKSIZE > size:
+        return f"truncated: the file ends ({size} bytes) without the tar's end-of-archive blocks"
+    return None
 
 
 def first_samples(urls: Sequence[str], count: int) -> list[dict[str, Any]]:
@@ -244,21 +318,33 @@ def _open_shard(url: str, cache_dir: str) -> Any:
         return IndexedTarSamples(path=target, stream=stream)
 
 
+class ShardTruncated(Exception):
+    """A sample lies past the end of what its shard holds: the tar was cut short (a partial copy or download)."""
+
+
 class _OpenShards:
     """The shards a worker has open (an LRU of wids readers); only a group's shards are in use at a time."""
 
-    def __init__(self, urls: Sequence[str], capacity: int, cache_dir: str) -> None:
-        self.urls, self.capacity, self.cache_dir = list(urls), max(1, capacity), cache_dir
+    def __init__(self, urls: Sequence[str], lengths: Sequence[int], capacity: int, cache_dir: str) -> None:
+        self.urls, self.lengths, self.capacity, self.cache_dir = list(urls), list(lengths), max(1, capacity), cache_dir
         self._open: OrderedDict[int, Any] = OrderedDict()
 
     def sample(self, shard: int, index: int, fields: Sequence[str]) -> dict[str, Any]:
-        """Sample `index` of a shard: only the members named in `fields` are read (``.<field>`` -> bytes)."""
+        """Sample `index` of a shard: only the members named in `fields` are read (``.<field>`` -> bytes).
+
+        In a shard holding fewer samples than listed, the missing ones and the last one (its members may be cut)
+        raise `ShardTruncated`, so the reason a user reads is the damage, not an IndexError."""
         if shard not in self._open:
             self._open[shard] = _open_shard(self.urls[shard], self.cache_dir)
             while len(self._open) > self.capacity:
                 self._open.popitem(last=False)[1].close()
         self._open.move_to_end(shard)
         samples = self._open[shard]
+        readable, listed = len(samples), self.lengths[shard]
+        if readable < listed and index >= readable - 1:
+            raise ShardTruncated(
+                f"shard {self.urls[shard]} is truncated: {readable} of its {listed} samples are (partly) in the file"
+            )
         reader = samples.reader  # wids' mmap reader: member (name, offset, size) by index
         out: dict[str, Any] = {}
         for member in samples.samples[index]:
@@ -400,17 +486,13 @@ class ShardStream(IterableDataset):
         finally:
             reader.close()
 
-    def report_bad(self, position: int, cache: OrderedDict[int, np.ndarray], exc: Exception) -> None:
+    def report_bad(self, position: int, cache: OrderedDict[int, np.ndarray], exc: Exception) -> str:
+        """Log a skipped sample; returns its reason in one line (the trainers name it when they stop)."""
         epoch, shard, index = self.locate(position, cache)
-        logger.warning(
-            "bad sample skipped: %s sample %d (stream position %d, epoch %d): %s: %s",
-            self.source.urls[shard],
-            index,
-            position,
-            epoch,
-            type(exc).__name__,
-            exc,
-        )
+        cause = str(exc) if isinstance(exc, ShardTruncated) else f"{type(exc).__name__}: {exc}"
+        reason = f"{self.source.urls[shard]} sample {index}: {cause}"
+        logger.warning("bad sample skipped: %s (stream position %d, epoch %d)", reason, position, epoch)
+        return reason
 
 
 class _WorkerReader:
@@ -420,19 +502,22 @@ class _WorkerReader:
     def __init__(self, stream: ShardStream, positions: Iterator[int]) -> None:
         self.stream, self.positions = stream, positions
         group = stream.shuffle_shards if stream.shuffle_shards > 0 else len(stream.names)
-        self.shards = _OpenShards(stream.source.urls, min(len(stream.names), group + 1), stream.cache_dir)
+        self.shards = _OpenShards(
+            stream.source.urls, stream.source.lengths, min(len(stream.names), group + 1), stream.cache_dir
+        )
         self.orders: OrderedDict[int, np.ndarray] = OrderedDict()
         self.ahead: list[int] = []  # positions drawn from `positions` while looking for a substitute
         self.loaded: dict[int, dict[str, Any] | None] = {}  # their outcome: the sample, or None when bad
         self.bad = 0  # bad samples found since the last yielded sample
+        self.bad_reason = ""  # the last one's reason
 
     def _outcome(self, position: int) -> dict[str, Any] | None:
         if position in self.loaded:
             return self.loaded[position]
         try:
             sample = self.stream._load(position, self.shards, self.orders)
-        except Exception as exc:  # noqa: BLE001 - one bad sample never stops training
-            self.stream.report_bad(position, self.orders, exc)
+        except Exception as exc:  # noqa: BLE001 - one bad sample never stops training (the trainers' budget may)
+            self.bad_reason = self.stream.report_bad(position, self.orders, exc)
             self.bad += 1
             return None
         return sample
@@ -445,6 +530,7 @@ class _WorkerReader:
             sample = self._substitute(position)
             sample.update(position=position, epoch=position // self.stream.source.nsamples)
         sample["bad_skipped"], self.bad = self.bad, 0
+        sample["bad_reason"], self.bad_reason = self.bad_reason, ""
         return sample
 
     def _substitute(self, position: int) -> dict[str, Any]:

@@ -44,9 +44,26 @@ from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
 from model.gsrp_weights import load_gsrp, save_gsrp_export
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
-from pipelines.core.storage import read_json
-from training.checkpoints import TRAIN_STATE, publish_state, resolve_resume
-from training.data import GSRPDataConfig, ShardSource, build_gsrp_dataset, bw_variant_arg, resolve_shard_source
+from pipelines.runtime.preconditions import check_output_creatable
+from training.checkpoints import check_resume_settings, publish_state, resolve_resume
+from training.data import (
+    GSRPDataConfig,
+    ShardSource,
+    build_gsrp_dataset,
+    bw_variant_arg,
+    check_shards,
+    resolve_shard_source,
+)
+from training.run_control import (
+    BadSampleBudget,
+    Preemption,
+    add_safety_arguments,
+    check_base_model,
+    check_vae_folder,
+    ignore_sigterm,
+    preempted,
+    run_folder,
+)
 
 PROG = "train_gsrp"
 FUSION_SUBFOLDER = "fusion"
@@ -94,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="B&W input: screenstyle, grey, tone or a weight",
     )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers per process")
+    add_safety_arguments(data)
 
     train = parser.add_argument_group("training")
     train.add_argument("--output_dir", default="gsrp-out", help="run folder: checkpoints, logs, export")
@@ -137,6 +155,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name} must be >= 1")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error("--checkpoints_total_limit must be >= 1")
+    width, height = args.crop_size
+    if width % 8 or height % 8:
+        parser.error(f"--crop_size {width}x{height}: must be multiples of 8 (the VAE's factor)")
     return args
 
 
@@ -285,14 +306,49 @@ def tracker_config(args: argparse.Namespace) -> dict[str, Any]:
 # ---- main ----------------------------------------------------------------------------------------------------------
 
 
+def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
+    """Everything that can be checked without a model, before one loads or an output folder exists: the VAE's
+    folder, the shards (sizes, hashes on request), the init weights, the checkpoint to resume, the output folder."""
+    if args.vae is not None:
+        check_vae_folder(args.vae)
+    else:
+        check_base_model(args.pretrained_model_name_or_path, ("vae",))
+    source = resolve_shard_source(args.data)
+    check_shards(source, verify_sha256=args.verify_shards)
+    if args.validation_data:
+        check_shards(resolve_shard_source(args.validation_data), verify_sha256=args.verify_shards)
+    if args.init_from and not Path(args.init_from).exists():
+        raise FileNotFoundError(f"--init_from {args.init_from}: no such file or folder")
+    output_dir = check_output_creatable(args.output_dir, "--output_dir")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
+    return source, resume
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the inputs, then train in the locked output folder; SIGTERM saves a checkpoint and stops cleanly."""
+    with Preemption() as preemption:
+        train_source, checkpoint = check_inputs(args)
+        output_dir = Path(args.output_dir)
+        accelerator = Accelerator(
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=None if args.report_to == "none" else args.report_to,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        )
+        if checkpoint is not None:
+            check_resume_settings(checkpoint, run_settings(args, accelerator.num_processes))
+        with run_folder(accelerator, output_dir, force_unlock=args.force_unlock):
+            return train(args, accelerator, train_source, checkpoint, preemption)
+
+
+def train(
+    args: argparse.Namespace,
+    accelerator: Accelerator,
+    train_source: ShardSource,
+    checkpoint: Path | None,
+    preemption: Preemption,
+) -> dict[str, Any]:
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
     logging.basicConfig(level=logging.INFO if accelerator.is_local_main_process else logging.ERROR)
     set_seed(args.seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -307,7 +363,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     fusion = build_fusion(args, guided)
     if args.gradient_checkpointing:
         fusion.enable_gradient_checkpointing()
-    train_source = resolve_shard_source(args.data)
 
     def save_model_hook(models, weights, folder):
         if accelerator.is_main_process:
@@ -348,18 +403,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     global_step = 0
     if args.resume_from_checkpoint:
-        checkpoint = resolve_resume(output_dir, args.resume_from_checkpoint)
         if checkpoint is None:
             logger.info("no checkpoint in %s: starting a new run", output_dir)
         else:
-            saved = read_json(checkpoint / TRAIN_STATE) if (checkpoint / TRAIN_STATE).is_file() else {}
-            different = {
-                key: (saved[key], value)
-                for key, value in run_settings(args, accelerator.num_processes).items()
-                if key in saved and saved[key] != value
-            }
-            if different:  # the data stream resumes at step x samples per step: these must not change
-                raise ValueError(f"{checkpoint}: cannot resume exactly, settings differ (saved, now): {different}")
             accelerator.load_state(str(checkpoint))
             global_step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
             unwrapped_fusion.train()
@@ -381,6 +427,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         num_workers=args.dataloader_num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=ignore_sigterm,
     )
     pairs = validation_pairs(args, validation_source(args, train_source), guided.scale_factor)
     if accelerator.is_main_process:
@@ -417,10 +464,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     losses: list[float] = []
     first_loss = last_loss = None
     step_loss, started, start_step, bad_skipped = 0.0, time.perf_counter(), global_step, 0
+    budget = BadSampleBudget(args.max_bad_fraction)
     batches = iter(loader)
     while global_step < args.max_train_steps:
         batch = next(batches)
         bad_skipped += int(batch["bad_skipped"].sum())
+        budget.add(batch)
         with accelerator.accumulate(fusion), accelerator.autocast():
             hr_color = crop_to_multiple(batch["hr_color"], guided.scale_factor).to(accelerator.device)
             hr_bw = crop_to_multiple(batch["hr_bw"], guided.scale_factor).to(accelerator.device)
@@ -448,9 +497,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         accelerator.log({"train/loss": step_loss, "train/lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
         step_loss = 0.0
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        if budget.exceeded(accelerator):
+            progress.close()
+            budget.stop()
+        stop = preemption.agreed(accelerator)
+        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             state = {"global_step": global_step, **run_settings(args, accelerator.num_processes)}
             publish_state(accelerator, output_dir, global_step, args.checkpoints_total_limit, state)
+        if stop:
+            progress.close()
+            raise preempted(global_step, accelerator)
         if (
             args.validation_steps > 0
             and global_step % args.validation_steps == 0
@@ -466,6 +522,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "first_loss": first_loss,
         "final_loss": last_loss,
         "losses": losses,
+        "loss_steps": [start_step + 1, global_step],  # the steps `losses` cover (a resumed run's start later)
     }
     if accelerator.is_main_process:
         result = validate()

@@ -34,15 +34,28 @@ from PIL import Image
 
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.storage import atomic_write_json, read_json
-from training.checkpoints import TRAIN_STATE, publish_state, resolve_resume
+from pipelines.runtime.preconditions import check_output_creatable
+from training.checkpoints import TRAIN_STATE, check_resume_settings, publish_state, resolve_resume
 from training.data import (
     ICPDataConfig,
     ShardSource,
     build_icp_dataset,
     bw_variant_arg,
+    check_shards,
     first_samples,
     frame_size,
     resolve_shard_source,
+)
+from training.run_control import (
+    BadSampleBudget,
+    Preemption,
+    add_safety_arguments,
+    check_base_model,
+    check_resolution,
+    ignore_sigterm,
+    preempted,
+    run_folder,
+    vae_factor,
 )
 
 logger = logging.getLogger("training.train_icp")
@@ -80,6 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--crop_aspect", type=_pair(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH")
     parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
+    add_safety_arguments(parser)
     # training
     parser.add_argument("--output_dir", type=Path, required=True, help="run folder: checkpoints, logs, export")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, alphas, crops, noise, timesteps")
@@ -342,9 +356,73 @@ def _sanitised(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in vars(args).items()}
 
 
+BASE_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
+    """Everything that can be checked without a model, before one loads or an output folder exists: the base
+    model folder, the shards (sizes, hashes on request), the resolution against the frames, the init weights, the
+    checkpoint to resume and the output folder. Returns the shard source and the checkpoint to resume."""
+    from model.icp_weights import describe_weights
+
+    check_base_model(args.pretrained_model_name_or_path, BASE_SUBFOLDERS)
+    source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
+    check_shards(source, verify_sha256=args.verify_shards)
+    base = Path(args.pretrained_model_name_or_path).expanduser()
+    where = f"from {source.manifest}" if source.frame_sizes else "read from the first sample"
+    check_resolution(args.resolution, source.frame_sizes or (frame_size(source),), vae_factor(base / "vae"), where)
+    if args.init_from:
+        describe_weights(args.init_from)
+    output_dir = check_output_creatable(args.output_dir, "--output_dir")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
+    return source, resume
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the inputs, then train in the locked output folder; SIGTERM saves a checkpoint and stops cleanly."""
+    with Preemption() as preemption:
+        source, resume = check_inputs(args)
+        accelerator = make_accelerator(args)
+        if resume is not None:
+            check_resume_settings(resume, run_settings(args, accelerator.num_processes))
+        with run_folder(accelerator, Path(args.output_dir), force_unlock=args.force_unlock):
+            return train(args, accelerator, source, resume, preemption)
+
+
+def run_settings(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """What an exact resume needs unchanged: the sample order and the samples per step depend on all of it."""
+    return {
+        "world_size": world_size,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+    }
+
+
+def make_accelerator(args: argparse.Namespace) -> Any:
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration
+
+    output_dir = Path(args.output_dir)
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=_report_to(args),
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def _report_to(args: argparse.Namespace) -> str | None:
+    return None if args.report_to in ("none", "", None) else args.report_to
+
+
+def train(
+    args: argparse.Namespace, accelerator: Any, source: ShardSource, resume: Path | None, preemption: Preemption
+) -> dict[str, Any]:
+    from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from torch.utils.data import DataLoader
@@ -355,26 +433,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     output_dir = Path(args.output_dir)
-    report_to = None if args.report_to in ("none", "", None) else args.report_to
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
-        ),
-        cpu=not torch.cuda.is_available(),
-    )
+    report_to = _report_to(args)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_local_main_process:
         logging.getLogger().setLevel(logging.ERROR)
     set_seed(args.seed)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
     models = load_models(args)
-    if accelerator.is_main_process:  # only once the data and models resolve: a failed start leaves no empty folder
-        output_dir.mkdir(parents=True, exist_ok=True)
     vae, text_encoder, model = models["vae"], models["text_encoder"], models["model"]
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     device = accelerator.device
@@ -409,14 +475,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
 
     global_step = 0
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint)
     if resume is not None:
         state = read_json(resume / TRAIN_STATE)
-        expected = {"world_size": world, "train_batch_size": args.train_batch_size, "seed": args.seed}
-        expected["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-        different = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
-        if different:
-            raise ValueError(f"{resume}: cannot resume exactly, settings differ (saved, now): {different}")
         accelerator.load_state(str(resume))
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", resume, global_step)
@@ -444,6 +504,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         num_workers=args.dataloader_num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=args.dataloader_num_workers > 0,
+        worker_init_fn=ignore_sigterm,
     )
 
     if accelerator.is_main_process and report_to:
@@ -460,6 +521,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     timestep_buffer: list[torch.Tensor] = []
     sample_keys: list[list[str]] = []
     bad_skipped = samples_seen = 0
+    budget = BadSampleBudget(args.max_bad_fraction)
+    start_step = global_step
     loss_history: list[float] = []
     loop_started = time.perf_counter()
     model.train()
@@ -469,6 +532,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             batch = next(batches)
             bad_skipped += int(batch["bad_skipped"].sum())
             samples_seen += len(batch["key"])
+            budget.add(batch)
             if args.record_sample_keys:
                 sample_keys.append(list(batch["key"]))
             generator = step_generator(args.seed, global_step, micro, rank, device)
@@ -507,8 +571,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 for tracker in accelerator.trackers:
                     if tracker.name == "tensorboard":
                         tracker.writer.add_histogram("timesteps", all_timesteps.cpu().numpy(), global_step)
-        if global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
+        if budget.exceeded(accelerator):
+            progress.close()
+            budget.stop()
+        stop = preemption.agreed(accelerator)
+        if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
             save_checkpoint(accelerator, output_dir, global_step, args, world, source)
+        if stop:
+            progress.close()
+            raise preempted(global_step, accelerator)
         if validation and global_step % args.validation_steps == 0:
             log_validation(accelerator, models, model, validation, args, global_step)
     progress.close()
@@ -544,6 +615,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "samples_per_s": round(totals[1] / max(1e-9, time.perf_counter() - loop_started), 3),
             "loss_first_steps": loss_history[:10],
             "loss_last_steps": loss_history[-10:],
+            "loss_steps": [start_step + 1, global_step],  # the steps the losses cover (a resumed run's start later)
             "trainable_sha256_per_rank": digests,
             "export": str(output_dir),
         }

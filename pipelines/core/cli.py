@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from pipelines.core.errors import PreconditionError, UsageError
+from pipelines.core.errors import JobFailed, JobStopped, PreconditionError, UsageError
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
@@ -47,9 +47,21 @@ class JobArgumentParser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None, *, prog: str) -> int:
-    """Run a job's ``main(argv)`` and return its exit status: 0 done, 1 failed units or a runtime error (one line
-    on stderr; the traceback too with ``--debug``), 2 a usage error (argparse's, or a `UsageError`), 130 interrupted."""
+def run_job(
+    main: Callable[[Sequence[str] | None], Any],
+    argv: Sequence[str] | None = None,
+    *,
+    prog: str,
+    show: Callable[[Any], str] | None = None,
+) -> int:
+    """Run a job's ``main(argv)`` and return its exit status: 0 done, 1 failed units, a failed result (`JobFailed`)
+    or a runtime error, 2 a usage error (argparse's, or a `UsageError`), 130 interrupted, a `JobStopped`'s own status.
+
+    The order of what a user reads is decided here, for every job: a failure is one line on stderr (the traceback
+    too with ``--debug``) and nothing else; ``show(result)``, the job's summary for stdout, is printed only when the
+    job ended. Jobs check their inputs before they create an output folder or load a model, and raise; they never
+    print a summary of a run that failed.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         result = main(argv)
@@ -58,11 +70,17 @@ def run_job(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | N
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except JobStopped as exc:
+        if str(exc):  # one process of several may stop without a word
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_status
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line; --debug shows where it came from
         if "--debug" in argv:
             traceback.print_exc()
         print(f"{prog}: error: {error_line(exc)}", file=sys.stderr)
         return USAGE_ERROR if isinstance(exc, UsageError) else RUNTIME_ERROR
+    if show is not None:
+        print(show(result))
     if isinstance(result, dict):
         return exit_status(result)
     return result if isinstance(result, int) else 0  # an exit status, or what a job printed (paths, ...)
@@ -77,7 +95,7 @@ def error_line(exc: BaseException) -> str:
     message = lines[0] if lines else type(exc).__name__
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         message = exc.args[0]  # str(KeyError) quotes its text
-    if isinstance(exc, (PreconditionError, *EXPECTED_ERRORS)):
+    if isinstance(exc, (PreconditionError, JobFailed, *EXPECTED_ERRORS)):
         return message
     return f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
 
