@@ -24,7 +24,7 @@ import torch
 
 from model.tiny import build_tiny_sd15
 from training import train_gsrp, train_icp
-from training.run_control import LOCK_NAME
+from training.run_lock import LOCK_NAME, _take_over
 
 REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("frugal_threads")
@@ -225,3 +225,22 @@ def test_sigterm_saves_a_checkpoint_on_every_rank_and_says_how_to_resume(
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert not (out / LOCK_NAME).exists() and not (out / "train_icp.summary.json").exists()
     assert torch.load(checkpoint / "optimizer.bin", weights_only=False)  # whole, not cut by the stop
+
+
+def test_a_stale_lock_is_taken_over_only_while_it_is_still_the_one_judged_stale(tmp_path: Path) -> None:
+    from training.run_lock import acquire_run_lock, release_run_lock
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = {"host": socket.gethostname(), "pid": int(finished.stdout), "started": "then", "command": "old run"}
+    fresh = {**stale, "pid": os.getpid(), "started": "now", "command": "the run that took it over first"}
+    path = tmp_path / LOCK_NAME
+    path.write_text(json.dumps(fresh))  # another run replaced the stale lock after we read it
+    assert _take_over(path, stale) is False
+    assert json.loads(path.read_text()) == fresh and sorted(p.name for p in tmp_path.iterdir()) == [LOCK_NAME]
+    path.write_text(json.dumps(stale))
+    assert _take_over(path, stale) is True and not path.exists()
+    path.write_text(json.dumps(stale))
+    lock = acquire_run_lock(tmp_path)  # a stale lock on this host is taken over
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    release_run_lock(lock)
+    assert not lock.exists()

@@ -54,16 +54,9 @@ from training.data import (
     check_shards,
     resolve_shard_source,
 )
-from training.run_control import (
-    BadSampleBudget,
-    Preemption,
-    add_safety_arguments,
-    check_base_model,
-    check_vae_folder,
-    ignore_sigterm,
-    preempted,
-    run_folder,
-)
+from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
+from training.inputs import add_safety_arguments, check_base_model, check_vae_folder
+from training.run_lock import run_folder
 
 PROG = "train_gsrp"
 FUSION_SUBFOLDER = "fusion"

@@ -46,17 +46,9 @@ from training.data import (
     frame_size,
     resolve_shard_source,
 )
-from training.run_control import (
-    BadSampleBudget,
-    Preemption,
-    add_safety_arguments,
-    check_base_model,
-    check_resolution,
-    ignore_sigterm,
-    preempted,
-    run_folder,
-    vae_factor,
-)
+from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
+from training.inputs import add_safety_arguments, check_base_model, check_resolution, vae_factor
+from training.run_lock import run_folder
 
 logger = logging.getLogger("training.train_icp")
 
