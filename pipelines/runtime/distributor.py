@@ -168,43 +168,42 @@ def _run_on_ray(
         needs = describe_resources(resources)
         return f"{len(pending)} task(s) of {desc} (each needs {needs}), {len(queue)} not yet submitted"
 
-    while queue or pending:
-        while queue and len(pending) < limit:
-            index, batch = queue.popleft()
-            pending[remote_batch.remote(worker_ref, batch, policy.pause_file)] = (index, batch)
-        for ref in watchdog.wait(list(pending), waiting_for):
-            index, batch = pending.pop(ref)
-            try:
-                batch_results = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - a lost task (OOM kill, lost node) is retried, then fails its units
-                attempts[index] = attempts.get(index, 1) + 1
-                if is_lost_work(exc) and attempts[index] <= max_retries + 1:
-                    faults.record(LOST_OBJECT if is_lost_object(exc) else TASK_RETRY, exc)
-                    log.warning(
-                        "%s: task of %s lost (%s); attempt %d of %d; %s",
-                        desc,
-                        ", ".join(u.key for u in batch),
-                        type(exc).__name__,
-                        attempts[index],
-                        max_retries + 1,
-                        cluster_state(),
-                    )
-                    queue.appendleft((index, batch))
-                    continue
-                tries = attempts[index] - 1
-                batch_results = [
-                    {
-                        "key": u.key,
-                        "status": STATUS_ERROR,
-                        "error": f"task crashed on {tries} attempt{'s' if tries != 1 else ''}: "
-                        f"{type(exc).__name__}: {_first_line(exc)}",
-                    }
-                    for u in batch
-                ]
-            results.extend(batch_results)
-            bar.update(len(batch))
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                index, batch = queue.popleft()
+                pending[remote_batch.remote(worker_ref, batch, policy.pause_file)] = (index, batch)
+            for ref in watchdog.wait(list(pending), waiting_for):
+                index, batch = pending.pop(ref)
+                try:
+                    batch_results = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - lost (OOM kill, lost node): retried, then fails its units
+                    attempts[index] = attempts.get(index, 1) + 1
+                    if is_lost_work(exc) and attempts[index] <= max_retries + 1:
+                        faults.record(LOST_OBJECT if is_lost_object(exc) else TASK_RETRY, exc)
+                        log.warning(
+                            "%s: task of %s lost (%s); attempt %d of %d; %s",
+                            desc,
+                            ", ".join(u.key for u in batch),
+                            type(exc).__name__,
+                            attempts[index],
+                            max_retries + 1,
+                            cluster_state(),
+                        )
+                        queue.appendleft((index, batch))
+                        continue
+                    batch_results = [_crashed(unit, exc, attempts[index] - 1) for unit in batch]
+                results.extend(batch_results)
+                bar.update(len(batch))
+    finally:
+        for ref in pending:  # a stalled or interrupted stage leaves no task queued behind it
+            ray.cancel(ref, force=True)
     return results
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+def _crashed(unit: Unit, exc: BaseException, attempts: int) -> dict[str, Any]:
+    """The error row of a unit whose task was lost on every attempt (or failed outside the worker)."""
+    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    error = f"task crashed on {tries}: {type(exc).__name__}: {message}"
+    return {"key": unit.key, "status": STATUS_ERROR, "error": error}
