@@ -97,6 +97,7 @@ from pipelines.runtime.faults import (
     ProgressWatchdog,
     cluster_state,
     describe_resources,
+    error_text,
     fault_policy,
     hold_while_paused,
     is_lost_actor,
@@ -438,11 +439,10 @@ def _embed_locally(
 
 def _chapter_error(chapter_id: str, stage: str, exc: BaseException, attempts: int = 1) -> dict[str, Any]:
     tried = f" (on {attempts} attempts)" if attempts > 1 else ""
-    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return {
         "chapter_id": chapter_id,
         "action": "failed",
-        "error": f"{stage} of chapter {chapter_id}{tried}: {type(exc).__name__}: {message}",
+        "error": f"{stage} of chapter {chapter_id}{tried}: {error_text(exc)}",
     }
 
 

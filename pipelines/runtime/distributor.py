@@ -28,6 +28,7 @@ from pipelines.runtime.faults import (
     ProgressWatchdog,
     cluster_state,
     describe_resources,
+    error_text,
     fault_policy,
     hold_while_paused,
     is_lost_object,
@@ -203,7 +204,6 @@ def _run_on_ray(
 
 def _crashed(unit: Unit, exc: BaseException, attempts: int) -> dict[str, Any]:
     """The error row of a unit whose task was lost on every attempt (or failed outside the worker)."""
-    message = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
-    error = f"task crashed on {tries}: {type(exc).__name__}: {message}"
+    error = f"task crashed on {tries}: {error_text(exc)}"
     return {"key": unit.key, "status": STATUS_ERROR, "error": error}

@@ -102,6 +102,17 @@ def is_lost_actor(exc: BaseException) -> bool:
     return isinstance(exc, (rex.RayActorError, rex.ActorUnavailableError))
 
 
+def error_text(exc: BaseException) -> str:
+    """One line for an error that reached the driver: a task's own exception unwrapped from Ray's `RayTaskError`
+    (whose first line is only where it ran), else the Ray error's type and first line."""
+    import ray.exceptions as rex
+
+    cause = getattr(exc, "cause", None) if isinstance(exc, rex.RayTaskError) else None
+    shown = cause if isinstance(cause, BaseException) else exc
+    message = next((line.strip() for line in str(shown).splitlines() if line.strip()), "")
+    return f"{type(shown).__name__}: {message}"
+
+
 @dataclass
 class FaultCounts:
     """What a stage recovered from: retried tasks, restarted actors, recomputed lost objects, and their causes.
