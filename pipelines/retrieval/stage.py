@@ -95,6 +95,7 @@ from pipelines.runtime.faults import (
     TASK_RETRY,
     FaultCounts,
     ProgressWatchdog,
+    StalledError,
     cluster_state,
     describe_resources,
     error_text,
@@ -456,19 +457,25 @@ class EncoderActors:
     """
 
     def __init__(
-        self, resources: dict[str, float], count: int, args: tuple, faults: FaultCounts, max_start_failures: int
+        self,
+        info: EncoderInfo,
+        worker_options: dict[str, Any],
+        resources: dict[str, float],
+        count: int,
+        faults: FaultCounts,
+        max_start_failures: int,
     ) -> None:
         import ray
 
         self.actor_class = ray.remote(EncoderWorker).options(**resources, max_restarts=0)
         self.needs = describe_resources(resources)
-        self.args = args
+        self.info = info
+        self.worker_options = worker_options
         self.slots: list[Any] = [None] * count
         self.load = [0] * count
         self.workers: list[dict[str, Any]] = [{} for _ in range(count)]
         self.faults = faults
         self.max_start_failures = max_start_failures
-        self.started = 0
 
     def free_slot(self, watchdog: ProgressWatchdog) -> int | None:
         """A slot whose actor can take another chapter (one running, one queued), starting missing actors."""
@@ -495,14 +502,16 @@ class EncoderActors:
         while None in self.slots:
             missing = [i for i, actor in enumerate(self.slots) if actor is None]
             for i in missing:
-                self.slots[i] = self.actor_class.remote(*self.args)
+                self.slots[i] = self.actor_class.remote(self.info, **self.worker_options)
             try:
                 what = f"{len(missing)} encoder actor(s) to start (each needs {self.needs})"
                 records = watchdog.get([self.slots[i].ready.remote() for i in missing], lambda what=what: what)
+            except StalledError:
+                raise
             except Exception as exc:
                 if not is_lost_work(exc):
-                    spec = self.args[0].spec
-                    raise RuntimeError(f"encoder {spec} could not be loaded in a Ray actor: {exc}") from exc
+                    message = f"encoder {self.info.spec} could not be loaded in a Ray actor: {error_text(exc)}"
+                    raise RuntimeError(message) from exc
                 failures += 1
                 if failures > self.max_start_failures:
                     raise RuntimeError(
@@ -514,8 +523,7 @@ class EncoderActors:
                 continue
             for i, record in zip(missing, records, strict=True):
                 self.workers[i] = record
-            self.started += len(missing)
-            log.info("encoder %s loaded: %s", self.args[0].encoder_id, records)
+            log.info("encoder %s loaded: %s", self.info.encoder_id, records)
 
     def stop(self) -> None:
         import ray
@@ -549,9 +557,10 @@ def _embed_on_ray(
     # Ray's own retries are off: lost work is retried below, counted, and never waits without a bound
     prepare_task = ray.remote(prepare_chapter).options(num_cpus=1, num_returns=2, max_retries=0)
     actors = EncoderActors(
+        info,
+        {"batch_size": batch_size, "threads": options.cpus_per_actor, "pause_file": policy.pause_file},
         {"num_cpus": options.cpus_per_actor, "num_gpus": 1 if gpus else 0},
         n_actors,
-        (info, batch_size, options.cpus_per_actor, policy.pause_file),
         faults,
         policy.max_retries,
     )
