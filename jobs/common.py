@@ -1,4 +1,5 @@
-"""Argument groups the data jobs share (sizes, renderer, seed; where Ray runs) and starting Ray for a job.
+"""Argument groups the data jobs share (sizes, renderer, seed; where Ray runs; lost work and stalls) and starting
+Ray for a job.
 
 The parser, the one-line errors and the exit statuses are `pipelines.core.cli`, shared with the trainers.
 """
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipelines.core.cli import configure_logging, parse_size
+from pipelines.core.cli import configure_logging, non_negative_int, parse_size, positive_float
+from pipelines.runtime.faults import DEFAULT_MAX_RETRIES, DEFAULT_STALL_TIMEOUT, FaultPolicy, configure_faults
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +36,35 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
     group.add_argument("--local", action="store_true", help="run in this process without Ray (debugging, tiny runs)")
+
+
+def add_fault_arguments(parser: argparse.ArgumentParser) -> None:
+    """Lost work and stalls (the data jobs): how often lost work is retried, how long no progress is tolerated."""
+    group = parser.add_argument_group("lost work and stalls")
+    group.add_argument(
+        "--max-retries",
+        type=non_negative_int,
+        default=DEFAULT_MAX_RETRIES,
+        help="times a unit is run again when its worker, encoder actor or node was lost (OOM kill, preemption); a "
+        "unit lost on every attempt becomes a failed row",
+    )
+    group.add_argument(
+        "--stall-timeout",
+        type=positive_float,
+        default=DEFAULT_STALL_TIMEOUT,
+        help="seconds a stage may go without finishing any unit before it fails, saying what it waited for",
+    )
+    group.add_argument(
+        "--pause-file",
+        default=None,
+        help="while this file exists (on storage every node sees), no new unit starts and the stall clock stops; "
+        "remove it to resume (default: none)",
+    )
+
+
+def configure_fault_policy(args: argparse.Namespace) -> None:
+    """The policy of `add_fault_arguments`' flags, for every stage this process runs."""
+    configure_faults(FaultPolicy(args.max_retries, args.stall_timeout, args.pause_file))
 
 
 def start_ray(args: argparse.Namespace) -> None:

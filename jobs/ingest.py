@@ -10,8 +10,8 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jobs.common import add_ray_arguments
-from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
+from jobs.common import add_fault_arguments, add_ray_arguments, configure_fault_policy
+from pipelines.core.cli import JobArgumentParser, configure_logging, outcome_line, positive_int, run_job
 from pipelines.core.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.core.pagestore import ENCODINGS
 from pipelines.core.sources import DEFAULT_MAX_FILE_BYTES
@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--limit", type=positive_int, default=None, help="only the first N chapters, for trial runs (default: all)"
     )
+    add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -124,6 +125,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging()
+    configure_fault_policy(args)
     summary = run_ingest(
         args.input,
         args.output,
@@ -135,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_cpus=args.num_cpus,
         task_memory=args.task_memory_mb * 1024 * 1024 if args.task_memory_mb else None,
     )
+    line = outcome_line(summary)
+    if line:
+        print(f"{PROG}: {line}", file=sys.stderr)
     return 0 if summary["complete"] else 1
 
 

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import add_common_arguments, add_ray_arguments
+from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy
 from jobs.retrieval import add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
 from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_retrieval_arguments(parser, "retrieval")
     add_shard_arguments(parser)
+    add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -96,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         min_color_pages=args.min_color_pages,
         chapters_per_task=args.chapters_per_task,
     )
+    configure_fault_policy(args)
     record = run_pipeline(
         input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus
     )

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_ray_arguments, start_ray
+from jobs.common import add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.core.pools import NearDuplicateRule
@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample-corpus labels JSONL: also print how often the top-1 patch shows a character of its query "
         "(default: not measured)",
     )
+    add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     options = retrieval_options(args)
     check_encoder(args.encoder)
     require_stage(args.data, "ingest", needed_by="retrieval")
+    configure_fault_policy(args)
     start_ray(args)
     summary = run_retrieval(args.data, options, local=args.local)
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_common_arguments, add_ray_arguments, start_ray
+from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
 from pipelines.core.cli import JobArgumentParser, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
     parser.add_argument("--chapters-per-task", type=positive_int, default=1, help="chapters rendered per Ray task")
+    add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     CompositeLayout(*args.size)  # a size the composite cannot use is refused before any work
     require_stage(args.data, "ingest", needed_by="screentone")
+    configure_fault_policy(args)
     start_ray(args)
     options = ScreentoneOptions(
         renderer=args.renderer,

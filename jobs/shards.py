@@ -7,7 +7,7 @@ import json
 import re
 import sys
 
-from jobs.common import add_common_arguments, add_ray_arguments, start_ray
+from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     add_shard_arguments(parser)
     parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
+    add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     CompositeLayout(*args.size)  # a size the composite cannot use is refused before any work
     for stage in ("ingest", "retrieval", "screentone"):
         require_stage(args.data, stage, needed_by="shards")
+    configure_fault_policy(args)
     start_ray(args)
     summary = run_shards(args.data, shard_options(args), local=args.local, rebuild=args.rebuild)
     print(json.dumps(summary, indent=2, sort_keys=True))

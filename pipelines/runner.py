@@ -2,7 +2,9 @@
 
 A stage is skipped when its summary exists and the pipeline's record says it completed with the same settings
 (and, for ingestion, the same chapters in the input); when a stage runs again, every later stage runs too. Each
-stage is itself resumable unit by unit, so even a stage that runs again redoes only what is missing.
+stage is itself resumable unit by unit, so even a stage that runs again redoes only what is missing. A stage that
+ends with failed units blocks the stages that read its outputs (`NEEDS`): they do not run, their old completion
+marker is removed, and the record says why, so nothing is ever marked complete over partial input.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from pipelines.core.cli import faults_text, summary_failures, summary_faults
 from pipelines.core.geometry import CompositeLayout
 from pipelines.core.layout import DataLayout
 from pipelines.core.sources import input_signature
@@ -35,6 +38,7 @@ from pipelines.shards.writer import PlanMismatchError
 log = logging.getLogger(__name__)
 
 STAGES = ("ingest", "retrieval", "screentone", "shards")
+NEEDS = {"ingest": (), "retrieval": ("ingest",), "screentone": ("ingest",), "shards": ("retrieval", "screentone")}
 RECORD = "pipeline.summary.json"
 
 
@@ -154,8 +158,15 @@ def _run_pipeline(
     previous = read_json(record_path).get("stages", {}) if record_path.exists() else {}
     record: dict[str, Any] = {"input": input_root, "stages": {}}
     rerun_downstream = False
+    incomplete: set[str] = set()
     started = time.perf_counter()
     for stage in STAGES:
+        unfinished = [needed for needed in NEEDS[stage] if needed in incomplete]
+        if unfinished:
+            record["stages"][stage] = _blocked(stage, unfinished, layout)
+            incomplete.add(stage)
+            atomic_write_json(record_path, record)
+            continue
         settings = options.stage_settings(stage)
         if stage == "ingest":
             settings = {**settings, "input": input_root, "chapters": input_signature(input_root)}
@@ -173,6 +184,8 @@ def _run_pipeline(
         else:
             summary, skipped = _run_stage(stage, input_root, layout, options, local), False
             rerun_downstream = True
+        if summary.get("complete") is not True:
+            incomplete.add(stage)
         record["stages"][stage] = {
             "fingerprint": settings_hash,
             "skipped": skipped,
@@ -182,17 +195,35 @@ def _run_pipeline(
         # Saved after every stage: a kill between stages keeps what finished.
         atomic_write_json(record_path, record)
     record["complete"] = all(entry["summary"].get("complete") is True for entry in record["stages"].values())
+    record["blocked"] = {stage: entry["blocked"] for stage, entry in record["stages"].items() if "blocked" in entry}
+    record["faults_per_stage"] = {stage: summary_faults(entry["summary"]) for stage, entry in record["stages"].items()}
     record["seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_json(record_path, record)
     return record
 
 
+def _blocked(stage: str, unfinished: list[str], layout: DataLayout) -> dict[str, Any]:
+    """The record of a stage not run because a stage it reads ended with failed units; its old completion marker
+    goes, since its outputs no longer match what is upstream."""
+    layout.summary(stage).unlink(missing_ok=True)
+    reason = f"needs complete {' and '.join(unfinished)} outputs"
+    log.warning("%s not run: it %s", stage, reason)
+    return {"skipped": False, "blocked": reason, "seconds": 0.0, "summary": {"stage": stage, "complete": False}}
+
+
 def stage_lines(record: dict[str, Any]) -> list[str]:
-    """One line per stage for the final console summary."""
+    """One line per stage for the final console summary, with the lost work each stage retried."""
     lines = []
     for stage, entry in record["stages"].items():
+        if "blocked" in entry:
+            lines.append(f"{stage:<11} not run: it {entry['blocked']}")
+            continue
         state = "skipped (outputs current)" if entry["skipped"] else f"ran in {entry['seconds']:.1f} s"
-        lines.append(f"{stage:<11} {state}: {_headline(stage, entry['summary'])}")
+        faults = summary_faults(entry["summary"])
+        retried = f"; retried {faults_text(faults)}" if any(faults.values()) else ""
+        failed = len(summary_failures(entry["summary"]))
+        failures = f"; {failed} unit{'s' if failed != 1 else ''} FAILED" if failed else ""
+        lines.append(f"{stage:<11} {state}: {_headline(stage, entry['summary'])}{failures}{retried}")
     return lines
 
 

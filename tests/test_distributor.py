@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
 from pipelines.core.storage import is_done, write_marker
 from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.faults import FaultPolicy, StalledError, configure_faults
 
 
 def _square_worker(unit: Unit) -> dict:
@@ -48,12 +50,39 @@ def test_rerun_skips_done_units(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("ray_local")
-def test_ray_run_survives_a_crashed_worker(tmp_path: Path) -> None:
+def test_ray_run_retries_a_crashed_worker_then_fails_only_its_unit(tmp_path: Path) -> None:
     units = _units(tmp_path, [1, 2, 3, 4, 5, 6])
-    report = run_units(units, _square_worker, is_done=_done(tmp_path), desc="t", units_per_task=1, max_retries=0)
+    report = run_units(units, _square_worker, is_done=_done(tmp_path), desc="t", units_per_task=1, max_retries=1)
     by_key = {r["key"]: r for r in report.results}
     assert [r["key"] for r in report.results] == [u.key for u in units]
     assert by_key["u02"]["square"] == 4 and by_key["u06"]["square"] == 36
-    assert by_key["u03"]["status"] == STATUS_ERROR
-    assert by_key["u05"]["status"] == STATUS_ERROR and "task crashed" in by_key["u05"]["error"]
+    assert by_key["u03"]["status"] == STATUS_ERROR and "three is broken" in by_key["u03"]["error"]  # not retried
+    assert by_key["u05"]["status"] == STATUS_ERROR
+    assert by_key["u05"]["error"].startswith("task crashed on 2 attempts: WorkerCrashedError")
     assert not is_done(tmp_path / "u05") and is_done(tmp_path / "u06")
+    faults = report.summary()["faults"]
+    assert faults == {
+        "task_retries": 1,
+        "actor_restarts": 0,
+        "lost_objects_recovered": 0,
+        "causes": {"WorkerCrashedError": 1},
+    }
+
+
+@pytest.fixture
+def stall_after_two_seconds() -> Iterator[None]:
+    configure_faults(FaultPolicy(stall_timeout=2))
+    yield
+    configure_faults(FaultPolicy())
+
+
+@pytest.mark.usefixtures("ray_local", "stall_after_two_seconds")
+def test_a_stage_that_cannot_progress_fails_in_one_line_naming_what_it_waits_for(tmp_path: Path) -> None:
+    """A task no node can place (a GPU on a CPU-only Ray) would wait forever; the watchdog ends the wait."""
+    with pytest.raises(StalledError) as stalled:
+        run_units(_units(tmp_path, [1]), _square_worker, is_done=_done(tmp_path), desc="gpu work", num_gpus=1)
+    message = str(stalled.value)
+    assert "\n" not in message and message.startswith("gpu work made no progress for ")
+    assert "waiting for 1 task(s) of gpu work (each needs CPU 1, GPU 1), 0 not yet submitted" in message
+    assert "cluster: " in message and "rerun the same command to resume" in message
+    assert not is_done(tmp_path / "u01")

@@ -250,6 +250,16 @@ def test_exit_status_follows_the_summary_and_unexpected_errors_say_how_to_see_mo
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     assert run_job(lambda argv: {"complete": False}, [], prog="job") == 1  # failed units: `ray job submit` FAILED
+    assert capsys.readouterr().err.splitlines() == [
+        "job: error: the run is incomplete (see its summary); rerun the same command to retry them (finished units "
+        "are kept)"
+    ]
+    failed = {"complete": False, "failures": [{"key": "c1", "error": "task crashed on 4 attempts: NodeDiedError"}]}
+    assert run_job(lambda argv: failed, [], prog="job") == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "job: error: 1 unit failed: c1: task crashed on 4 attempts: NodeDiedError; rerun the same command to retry "
+        "them (finished units are kept)"
+    ]
     assert run_job(lambda argv: {"complete": True}, [], prog="job") == 0
     assert run_job(lambda argv: 1, [], prog="job") == 1 and run_job(lambda argv: ["a.png"], [], prog="job") == 0
 

@@ -82,6 +82,9 @@ def run_job(
     if show is not None:
         print(show(result))
     if isinstance(result, dict):
+        line = outcome_line(result)
+        if line:
+            print(f"{prog}: {line}", file=sys.stderr)
         return exit_status(result)
     return result if isinstance(result, int) else 0  # an exit status, or what a job printed (paths, ...)
 
@@ -121,9 +124,91 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return value
+
+
 def exit_status(summary: dict) -> int:
     """The process exit code of a job: non-zero when units failed, so `ray job submit` reports FAILED."""
     return 0 if summary.get("complete", True) else 1
+
+
+FAULT_KINDS = ("task_retries", "actor_restarts", "lost_objects_recovered")
+
+
+def summary_failures(summary: Any) -> list[str]:
+    """Every failed unit a (stage or pipeline) summary lists under a ``failures`` key, as "unit: reason"."""
+    found: list[str] = []
+    if isinstance(summary, dict):
+        for key, value in summary.items():
+            if key == "failures" and isinstance(value, list):
+                for failure in value:
+                    unit = failure.get("key") or failure.get("chapter_id") or "?"
+                    reason = str(failure.get("error") or "no reason recorded").strip().splitlines()[0]
+                    found.append(f"{unit}: {reason}")
+            else:
+                found += summary_failures(value)
+    elif isinstance(summary, list):
+        for item in summary:
+            found += summary_failures(item)
+    return found
+
+
+def summary_faults(summary: Any) -> dict[str, int]:
+    """Lost work a summary recovered from, summed over its ``faults`` records (the outermost of each branch)."""
+    totals = dict.fromkeys(FAULT_KINDS, 0)
+    if isinstance(summary, dict):
+        if isinstance(summary.get("faults"), dict):
+            return {kind: totals[kind] + int(summary["faults"].get(kind, 0)) for kind in FAULT_KINDS}
+        for value in summary.values():
+            for kind, count in summary_faults(value).items():
+                totals[kind] += count
+    return totals
+
+
+def faults_text(faults: dict[str, int]) -> str:
+    """ "2 task retries, 1 actor restart, 0 lost objects recovered" """
+    n = [faults.get(kind, 0) for kind in FAULT_KINDS]
+    return (
+        f"{n[0]} task {'retry' if n[0] == 1 else 'retries'}, {n[1]} actor restart{'' if n[1] == 1 else 's'}, "
+        f"{n[2]} lost object{'' if n[2] == 1 else 's'} recovered"
+    )
+
+
+def outcome_line(summary: dict, shown: int = 3) -> str | None:
+    """The job's last line: for an incomplete run, the failed units and that a rerun retries them; for a complete
+    run that recovered from lost work, what it retried; nothing for a clean run."""
+    faults = summary_faults(summary)
+    if summary.get("complete", True):
+        return f"complete after recovering from lost work: {faults_text(faults)}" if any(faults.values()) else None
+    failures = summary_failures(summary)
+    parts = []
+    if failures:
+        more = f" (and {len(failures) - shown} more, listed in the summary)" if len(failures) > shown else ""
+        units = f"{len(failures)} unit{'s' if len(failures) != 1 else ''}"
+        parts.append(f"{units} failed: {'; '.join(failures[:shown])}{more}")
+    for stage, reason in (summary.get("blocked") or {}).items():
+        parts.append(f"{stage} not run ({reason})")
+    if not parts:
+        parts.append("the run is incomplete (see its summary)")
+    retried = f"; retried on the way: {faults_text(faults)}" if any(faults.values()) else ""
+    return f"error: {'; '.join(parts)}{retried}; rerun the same command to retry them (finished units are kept)"
 
 
 def configure_logging() -> None:

@@ -378,7 +378,7 @@ def run_ingest(
     ray_address: str | None = None,
     num_cpus: int | None = None,
     task_memory: int | None = None,
-    max_retries: int = 2,
+    max_retries: int | None = None,
     verbose: bool = True,
 ) -> dict[str, Any]:
     """Run the ingestion of `input_root` into `output`; returns the run summary (also written as JSON).
@@ -416,7 +416,7 @@ def _run_ingest(
     ray_address: str | None,
     num_cpus: int | None,
     task_memory: int | None,
-    max_retries: int,
+    max_retries: int | None,
     verbose: bool,
     started: float,
 ) -> dict[str, Any]:
@@ -473,6 +473,7 @@ def _run_ingest(
             "chapters_reused": len(report.skipped),
             "chapters_failed": len(report.failed),
             "failures": [{"chapter_id": r["key"], "error": r.get("error")} for r in report.failed],
+            "faults": report.faults.as_dict(),
             "pages_processed": processed_pages,
             "listing_seconds": round(listed - started, 3),
             "processing_seconds": round(report.seconds, 3),

@@ -89,6 +89,22 @@ from pipelines.core.storage import (
     write_parquet,
 )
 from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.faults import (
+    ACTOR_RESTART,
+    LOST_OBJECT,
+    TASK_RETRY,
+    FaultCounts,
+    ProgressWatchdog,
+    StalledError,
+    cluster_state,
+    describe_resources,
+    error_text,
+    fault_policy,
+    hold_while_paused,
+    is_lost_actor,
+    is_lost_object,
+    is_lost_work,
+)
 from pipelines.runtime.ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -348,7 +364,8 @@ def _assigned_gpus() -> list[str]:
 class EncoderWorker:
     """Holds one loaded encoder; as a Ray actor it owns a GPU (fp16) or one CPU, and writes what it embeds."""
 
-    def __init__(self, info: EncoderInfo, batch_size: int, threads: int = 1) -> None:
+    def __init__(self, info: EncoderInfo, batch_size: int, threads: int = 1, pause_file: str | None = None) -> None:
+        self.pause_file = pause_file
         self.device = "cpu"
         self.gpu_ids = _assigned_gpus()
         if info.kind != WEIGHT_FREE:  # torch is only needed (and only imported) for model encoders
@@ -374,6 +391,7 @@ class EncoderWorker:
         }
 
     def embed_and_write(self, job: EmbedJob, prepared: PreparedChapter, patches: np.ndarray) -> dict[str, Any]:
+        hold_while_paused(self.pause_file)
         vectors, batches = embed_patches(self.encoder, patches, self.batch_size)
         stats = finish_chapter(job, prepared, vectors)
         return {**stats, "encoder_images": len(patches), "encoder_batches": batches}
@@ -420,45 +438,166 @@ def _embed_locally(
     return results, [worker.ready()] if worker else []
 
 
-def _chapter_error(chapter_id: str, stage: str, exc: BaseException) -> dict[str, Any]:
+def _chapter_error(chapter_id: str, stage: str, exc: BaseException, attempts: int = 1) -> dict[str, Any]:
+    tried = f" (on {attempts} attempts)" if attempts > 1 else ""
     return {
         "chapter_id": chapter_id,
         "action": "failed",
-        "error": f"{stage} of chapter {chapter_id}: {type(exc).__name__}: {exc}",
+        "error": f"{stage} of chapter {chapter_id}{tried}: {error_text(exc)}",
     }
 
 
+class EncoderActors:
+    """The encoder actors of one run: started on first need, replaced when one dies (counted in `faults`).
+
+    Ray does not restart them itself (`max_restarts=0`): a dead actor's in-flight calls fail at once with
+    `ActorDiedError`, the driver submits their chapters again, and the slot gets a new actor when work is waiting.
+    Starting one is bounded by the watchdog; a constructor that raises (weights that cannot load) fails the job,
+    since every chapter would fail the same way.
+    """
+
+    def __init__(
+        self,
+        info: EncoderInfo,
+        worker_options: dict[str, Any],
+        resources: dict[str, float],
+        count: int,
+        faults: FaultCounts,
+        max_start_failures: int,
+    ) -> None:
+        import ray
+
+        self.actor_class = ray.remote(EncoderWorker).options(**resources, max_restarts=0)
+        self.needs = describe_resources(resources)
+        self.info = info
+        self.worker_options = worker_options
+        self.slots: list[Any] = [None] * count
+        self.load = [0] * count
+        self.workers: list[dict[str, Any]] = [{} for _ in range(count)]
+        self.faults = faults
+        self.max_start_failures = max_start_failures
+
+    def free_slot(self, watchdog: ProgressWatchdog) -> int | None:
+        """A slot whose actor can take another chapter (one running, one queued), starting missing actors."""
+        self._start_missing(watchdog)
+        slot = int(np.argmin(self.load))
+        return slot if self.load[slot] < 2 else None
+
+    def lost(self, slot: int, actor: Any, exc: BaseException) -> None:
+        """`actor` died: free its slot once (its other in-flight calls fail the same way)."""
+        import ray
+
+        if self.slots[slot] is actor:
+            ray.kill(actor)
+            self.slots[slot] = None
+            self.load[slot] = 0
+            self.faults.record(ACTOR_RESTART, exc)
+
+    def done(self, slot: int, actor: Any) -> None:
+        if self.slots[slot] is actor:
+            self.load[slot] -= 1
+
+    def _start_missing(self, watchdog: ProgressWatchdog) -> None:
+        failures = 0
+        while None in self.slots:
+            missing = [i for i, actor in enumerate(self.slots) if actor is None]
+            for i in missing:
+                self.slots[i] = self.actor_class.remote(self.info, **self.worker_options)
+            try:
+                what = f"{len(missing)} encoder actor(s) to start (each needs {self.needs})"
+                records = watchdog.get([self.slots[i].ready.remote() for i in missing], lambda what=what: what)
+            except StalledError:
+                raise
+            except Exception as exc:
+                if not is_lost_work(exc):
+                    message = f"encoder {self.info.spec} could not be loaded in a Ray actor: {error_text(exc)}"
+                    raise RuntimeError(message) from exc
+                failures += 1
+                if failures > self.max_start_failures:
+                    raise RuntimeError(
+                        f"encoder actors died while starting {failures} times in a row ({type(exc).__name__}); "
+                        f"{cluster_state()}"
+                    ) from exc
+                for i in missing:  # which one died is unknown: start them all again
+                    self.lost(i, self.slots[i], exc)
+                continue
+            for i, record in zip(missing, records, strict=True):
+                self.workers[i] = record
+            log.info("encoder %s loaded: %s", self.info.encoder_id, records)
+
+    def stop(self) -> None:
+        import ray
+
+        for actor in self.slots:
+            if actor is not None:
+                ray.kill(actor)
+
+
 def _embed_on_ray(
-    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
+    jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions, faults: FaultCounts
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """CPU tasks decode and crop chapters; encoder actors embed and write them. Bounded work in flight.
 
     With GPUs in the cluster each actor reserves one GPU and the batch defaults to 64 (fp16 on CUDA); an actor
     whose GPU torch cannot use falls back to CPU. Actors start only when a chapter needs the encoder, so a run
     with nothing new loads no model. A model that cannot load fails the job at once (every chapter would fail
-    the same way). Returns (per-chapter results, each actor's `EncoderWorker.ready` record).
+    the same way). A chapter whose preparing task, prepared patches or encoder actor is lost starts again from
+    its preparation, up to the fault policy's `max_retries` times (counted in `faults`); every wait is bounded
+    by its `stall_timeout`. Returns (per-chapter results, each actor's `EncoderWorker.ready` record).
     """
     import ray
 
     from pipelines.runtime.ray import cluster_has_gpus
 
+    policy = fault_policy()
     gpus = cluster_has_gpus()
     n_actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
     batch_size = options.batch_size or (64 if gpus else 32)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    prepare_task = ray.remote(prepare_chapter).options(num_cpus=1, num_returns=2, max_retries=1)
-    actor_class = ray.remote(EncoderWorker).options(
-        num_gpus=1 if gpus else 0, num_cpus=options.cpus_per_actor, max_restarts=1
+    # Ray's own retries are off: lost work is retried below, counted, and never waits without a bound
+    prepare_task = ray.remote(prepare_chapter).options(num_cpus=1, num_returns=2, max_retries=0)
+    actors = EncoderActors(
+        info,
+        {"batch_size": batch_size, "threads": options.cpus_per_actor, "pause_file": policy.pause_file},
+        {"num_cpus": options.cpus_per_actor, "num_gpus": 1 if gpus else 0},
+        n_actors,
+        faults,
+        policy.max_retries,
     )
-    actors: list[Any] = []
-    workers: list[dict[str, Any]] = []
-    load: list[int] = []
+    watchdog = ProgressWatchdog("retrieval embedding", policy)
     queue = deque(jobs)
     preparing: dict[Any, tuple[EmbedJob, Any]] = {}
     waiting: deque[tuple[EmbedJob, Any, Any]] = deque()
-    embedding: dict[Any, tuple[EmbedJob, int]] = {}
+    embedding: dict[Any, tuple[EmbedJob, int, Any]] = {}
     results: dict[str, dict[str, Any]] = {}
+    failed_attempts: Counter[str] = Counter()
     largest_chapter = 0
+
+    def waiting_for() -> str:
+        return (
+            f"{len(preparing)} chapter(s) being prepared (each needs CPU 1), {len(embedding)} being embedded by "
+            f"{sum(a is not None for a in actors.slots)} encoder actor(s) (each holds {actors.needs}), "
+            f"{len(waiting)} prepared and {len(queue)} not started"
+        )
+
+    def retry_or_fail(job: EmbedJob, stage: str, exc: BaseException) -> None:
+        failed_attempts[job.chapter_id] += 1
+        attempts = failed_attempts[job.chapter_id]
+        if is_lost_work(exc) and attempts <= policy.max_retries:
+            faults.record(LOST_OBJECT if is_lost_object(exc) else TASK_RETRY, exc)
+            log.warning(
+                "%s of chapter %s lost (%s); attempt %d of %d; %s",
+                stage,
+                job.chapter_id,
+                type(exc).__name__,
+                attempts + 1,
+                policy.max_retries + 1,
+                cluster_state(),
+            )
+            queue.appendleft(job)
+        else:
+            results[job.chapter_id] = _chapter_error(job.chapter_id, stage, exc, attempts)
+
     try:
         while queue or preparing or waiting or embedding:
             limit = inflight_limit(n_actors, cpus, largest_chapter, options.inflight_bytes)
@@ -467,45 +606,38 @@ def _embed_on_ray(
                 meta_ref, patches_ref = prepare_task.remote(job)
                 preparing[meta_ref] = (job, patches_ref)
             while waiting:
-                if not actors:
-                    actors = [actor_class.remote(info, batch_size, options.cpus_per_actor) for _ in range(n_actors)]
-                    load = [0] * n_actors
-                    try:
-                        workers = ray.get([a.ready.remote() for a in actors])
-                    except Exception as exc:
-                        raise RuntimeError(f"encoder {info.spec} could not be loaded in a Ray actor: {exc}") from exc
-                    log.info("encoder %s loaded: %s", info.encoder_id, workers)
-                slot = int(np.argmin(load))
-                if load[slot] >= 2:
+                slot = actors.free_slot(watchdog)
+                if slot is None:
                     break
                 job, meta_ref, patches_ref = waiting.popleft()
-                embedding[actors[slot].embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot)
-                load[slot] += 1
-            ready, _ = ray.wait([*preparing, *embedding], num_returns=1)
-            ref = ready[0]
-            if ref in preparing:
-                job, patches_ref = preparing.pop(ref)
-                try:
-                    prepared = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001
-                    results[job.chapter_id] = _chapter_error(job.chapter_id, "preparing", exc)
-                    continue
-                if prepared.stats is not None:
-                    results[job.chapter_id] = prepared.stats
+                actor = actors.slots[slot]
+                embedding[actor.embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot, actor)
+                actors.load[slot] += 1
+            for ref in watchdog.wait([*preparing, *embedding], waiting_for):
+                if ref in preparing:
+                    job, patches_ref = preparing.pop(ref)
+                    try:
+                        prepared = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - lost: retried; raised by the task: the chapter fails
+                        retry_or_fail(job, "preparing", exc)
+                        continue
+                    if prepared.stats is not None:
+                        results[job.chapter_id] = prepared.stats
+                    else:
+                        largest_chapter = max(largest_chapter, prepared.patch_bytes)
+                        waiting.append((job, ref, patches_ref))
                 else:
-                    largest_chapter = max(largest_chapter, prepared.patch_bytes)
-                    waiting.append((job, ref, patches_ref))
-            else:
-                job, slot = embedding.pop(ref)
-                load[slot] -= 1
-                try:
-                    results[job.chapter_id] = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - e.g. a crashed actor: this chapter fails, Ray restarts it
-                    results[job.chapter_id] = _chapter_error(job.chapter_id, "embedding", exc)
+                    job, slot, actor = embedding.pop(ref)
+                    actors.done(slot, actor)
+                    try:
+                        results[job.chapter_id] = ray.get(ref)
+                    except Exception as exc:  # noqa: BLE001 - a dead actor is replaced and its chapters retried
+                        if is_lost_actor(exc):
+                            actors.lost(slot, actor, exc)
+                        retry_or_fail(job, "embedding", exc)
     finally:
-        for actor in actors:
-            ray.kill(actor)
-    return [results[job.chapter_id] for job in jobs], workers
+        actors.stop()
+    return [results[job.chapter_id] for job in jobs], [w for w in actors.workers if w]
 
 
 # ---- stage 2: pools and search -----------------------------------------------------------------------------------
@@ -745,12 +877,13 @@ def run_retrieval(
         else:
             jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
     options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors)
+    embed_faults = FaultCounts()
     if not jobs:
         embed_results, workers = [], []
     elif local:
         embed_results, workers = _embed_locally(jobs, info, options)
     else:
-        embed_results, workers = _embed_on_ray(jobs, info, options)
+        embed_results, workers = _embed_on_ray(jobs, info, options, embed_faults)
     states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})
     failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
     embed_summary = {
@@ -767,6 +900,7 @@ def run_retrieval(
         "encoder_images": sum(r.get("encoder_images", 0) for r in embed_results),
         "encoder_batches": sum(r.get("encoder_batches", 0) for r in embed_results),
         "encoder_workers": workers,
+        "faults": embed_faults.as_dict(),
         "seconds": round(time.perf_counter() - stage1_started, 3),
     }
 
@@ -790,8 +924,12 @@ def run_retrieval(
         "chapters_searched": len(report.results) - len(report.failed),
         "chapters_reused": len(report.skipped),
         "chapters_failed": len(report.failed),
+        "faults": report.faults.as_dict(),
         "seconds": round(report.seconds, 3),
     }
+    stage_faults = FaultCounts()
+    for counts in (embed_faults, report.faults):
+        stage_faults.add(counts)
 
     # consolidation: the current chapters' parts, then the summary (the stage's completion marker)
     done = [c for c in chapters if c not in failed]
@@ -833,6 +971,7 @@ def run_retrieval(
         "retrieval_rows": retrieval_rows,
         "distinct_ref_pages_per_frame": distinct_pages_summary(dict(histogram)),
         "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
+        "faults": stage_faults.as_dict(),
         "outputs": {
             "embeddings": str(store.folder.relative_to(layout.root)),
             "run": str(run_folder.relative_to(layout.root)),

@@ -2,14 +2,18 @@
 
 A unit (a chapter, a shard, ...) has a deterministic key and a worker that writes its own outputs atomically,
 then its completion marker. The distributor skips units already marked done, runs the rest as Ray tasks in
-batches with a bounded number in flight, shows a progress bar, and turns a crashed task into error rows
-instead of a dead job.
+batches with a bounded number in flight, shows a progress bar, submits a batch again when its worker or node was
+lost (up to the fault policy's `max_retries` times, counted in the summary), turns a batch lost on every attempt
+into error rows instead of a dead job, and fails with one line when nothing finishes for the policy's
+`stall_timeout` (see `pipelines.runtime.faults`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +21,21 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
+from pipelines.runtime.faults import (
+    LOST_OBJECT,
+    TASK_RETRY,
+    FaultCounts,
+    ProgressWatchdog,
+    cluster_state,
+    describe_resources,
+    error_text,
+    fault_policy,
+    hold_while_paused,
+    is_lost_object,
+    is_lost_work,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,11 +46,13 @@ class Unit:
 
 @dataclass
 class RunReport:
-    """What one stage run did: per-unit results of new work, and the keys it skipped as already done."""
+    """What one stage run did: per-unit results of new work, the keys it skipped as already done, and the lost
+    work it retried."""
 
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    faults: FaultCounts = field(default_factory=FaultCounts)
 
     @property
     def failed(self) -> list[dict[str, Any]]:
@@ -44,6 +65,7 @@ class RunReport:
             "units_failed": len(self.failed),
             "seconds": round(self.seconds, 3),
             "failures": [{"key": r["key"], "error": r.get("error")} for r in self.failed],
+            "faults": self.faults.as_dict(),
         }
 
 
@@ -62,8 +84,14 @@ def run_unit_safely(worker: Callable[[Unit], dict[str, Any]], unit: Unit) -> dic
     return result
 
 
-def _run_batch(worker: Callable[[Unit], dict[str, Any]], units: list[Unit]) -> list[dict[str, Any]]:
-    return [run_unit_safely(worker, unit) for unit in units]
+def _run_batch(
+    worker: Callable[[Unit], dict[str, Any]], units: list[Unit], pause_file: str | None = None
+) -> list[dict[str, Any]]:
+    results = []
+    for unit in units:
+        hold_while_paused(pause_file)
+        results.append(run_unit_safely(worker, unit))
+    return results
 
 
 def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
@@ -82,13 +110,14 @@ def run_units(
     num_gpus: float = 0.0,
     memory: int | None = None,
     max_in_flight: int | None = None,
-    max_retries: int = 2,
+    max_retries: int | None = None,
     local: bool = False,
 ) -> RunReport:
     """Run `worker` on every unit not yet done, as Ray tasks of `units_per_task` units.
 
-    `local=True` runs in this process (no Ray): used by tests of a worker and by tiny runs. Results come back in
-    unit order whatever the completion order, so summaries are deterministic.
+    `max_retries` (default: the fault policy's) bounds how often a batch lost with its worker or node is submitted
+    again. `local=True` runs in this process (no Ray): used by tests of a worker and by tiny runs. Results come
+    back in unit order whatever the completion order, so summaries are deterministic.
     """
     started = time.perf_counter()
     report = RunReport()
@@ -102,8 +131,10 @@ def run_units(
             report.results.append(run_unit_safely(worker, unit))
             bar.update(1)
     else:
+        retries = fault_policy().max_retries if max_retries is None else max_retries
+        resources = {"num_cpus": num_cpus, "num_gpus": num_gpus, **({"memory": memory} if memory else {})}
         report.results = _run_on_ray(
-            worker, batched(todo, units_per_task), bar, num_cpus, num_gpus, memory, max_in_flight, max_retries
+            worker, batched(todo, units_per_task), bar, desc, resources, max_in_flight, retries, report.faults
         )
     bar.close()
     report.results.sort(key=lambda r: order[r["key"]])
@@ -115,37 +146,64 @@ def _run_on_ray(
     worker: Callable[[Unit], dict[str, Any]],
     batches: list[list[Unit]],
     bar: tqdm,
-    num_cpus: float,
-    num_gpus: float,
-    memory: int | None,
+    desc: str,
+    resources: dict[str, Any],
     max_in_flight: int | None,
     max_retries: int,
+    faults: FaultCounts,
 ) -> list[dict[str, Any]]:
     import ray
 
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "max_retries": max_retries}
-    if memory:
-        options["memory"] = memory
-    remote_batch = ray.remote(_run_batch).options(**options)
+    policy = fault_policy()
+    # Ray's own retries are off: this loop retries lost batches itself, so it can count them and bound the wait.
+    remote_batch = ray.remote(_run_batch).options(**resources, max_retries=0)
     worker_ref = ray.put(worker)
-    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / max(num_cpus, 0.01)))
-    pending: dict[Any, list[Unit]] = {}
+    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1) / max(resources["num_cpus"], 0.01)))
+    watchdog = ProgressWatchdog(desc, policy)
+    pending: dict[Any, tuple[int, list[Unit]]] = {}
+    attempts: dict[int, int] = {}
     results: list[dict[str, Any]] = []
-    queue = list(batches)
-    while queue or pending:
-        while queue and len(pending) < limit:
-            batch = queue.pop(0)
-            pending[remote_batch.remote(worker_ref, batch)] = batch
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            batch = pending.pop(ref)
-            try:
-                batch_results = ray.get(ref)
-            except Exception as exc:  # noqa: BLE001 - a crashed task (OOM kill, lost node) fails its units only
-                batch_results = [
-                    {"key": u.key, "status": STATUS_ERROR, "error": f"task crashed: {type(exc).__name__}: {exc}"}
-                    for u in batch
-                ]
-            results.extend(batch_results)
-            bar.update(len(batch))
+    queue = deque(enumerate(batches))
+
+    def waiting_for() -> str:
+        needs = describe_resources(resources)
+        return f"{len(pending)} task(s) of {desc} (each needs {needs}), {len(queue)} not yet submitted"
+
+    try:
+        while queue or pending:
+            while queue and len(pending) < limit:
+                index, batch = queue.popleft()
+                pending[remote_batch.remote(worker_ref, batch, policy.pause_file)] = (index, batch)
+            for ref in watchdog.wait(list(pending), waiting_for):
+                index, batch = pending.pop(ref)
+                try:
+                    batch_results = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - lost (OOM kill, lost node): retried, then fails its units
+                    attempts[index] = attempts.get(index, 1) + 1
+                    if is_lost_work(exc) and attempts[index] <= max_retries + 1:
+                        faults.record(LOST_OBJECT if is_lost_object(exc) else TASK_RETRY, exc)
+                        log.warning(
+                            "%s: task of %s lost (%s); attempt %d of %d; %s",
+                            desc,
+                            ", ".join(u.key for u in batch),
+                            type(exc).__name__,
+                            attempts[index],
+                            max_retries + 1,
+                            cluster_state(),
+                        )
+                        queue.appendleft((index, batch))
+                        continue
+                    batch_results = [_crashed(unit, exc, attempts[index] - 1) for unit in batch]
+                results.extend(batch_results)
+                bar.update(len(batch))
+    finally:
+        for ref in pending:  # a stalled or interrupted stage leaves no task queued behind it
+            ray.cancel(ref, force=True)
     return results
+
+
+def _crashed(unit: Unit, exc: BaseException, attempts: int) -> dict[str, Any]:
+    """The error row of a unit whose task was lost on every attempt (or failed outside the worker)."""
+    tries = f"{attempts} attempt{'s' if attempts != 1 else ''}"
+    error = f"task crashed on {tries}: {error_text(exc)}"
+    return {"key": unit.key, "status": STATUS_ERROR, "error": error}
