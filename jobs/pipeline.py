@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy
-from jobs.retrieval import add_retrieval_arguments
+from jobs.retrieval import add_encoder_arguments, add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
 from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
 from pipelines.retrieval.stage import RetrievalOptions
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chapters-per-task", type=positive_int, default=defaults.chapters_per_task, help="chapters per Ray task"
     )
     add_retrieval_arguments(parser, "retrieval")
+    add_encoder_arguments(parser, "retrieval encoder pool")
     add_shard_arguments(parser)
     add_fault_arguments(parser)
     add_ray_arguments(parser)
@@ -93,9 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
             min_refs=args.min_refs,
             k_per_patch=args.k_per_patch,
             max_per_page=args.max_per_page,
+            batch_size=args.batch_size,
+            encoder_actors=args.encoder_actors,
+            encoder_threads=args.encoder_threads,
         ),
         min_color_pages=args.min_color_pages,
         chapters_per_task=args.chapters_per_task,
+        rebuild=args.rebuild,
     )
     configure_fault_policy(args)
     record = run_pipeline(

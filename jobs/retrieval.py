@@ -10,7 +10,7 @@ import json
 import sys
 
 from jobs.common import add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
-from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.core.cli import JobArgumentParser, int_range, parse_size, positive_int, run_job
 from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.core.pools import NearDuplicateRule
 from pipelines.retrieval.inspect import character_hit_rate
@@ -44,6 +44,30 @@ def add_retrieval_arguments(parser: argparse.ArgumentParser, group_title: str | 
     )
 
 
+def add_encoder_arguments(parser: argparse.ArgumentParser, group_title: str = "encoder pool") -> None:
+    """How the encoder runs (shared with jobs.pipeline): actor pool bounds, batch size, threads per actor."""
+    group = parser.add_argument_group(group_title)
+    group.add_argument(
+        "--encoder-actors",
+        type=int_range,
+        default=None,
+        metavar="N|MIN:MAX",
+        help="encoder actors, a fixed count or MIN:MAX bounds of an autoscaling pool (default: one per GPU on a "
+        "cluster with GPUs, which then embed while the CPUs prepare; without GPUs 1:CPUs/threads, spread over "
+        "every node and grown while prepared chapters wait)",
+    )
+    group.add_argument(
+        "--batch-size", type=positive_int, default=None, help="encoder batch (default: 64 on GPU, 32 on CPU)"
+    )
+    group.add_argument(
+        "--encoder-threads",
+        type=positive_int,
+        default=None,
+        help="CPUs each CPU encoder actor reserves, and its torch threads (default: 1 for the weight-free encoder, "
+        "4 for open_clip models; GPU actors hold 1 CPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by the ingestion job (OUT)")
@@ -51,12 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="fixes every pool")
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="frame size WxH (default 512x800)")
     parser.add_argument("--rebuild", action="store_true", help="re-embed and re-search everything")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help="encoder batch (default: 64 on GPU, 32 on CPU)"
-    )
-    parser.add_argument(
-        "--encoder-actors", type=positive_int, default=None, help="encoder actors (default: one per GPU, else one)"
-    )
+    add_encoder_arguments(parser)
     parser.add_argument("--faiss-threads", type=positive_int, default=1, help="FAISS OpenMP threads per search task")
     rule = NearDuplicateRule()
     dup = parser.add_argument_group("near-duplicates (never in a frame's pool)")
@@ -108,6 +127,7 @@ def retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         encoder=args.encoder,
         batch_size=args.batch_size,
         encoder_actors=args.encoder_actors,
+        encoder_threads=args.encoder_threads,
         faiss_threads=args.faiss_threads,
         rebuild=args.rebuild,
     )

@@ -42,6 +42,29 @@ def add_shard_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument(
         "--estimate-frames", type=positive_int, default=8, help="frames built to measure bytes per sample"
     )
+    generations = parser.add_argument_group("generations (shards are append-only)")
+    generations.add_argument(
+        "--min-generation-samples",
+        type=positive_int,
+        default=None,
+        help="new frames that make a new generation of shards; fewer wait for a later run (default: one shard's "
+        "worth; the first generation is always written)",
+    )
+    generations.add_argument(
+        "--flush", action="store_true", help="write the waiting new frames as a generation now, however few"
+    )
+    generations.add_argument(
+        "--compact",
+        action="store_true",
+        help="merge every shard smaller than a full one into new shards of a new generation (the small shards' "
+        "names go away; never done without this flag)",
+    )
+    generations.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="delete the shards and the benchmark and write them again as generation g0000 (needed after a "
+        "change of sample format or of sample or shard settings)",
+    )
     splits = parser.add_argument_group("splits and benchmark")
     splits.add_argument("--val-fraction", type=float, default=0.05, help="share of non-benchmark series in val")
     splits.add_argument("--bench-chapters", type=int, default=30, help="benchmark chapters (0: no benchmark)")
@@ -91,6 +114,9 @@ def shard_options(args: argparse.Namespace) -> ShardOptions:
         leakage_confirm=not args.no_leakage_confirm,
         ivf_min_train=args.ivf_min_train,
         drop_frames_referencing_duplicates=not args.keep_frames_referencing_duplicates,
+        min_generation_samples=args.min_generation_samples,
+        flush=args.flush,
+        compact=args.compact,
     )
 
 
@@ -99,7 +125,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="the data folder of the earlier stages (OUT)")
     add_common_arguments(parser)
     add_shard_arguments(parser)
-    parser.add_argument("--rebuild", action="store_true", help="delete shards of another configuration and redo")
     add_fault_arguments(parser)
     add_ray_arguments(parser)
     return parser

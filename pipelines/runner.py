@@ -33,7 +33,6 @@ from pipelines.runtime.preconditions import (
 )
 from pipelines.screentone.stage import ScreentoneOptions
 from pipelines.shards.stage import ShardOptions
-from pipelines.shards.writer import PlanMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +53,7 @@ class PipelineOptions:
     retrieval: RetrievalOptions = RetrievalOptions()
     min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
     chapters_per_task: int = 4
+    rebuild: bool = False  # rewrite the shards and the benchmark from scratch (a new sample format needs it)
 
     def stage_options(self, stage: str) -> Any:
         """The one options dataclass `stage`'s ``run_<stage>`` takes."""
@@ -90,7 +90,7 @@ class PipelineOptions:
                 "hires_scale": shards.hires_scale,
                 "seed": shards.seed,
             },
-            "shards": asdict(shards),
+            "shards": {**asdict(shards), **({"rebuild": True} if self.rebuild else {})},
         }
         return by_stage[stage]
 
@@ -109,12 +109,9 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
     stage_options = options.stage_options(stage)
     if stage == "ingest":
         return run(*inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local)
-    try:
-        return run(*inputs, stage_options, local=local)
-    except PlanMismatchError as exc:
-        # Upstream outputs changed (new chapters, another encoder...): the old shards describe other data.
-        log.warning("%s were planned for other inputs; rebuilding them (%s)", stage, exc)
-        return run(*inputs, stage_options, local=local, rebuild=True)
+    if stage == "shards":  # never rebuilt implicitly: new chapters append a generation, other settings refuse
+        return run(*inputs, stage_options, local=local, rebuild=options.rebuild)
+    return run(*inputs, stage_options, local=local)
 
 
 def run_pipeline(

@@ -376,7 +376,15 @@ def test_gpu_actor_path_schedules_one_gpu_per_actor_and_falls_back_to_cpu(ingest
     summary = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("SUMMARY "))[8:])
     assert summary["resources"]["GPU"] == 1.0
     embeddings = summary["embeddings"]
-    assert embeddings["encoder_workers"] == [{"device": "cpu", "dtype": "float32", "batch_size": 64, "gpu_ids": ["0"]}]
+    (worker,) = embeddings["encoder_workers"]
+    assert {k: worker[k] for k in ("device", "dtype", "batch_size", "gpu_ids", "threads", "chapters")} == {
+        "device": "cpu",
+        "dtype": "float32",
+        "batch_size": 64,
+        "gpu_ids": ["0"],
+        "threads": 1,
+        "chapters": 2,
+    }
     assert embeddings["encoder_images"] == 9 * FRAMES and embeddings["encoder_batches"] == 2 * -(-9 * 24 // 64)
     assert summary["frames_ok"] == FRAMES and summary["retrieval_rows"] == 12 * FRAMES
 
@@ -394,11 +402,19 @@ def test_gpu_actor_path_schedules_one_gpu_per_actor_and_falls_back_to_cpu(ingest
     np.testing.assert_allclose(chapter.vectors[chapter.page_rows()[page_id][8]].astype(np.float32), expected, atol=3e-3)
 
 
-def test_a_cpu_cluster_runs_one_float32_actor_with_batches_of_32(weightfree_run: tuple[Path, dict]) -> None:
+def test_a_cpu_cluster_runs_float32_actors_with_batches_of_32(weightfree_run: tuple[Path, dict]) -> None:
+    """The session's Ray has 2 CPUs and no GPU: a pool of 1 to 2 one-thread actors embeds the 2 chapters."""
     _, summary = weightfree_run
-    assert summary["embeddings"]["encoder_workers"] == [
-        {"device": "cpu", "dtype": "float32", "batch_size": 32, "gpu_ids": []}
-    ]
+    workers = summary["embeddings"]["encoder_workers"]
+    assert 1 <= len(workers) <= 2 and sum(w["chapters"] for w in workers) == 2
+    for worker in workers:
+        assert {k: worker[k] for k in ("device", "dtype", "batch_size", "gpu_ids", "threads")} == {
+            "device": "cpu",
+            "dtype": "float32",
+            "batch_size": 32,
+            "gpu_ids": [],
+            "threads": 1,
+        }
 
 
 def test_encoder_dtype_is_fp16_on_cuda_and_float32_elsewhere(tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ from pipelines.core.samples import (
     FIELD_META,
     FIELD_RING,
     FIELD_TONE,
+    require_sample_format,
 )
 from pipelines.core.storage import sha256_file
 
@@ -133,7 +134,13 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
     if "shardlist" in spec:  # a wids index
         entries = [(s["url"], int(s["nsamples"]), None, None) for s in spec["shardlist"]]
         base = spec.get("base")
-    elif "shards" in spec:  # a split manifest
+    elif "shards" in spec:  # a split manifest: the current generation's immutable snapshot names the shard list
+        versions = [spec.get("sample_format_version", 1)]
+        versions += [g.get("sample_format_version", 1) for g in spec.get("generations", [])]
+        require_sample_format(versions, str(path))
+        snapshot = spec.get("generation_manifest")
+        if snapshot and path.name != snapshot and (path.parent / snapshot).is_file():
+            return _from_manifest(path.parent / snapshot, split)
         entries = [
             (s.get("url", s.get("name")), int(s["nsamples"]), s.get("bytes"), s.get("sha256")) for s in spec["shards"]
         ]
@@ -155,6 +162,23 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
         shard_sha256=tuple(digest for *_, digest in kept) if any(e[3] is not None for e in kept) else (),
         frame_sizes=((int(sample["width"]), int(sample["height"])),) if "width" in sample else (),
     )
+
+
+def resumed_source(source: ShardSource, checkpoint: Path | None) -> ShardSource:
+    """The shards a run reads: a resumed run keeps the generation manifest its checkpoint recorded, so a new
+    generation appended since does not change its sample order; a fresh run (or shards given as URLs) reads
+    `source`, the current set."""
+    state_path = checkpoint / "train_state.json" if checkpoint is not None else None
+    if state_path is None or not state_path.is_file():
+        return source
+    pinned = json.loads(state_path.read_text()).get("shard_manifest")
+    if not pinned or not _is_generation_manifest(pinned) or pinned == source.manifest:
+        return source
+    if not Path(pinned).is_file():
+        raise PreconditionError(
+            f"the checkpoint {checkpoint} was trained on {pinned}, which no longer exists: start a new run"
+        )
+    return _from_manifest(Path(pinned), TRAIN_SPLIT)
 
 
 def shard_length(url: str) -> int:
@@ -220,7 +244,12 @@ def check_shards(source: ShardSource, *, verify_sha256: bool = False) -> None:
         if local is None:
             continue  # remote shards are checked by wids' download
         if not local.is_file():
-            raise PreconditionError(f"shard {url}: no such file (listed in {source.manifest})")
+            raise PreconditionError(
+                f"shard {url}: no such file (listed in {source.manifest}); a later generation removed it (taken "
+                "down or compacted) or it was never copied: start a new run on the current manifest"
+                if _is_generation_manifest(source.manifest)
+                else f"shard {url}: no such file (listed in {source.manifest})"
+            )
         size = local.stat().st_size
         if recorded:
             expected = source.shard_bytes[number]
@@ -228,7 +257,12 @@ def check_shards(source: ShardSource, *, verify_sha256: bool = False) -> None:
                 state = "truncated" if size < expected else "longer than written"
                 raise PreconditionError(
                     f"shard {url}: {state}: {size} bytes, its manifest {source.manifest} records {expected}; "
-                    "rewrite it with python -m jobs.shards --data OUT or copy it again"
+                    + (
+                        "a later generation may have rewritten it (frames taken down or removed by the leakage "
+                        "check): start a new run on the current manifest, or copy the shard again"
+                        if _is_generation_manifest(source.manifest)
+                        else "rewrite it with python -m jobs.shards --data OUT or copy it again"
+                    )
                 )
             digest = source.shard_sha256[number] if source.shard_sha256 else None
             if verify_sha256 and digest is not None and sha256_file(local) != digest:
@@ -240,6 +274,11 @@ def check_shards(source: ShardSource, *, verify_sha256: bool = False) -> None:
             problem = tar_problem(local)
             if problem:
                 raise PreconditionError(f"shard {url}: {problem}")
+
+
+def _is_generation_manifest(manifest: str | None) -> bool:
+    """A split's immutable per-generation manifest (``manifest.g0003.json``), which a resumed run keeps reading."""
+    return manifest is not None and Path(manifest).name.startswith("manifest.g")
 
 
 def tar_problem(path: Path) -> str | None:

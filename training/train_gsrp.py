@@ -53,6 +53,7 @@ from training.data import (
     bw_variant_arg,
     check_shards,
     resolve_shard_source,
+    resumed_source,
 )
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
 from training.inputs import add_safety_arguments, check_base_model, check_vae_folder
@@ -306,14 +307,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
         check_vae_folder(args.vae)
     else:
         check_base_model(args.pretrained_model_name_or_path, ("vae",))
-    source = resolve_shard_source(args.data)
+    output_dir = check_output_creatable(args.output_dir, "--output_dir")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
+    source = resumed_source(resolve_shard_source(args.data), resume)  # a resumed run keeps its generation
     check_shards(source, verify_sha256=args.verify_shards)
     if args.validation_data:
         check_shards(resolve_shard_source(args.validation_data), verify_sha256=args.verify_shards)
     if args.init_from and not Path(args.init_from).exists():
         raise FileNotFoundError(f"--init_from {args.init_from}: no such file or folder")
-    output_dir = check_output_creatable(args.output_dir, "--output_dir")
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
     return source, resume
 
 
@@ -495,7 +496,11 @@ def train(
             budget.stop()
         stop = preemption.agreed(accelerator)
         if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-            state = {"global_step": global_step, **run_settings(args, accelerator.num_processes)}
+            state = {
+                "global_step": global_step,
+                **run_settings(args, accelerator.num_processes),
+                "shard_manifest": train_source.manifest,
+            }
             publish_state(accelerator, output_dir, global_step, args.checkpoints_total_limit, state)
         if stop:
             progress.close()

@@ -45,6 +45,7 @@ from training.data import (
     first_samples,
     frame_size,
     resolve_shard_source,
+    resumed_source,
 )
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
 from training.inputs import add_safety_arguments, check_base_model, check_resolution, vae_factor
@@ -358,15 +359,16 @@ def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
     from model.icp_weights import describe_weights
 
     check_base_model(args.pretrained_model_name_or_path, BASE_SUBFOLDERS)
-    source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
+    output_dir = check_output_creatable(args.output_dir, "--output_dir")
+    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
+    current = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
+    source = resumed_source(current, resume)  # a resumed run keeps the generation it started with
     check_shards(source, verify_sha256=args.verify_shards)
     base = Path(args.pretrained_model_name_or_path).expanduser()
     where = f"from {source.manifest}" if source.frame_sizes else "read from the first sample"
     check_resolution(args.resolution, source.frame_sizes or (frame_size(source),), vae_factor(base / "vae"), where)
     if args.init_from:
         describe_weights(args.init_from)
-    output_dir = check_output_creatable(args.output_dir, "--output_dir")
-    resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
     return source, resume
 
 
@@ -646,6 +648,7 @@ def save_checkpoint(
         "seed": args.seed,
         "samples_per_rank": step * args.train_batch_size * args.gradient_accumulation_steps,
         "shard_manifest_sha256": source.sha256,
+        "shard_manifest": source.manifest,
     }
     publish_state(accelerator, output_dir, step, args.checkpoints_total_limit, state)
 

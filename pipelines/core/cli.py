@@ -124,6 +124,15 @@ def positive_int(text: str) -> int:
     return value
 
 
+def int_range(text: str) -> tuple[int, int]:
+    """'4' -> (4, 4), '2:16' -> (2, 16): a fixed count or MIN:MAX bounds, both positive, min <= max."""
+    low, _, high = text.partition(":")
+    bounds = (positive_int(low), positive_int(high or low))
+    if bounds[0] > bounds[1]:
+        raise argparse.ArgumentTypeError(f"{text!r}: MIN {bounds[0]} is above MAX {bounds[1]}")
+    return bounds
+
+
 def non_negative_int(text: str) -> int:
     try:
         value = int(text)

@@ -41,13 +41,14 @@ from __future__ import annotations
 import io
 import json
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, fit_box, fit_image, hires_size, reference_boxes
 from pipelines.core.pagestore import decode_page, encode_page
 from pipelines.core.schemas import QUERY_PATCHES, REF_PATCHES
@@ -71,7 +72,24 @@ FIELDS: tuple[str, ...] = (
     FIELD_META,
 )
 
-SAMPLE_FORMAT_VERSION = 1
+SAMPLE_FORMAT_VERSION = 1  # the one constant naming the sample bytes: the manifests record it, readers check it
+
+
+class SampleFormatError(PreconditionError):
+    """Samples of another format version: a dataset never mixes versions, and a reader never guesses."""
+
+
+def require_sample_format(versions: Iterable[Any], where: str) -> None:
+    """The one rule for a change of sample format: `where` (a shard folder, a manifest) must hold only samples of
+    this code's `SAMPLE_FORMAT_VERSION`; anything else (another version, a mix) is refused in one line naming the
+    way out, a rebuild. Used by the shard writer (never append another version) and by the readers."""
+    found = sorted({str(v) for v in versions})
+    if found and found != [str(SAMPLE_FORMAT_VERSION)]:
+        raise SampleFormatError(
+            f"{where} holds samples of sample format version {', '.join(found)}; this code writes and reads only "
+            f"version {SAMPLE_FORMAT_VERSION} and never mixes versions in a dataset: rewrite the shards with "
+            "python -m jobs.shards --data OUT --rebuild (or python -m jobs.pipeline ... --rebuild)"
+        )
 
 
 class SampleError(ValueError):

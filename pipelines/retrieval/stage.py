@@ -7,7 +7,8 @@ candidates are the other frames of its chapter. Two stages, both resumable chapt
    to W x H (`geometry.fit_image`), 4 query crops are cut from its greyscale version and 5 reference crops (the
    same 4 + the whole page) from the colour page, so 9 vectors per page, stored L2-normalised as fp16 per
    chapter with the page ids, patch indices and the encoder fingerprint. Decoding and cropping run in CPU tasks;
-   the encoder runs in Ray actors (one per GPU, fp16, explicit batch size; on CPU-only clusters one CPU actor).
+   the encoder runs in a pool of Ray actors (one per GPU, fp16; on CPU-only clusters actors of `encoder_threads`
+   CPUs spread over every node, grown while chapters wait).
    A rerun embeds only pages it has not embedded yet (new or changed bytes); a new encoder or page size gets its
    own folder beside the old ones.
 2. Search. Per chapter: pools (`pipelines.core.pools`), then each frame's query patches are searched among its
@@ -134,7 +135,8 @@ class RetrievalOptions:
     max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
     encoder: str = DEFAULT_ENCODER
     batch_size: int | None = None  # encoder batch; None: the encoder's default for its device
-    encoder_actors: int | None = None  # None: one per GPU, else one
+    encoder_actors: tuple[int, int] | None = None  # (min, max) actors; None: one per GPU, else 1 up to CPUs/threads
+    encoder_threads: int | None = None  # CPUs (and torch threads) per CPU actor; None: 1 weight-free, 4 model
     faiss_threads: int = 1
     rebuild: bool = False  # re-embed and re-search everything of this encoder and setting
 
@@ -144,6 +146,9 @@ class RetrievalOptions:
         return {name: settings[name] for name in SEARCH_FIELDS}
 
     def __post_init__(self) -> None:
+        if self.encoder_actors is not None and not 1 <= self.encoder_actors[0] <= self.encoder_actors[1]:
+            low, high = self.encoder_actors
+            raise ValueError(f"encoder actors need 1 <= min <= max, got {low}:{high}")
         if self.max_per_page is not None and self.max_per_page * self.min_refs < QUERY_PATCHES * self.k_per_patch:
             raise ValueError(
                 f"max_per_page={self.max_per_page} cannot fill a frame: {QUERY_PATCHES} query patches x k_per_patch="
@@ -362,18 +367,20 @@ def _assigned_gpus() -> list[str]:
 
 
 class EncoderWorker:
-    """Holds one loaded encoder; as a Ray actor it owns a GPU (fp16) or one CPU, and writes what it embeds."""
+    """Holds one loaded encoder; as a Ray actor it owns a GPU (fp16) or `threads` CPUs (as many torch threads), and
+    writes what it embeds."""
 
     def __init__(self, info: EncoderInfo, batch_size: int, threads: int = 1, pause_file: str | None = None) -> None:
         self.pause_file = pause_file
         self.device = "cpu"
+        self.threads = max(1, threads)
         self.gpu_ids = _assigned_gpus()
         if info.kind != WEIGHT_FREE:  # torch is only needed (and only imported) for model encoders
             import torch
 
             from pipelines.runtime.ray import torch_device
 
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(self.threads)
             self.device = torch_device()
             if self.gpu_ids and self.device == "cpu":
                 log.warning("Ray assigned GPU %s but torch sees no CUDA device: the encoder runs on CPU", self.gpu_ids)
@@ -381,13 +388,15 @@ class EncoderWorker:
         self.batch_size = batch_size
 
     def ready(self) -> dict[str, Any]:
-        """Where this worker runs: device, dtype, batch size and the GPUs Ray assigned it."""
+        """Where this worker runs: device, dtype, batch size, threads, the GPUs Ray assigned it and its node."""
         dtype = getattr(self.encoder, "dtype", "float32")
         return {
             "device": str(self.device),
             "dtype": str(dtype).removeprefix("torch."),
             "batch_size": self.batch_size,
+            "threads": self.threads,
             "gpu_ids": self.gpu_ids,
+            "node_id": _node_id(),
         }
 
     def embed_and_write(self, job: EmbedJob, prepared: PreparedChapter, patches: np.ndarray) -> dict[str, Any]:
@@ -397,12 +406,23 @@ class EncoderWorker:
         return {**stats, "encoder_images": len(patches), "encoder_batches": batches}
 
 
+def _node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 @dataclass(frozen=True)
 class EncoderOptions:
+    """How the encoder runs: batch size, actor pool bounds and CPUs (torch threads) per CPU actor."""
+
     batch_size: int | None = None  # default: 64 on GPU, 32 on CPU
-    actors: int | None = None  # default: one per GPU, else 1
-    cpus_per_actor: int = 1
+    actors: tuple[int, int] | None = None  # (min, max); default: one per GPU, else 1 up to CPUs // threads
+    threads: int | None = None  # CPUs and torch threads per CPU actor; default: 1 weight-free, 4 for a model
     inflight_bytes: int = 2 << 30  # prepared patches held in the object store at once, beyond the minimum below
+
+    def cpu_threads(self, info: EncoderInfo) -> int:
+        return self.threads or (1 if info.kind == WEIGHT_FREE else 4)
 
 
 def inflight_limit(n_actors: int, cpus: int, chapter_bytes: int, budget: int) -> int:
@@ -425,17 +445,19 @@ def _embed_locally(
     """(per-chapter results, the encoder worker's `ready` record if one was loaded), in this process."""
     worker: EncoderWorker | None = None
     results = []
+    embedded = 0
     for job in jobs:
         try:
             prepared, patches = prepare_chapter(job)
             if prepared.stats is not None:
                 results.append(prepared.stats)
                 continue
-            worker = worker or EncoderWorker(info, options.batch_size or 32, options.cpus_per_actor)
+            worker = worker or EncoderWorker(info, options.batch_size or 32, options.cpu_threads(info))
             results.append(worker.embed_and_write(job, prepared, patches))
+            embedded += 1
         except Exception as exc:  # noqa: BLE001 - a chapter's failure is recorded, the others go on
             results.append(_chapter_error(job.chapter_id, "embedding", exc))
-    return results, [worker.ready()] if worker else []
+    return results, [{**worker.ready(), "chapters": embedded}] if worker else []
 
 
 def _chapter_error(chapter_id: str, stage: str, exc: BaseException, attempts: int = 1) -> dict[str, Any]:
@@ -448,12 +470,16 @@ def _chapter_error(chapter_id: str, stage: str, exc: BaseException, attempts: in
 
 
 class EncoderActors:
-    """The encoder actors of one run: started on first need, replaced when one dies (counted in `faults`).
+    """The encoder actor pool of one run: `min_actors` started on first need, grown one at a time up to
+    `max_actors` while prepared chapters wait for a busy pool and the cluster has the resources to spare (a CPU
+    is always left for preparing), replaced when one dies (counted in `faults`).
 
     Ray does not restart them itself (`max_restarts=0`): a dead actor's in-flight calls fail at once with
     `ActorDiedError`, the driver submits their chapters again, and the slot gets a new actor when work is waiting.
-    Starting one is bounded by the watchdog; a constructor that raises (weights that cannot load) fails the job,
-    since every chapter would fail the same way.
+    Starting the first actors and replacements is bounded by the watchdog; a grown actor starts in the background
+    and takes chapters once ready. A constructor that raises (weights that cannot load) fails the job, since every
+    chapter would fail the same way. CPU actors are placed on the node holding the fewest of them (a soft node
+    affinity), so the pool spreads over every node; GPU actors go wherever Ray finds a GPU.
     """
 
     def __init__(
@@ -461,48 +487,136 @@ class EncoderActors:
         info: EncoderInfo,
         worker_options: dict[str, Any],
         resources: dict[str, float],
-        count: int,
+        actors: tuple[int, int],
         faults: FaultCounts,
         max_start_failures: int,
     ) -> None:
         import ray
 
-        self.actor_class = ray.remote(EncoderWorker).options(**resources, max_restarts=0)
+        self.actor_class = ray.remote(EncoderWorker)
+        self.resources = resources
         self.needs = describe_resources(resources)
         self.info = info
         self.worker_options = worker_options
-        self.slots: list[Any] = [None] * count
-        self.load = [0] * count
-        self.workers: list[dict[str, Any]] = [{} for _ in range(count)]
+        self.min_actors, self.max_actors = actors
+        self.slots: list[Any] = []  # an actor, or None where one is to be started
+        self.load: list[int] = []  # calls in flight per slot
+        self.assigned: list[int] = []  # chapters sent per slot: ties go to the least used, so work spreads
+        self.targets: list[str | None] = []  # the node each CPU actor was placed on
+        self.ready_slots: set[int] = set()
+        self.starting: dict[Any, int] = {}  # ready() reference of a grown actor -> its slot
+        self.workers: list[dict[str, Any]] = []  # every actor's `ready` record, with the chapters it embedded
+        self.worker_of: dict[int, int] = {}
         self.faults = faults
         self.max_start_failures = max_start_failures
 
+    @property
+    def active(self) -> int:
+        return sum(actor is not None for actor in self.slots)
+
+    def capacity(self) -> int:
+        """Actors the in-flight bound should feed: the pool, plus one while it may still grow."""
+        return max(self.min_actors, len(self.slots) + (len(self.slots) < self.max_actors))
+
     def free_slot(self, watchdog: ProgressWatchdog) -> int | None:
-        """A slot whose actor can take another chapter (one running, one queued), starting missing actors."""
+        """A ready slot whose actor can take another chapter (one running, one queued), starting missing actors."""
         self._start_missing(watchdog)
-        slot = int(np.argmin(self.load))
-        return slot if self.load[slot] < 2 else None
+        candidates = [i for i in self.ready_slots if self.load[i] < 2]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda i: (self.load[i], self.assigned[i], i))
+
+    def assign(self, slot: int) -> None:
+        self.load[slot] += 1
+        self.assigned[slot] += 1
+
+    def grow(self) -> None:
+        """Start one more actor in the background when the pool is below its maximum and the cluster has the
+        resources for it and a CPU to spare for preparing."""
+        import ray
+
+        if self.starting or len(self.slots) >= self.max_actors:
+            return
+        free = ray.available_resources()
+        if free.get("CPU", 0) < self.resources.get("num_cpus", 0) + 1 or free.get("GPU", 0) < self.resources.get(
+            "num_gpus", 0
+        ):
+            return
+        slot = self._new_slot()
+        self.slots[slot] = self._create(slot)
+        self.starting[self.slots[slot].ready.remote()] = slot
+
+    def started(self, ref: Any) -> None:
+        """A grown actor answered (or died) while starting."""
+        import ray
+
+        slot = self.starting.pop(ref)
+        try:
+            record = ray.get(ref)
+        except Exception as exc:  # noqa: BLE001 - lost: the slot is refilled when work waits; else the job fails
+            if not is_lost_work(exc):
+                message = f"encoder {self.info.spec} could not be loaded in a Ray actor: {error_text(exc)}"
+                raise RuntimeError(message) from exc
+            self.lost(slot, self.slots[slot], exc)
+            return
+        self._register(slot, record)
 
     def lost(self, slot: int, actor: Any, exc: BaseException) -> None:
         """`actor` died: free its slot once (its other in-flight calls fail the same way)."""
         import ray
 
-        if self.slots[slot] is actor:
+        if self.slots[slot] is actor and actor is not None:
             ray.kill(actor)
             self.slots[slot] = None
             self.load[slot] = 0
+            self.ready_slots.discard(slot)
             self.faults.record(ACTOR_RESTART, exc)
 
-    def done(self, slot: int, actor: Any) -> None:
+    def done(self, slot: int, actor: Any, embedded: bool) -> None:
         if self.slots[slot] is actor:
             self.load[slot] -= 1
+            if embedded:
+                self.workers[self.worker_of[slot]]["chapters"] += 1
+
+    def _new_slot(self) -> int:
+        self.slots.append(None)
+        self.load.append(0)
+        self.assigned.append(0)
+        self.targets.append(None)
+        return len(self.slots) - 1
+
+    def _create(self, slot: int) -> Any:
+        """A new actor for `slot`; a CPU actor goes to the node holding the fewest of this pool's actors."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        options: dict[str, Any] = {**self.resources, "max_restarts": 0}
+        need = self.resources.get("num_cpus", 1)
+        nodes = sorted(
+            node["NodeID"] for node in ray.nodes() if node.get("Alive") and node["Resources"].get("CPU", 0) >= need
+        )
+        if nodes and not self.resources.get("num_gpus", 0):
+            held = Counter(self.targets[i] for i, actor in enumerate(self.slots) if actor is not None)
+            self.targets[slot] = min(nodes, key=lambda node: (held[node], node))
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(self.targets[slot], soft=True)
+        return self.actor_class.options(**options).remote(self.info, **self.worker_options)
+
+    def _register(self, slot: int, record: dict[str, Any]) -> None:
+        self.worker_of[slot] = len(self.workers)
+        self.workers.append({**record, "chapters": 0})
+        self.ready_slots.add(slot)
+        log.info("encoder %s loaded: %s", self.info.encoder_id, record)
 
     def _start_missing(self, watchdog: ProgressWatchdog) -> None:
+        while len(self.slots) < self.min_actors:
+            self._new_slot()
         failures = 0
-        while None in self.slots:
+        while True:
             missing = [i for i, actor in enumerate(self.slots) if actor is None]
+            if not missing:
+                return
             for i in missing:
-                self.slots[i] = self.actor_class.remote(self.info, **self.worker_options)
+                self.slots[i] = self._create(i)
             try:
                 what = f"{len(missing)} encoder actor(s) to start (each needs {self.needs})"
                 records = watchdog.get([self.slots[i].ready.remote() for i in missing], lambda what=what: what)
@@ -522,8 +636,7 @@ class EncoderActors:
                     self.lost(i, self.slots[i], exc)
                 continue
             for i, record in zip(missing, records, strict=True):
-                self.workers[i] = record
-            log.info("encoder %s loaded: %s", self.info.encoder_id, records)
+                self._register(i, record)
 
     def stop(self) -> None:
         import ray
@@ -533,36 +646,56 @@ class EncoderActors:
                 ray.kill(actor)
 
 
+def pool_bounds(options: EncoderOptions, gpus: int, cpus: int, threads: int) -> tuple[int, int]:
+    """(min, max) encoder actors: as given, else one per GPU on a cluster with GPUs, else 1 up to CPUs // threads."""
+    if options.actors is not None:
+        return options.actors
+    if gpus:
+        return gpus, gpus
+    return 1, max(1, cpus // threads)
+
+
 def _embed_on_ray(
     jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions, faults: FaultCounts
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """CPU tasks decode and crop chapters; encoder actors embed and write them. Bounded work in flight.
+    """CPU tasks decode and crop chapters; a pool of encoder actors embeds and writes them. Bounded work in flight.
 
-    With GPUs in the cluster each actor reserves one GPU and the batch defaults to 64 (fp16 on CUDA); an actor
-    whose GPU torch cannot use falls back to CPU. Actors start only when a chapter needs the encoder, so a run
-    with nothing new loads no model. A model that cannot load fails the job at once (every chapter would fail
-    the same way). A chapter whose preparing task, prepared patches or encoder actor is lost starts again from
-    its preparation, up to the fault policy's `max_retries` times (counted in `faults`); every wait is bounded
-    by its `stall_timeout`. Returns (per-chapter results, each actor's `EncoderWorker.ready` record).
+    With GPUs in the cluster each actor reserves one GPU (one per GPU by default; the cluster's CPUs prepare
+    chapters) and the batch defaults to 64 (fp16 on CUDA); an actor whose GPU torch cannot use falls back to CPU.
+    Without GPUs the actors reserve `threads` CPUs each, spread over the nodes, and the pool grows from its
+    minimum while chapters wait. Actors start only when a chapter needs the encoder, so a run with nothing new
+    loads no model. A model that cannot load fails the job at once (every chapter would fail the same way). A
+    chapter whose preparing task, prepared patches or encoder actor is lost starts again from its preparation, up
+    to the fault policy's `max_retries` times (counted in `faults`); every wait is bounded by its
+    `stall_timeout`. The chapter stays the unit of writing and resuming. Returns (per-chapter results, each
+    actor's `EncoderWorker.ready` record with the chapters it embedded).
     """
     import ray
 
-    from pipelines.runtime.ray import cluster_has_gpus
-
     policy = fault_policy()
-    gpus = cluster_has_gpus()
-    n_actors = options.actors or (max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1)
+    resources_total = ray.cluster_resources()
+    gpus = int(resources_total.get("GPU", 0))
+    cpus = max(1, int(resources_total.get("CPU", 1)))
+    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    # the default leaves a node's last CPU to preparing; an explicit --encoder-threads is taken as given
+    threads = options.threads or (1 if gpus else min(options.cpu_threads(info), max(1, node_cpus - 1)))
     batch_size = options.batch_size or (64 if gpus else 32)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Ray's own retries are off: lost work is retried below, counted, and never waits without a bound
     prepare_task = ray.remote(prepare_chapter).options(num_cpus=1, num_returns=2, max_retries=0)
     actors = EncoderActors(
         info,
-        {"batch_size": batch_size, "threads": options.cpus_per_actor, "pause_file": policy.pause_file},
-        {"num_cpus": options.cpus_per_actor, "num_gpus": 1 if gpus else 0},
-        n_actors,
+        {"batch_size": batch_size, "threads": threads, "pause_file": policy.pause_file},
+        {"num_cpus": threads, "num_gpus": 1 if gpus else 0},
+        pool_bounds(options, gpus, cpus, threads),
         faults,
         policy.max_retries,
+    )
+    log.info(
+        "encoder pool: %d to %d actor(s), each holding %s, batches of %d",
+        actors.min_actors,
+        actors.max_actors,
+        actors.needs,
+        batch_size,
     )
     watchdog = ProgressWatchdog("retrieval embedding", policy)
     queue = deque(jobs)
@@ -576,7 +709,7 @@ def _embed_on_ray(
     def waiting_for() -> str:
         return (
             f"{len(preparing)} chapter(s) being prepared (each needs CPU 1), {len(embedding)} being embedded by "
-            f"{sum(a is not None for a in actors.slots)} encoder actor(s) (each holds {actors.needs}), "
+            f"{actors.active} encoder actor(s) (each holds {actors.needs}), "
             f"{len(waiting)} prepared and {len(queue)} not started"
         )
 
@@ -600,21 +733,25 @@ def _embed_on_ray(
 
     try:
         while queue or preparing or waiting or embedding:
-            limit = inflight_limit(n_actors, cpus, largest_chapter, options.inflight_bytes)
+            limit = inflight_limit(actors.capacity(), cpus, largest_chapter, options.inflight_bytes)
             while queue and len(preparing) + len(waiting) + len(embedding) < limit:
                 job = queue.popleft()
                 meta_ref, patches_ref = prepare_task.remote(job)
                 preparing[meta_ref] = (job, patches_ref)
             while waiting:
                 slot = actors.free_slot(watchdog)
+                if slot is None or actors.load[slot] > 0:
+                    actors.grow()  # every actor is busy: one more, if the cluster has room for it
                 if slot is None:
                     break
                 job, meta_ref, patches_ref = waiting.popleft()
                 actor = actors.slots[slot]
                 embedding[actor.embed_and_write.remote(job, meta_ref, patches_ref)] = (job, slot, actor)
-                actors.load[slot] += 1
-            for ref in watchdog.wait([*preparing, *embedding], waiting_for):
-                if ref in preparing:
+                actors.assign(slot)
+            for ref in watchdog.wait([*preparing, *embedding, *actors.starting], waiting_for):
+                if ref in actors.starting:
+                    actors.started(ref)
+                elif ref in preparing:
                     job, patches_ref = preparing.pop(ref)
                     try:
                         prepared = ray.get(ref)
@@ -628,16 +765,18 @@ def _embed_on_ray(
                         waiting.append((job, ref, patches_ref))
                 else:
                     job, slot, actor = embedding.pop(ref)
-                    actors.done(slot, actor)
                     try:
                         results[job.chapter_id] = ray.get(ref)
                     except Exception as exc:  # noqa: BLE001 - a dead actor is replaced and its chapters retried
+                        actors.done(slot, actor, embedded=False)
                         if is_lost_actor(exc):
                             actors.lost(slot, actor, exc)
                         retry_or_fail(job, "embedding", exc)
+                        continue
+                    actors.done(slot, actor, embedded=True)
     finally:
         actors.stop()
-    return [results[job.chapter_id] for job in jobs], [w for w in actors.workers if w]
+    return [results[job.chapter_id] for job in jobs], actors.workers
 
 
 # ---- stage 2: pools and search -----------------------------------------------------------------------------------
@@ -876,7 +1015,7 @@ def run_retrieval(
             up_to_date.append(chapter_id)
         else:
             jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
-    options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors)
+    options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors, threads=params.encoder_threads)
     embed_faults = FaultCounts()
     if not jobs:
         embed_results, workers = [], []

@@ -161,12 +161,21 @@ def eligible_per_series(eligible: dict[str, dict[str, Any]]) -> dict[str, int]:
 
 
 def select_benchmark(
-    eligible: dict[str, dict[str, Any]], bench_series: Iterable[str], config: BenchmarkConfig
+    eligible: dict[str, dict[str, Any]],
+    bench_series: Iterable[str],
+    config: BenchmarkConfig,
+    frozen: Iterable[str] | None = None,
 ) -> BenchmarkPlan:
-    """Seeded choice of chapters among the benchmark series' eligible chapters, and of their pages."""
+    """Seeded choice of chapters among the benchmark series' eligible chapters, and of their pages.
+
+    `frozen` (the chapters of a benchmark already written) keeps that choice: new chapters never enter it, and
+    only a chapter gone from the input (a takedown) leaves it."""
     bench_series = set(bench_series)
     candidates = [cid for cid, e in eligible.items() if e["series"] in bench_series]
-    chosen = sorted(hash_order(candidates, config.seed, "bench-chapter")[: config.chapters])
+    if frozen is not None:
+        chosen = sorted(cid for cid in frozen if cid in eligible)
+    else:
+        chosen = sorted(hash_order(candidates, config.seed, "bench-chapter")[: config.chapters])
     chapters = []
     for cid in chosen:
         entry = eligible[cid]

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from pipelines.core.geometry import RANKS_PER_PATCH, hires_size
 from pipelines.core.layout import DataLayout
-from pipelines.core.samples import FIELDS, FrameRecord, SampleConfig
+from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
-from pipelines.core.storage import atomic_write_json, read_json, sha256_file, stable_hash, write_parquet
+from pipelines.core.storage import atomic_write_json, read_json, read_parquet, sha256_file, stable_hash, write_parquet
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -41,10 +41,11 @@ from pipelines.shards.splits import (
     SplitConfig,
     assign_splits,
     choose_bench_series,
+    freeze_splits,
     split_counts,
     split_of,
 )
-from pipelines.shards.writer import ShardConfig, code_version, write_split
+from pipelines.shards.writer import GenerationPolicy, ShardConfig, code_version, write_split
 
 STAGE = "shards"
 SHARDED_SPLITS = (TRAIN, VAL)
@@ -71,6 +72,9 @@ class ShardOptions:
     leakage_confirm: bool = True
     ivf_min_train: int = 100_000
     drop_frames_referencing_duplicates: bool = True
+    min_generation_samples: int | None = None  # new frames that make a generation; None: one shard's worth
+    flush: bool = False  # write waiting new frames as a generation now, however few
+    compact: bool = False  # merge small shards into a new generation (only on request)
 
 
 def _require(path: Path, what: str) -> None:
@@ -126,6 +130,12 @@ def _records(frames: pa.Table) -> list[FrameRecord]:
         FrameRecord(r["page_id"], r["series"], r["chapter_id"], r["chapter"], int(r["page_index"]))
         for r in frames.to_pylist()
     ]
+
+
+def _benchmark_chapters(layout: DataLayout) -> list[str] | None:
+    """The chapters of the written benchmark (frozen once written), or None when there is none yet."""
+    top = layout.benchmark / "benchmark.json"
+    return [c["chapter_id"] for c in read_json(top)["chapters"]] if top.exists() else None
 
 
 def _upstream(layout: DataLayout) -> dict[str, Any]:
@@ -217,9 +227,15 @@ def run_shards(
     eligible = eligible_chapters(frames, bench_config)
     bench_series = choose_bench_series(all_series, eligible_per_series(eligible), split_config)
     splits = assign_splits(all_series, bench_series, split_config)
+    frozen_bench = None
+    if not rebuild and layout.splits.exists() and layout.shards_manifest.exists():
+        # the dataset exists: series keep their split and the benchmark its chapters (new series go to train/val)
+        splits = freeze_splits(read_parquet(layout.splits, SPLITS), splits, split_config)
+        frozen_bench = _benchmark_chapters(layout)
     write_parquet(splits, layout.splits, SPLITS)
     split_by_series = split_of(splits)
-    bench_plan = select_benchmark(eligible, bench_series, bench_config)
+    bench_series = sorted(s for s, name in split_by_series.items() if name == BENCH)
+    bench_plan = select_benchmark(eligible, bench_series, bench_config, frozen=frozen_bench)
 
     # 2. leakage: benchmark pages and validation frames against training frames
     records = _records(frames)
@@ -249,6 +265,8 @@ def run_shards(
         _frames_referencing(layout, removed) - removed if options.drop_frames_referencing_duplicates else set()
     )
     train_frames = [r for r in by_split[TRAIN] if r.frame_id not in removed | referencing]
+    reasons = {f: "leakage: near-duplicate of a held-out page" for f in removed}
+    reasons |= {f: "leakage: its ring shows a near-duplicate of a held-out page" for f in referencing}
     leakage["train_frames_removed_as_duplicates"] = len(removed)
     leakage["train_frames_removed_referencing_duplicates"] = len(referencing)
 
@@ -279,9 +297,18 @@ def run_shards(
         seed=options.seed,
     )
     split_frames = {TRAIN: train_frames, VAL: by_split[VAL]}
+    policy = GenerationPolicy(options.min_generation_samples, options.flush, options.compact)
     results = {
         name: write_split(
-            layout.root, name, split_frames[name], sample_config, shard_config, local=local, rebuild=rebuild
+            layout.root,
+            name,
+            split_frames[name],
+            sample_config,
+            shard_config,
+            local=local,
+            rebuild=rebuild,
+            policy=policy,
+            reasons=reasons,
         )
         for name in SHARDED_SPLITS
     }
@@ -293,6 +320,7 @@ def run_shards(
             layout.shards_manifest,
             {
                 "format": "webdataset",
+                "sample_format_version": SAMPLE_FORMAT_VERSION,
                 "fields": list(FIELDS),
                 "sample": sample_config.to_json(),
                 "shard": asdict(shard_config),
@@ -305,7 +333,19 @@ def run_shards(
                     name: {
                         "manifest": f"{name}/manifest.json",
                         "wids_index": f"{name}/index.wids.json",
-                        **{k: m[k] for k in ("nshards", "nsamples", "bytes", "errors", "shards")},
+                        **{
+                            k: m[k]
+                            for k in (
+                                "generation",
+                                "generation_manifest",
+                                "pending_frames",
+                                "nshards",
+                                "nsamples",
+                                "bytes",
+                                "errors",
+                                "shards",
+                            )
+                        },
                     }
                     for name, m in manifests.items()
                 },

@@ -39,6 +39,7 @@ import importlib.metadata
 import json
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,11 +52,13 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import read_chapter_pages
 from pipelines.core.samples import (
     FIELDS,
+    SAMPLE_FORMAT_VERSION,
     ChapterPages,
     FrameRecord,
     SampleConfig,
     SampleError,
     build_sample,
+    require_sample_format,
     sample_nbytes,
 )
 from pipelines.core.schemas import (
@@ -82,7 +85,7 @@ from pipelines.core.storage import (
     write_marker,
     write_parquet,
 )
-from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.distributor import RunReport, Unit, run_units
 from pipelines.shards.splits import hash_order
 
 PACKAGE = "colorflow-data"
@@ -369,28 +372,6 @@ def plan_order(frames: Iterable[FrameRecord], seed: int) -> list[FrameRecord]:
     return ordered
 
 
-def plan_shards(frames: Iterable[FrameRecord], split: str, per_shard: int, seed: int) -> pa.Table:
-    """The SHARD_PLAN table: frames in plan order cut into shards of `per_shard` samples."""
-    rows = [
-        {
-            **asdict(frame),
-            "shard": shard_name(split, i // per_shard),
-            "position": i % per_shard,
-        }
-        for i, frame in enumerate(plan_order(frames, seed))
-    ]
-    return table_from_rows(rows, SHARD_PLAN)
-
-
-def plan_frames(plan: pa.Table) -> dict[str, list[FrameRecord]]:
-    """shard name -> its frames in planned order."""
-    out: dict[str, list[FrameRecord]] = {}
-    for row in plan.to_pylist():
-        frame = FrameRecord(row["frame_id"], row["series"], row["chapter_id"], row["chapter"], row["page_index"])
-        out.setdefault(row["shard"], []).append(frame)
-    return out
-
-
 def estimate_bytes_per_sample(
     layout: DataLayout, frames: list[FrameRecord], config: SampleConfig, n: int, seed: int
 ) -> dict[str, Any]:
@@ -419,6 +400,7 @@ class ShardTask:
     name: str
     frames: tuple[FrameRecord, ...]
     sample_config: SampleConfig
+    generation: int = 0  # the generation that (re)writes this shard
 
 
 def write_shard(task: ShardTask) -> dict[str, Any]:
@@ -463,6 +445,8 @@ def write_shard(task: ShardTask) -> dict[str, Any]:
         "errors": errors,
         "code_version": dict(task.sample_config.code_version),
         "shard_format_version": SHARD_FORMAT_VERSION,
+        "sample_format_version": SAMPLE_FORMAT_VERSION,
+        "generation": task.generation,
     }
     write_marker(tar_path, stats)
     return {"nsamples": stats["nsamples"], "errors": len(errors), "bytes": result.nbytes}
@@ -472,88 +456,206 @@ def _write_shard_unit(unit: Unit) -> dict[str, Any]:
     return write_shard(unit.payload)
 
 
-# ---- a whole split ---------------------------------------------------------------------------------------------
+# ---- a whole split: append-only generations --------------------------------------------------------------------
 
 
 class PlanMismatchError(RuntimeError):
-    """Shards exist from another configuration or another frame set; mixing them would corrupt the dataset."""
+    """Shards exist from another configuration or layout; mixing them would corrupt the dataset."""
 
 
-def _plan_fingerprint(frames: list[FrameRecord], sample_config: SampleConfig, shard_config: ShardConfig) -> str:
+@dataclass(frozen=True)
+class GenerationPolicy:
+    """When new frames become a generation: at `min_samples` new frames (None: one shard's worth), or at once with
+    `flush`. The first generation of a split is always written whole."""
+
+    min_samples: int | None = None
+    flush: bool = False
+    compact: bool = False  # merge every shard smaller than a full one into new shards (on purpose, never implicit)
+
+
+def generation_name(generation: int) -> str:
+    return f"g{generation:04d}"
+
+
+def generation_shard_name(split: str, generation: int, number: int) -> str:
+    """e.g. ``train-g0003-000000.tar``: a new generation's shards never reuse an earlier name."""
+    return shard_name(f"{split}-{generation_name(generation)}", number)
+
+
+def _config_fingerprint(sample_config: SampleConfig, shard_config: ShardConfig) -> str:
     config = sample_config.to_json()
-    config.pop("code_version")  # a rerun after a code change resumes; each shard records its own version
-    frame_ids = sorted((f.chapter_id, f.frame_id) for f in frames)
-    return stable_hash({"frames": frame_ids, "sample": config, "shard": asdict(shard_config)})
+    config.pop("code_version")  # a code change resumes and appends; each shard and generation records its version
+    return stable_hash({"sample": config, "shard": asdict(shard_config)})
 
 
 def _completed_markers(folder: Path) -> list[Path]:
     return sorted(folder.glob(f"*.tar{MARKER_SUFFIX}")) if folder.exists() else []
 
 
-def prepare_plan(
+def _frame(row: Mapping[str, Any]) -> FrameRecord:
+    return FrameRecord(row["frame_id"], row["series"], row["chapter_id"], row["chapter"], row["page_index"])
+
+
+def plan_frames(plan: pa.Table) -> dict[str, list[FrameRecord]]:
+    """shard name -> its frames in planned order."""
+    out: dict[str, list[FrameRecord]] = {}
+    for row in plan.to_pylist():
+        out.setdefault(row["shard"], []).append(_frame(row))
+    return out
+
+
+def read_split_state(folder: Path) -> tuple[dict[str, Any] | None, pa.Table | None]:
+    """The split's plan.json (generations, shards and the generation each was last written in) and plan.parquet,
+    or (None, None) for a split never written. Refuses what this code cannot extend: another sample format, or
+    shards from before generations."""
+    plan_json, plan_parquet = folder / "plan.json", folder / "plan.parquet"
+    if not plan_json.exists():
+        if _completed_markers(folder):
+            raise PlanMismatchError(f"{folder} holds shards but no plan.json; rerun with --rebuild to replace them")
+        return None, None
+    state = read_json(plan_json)
+    if "generations" not in state:
+        raise PlanMismatchError(
+            f"{folder} holds shards written before append-only generations (one plan for every frame); rerun with "
+            "--rebuild once to rewrite them as generation g0000"
+        )
+    require_sample_format([state.get("sample_format_version")], str(folder))
+    return state, read_parquet(plan_parquet, SHARD_PLAN)
+
+
+def plan_generation(
     layout: DataLayout,
     split: str,
     frames: list[FrameRecord],
     sample_config: SampleConfig,
     shard_config: ShardConfig,
-    *,
-    rebuild: bool = False,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Load the split's stored plan if it matches, else make (and store) a new one.
+    policy: GenerationPolicy,
+    reasons: Mapping[str, str],
+) -> tuple[dict[str, Any], pa.Table, int]:
+    """The split's state after this run, its plan, and the new frames left pending.
 
-    Existing shards from a different plan are an error unless `rebuild`, which deletes the split's folder.
-    """
+    The stored state when nothing changed (or a generation is unfinished); else a new generation appended: frames
+    gone from `frames` leave the shards that held them (rewritten under their names, or deleted when emptied;
+    `reasons` says why per frame), new frames go to new shards of the new generation once `policy` says so, and
+    with `policy.compact` the frames of every shard below a full one move to new shards of the new generation.
+    The plan is stored (plan.parquet, then plan.json) before any tar is written."""
     folder = layout.shards(split)
-    plan_json, plan_parquet = folder / "plan.json", folder / "plan.parquet"
-    fingerprint = _plan_fingerprint(frames, sample_config, shard_config)
-    if rebuild and folder.exists():
-        shutil.rmtree(folder)
-    if plan_json.exists() and plan_parquet.exists():
-        stored = read_json(plan_json)
-        if stored.get("fingerprint") == fingerprint:
-            return read_parquet(plan_parquet, SHARD_PLAN), stored
-        if _completed_markers(folder):
-            raise PlanMismatchError(
-                f"{folder} holds shards planned for another configuration or frame set (plan fingerprint "
-                f"{stored.get('fingerprint', '?')[:12]}, now {fingerprint[:12]}); rerun with --rebuild to replace "
-                "them, or point --data at the same inputs and options"
-            )
-    elif _completed_markers(folder):
-        raise PlanMismatchError(f"{folder} holds shards but no plan.json; rerun with --rebuild to replace them")
-    estimate = estimate_bytes_per_sample(layout, frames, sample_config, shard_config.estimate_frames, shard_config.seed)
-    per_shard = samples_per_shard(shard_config, estimate["bytes_per_sample"])
-    plan = plan_shards(frames, split, per_shard, shard_config.seed)
-    info = {
+    fingerprint = _config_fingerprint(sample_config, shard_config)
+    state, plan = read_split_state(folder)
+    if state is not None and state["config_fingerprint"] != fingerprint:
+        raise PlanMismatchError(
+            f"{folder} holds shards made with other sample or shard settings (fingerprint "
+            f"{state['config_fingerprint'][:12]}, now {fingerprint[:12]}); rerun with --rebuild to replace them, or "
+            "point --data at the same options"
+        )
+    if state is not None and state.get("open") is not None:
+        return state, plan, 0  # a generation planned by a run that did not finish: finish it first
+    state = state or {
         "split": split,
-        "fingerprint": fingerprint,
-        "frames": len(frames),
-        "shards": len(set(plan.column("shard").to_pylist())),
-        "samples_per_shard": per_shard,
-        "estimate": estimate,
-        "shard_config": asdict(shard_config),
+        "config_fingerprint": fingerprint,
+        "sample_format_version": SAMPLE_FORMAT_VERSION,
+        "generations": [],
+        "shards": {},
+        "samples_per_shard": None,
+        "open": None,
     }
-    write_parquet(plan, plan_parquet, SHARD_PLAN)
-    atomic_write_json(plan_json, info)  # last: the plan's completion marker
-    return plan, info
+    plan = plan if plan is not None else table_from_rows([], SHARD_PLAN)
+    planned = set(plan.column("frame_id").to_pylist())
+    wanted = {f.frame_id for f in frames}
+    gone = planned - wanted
+    new = [f for f in frames if f.frame_id not in planned]
+    if state["samples_per_shard"] is None and new:
+        estimate = estimate_bytes_per_sample(
+            layout, new, sample_config, shard_config.estimate_frames, shard_config.seed
+        )
+        state["samples_per_shard"] = samples_per_shard(shard_config, estimate["bytes_per_sample"])
+        state["estimate"] = estimate
+    per_shard = state["samples_per_shard"] or 1
+    threshold = per_shard if policy.min_samples is None else policy.min_samples
+    append = bool(new) and (not state["generations"] or policy.flush or len(new) >= threshold)
+    pending = 0 if append else len(new)
+    rows = plan.to_pylist()
+    sizes = Counter(r["shard"] for r in rows if r["frame_id"] not in gone)
+    small = sorted(name for name, count in sizes.items() if count < per_shard) if policy.compact else []
+    if len(small) < 2:
+        small = []
+    if not gone and not append and not small:
+        return state, plan, pending
+    generation = len(state["generations"])
+    touched = sorted({r["shard"] for r in rows if r["frame_id"] in gone})
+    moved = [_frame(r) for r in rows if r["shard"] in small and r["frame_id"] not in gone]
+    kept_rows = [r for r in rows if r["frame_id"] not in gone and r["shard"] not in small]
+    position: dict[str, int] = {}
+    for row in kept_rows:  # a shard that lost frames keeps the order of the others
+        row["position"] = position[row["shard"]] = position.get(row["shard"], -1) + 1
+    added_plan = plan_order(moved + (new if append else []), shard_config.seed)
+    new_rows = [
+        {**asdict(f), "shard": generation_shard_name(split, generation, i // per_shard), "position": i % per_shard}
+        for i, f in enumerate(added_plan)
+    ]
+    emptied = sorted((set(touched) | set(small)) - set(position))
+    added_shards = sorted({r["shard"] for r in new_rows})
+    replaced = sorted(set(touched) - set(emptied))
+    for name in [*replaced, *added_shards]:
+        state["shards"][name] = generation
+    for name in emptied:
+        state["shards"].pop(name, None)
+    by_id = {r["frame_id"]: r for r in rows}
+    state["open"] = {
+        "generation": generation,
+        "name": generation_name(generation),
+        "shards_added": added_shards,
+        "shards_replaced": replaced,
+        "shards_removed": emptied,
+        "frames_added": len(new_rows) - len(moved),
+        "frames_moved_by_compaction": len(moved),
+        "frames_removed": [
+            {
+                "frame_id": frame_id,
+                "chapter_id": by_id[frame_id]["chapter_id"],
+                "shard": by_id[frame_id]["shard"],
+                "reason": reasons.get(frame_id, "no longer in the input (taken down or changed upstream)"),
+            }
+            for frame_id in sorted(gone)
+        ],
+        "code_version": dict(sample_config.code_version),
+        "sample_format_version": SAMPLE_FORMAT_VERSION,
+    }
+    plan = table_from_rows(kept_rows + new_rows, SHARD_PLAN)
+    write_parquet(plan, folder / "plan.parquet", SHARD_PLAN)
+    atomic_write_json(folder / "plan.json", state)  # last: the generation's plan is its own marker
+    return state, plan, pending
 
 
-def finalise_split(layout: DataLayout, split: str, plan_info: dict[str, Any], shard_names: list[str]) -> dict[str, Any]:
-    """Write the split's manifest, wids index and errors table from the shard markers (all must exist).
+def _shard_done(folder: Path, name: str, generation: int) -> bool:
+    """Written, and by the generation that last planned it (a replaced shard's older marker does not count)."""
+    return is_done(folder / name) and read_marker(folder / name).get("generation", 0) == generation
 
-    Shard files of an earlier plan that this plan does not name (a tar renamed into place just before a kill,
-    then a replan) are deleted first, so the folder holds exactly the planned shard set.
+
+def finalise_split(layout: DataLayout, split: str, state: dict[str, Any], pending: int = 0) -> dict[str, Any]:
+    """Close the open generation (if any) and write the split's manifest, its generation snapshot, the wids index
+    and the errors table from the shard markers (all must exist).
+
+    Files of shards no longer planned (emptied by removals, or renamed into place just before a kill and then
+    replanned) are deleted first, so the folder holds exactly the current shard set.
     """
     folder = layout.shards(split)
-    planned = {name for tar in shard_names for name in (tar, index_name(tar), marker_path(folder / tar).name)}
+    names = sorted(state["shards"])
+    keep = {name for tar in names for name in (tar, index_name(tar), marker_path(folder / tar).name)}
     for path in folder.glob(f"{split}-*"):
-        if path.name not in planned:
+        if path.name not in keep:
             path.unlink()
-    stats = [read_marker(folder / name) for name in shard_names]
+    if state.get("open") is not None:
+        state["generations"].append(state.pop("open"))
+        state["open"] = None
+        atomic_write_json(folder / "plan.json", state)
+    stats = [read_marker(folder / name) for name in names]
     shards = [
         {
             "name": s["name"],
             "url": s["name"],
             "index": s["index"],
+            "generation": s.get("generation", 0),
             "nsamples": s["nsamples"],
             "planned": s["planned"],
             "bytes": s["bytes"],
@@ -571,19 +673,27 @@ def finalise_split(layout: DataLayout, split: str, plan_info: dict[str, Any], sh
     }
     atomic_write_json(folder / "index.wids.json", wids_index)
     versions = sorted({json.dumps(s["code_version"], sort_keys=True) for s in stats})
+    current = len(state["generations"]) - 1
     manifest = {
         "split": split,
+        "generation": current,
+        "generation_manifest": f"manifest.{generation_name(current)}.json" if current >= 0 else None,
         "shards": shards,
         "nshards": len(shards),
         "nsamples": sum(s["nsamples"] for s in shards),
         "bytes": sum(s["bytes"] for s in shards),
         "errors": len(errors),
-        "plan": {k: plan_info[k] for k in ("fingerprint", "frames", "samples_per_shard", "estimate")},
+        "pending_frames": pending,
+        "samples_per_shard": state["samples_per_shard"],
+        "generations": state["generations"],
         "code_versions": [json.loads(v) for v in versions],
         "wids_index": "index.wids.json",
         "errors_table": "errors.parquet",
         "shard_format_version": SHARD_FORMAT_VERSION,
+        "sample_format_version": SAMPLE_FORMAT_VERSION,
     }
+    if current >= 0:  # immutable: a training run resumed later reads the shard list it started with
+        atomic_write_json(folder / manifest["generation_manifest"], manifest)
     atomic_write_json(folder / "manifest.json", manifest)
     return manifest
 
@@ -597,39 +707,74 @@ def write_split(
     *,
     local: bool = False,
     rebuild: bool = False,
+    policy: GenerationPolicy = GenerationPolicy(),
+    reasons: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Plan and write one split's shards (skipping completed ones); finalise when every shard is done."""
+    """Bring one split to `frames` as append-only generations; a split with nothing to change is not touched.
+
+    Existing tars keep their names and bytes, except those that held a removed frame (rewritten without it under
+    their name, or deleted when emptied); new frames go to new shards of a new generation (`policy`). `rebuild`
+    deletes the split first (the only way to change sample format or settings).
+    """
     layout = DataLayout.at(data)
     folder = layout.shards(split)
+    if rebuild and folder.exists():
+        shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    manifest_path = folder / "manifest.json"
+    before = read_json(folder / "plan.json") if (folder / "plan.json").exists() else None
+    state, plan, pending = plan_generation(layout, split, frames, sample_config, shard_config, policy, reasons or {})
+    changed = state.get("open") is not None
+    if not changed and manifest_path.exists() and state == before:
+        manifest = read_json(manifest_path)
+        return {
+            "split": split,
+            "complete": True,
+            "touched": False,
+            "generation": manifest["generation"],
+            "pending_frames": pending,
+            **{k: manifest[k] for k in ("nshards", "nsamples", "bytes", "errors")},
+            "manifest": str(manifest_path.relative_to(layout.root)),
+            **{k: v for k, v in RunReport().summary().items() if k != "seconds"},
+        }
     sweep_tmp(folder)
-    plan, plan_info = prepare_plan(layout, split, frames, sample_config, shard_config, rebuild=rebuild)
     by_shard = plan_frames(plan)
-    names = sorted(by_shard)
+    names = sorted(state["shards"])
     units = [
-        Unit(key=name, payload=ShardTask(str(layout.root), split, name, tuple(by_shard[name]), sample_config))
+        Unit(
+            key=name,
+            payload=ShardTask(
+                str(layout.root), split, name, tuple(by_shard.get(name, ())), sample_config, state["shards"][name]
+            ),
+        )
         for name in names
     ]
     report = run_units(
         units,
         _write_shard_unit,
-        is_done=lambda unit: is_done(folder / unit.key),
+        is_done=lambda unit: _shard_done(folder, unit.key, state["shards"][unit.key]),
         desc=f"shards/{split}",
         local=local,
     )
-    complete = all(is_done(folder / name) for name in names)
+    complete = all(_shard_done(folder, name, state["shards"][name]) for name in names)
+    opened = state.get("open") or {}
     summary: dict[str, Any] = {
         "split": split,
-        "planned_shards": len(names),
-        "planned_frames": plan.num_rows,
-        "samples_per_shard": plan_info["samples_per_shard"],
         "complete": complete,
+        "touched": True,
+        "generation": opened.get("generation", len(state["generations"]) - 1),
+        "shards_added": len(opened.get("shards_added", [])),
+        "shards_replaced": len(opened.get("shards_replaced", [])),
+        "shards_removed": len(opened.get("shards_removed", [])),
+        "frames_removed": len(opened.get("frames_removed", [])),
+        "pending_frames": pending,
+        "samples_per_shard": state["samples_per_shard"],
         **report.summary(),
     }
     if complete:
-        manifest = finalise_split(layout, split, plan_info, names)
+        manifest = finalise_split(layout, split, state, pending)
         summary.update(
             {k: manifest[k] for k in ("nshards", "nsamples", "bytes", "errors")},
-            manifest=str((folder / "manifest.json").relative_to(layout.root)),
+            manifest=str(manifest_path.relative_to(layout.root)),
         )
     return summary

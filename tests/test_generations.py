@@ -1,0 +1,107 @@
+"""Append-only shard generations through `jobs.pipeline` on the tiny sample corpus: a no-op rerun writes only its
+run record; one chapter added is processed alone by every stage and leaves every existing tar byte-identical; the
+same chapter taken down changes only the tars that held it, and the manifest says so; a dataset of another sample
+format is never appended to, and readers refuse it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import PIPELINE_ARGS
+
+from jobs.pipeline import main as pipeline_main
+from pipelines.core.layout import DataLayout
+from pipelines.core.samples import SampleFormatError
+from pipelines.core.schemas import SPLITS
+from pipelines.core.storage import read_json, read_parquet
+from pipelines.shards.splits import split_of
+from training.data import check_shards, resolve_shard_source, resumed_source
+
+ARGS = [
+    "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
+    "--bench-chapters", "1", "--bench-refs", "8", "--bench-bw", "8", "--bench-max-series-fraction", "0.5",
+    "--max-samples", "6",
+]  # fmt: skip
+
+
+def _tars(data: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "shards").rglob("*.tar"))}
+
+
+def _stats(data: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(data)): (p.stat().st_mtime_ns, p.stat().st_size) for p in data.rglob("*") if p.is_file()}
+
+
+def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
+    corpus, data = tmp_path / "corpus", tmp_path / "data"
+    argv = ["--generate-sample", str(corpus), "--output", str(data), *ARGS]
+    pipeline_main(argv)
+    layout = DataLayout.at(data)
+    first = _tars(data)
+    assert first and all("-g0000-" in name for name in first)
+
+    # a rerun with nothing new writes nothing but its run record
+    before = _stats(data)
+    pipeline_main(argv)
+    after = _stats(data)
+    assert sorted(name for name in after if after[name] != before.get(name)) == ["pipeline.summary.json"]
+
+    # one chapter added to a training series: only it is processed, every existing tar keeps its bytes
+    splits = split_of(read_parquet(layout.splits, SPLITS))
+    series = next(s for s, split in sorted(splits.items()) if split == "train")
+    colour = next(p for p in sorted((corpus / series).iterdir()) if p.name.startswith("ch001"))
+    copy = corpus / series / colour.name.replace("ch001", "ch900")
+    shutil.copytree(colour, copy) if colour.is_dir() else shutil.copy2(colour, copy)
+    added = pipeline_main(argv)["stages"]
+    assert added["ingest"]["summary"]["run"]["chapters_processed"] == 1
+    assert added["retrieval"]["summary"]["embeddings"]["chapters_embedded"] == 1
+    assert added["retrieval"]["summary"]["search"]["chapters_searched"] == 1
+    assert added["screentone"]["summary"]["chapters_rendered"] == 1
+    train = added["shards"]["summary"]["splits"]["train"]
+    now = _tars(data)
+    assert {name: now[name] for name in first} == first
+    new_tars = sorted(set(now) - set(first))
+    assert new_tars and all(name.startswith("shards/train/train-g0001-") for name in new_tars)
+    assert train["units_run"] == len(new_tars) and train["shards_replaced"] == 0
+    manifest = read_json(layout.shards("train") / "manifest.json")
+    assert manifest["generation"] == 1 and manifest["generations"][1]["frames_added"] == 24
+    assert {g["sample_format_version"] for g in manifest["generations"]} == {manifest["sample_format_version"]}
+    assert (layout.shards("train") / "manifest.g0000.json").is_file()  # the shard list a resumed run keeps
+
+    # the chapter taken down: only the tars that held its frames go, and the new generation records it
+    shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
+    pipeline_main(argv)
+    assert _tars(data) == first
+    manifest = read_json(layout.shards("train") / "manifest.json")
+    removed = manifest["generations"][2]
+    assert removed["shards_removed"] == [Path(name).name for name in new_tars] and not removed["shards_replaced"]
+    assert len(removed["frames_removed"]) == 24
+    assert all("no longer in the input" in frame["reason"] for frame in removed["frames_removed"])
+
+    # a run that started on generation 1 and resumes now refuses in one line: its tars were taken down
+    generation1 = layout.shards("train") / "manifest.g0001.json"
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "train_state.json").write_text(json.dumps({"shard_manifest": str(generation1)}))
+    pinned = resumed_source(resolve_shard_source(data), checkpoint)
+    assert pinned.manifest == str(generation1)
+    with pytest.raises(Exception, match="a later generation removed it"):
+        check_shards(pinned)
+
+
+def test_another_sample_format_is_never_appended_to(tmp_path: Path, pipeline_data: Path) -> None:
+    data = shutil.copytree(pipeline_data, tmp_path / "data")
+    layout = DataLayout.at(data)
+    for name in ("plan.json", "manifest.json"):  # as if an older code version had written the shards
+        path = layout.shards("train") / name
+        path.write_text(json.dumps({**read_json(path), "sample_format_version": 0}))
+    (data / "shards.summary.json").unlink()
+    argv = ["--input", str(pipeline_data.parent / "corpus"), "--output", str(data), *PIPELINE_ARGS]
+    with pytest.raises(SampleFormatError, match="--rebuild"):
+        pipeline_main(argv)
+    path = layout.shards("train") / "manifest.json"
+    with pytest.raises(SampleFormatError, match="version 0"):
+        resolve_shard_source(path)
