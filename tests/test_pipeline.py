@@ -8,7 +8,9 @@ from pathlib import Path
 
 from jobs.pipeline import main as pipeline_main
 from pipelines.core.layout import DataLayout
-from pipelines.core.storage import read_json
+from pipelines.core.schemas import SPLITS
+from pipelines.core.storage import read_json, read_parquet
+from pipelines.shards.splits import split_of
 
 ARGS = [
     "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
@@ -46,10 +48,14 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
     second = pipeline_main(argv)
     assert set(_stage_flags(second).values()) == {True}
 
-    # A new colour chapter in the input: ingestion runs again, and so does everything after it.
-    color_chapter = sorted(p for p in (corpus / "s1").iterdir() if p.is_dir())[0]
-    shutil.copytree(color_chapter, corpus / "s1" / "ch900")
-    third = pipeline_main(argv)
+    # A new colour chapter of a training series: ingestion runs again, and so does everything after it (the
+    # benchmark is frozen, so a chapter of a held-out series would add no training sample).
+    splits = split_of(read_parquet(layout.splits, SPLITS))
+    series = next(s for s, split in sorted(splits.items()) if split == "train")
+    color_chapter = next(p for p in sorted((corpus / series).iterdir()) if p.name.startswith("ch001"))
+    copy = corpus / series / color_chapter.name.replace("ch001", "ch900")
+    shutil.copytree(color_chapter, copy) if color_chapter.is_dir() else shutil.copy2(color_chapter, copy)
+    third = pipeline_main([*argv, "--flush"])  # 24 new frames are less than a shard: written now on request
     assert set(_stage_flags(third).values()) == {False}
     assert (
         third["stages"]["ingest"]["summary"]["chapters"]["kept"]

@@ -132,7 +132,7 @@ def test_manifest_index_and_markers_describe_every_shard(sharded: tuple[Path, di
         split_manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
         tars = _tars(out, split)
         assert [s["name"] for s in split_manifest["shards"]] == [t.name for t in tars]
-        assert tars[0].name == f"{split}-000000.tar" and len(tars) >= 2
+        assert tars[0].name == f"{split}-g0000-000000.tar" and len(tars) >= 2
         for shard, tar in zip(split_manifest["shards"], tars, strict=True):
             assert shard["bytes"] == tar.stat().st_size
             assert shard["sha256"] == hashlib.sha256(tar.read_bytes()).hexdigest()
@@ -208,7 +208,7 @@ def test_wids_reads_the_shards_through_the_index(sharded: tuple[Path, dict], tmp
         decoded = decode_sample(sample)
         assert decoded.meta["frame_id"] == sample["__key__"]
         keys.append(sample["__key__"])
-    index = pq.read_table(out / "shards" / "val" / "val-000000.index.parquet").column("key").to_pylist()
+    index = pq.read_table(out / "shards" / "val" / "val-g0000-000000.index.parquet").column("key").to_pylist()
     assert keys[0] == index[0]
     dataset.close()
 

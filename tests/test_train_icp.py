@@ -86,7 +86,7 @@ def test_only_the_guider_and_the_lora_train(sd15: Path, tmp_path: Path) -> None:
 
 
 def test_a_short_run_overfits_a_handful_of_samples(sd15: Path, pipeline_data: Path, tmp_path: Path) -> None:
-    shard = pipeline_data / "shards" / "train" / "train-000000.tar"  # 6 samples
+    shard = pipeline_data / "shards" / "train" / "train-g0000-000000.tar"  # 6 samples
     summary = main(parse_args(_args(sd15, shard, tmp_path / "run", "--max_train_steps", "50", "--bw_variant", "grey")))
     first, last = summary["loss_first_steps"][0], summary["loss_last_steps"][-5:]
     assert sum(last) / len(last) <= 0.5 * first, (first, last)

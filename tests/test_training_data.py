@@ -64,23 +64,26 @@ def train_dir(pipeline_data: Path) -> Path:
 
 
 def test_every_way_of_naming_the_train_split_resolves_to_the_same_shards(pipeline_data: Path, train_dir: Path) -> None:
-    expected = [str(train_dir / f"train-00000{i}.tar") for i in range(4)]
+    expected = [str(train_dir / f"train-g0000-00000{i}.tar") for i in range(4)]
     assert resolve_train_shards(pipeline_data) == expected
     assert resolve_train_shards(pipeline_data / "shards" / "manifest.json") == expected
     assert resolve_train_shards(train_dir / "manifest.json") == expected
     assert resolve_train_shards(train_dir / "index.wids.json") == expected
-    assert resolve_train_shards(str(train_dir / "train-00000{0..3}.tar")) == expected
+    assert resolve_train_shards(str(train_dir / "train-g0000-00000{0..3}.tar")) == expected
     assert (
-        resolve_train_shards([str(train_dir / "train-000000.tar"), str(train_dir / "train-00000{1..3}.tar")])
+        resolve_train_shards(
+            [str(train_dir / "train-g0000-000000.tar"), str(train_dir / "train-g0000-00000{1..3}.tar")]
+        )
         == expected
     )
     source = resolve_shard_source(pipeline_data)
-    assert source.lengths == (6, 6, 6, 6) and source.manifest == str(train_dir / "manifest.json")
-    assert source.sha256 == hashlib.sha256((train_dir / "manifest.json").read_bytes()).hexdigest()
+    # the current generation's immutable manifest names the dataset (a resumed run keeps reading it)
+    assert source.lengths == (6, 6, 6, 6) and source.manifest == str(train_dir / "manifest.g0000.json")
+    assert source.sha256 == hashlib.sha256((train_dir / "manifest.g0000.json").read_bytes()).hexdigest()
     with pytest.raises(FileNotFoundError, match="no shards manifest"):
         resolve_train_shards(pipeline_data / "benchmark")
     with pytest.raises(FileNotFoundError, match="not found"):
-        resolve_train_shards(str(train_dir / "train-00000{7..8}.tar"))
+        resolve_train_shards(str(train_dir / "train-g0000-00000{7..8}.tar"))
 
 
 def test_ranks_and_workers_read_disjoint_samples_in_a_seeded_order(pipeline_data: Path) -> None:
@@ -128,7 +131,7 @@ def test_a_stream_resumed_at_a_sample_count_continues_exactly(pipeline_data: Pat
 
 
 def test_the_trainer_composite_equals_build_training_inputs(train_dir: Path) -> None:
-    raw = _raw_samples(str(train_dir / "train-000001.tar"))[2]
+    raw = _raw_samples(str(train_dir / "train-g0000-000001.tar"))[2]
     decoded = decode_sample({k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"})
     for variant, seed, epoch in (("screenstyle", 5, 2), ("grey", 0, 0), ("tone", 0, 0), (0.25, 0, 0)):
         config = ICPDataConfig(variant=variant)

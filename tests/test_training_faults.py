@@ -68,7 +68,7 @@ def test_damaged_inputs_are_refused_before_any_model_loads(
     sd15: Path, data_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "new" / "run"
-    tar = data_copy / "shards" / "train" / "train-000000.tar"
+    tar = data_copy / "shards" / "train" / "train-g0000-000000.tar"
     whole = tar.read_bytes()
     tar.write_bytes(whole[: len(whole) // 3])  # a partial copy: the manifest records the whole size
     for trainer, argv in ((train_icp, icp_args), (train_gsrp, gsrp_args)):

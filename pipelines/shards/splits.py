@@ -130,18 +130,16 @@ def split_counts(splits: pa.Table) -> dict[str, int]:
     return {name: sum(1 for v in mapping.values() if v == name) for name in SPLIT_NAMES}
 
 
-REASON_FROZEN = "frozen: assigned when the dataset was first written"
-
-
 def freeze_splits(previous: pa.Table, fresh: pa.Table, config: SplitConfig) -> pa.Table:
     """Splits of a dataset that exists: every series keeps its previous split; a new series takes its fresh split,
     except the benchmark, which is frozen once written (a new series goes to validation or training by its hash)."""
-    before = split_of(previous)
+    split_of(previous)  # checks the stored table
+    before = {row["series"]: row for row in previous.to_pylist()}
     rows = []
     for row in fresh.to_pylist():
         series = row["series"]
         if series in before:
-            row = {"series": series, "split": before[series], "reason": REASON_FROZEN}
+            row = before[series]  # byte-identical rows: a rerun rewrites the same table
         elif row["split"] == BENCH:
             split = VAL if unit_hash(config.seed, "val", series) < config.val_fraction else TRAIN
             row = {"series": series, "split": split, "reason": REASON_HASH}

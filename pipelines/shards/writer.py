@@ -736,6 +736,7 @@ def write_split(
             **{k: manifest[k] for k in ("nshards", "nsamples", "bytes", "errors")},
             "manifest": str(manifest_path.relative_to(layout.root)),
             **{k: v for k, v in RunReport().summary().items() if k != "seconds"},
+            "units_skipped": len(state["shards"]),
         }
     sweep_tmp(folder)
     by_shard = plan_frames(plan)
