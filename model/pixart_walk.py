@@ -32,11 +32,6 @@ def micro_conditions(
     return {"resolution": resolution, "aspect_ratio": aspect}
 
 
-def repeat_conditions(conditions: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
-    """Micro-conditions for a batch repeated `times` (e.g. both classifier-free guidance halves)."""
-    return {key: torch.cat([value] * times) for key, value in conditions.items()}
-
-
 def run_block(
     owner: torch.nn.Module,
     block: torch.nn.Module,
