@@ -45,6 +45,11 @@ class TextCache:
     negative_prompt_attention_mask: torch.Tensor
     meta: dict[str, Any]
 
+    def to(self, device: torch.device | str) -> TextCache:
+        """The same cache with its tensors on `device`."""
+        tensors = {name: getattr(self, name).to(device) for name in TENSOR_NAMES}
+        return TextCache(**tensors, meta=self.meta)
+
     def for_batch(self, batch: int, negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeds, mask) repeated to `batch` rows: the prompt's, or the negative prompt's."""
         embeds, mask = (
