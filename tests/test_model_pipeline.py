@@ -145,8 +145,9 @@ def test_latents_and_posterior_noise_reproduce_a_seeded_run(trained_pipeline):
     seeded = _run(trained_pipeline, inputs, 5)
     generator = torch.Generator().manual_seed(5)
     latents = randn_tensor((1, 4, 20, 12), generator=generator)
-    refs_noise, frame_noise = randn_tensor((1, 4, 20, 12), generator=generator), randn_tensor(
-        (1, 4, 20, 12), generator=generator
+    refs_noise, frame_noise = (
+        randn_tensor((1, 4, 20, 12), generator=generator),
+        randn_tensor((1, 4, 20, 12), generator=generator),
     )
     given = trained_pipeline(
         inputs.refs_only,
