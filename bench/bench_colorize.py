@@ -11,7 +11,7 @@ baseline mode on the same device in the same run.
 
 Models: a tiny random SD1.5-shaped folder (`model.tiny.build_tiny_sd15`) by default, or with `--full-size` a random
 model of SD1.5's real architecture (UNet 860M, guider, VAE, text encoder; LoRA rank 64): no weights are downloaded,
-the figures measure the architecture's cost, not its output quality. Use `--full-size --size 512x800` on a GPU for
+the figures measure the architecture's cost, not its output quality. Use `--full-size --sizes 512x800` on a GPU for
 the paper's 1024x1600 canvas.
 
     python bench/bench_colorize.py [--pages 4] [--sizes 640x640,512x800,1024x1600] [--steps 2] [--full-size]
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--refs", type=int, default=6)
     parser.add_argument("--sizes", default="640x640,512x800,1024x1600", help="comma-separated frame sizes WxH")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
-    parser.add_argument("--size", type=parse_size, default=(128, 192), help=argparse.SUPPRESS)
+    parser.add_argument("--size", type=parse_size, default=(128, 192), help=argparse.SUPPRESS)  # one child's size
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--full-size", action="store_true", help="SD1.5's real architecture (random weights)")
     parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when present)")
