@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from inference.models import ModelPaths, SamplingOptions, read_export
+from inference.models import ModelPaths, SamplingOptions, files_token, read_export
 from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
 from inference.sources import (
     ColorizeInputError,
@@ -20,14 +20,15 @@ from inference.sources import (
     output_stems,
     read_source,
 )
+from inference.styles import PageStyler
 from pipelines.core.encoders import EncoderInfo
 from pipelines.core.errors import PreconditionError
-from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, hires_size
+from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
 from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
 from pipelines.core.storage import read_json, stable_hash
 
-COLORIZE_VERSION = 1  # bump when a page's pixels would change for the same settings: old outputs are then redone
+COLORIZE_VERSION = 2  # bump when a page's pixels would change for the same settings: old outputs are then redone
 SIZE_PRESETS = ((512, 800), (640, 640), (800, 512))
 SHEETS_FOLDER = "contact_sheets"
 STATUS_SKIPPED = "skipped"
@@ -48,6 +49,8 @@ class ColorizeOptions:
     max_per_page: int | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     models: ModelPaths | None = None
+    style: str = "grey"  # how a page becomes the models' inputs (`inference.styles`)
+    screenstyle_weights: str | None = None  # the ScreenStyle folder of style "screenstyle"
 
     def __post_init__(self) -> None:
         try:
@@ -74,6 +77,9 @@ class ColorizeOptions:
             "seed": self.seed,
             "encoder": {"spec": info.spec, "fingerprint": info.fingerprint},
             "k_per_patch": RANKS_PER_PATCH,
+            "style": self.style,
+            "screenstyle_weights": files_token(self.screenstyle_weights) if self.style == "screenstyle" else None,
+            "resample": RESAMPLE_BICUBIC,
             "max_per_page": self.max_per_page,
             "sampling": asdict(self.sampling) if self.models else None,
             "models": self.models.identity() if self.models else None,
@@ -213,6 +219,7 @@ class PageJob:
     grid: tuple[tuple[tuple[str, Any], ...], ...]  # 12 retrieval rows (as item tuples: hashable, picklable)
     fingerprint: str
     seed: int
+    style_seed: int  # the page style's own noise (ScreenStyle's decoder, the halftone renderer)
     output: str  # OUT-relative path of the page, without extension
     sheet: str  # OUT-relative path of the contact sheet
     out_size: tuple[int, int]
@@ -267,10 +274,13 @@ def plan_chapter(
     config: WorkerConfig,
     settings_hash: str,
     embed: Callable[[np.ndarray], np.ndarray],
+    styler: Callable[[], PageStyler],
     *,
     rebuild: bool = False,
 ) -> ChapterPlan:
-    """Read, fingerprint, skip what is done, embed and search what is not: the chapter's page jobs."""
+    """Read, fingerprint, skip what is done, embed and search what is not: the chapter's page jobs.
+
+    `styler` gives the run's page styler (built on first use): query patches are cut from the styled frame."""
     settings = config.settings
     output = Path(config.output)
     plan = ChapterPlan()
@@ -302,7 +312,7 @@ def plan_chapter(
     out_dir = f"{task.out_dir}/" if task.out_dir else ""
     sheet_dir = f"{SHEETS_FOLDER}/{out_dir}"
     out_size = tuple(task.out_size) if task.out_size else settings.sr_size
-    pending: list[tuple[Any, str, str, list[np.ndarray]]] = []
+    pending: list[tuple[Any, str, str, int, list[np.ndarray]]] = []
     for page in pages_listing.pages:
         stem = stems[page.entry.name]
         base = {"chapter": task.key, "page": page.entry.name}
@@ -317,13 +327,15 @@ def plan_chapter(
             reason = f"no usable reference in {task.refs.label}"
             plan.rows.append({**base, "output": None, "status": STATUS_ERROR, "error": reason})
             continue
+        style_seed = derive_seed(settings.seed, "style", task.key, page.entry.name)
         try:
             image = decode_image(page.data, page.entry.source)
-            arrays = [prepare(patch) for patch in query_patches(image, width, height)]
+            frame, _ = styler().frames(image, (width, height), settings.sr_size, style_seed)
+            arrays = [prepare(patch) for patch in query_patches(frame)]
         except Exception as exc:  # noqa: BLE001 - a corrupt page is a row with its reason; the chapter goes on
             plan.rows.append({**base, "output": None, "status": STATUS_ERROR, "error": str(exc)})
             continue
-        pending.append((page, stem, fingerprint, arrays))
+        pending.append((page, stem, fingerprint, style_seed, arrays))
     if not pending:
         return plan
 
@@ -333,7 +345,7 @@ def plan_chapter(
         grids = pool.search(vectors[len(ref_arrays) :], RANKS_PER_PATCH, settings.max_per_page)
     except ValueError as exc:
         raise ColorizeInputError(f"chapter {task.key or task.pages.label}: retrieval: {exc}") from None
-    for (page, stem, fingerprint, _), grid in zip(pending, grids, strict=True):
+    for (page, stem, fingerprint, style_seed, _), grid in zip(pending, grids, strict=True):
         plan.jobs.append(
             PageJob(
                 chapter=task.key,
@@ -345,6 +357,7 @@ def plan_chapter(
                 grid=tuple(tuple(sorted(row.items())) for row in grid),
                 fingerprint=fingerprint,
                 seed=derive_seed(settings.seed, "colorize", task.key, page.entry.name),
+                style_seed=style_seed,
                 output=out_dir + stem,
                 sheet=f"{sheet_dir}{stem}.jpg",
                 out_size=out_size,

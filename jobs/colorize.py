@@ -11,9 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from inference.colorize import run_colorize
-from inference.models import DTYPES, MEMORY_MODES, SamplingOptions, resolve_model_paths
+from inference.models import DTYPES, GSRP_STATISTICS, MEMORY_MODES, SamplingOptions, resolve_model_paths
 from inference.plan import (
     SIZE_PRESETS,
     ColorizeOptions,
@@ -23,6 +24,7 @@ from inference.plan import (
     default_encoder,
     export_defaults,
 )
+from inference.styles import PAGE_STYLES, RELEASED_SCREENSTYLE_FOLDER, check_screenstyle_weights
 from inference.worker import RunOptions
 from jobs.common import add_ray_arguments, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
@@ -39,7 +41,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     inputs.add_argument("--pages", help="B&W pages: a folder or a .cbz/.zip archive (natural page order)")
     inputs.add_argument("--refs", help="colour reference pages: a folder or a .cbz/.zip archive")
     inputs.add_argument("--benchmark", help="a benchmark folder (jobs.shards): colour every chapter from its refs")
-    inputs.add_argument("--style", help="with --benchmark: the input style to colour (grey, halftone, screenstyle)")
+    inputs.add_argument(
+        "--style",
+        choices=PAGE_STYLES,
+        help="the pages' input style: with --pages, how each page is turned into the models' inputs (grey; "
+        "screenstyle: ScreenStyle blended 50/50 with grey, the released app's GrayImage(ScreenStyle); halftone: the "
+        "same blend with the weight-free halftone); with --benchmark, which style folder to colour (required). "
+        "Default with --pages: screenstyle with --colorflow-weights, else grey",
+    )
+    inputs.add_argument(
+        "--screenstyle-weights",
+        help="ScreenStyle weights folder for --style screenstyle (default: the ScreenStyle/ folder of "
+        "--colorflow-weights)",
+    )
     inputs.add_argument("--output", required=True, help="output folder (OUT)")
     weights = parser.add_argument_group("weights (local files only)")
     weights.add_argument("--icp", help="our ICP export folder (export.json, colorguider/, unet_lora/)")
@@ -48,6 +62,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--colorflow-weights", help="the released ColorFlow folder (GraySD/, image_encoder/), e.g. a HF snapshot"
     )
     weights.add_argument("--sd15", help="a local stable-diffusion-v1-5 folder (diffusers layout)")
+    weights.add_argument(
+        "--gsrp-statistics",
+        choices=GSRP_STATISTICS,
+        default=None,
+        help="BatchNorm statistics of the GSRP fusion net: 'page' (each page's own, as the released app runs its "
+        "fusion net) or 'running' (the stored ones, eval mode); default: page for a released MultiResNetModel.bin, "
+        "else what the GSRP export records (running when it records nothing)",
+    )
+    weights.add_argument(
+        "--prompt-cache",
+        default=None,
+        help="folder of cached prompt embeddings for --guidance-scale 1 (default: prompt_embeds/ in the ICP "
+        "weights folder); with a cached embedding the text encoder is never loaded",
+    )
     weights.add_argument(
         "--references-only", action="store_true", help="retrieve and draw contact sheets only; no model is loaded"
     )
@@ -77,7 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     sampling.add_argument("--steps", type=int, default=None, help="UniPC steps (default: 10, as released)")
     sampling.add_argument(
-        "--guidance-scale", type=float, default=None, help="classifier-free guidance (default: 7.5, as released)"
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance (default: 7.5, as released); 1 turns it off: one UNet pass per step and the "
+        "prompt embedded once and cached (see --prompt-cache)",
     )
     sampling.add_argument("--prompt", default=None, help="text prompt (default: the ICP export's, else 'manga')")
     sampling.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty, as released)")
@@ -116,7 +148,11 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
     defaults = {}
     if not args.references_only:
         models = resolve_model_paths(
-            icp=args.icp, gsrp=args.gsrp, colorflow_weights=args.colorflow_weights, sd15=args.sd15
+            icp=args.icp,
+            gsrp=args.gsrp,
+            colorflow_weights=args.colorflow_weights,
+            sd15=args.sd15,
+            prompt_cache=args.prompt_cache,
         )
         defaults = export_defaults(args.icp, args.gsrp)
     width, height = args.size or defaults.get("size", (512, 800))
@@ -133,7 +169,9 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         conditioning_scale=args.conditioning_scale,
         dtype=args.dtype or default_dtype(args.device, args.local),
         memory=args.memory,
+        gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
     )
+    style, screenstyle_weights = _page_style(args)
     return ColorizeOptions(
         width=width,
         height=height,
@@ -143,7 +181,32 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         max_per_page=args.max_per_page,
         sampling=sampling,
         models=models,
+        style=style,
+        screenstyle_weights=screenstyle_weights,
     )
+
+
+def _default_statistics(models) -> str:
+    """Per-page statistics for the released fusion file (as the app runs it), else what our export records."""
+    if models is None or models.gsrp is None:
+        return "running"
+    from model.gsrp_weights import default_statistics
+
+    return default_statistics(models.gsrp)
+
+
+def _page_style(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(the style applied to each page, the ScreenStyle folder it needs). A benchmark's pages are already in their
+    style: they are only greyed, the released app's way."""
+    if args.benchmark:
+        return "grey", None
+    style = args.style or ("screenstyle" if args.colorflow_weights else "grey")
+    if style != "screenstyle":
+        return style, None
+    folder = args.screenstyle_weights
+    if folder is None and args.colorflow_weights:
+        folder = str(Path(args.colorflow_weights) / RELEASED_SCREENSTYLE_FOLDER)
+    return style, check_screenstyle_weights(folder)
 
 
 def main(argv: list[str] | None = None) -> dict:

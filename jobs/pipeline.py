@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report", default=None, help="write contact sheets and counts to this folder (default: no report)"
     )
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="replace shards written in another sample format version (default: refuse and say so)",
+    )
     add_common_arguments(parser)
     ingest = parser.add_argument_group("ingestion")
     ingest.add_argument(
@@ -99,7 +104,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     configure_fault_policy(args)
     record = run_pipeline(
-        input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus
+        input_root,
+        args.output,
+        options,
+        local=args.local,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
+        rebuild=args.rebuild,
     )
     print("\n".join(["", "pipeline summary", *stage_lines(record)]))
     if args.report:

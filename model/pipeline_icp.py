@@ -9,6 +9,9 @@ downsampled to latent size with BILINEAR interpolation, as the released inferenc
 nearest). Classifier-free guidance contrasts the prompt with the negative prompt only: the guider gets the same
 image conditioning for both halves, so it runs once per step and its residuals are shared. The latent factor is
 derived from the VAE config (2 ** (levels - 1)); canvas sides must be multiples of it (frames multiples of 16 are).
+A caller can fix every draw itself: `latents=` (the initial noise) and `posterior_noise=` (the standard-normal noise
+of the two canvases' posterior samples), and skip the text encoder with `prompt_embeds=` (the pipeline may then be
+built with `text_encoder=None, tokenizer=None`; without guidance no negative embedding is needed).
 Crop the centre of each returned canvas with `CompositeLayout.crop_centre`.
 """
 
@@ -100,6 +103,8 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("ColorFlowICPPipeline: built without a text encoder; pass prompt_embeds=")
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -109,10 +114,21 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         )
         return self.text_encoder(tokens.input_ids.to(device))[0].to(self.unet.dtype)
 
-    def _encode_canvas(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _encode_canvas(
+        self, images: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         images = images.to(device=self._execution_device, dtype=self.vae.dtype)
         posterior = self.vae.encode(images).latent_dist
-        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+        if noise is None:
+            sample = posterior.sample(generator=generator)
+        else:
+            if noise.shape != posterior.mean.shape:
+                raise ValueError(
+                    f"ColorFlowICPPipeline: posterior noise has shape {list(noise.shape)}, "
+                    f"the canvas posterior {list(posterior.mean.shape)}"
+                )
+            sample = posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
+        return sample * self.vae.config.scaling_factor
 
     def prepare_guider_cond(
         self,
@@ -120,8 +136,12 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         frame_only: list[ImageInput],
         masks: list[ImageInput],
         generator: torch.Generator | None = None,
+        posterior_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, 9, h, w) = cat[latent(refs_only), mask bilinear at latent size, latent(frame_only)]."""
+        """(B, 9, h, w) = cat[latent(refs_only), mask bilinear at latent size, latent(frame_only)].
+
+        `posterior_noise`: (refs_only noise, frame_only noise), each (B, 4, h, w) standard normal, used in place of
+        the generator's draws."""
         refs = torch.stack([_image_tensor(image) for image in refs_only])
         frames = torch.stack([_image_tensor(image) for image in frame_only])
         mask = torch.stack([_mask_tensor(m) for m in masks])
@@ -137,9 +157,22 @@ class ColorFlowICPPipeline(DiffusionPipeline):
                 f"ColorFlowICPPipeline: canvas {width}x{height} is not a multiple of the VAE factor {factor} "
                 f"(frame sides must be multiples of {factor // 2})"
             )
-        refs_latent = self._encode_canvas(refs, generator)
-        frame_latent = self._encode_canvas(frames, generator)
+        refs_noise, frame_noise = posterior_noise if posterior_noise is not None else (None, None)
+        refs_latent = self._encode_canvas(refs, generator, refs_noise)
+        frame_latent = self._encode_canvas(frames, generator, frame_noise)
         return build_guider_cond(refs_latent, mask.to(refs_latent.device), frame_latent, mode="bilinear")
+
+    def _text_embeddings(
+        self, embeds: torch.Tensor | None, prompts: list[str], batch: int, device: torch.device
+    ) -> torch.Tensor:
+        """Given embeddings (1 or `batch` rows, repeated to the batch) or the prompts through the text encoder."""
+        if embeds is None:
+            return self.encode_prompt(prompts, device)
+        if embeds.ndim != 3 or embeds.shape[0] not in (1, batch):
+            raise ValueError(
+                f"ColorFlowICPPipeline: prompt embeddings of shape {list(embeds.shape)} for {batch} canvases"
+            )
+        return embeds.to(device, self.unet.dtype).expand(batch, -1, -1)
 
     def _step_kwargs(self, generator: torch.Generator | None) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -160,6 +193,10 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         tiled_decode: bool = False,
+        latents: torch.Tensor | None = None,
+        posterior_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> ColorFlowICPPipelineOutput | tuple:
         """Colourise the centre of each composite.
 
@@ -169,6 +206,10 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         `output_type`: "pil", "np", "pt" or "latent". Same generator seed, same output.
         `tiled_decode`: decode the final latents tile by tile (lower peak memory); the canvases' encodes are never
         tiled, so the guider sees exactly the latents it was trained on.
+        `latents`: the initial noise (B, 4, h, w), unscaled (it is multiplied by the scheduler's initial sigma);
+        `posterior_noise`: see `prepare_guider_cond`. The generator then draws nothing in their place.
+        `prompt_embeds` / `negative_prompt_embeds`: text-encoder outputs (1 or B rows) used instead of the prompts;
+        the negative one is needed only with guidance.
         """
         refs_list, frame_list = _as_list(refs_only), _as_list(frame_only)
         if len(refs_list) != len(frame_list):
@@ -189,18 +230,24 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         device = self._execution_device
         unet = unwrap_unet(self.unet)
         guidance = guidance_scale > 1.0
-        text = self.encode_prompt(prompts, device)
+        text = self._text_embeddings(prompt_embeds, prompts, batch, device)
         if guidance:
-            text = torch.cat([self.encode_prompt(negatives, device), text])
+            text = torch.cat([self._text_embeddings(negative_prompt_embeds, negatives, batch, device), text])
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         noise_dtype = unet.dtype
         # The initial noise is drawn first, then the two posterior samples: one generator fixes everything.
         height, width = _image_tensor(refs_list[0]).shape[-2:]
         latent_shape = (batch, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=noise_dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator).to(self.guider.dtype)
+        if latents is None:
+            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=noise_dtype)
+        elif tuple(latents.shape) != latent_shape:
+            raise ValueError(
+                f"ColorFlowICPPipeline: latents have shape {list(latents.shape)}, expected {list(latent_shape)}"
+            )
+        latents = latents.to(device, noise_dtype) * self.scheduler.init_noise_sigma
+        cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator, posterior_noise)
+        cond = cond.to(self.guider.dtype)
         step_kwargs = self._step_kwargs(generator)
 
         # Model offload hooks fire on a module's forward; the guided UNet runs the UNet's blocks directly, so its hook

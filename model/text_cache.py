@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from pipelines.core.storage import atomic_path, atomic_write_json
+
 TEXT_CACHE_FORMAT = "colorflow-text-cache"
 TEXT_CACHE_VERSION = 1
 TENSOR_NAMES = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
@@ -78,6 +80,48 @@ def encode_text(
     return hidden, mask
 
 
+def text_cache_from_encoder(
+    tokenizer: Any,
+    text_encoder: Any,
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    source: str,
+    max_length: int | None = None,
+    use_attention_mask: bool = False,
+    dtype: str = "float32",
+) -> TextCache:
+    """A cache from a tokenizer and text encoder already in memory (a pipeline's own, say); `source` names them."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"text cache: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    length = max_length or (T5_MAX_LENGTH if use_attention_mask else tokenizer.model_max_length)
+    prompt_embeds, prompt_mask = encode_text(tokenizer, text_encoder, prompt, length, use_attention_mask)
+    negative_embeds, negative_mask = encode_text(tokenizer, text_encoder, negative_prompt, length, use_attention_mask)
+    meta = {
+        "text_encoder": source,
+        "text_encoder_class": type(text_encoder).__name__,
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "max_length": length,
+        "dtype": dtype,
+        "embedding_dim": int(prompt_embeds.shape[-1]),
+        "attention_mask_used": use_attention_mask,
+    }
+    cast = _DTYPES[dtype]
+    return TextCache(
+        prompt_embeds.to(cast).cpu(), prompt_mask.cpu(), negative_embeds.to(cast).cpu(), negative_mask.cpu(), meta
+    )
+
+
+def keyed_cache_path(folder: str | Path, encoder_token: str, prompt: str, negative_prompt: str = "") -> Path:
+    """Where a run keeps the cache of (text encoder files, prompt, negative prompt): another encoder or prompt never
+    reads a stale file. `encoder_token` names the encoder's files (e.g. their names, sizes and times)."""
+    key = hashlib.sha256(
+        json.dumps([TEXT_CACHE_FORMAT, TEXT_CACHE_VERSION, encoder_token, prompt, negative_prompt]).encode()
+    ).hexdigest()[:20]
+    return Path(folder) / f"{key}.safetensors"
+
+
 def build_text_cache(
     model_dir: str | Path,
     prompt: str,
@@ -92,8 +136,6 @@ def build_text_cache(
     import transformers
 
     model_dir = Path(model_dir)
-    if dtype not in _DTYPES:
-        raise ValueError(f"text cache: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     if not (model_dir / "text_encoder").is_dir() or not (model_dir / "tokenizer").is_dir():
         raise FileNotFoundError(f"{model_dir}: no text_encoder/ and tokenizer/ folders")
     config = json.loads((model_dir / "text_encoder" / "config.json").read_text())
@@ -104,40 +146,35 @@ def build_text_cache(
     tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir / "tokenizer")
     text_encoder = encoder_class.from_pretrained(model_dir / "text_encoder").eval()
     masked = config.get("model_type") in _MASKED_ENCODERS
-    length = max_length or (T5_MAX_LENGTH if masked else tokenizer.model_max_length)
-    prompt_embeds, prompt_mask = encode_text(tokenizer, text_encoder, prompt, length, masked)
-    negative_embeds, negative_mask = encode_text(tokenizer, text_encoder, negative_prompt, length, masked)
-    meta = {
-        "text_encoder": str(model_dir),
-        "text_encoder_class": class_name,
-        "prompt": prompt,
-        "negative_prompt": negative_prompt,
-        "max_length": length,
-        "dtype": dtype,
-        "embedding_dim": int(prompt_embeds.shape[-1]),
-        "attention_mask_used": masked,
-    }
-    cast = _DTYPES[dtype]
-    return TextCache(
-        prompt_embeds.to(cast).cpu(), prompt_mask.cpu(), negative_embeds.to(cast).cpu(), negative_mask.cpu(), meta
+    return text_cache_from_encoder(
+        tokenizer,
+        text_encoder,
+        prompt,
+        negative_prompt,
+        source=str(model_dir),
+        max_length=max_length,
+        use_attention_mask=masked,
+        dtype=dtype,
     )
 
 
 def save_text_cache(cache: TextCache, path: str | Path) -> Path:
-    """Write `path` (.safetensors) and its JSON sidecar (written last); returns the safetensors path."""
+    """Write `path` (.safetensors) and its JSON sidecar (written last, so a cache is complete once its sidecar
+    exists); returns the safetensors path."""
     from safetensors.torch import save_file
 
     path = Path(path).with_suffix(".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: getattr(cache, name).contiguous() for name in TENSOR_NAMES}
-    save_file(tensors, str(path))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
     record = {
         "format": TEXT_CACHE_FORMAT,
         "format_version": TEXT_CACHE_VERSION,
         **cache.meta,
         "safetensors_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
     }
-    _sidecar(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(_sidecar(path), record)
     return path
 
 

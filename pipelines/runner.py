@@ -33,7 +33,7 @@ from pipelines.runtime.preconditions import (
 )
 from pipelines.screentone.stage import ScreentoneOptions
 from pipelines.shards.stage import ShardOptions
-from pipelines.shards.writer import PlanMismatchError
+from pipelines.shards.writer import PlanMismatchError, SampleFormatMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ def stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(f"pipelines.{stage}.stage"), f"run_{stage}")
 
 
-def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
+def _run_stage(
+    stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool, rebuild: bool = False
+) -> dict:
     run = stage_runner(stage)
     inputs = (input_root, layout.root) if stage == "ingest" else (layout.root,)
     stage_options = options.stage_options(stage)
@@ -112,6 +114,8 @@ def _run_stage(stage: str, input_root: str, layout: DataLayout, options: Pipelin
     try:
         return run(*inputs, stage_options, local=local)
     except PlanMismatchError as exc:
+        if isinstance(exc, SampleFormatMismatchError) and not rebuild:
+            raise  # shards of another sample format are replaced only when asked (--rebuild)
         # Upstream outputs changed (new chapters, another encoder...): the old shards describe other data.
         log.warning("%s were planned for other inputs; rebuilding them (%s)", stage, exc)
         return run(*inputs, stage_options, local=local, rebuild=True)
@@ -125,8 +129,11 @@ def run_pipeline(
     local: bool = False,
     ray_address: str | None = None,
     num_cpus: int | None = None,
+    rebuild: bool = False,
 ) -> dict[str, Any]:
     """Run every stage that is not current; returns the per-stage summaries and what was skipped.
+
+    `rebuild` lets the shard stage replace shards of another sample format version (else it refuses).
 
     Preconditions (input root and its layout, output folder, encoder weights) are checked before Ray starts or
     any folder is created; a failed first run removes the output folder it created if it is still empty.
@@ -139,7 +146,7 @@ def run_pipeline(
     options.stage_options("retrieval")  # validates the retrieval settings at the pipeline's size, before any work
     check_encoder(options.retrieval.encoder)
     with created_folder(output):
-        return _run_pipeline(input_root, DataLayout.at(output), options, local, ray_address, num_cpus)
+        return _run_pipeline(input_root, DataLayout.at(output), options, local, ray_address, num_cpus, rebuild)
 
 
 def _run_pipeline(
@@ -149,6 +156,7 @@ def _run_pipeline(
     local: bool,
     ray_address: str | None,
     num_cpus: int | None,
+    rebuild: bool = False,
 ) -> dict[str, Any]:
     if not local:
         from pipelines.runtime.ray import init_ray
@@ -182,7 +190,7 @@ def _run_pipeline(
         if current:
             summary, skipped = read_json(layout.summary(stage)), True
         else:
-            summary, skipped = _run_stage(stage, input_root, layout, options, local), False
+            summary, skipped = _run_stage(stage, input_root, layout, options, local, rebuild), False
             rerun_downstream = True
         if summary.get("complete") is not True:
             incomplete.add(stage)

@@ -66,6 +66,7 @@ from pipelines.core.samples import (
     FIELD_META,
     FIELD_RING,
     FIELD_TONE,
+    check_sample_format_version,
 )
 from pipelines.core.storage import sha256_file
 
@@ -134,6 +135,7 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
         entries = [(s["url"], int(s["nsamples"]), None, None) for s in spec["shardlist"]]
         base = spec.get("base")
     elif "shards" in spec:  # a split manifest
+        check_sample_format_version(spec.get("sample_format_version"), str(path))
         entries = [
             (s.get("url", s.get("name")), int(s["nsamples"]), s.get("bytes"), s.get("sha256")) for s in spec["shards"]
         ]
@@ -566,7 +568,9 @@ def _image(raw: Mapping[str, Any], name: str, mode: str) -> Image.Image:
 
 
 def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return as_meta(_member(raw, FIELD_META))
+    meta = as_meta(_member(raw, FIELD_META))
+    check_sample_format_version(meta.get("sample_format_version"), f"sample {raw.get('__key__')!r}")
+    return meta
 
 
 def _expect_size(image: Image.Image, size: Sequence[int], key: str, name: str) -> None:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
-from model.gsrp_weights import load_gsrp, save_gsrp_export
+from model.gsrp_weights import EXPORT_STATISTICS, STATISTICS_KEY, load_gsrp, save_gsrp_export
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
 from pipelines.runtime.preconditions import check_output_creatable
 from training.checkpoints import check_resume_settings, publish_state, resolve_resume
@@ -526,6 +526,7 @@ def train(
                 "base_model": str(args.pretrained_model_name_or_path or args.vae),
                 "vae": str(args.vae) if args.vae else f"{args.pretrained_model_name_or_path}/vae",
                 "sr_scale": args.sr_scale,
+                STATISTICS_KEY: EXPORT_STATISTICS,  # validation above ran in eval mode
                 "steps": global_step,
                 "crop_size": list(args.crop_size),
                 "bw_variant": args.bw_variant,

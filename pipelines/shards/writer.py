@@ -51,6 +51,7 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import read_chapter_pages
 from pipelines.core.samples import (
     FIELDS,
+    SAMPLE_FORMAT_VERSION,
     ChapterPages,
     FrameRecord,
     SampleConfig,
@@ -479,6 +480,10 @@ class PlanMismatchError(RuntimeError):
     """Shards exist from another configuration or another frame set; mixing them would corrupt the dataset."""
 
 
+class SampleFormatMismatchError(PlanMismatchError):
+    """Shards exist in another sample format version: replaced only when the user asks (--rebuild)."""
+
+
 def _plan_fingerprint(frames: list[FrameRecord], sample_config: SampleConfig, shard_config: ShardConfig) -> str:
     config = sample_config.to_json()
     config.pop("code_version")  # a rerun after a code change resumes; each shard records its own version
@@ -510,6 +515,12 @@ def prepare_plan(
         shutil.rmtree(folder)
     if plan_json.exists() and plan_parquet.exists():
         stored = read_json(plan_json)
+        stored_version = stored.get("sample_format_version", 1)  # plans before the field wrote format 1
+        if stored_version != SAMPLE_FORMAT_VERSION and _completed_markers(folder):
+            raise SampleFormatMismatchError(
+                f"{folder} holds shards of sample format version {stored_version}; this code writes version "
+                f"{SAMPLE_FORMAT_VERSION}: rerun with --rebuild to replace them"
+            )
         if stored.get("fingerprint") == fingerprint:
             return read_parquet(plan_parquet, SHARD_PLAN), stored
         if _completed_markers(folder):
@@ -531,6 +542,7 @@ def prepare_plan(
         "samples_per_shard": per_shard,
         "estimate": estimate,
         "shard_config": asdict(shard_config),
+        "sample_format_version": SAMPLE_FORMAT_VERSION,
     }
     write_parquet(plan, plan_parquet, SHARD_PLAN)
     atomic_write_json(plan_json, info)  # last: the plan's completion marker
@@ -583,6 +595,7 @@ def finalise_split(layout: DataLayout, split: str, plan_info: dict[str, Any], sh
         "wids_index": "index.wids.json",
         "errors_table": "errors.parquet",
         "shard_format_version": SHARD_FORMAT_VERSION,
+        "sample_format_version": plan_info.get("sample_format_version", 1),
     }
     atomic_write_json(folder / "manifest.json", manifest)
     return manifest
