@@ -3,7 +3,7 @@ pages still to do (read, fingerprinted, skipped when done, embedded and searched
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ from inference.sources import (
     ColorizeInputError,
     PageSource,
     decode_image,
+    is_chapter_tree,
     open_source,
     output_stems,
     read_source,
@@ -26,6 +27,7 @@ from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
 from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
+from pipelines.core.sources import list_chapters
 from pipelines.core.storage import read_json, stable_hash
 
 COLORIZE_VERSION = 2  # bump when a page's pixels would change for the same settings: old outputs are then redone
@@ -141,15 +143,66 @@ def default_dtype(device: str | None, local: bool) -> str:
 class ChapterTask:
     """One chapter to colour: its pages, its reference pool and where its outputs go (relative to OUT)."""
 
-    key: str  # "" for a PAGES/REFS run, the chapter id in a benchmark
+    key: str  # "" for one PAGES/REFS chapter; "<series>/<chapter>" or the source's stem for several; a benchmark's id
     pages: PageSource
     refs: PageSource
-    out_dir: str  # "" or "<chapter_id>"
+    out_dir: str  # "" for one chapter, else the chapter's folder under OUT (its key)
     out_size: tuple[int, int] | None = None  # a benchmark's page size (outputs must match its ground truth)
 
 
-def chapter_tasks_for_sources(pages: str, refs: str) -> list[ChapterTask]:
-    return [ChapterTask("", open_source(pages), open_source(refs), "")]
+def chapter_tasks_for_sources(pages: Sequence[str], refs: Sequence[str]) -> list[ChapterTask]:
+    """What `--pages`/`--refs` name: one chapter (a folder of pages or an archive, outputs at the top of OUT); a
+    `<series>/<chapter>` tree whose references are a tree of the same chapters (outputs in OUT/<series>/<chapter>);
+    or several chapters given one by one, each paired with the references given in the same place (outputs in
+    OUT/<name of the pages' folder or archive>)."""
+    pages, refs = list(pages), list(refs)
+    if len(pages) != len(refs):
+        raise ColorizeInputError(
+            f"--pages names {len(pages)} chapters and --refs {len(refs)}: give one reference folder or archive per "
+            "chapter, in the same order (or one tree for each)"
+        )
+    if len(pages) == 1 and not is_chapter_tree(pages[0]):
+        return [ChapterTask("", open_source(pages[0]), open_source(refs[0]), "")]
+    if len(pages) == 1:
+        return _tree_tasks(pages[0], refs[0])
+    tasks = []
+    for page_path, ref_path in zip(pages, refs, strict=True):
+        source = open_source(page_path)
+        tasks.append(ChapterTask(source.entry.chapter, source, open_source(ref_path), source.entry.chapter))
+    seen: dict[str, str] = {}
+    for task, page_path in zip(tasks, pages, strict=True):
+        if task.key in seen:
+            raise ColorizeInputError(
+                f"--pages {seen[task.key]} and {page_path} would both write OUT/{task.key}: rename one of them"
+            )
+        seen[task.key] = page_path
+    return tasks
+
+
+def _tree_tasks(pages_root: str, refs_root: str) -> list[ChapterTask]:
+    """One task per chapter of a `<series>/<chapter>` tree, its references the same chapter of the refs tree."""
+    pages = {(c.series, c.chapter): c for c in list_chapters(pages_root) if not c.refused}
+    if not pages:
+        raise ColorizeInputError(f"--pages {pages_root}: no <series>/<chapter> folders or archives in it")
+    if not is_chapter_tree(refs_root):
+        raise ColorizeInputError(
+            f"--refs {refs_root}: --pages is a <series>/<chapter> tree, so --refs must be one too (the same chapters)"
+        )
+    refs = {(c.series, c.chapter): c for c in list_chapters(refs_root) if not c.refused}
+    missing = [f"{series}/{chapter}" for series, chapter in sorted(pages) if (series, chapter) not in refs]
+    if missing:
+        raise ColorizeInputError(
+            f"--refs {refs_root}: no references for {len(missing)} chapter(s) of --pages, e.g. {missing[0]}"
+        )
+    return [
+        ChapterTask(
+            f"{series}/{chapter}",
+            PageSource(pages_root, entry),
+            PageSource(refs_root, refs[(series, chapter)]),
+            f"{series}/{chapter}",
+        )
+        for (series, chapter), entry in sorted(pages.items())
+    ]
 
 
 def chapter_tasks_for_benchmark(root: str | Path, style: str) -> tuple[list[ChapterTask], dict[str, Any]]:

@@ -38,8 +38,18 @@ PRESETS = ", ".join(f"{w}x{h}" for w, h in SIZE_PRESETS)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     inputs = parser.add_argument_group("what to colour")
-    inputs.add_argument("--pages", help="B&W pages: a folder or a .cbz/.zip archive (natural page order)")
-    inputs.add_argument("--refs", help="colour reference pages: a folder or a .cbz/.zip archive")
+    inputs.add_argument(
+        "--pages",
+        nargs="+",
+        help="B&W pages: a folder or a .cbz/.zip archive (one chapter, natural page order); several of them (one "
+        "output folder each, named after it); or a <series>/<chapter> tree (outputs in OUT/<series>/<chapter>)",
+    )
+    inputs.add_argument(
+        "--refs",
+        nargs="+",
+        help="colour reference pages: a folder or archive per chapter of --pages, in the same order, or a tree of the "
+        "same <series>/<chapter> as --pages",
+    )
     inputs.add_argument("--benchmark", help="a benchmark folder (jobs.shards): colour every chapter from its refs")
     inputs.add_argument(
         "--style",

@@ -210,3 +210,35 @@ def test_composite_and_guide_follow_the_release_path(chapter, tmp_path: Path) ->
     wide = Image.open(refs / "ref1.png").resize((173, 97))
     assert np.array_equal(np.asarray(PageStyler("grey").frames(wide, SIZE, (96, 144), 0)[1]),
                           np.asarray(_release_fit(wide, 96, 144).convert("L").convert("RGB")))  # fmt: skip
+
+
+def test_many_chapters_a_tree_or_several_sources_one_output_folder_each(chapter, tmp_path: Path) -> None:
+    pages, refs = chapter
+    good = ["1.png", "2.png", "3.png"]
+    tree_pages, tree_refs = tmp_path / "pages", tmp_path / "refs"
+    for root, files in ((tree_pages, [pages / n for n in good]), (tree_refs, sorted(refs.iterdir()))):
+        (root / "series_a" / "ch1").mkdir(parents=True)  # one chapter a folder, the other an archive
+        with zipfile.ZipFile(root / "series_a" / "ch2.cbz", "w") as zf:
+            for path in files:
+                shutil.copy(path, root / "series_a" / "ch1" / path.name)
+                zf.write(path, path.name)
+    common = ["--references-only", "--size", "64x96", "--encoder", "weightfree", "--local"]
+    out = tmp_path / "tree_out"
+    code, summary = _run(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(out), *common])
+    assert code == 0 and summary["pages_done"] == 6
+    for chapter_dir in ("series_a/ch1", "series_a/ch2"):
+        assert sorted(p.name for p in (out / chapter_dir).glob("*.json")) == ["1.json", "2.json", "3.json"]
+    again = _run(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(out), *common])[1]
+    assert again["pages_done"] == 0 and again["pages_skipped"] == 6  # resumable per page, chapter by chapter
+
+    several = tmp_path / "several_out"
+    archive = tree_pages / "series_a" / "ch2.cbz"
+    code, summary = _run(["--pages", str(tree_pages / "series_a" / "ch1"), str(archive), "--refs", str(refs),
+                          str(refs), "--output", str(several), *common])  # fmt: skip
+    assert code == 0 and (several / "ch1" / "1.json").is_file() and (several / "ch2" / "3.json").is_file()
+    (tree_refs / "series_a" / "ch2.cbz").unlink()
+    assert colorize_main(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(tmp_path / "x"),
+                          *common]) == 2  # fmt: skip
+    assert colorize_main(["--pages", str(pages), str(archive), "--refs", str(refs), "--output",
+                          str(tmp_path / "y"), *common]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
