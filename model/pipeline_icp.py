@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -43,11 +44,12 @@ class ColorFlowICPPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-def _as_list(value) -> list:
+def as_list(value: Any) -> list:
+    """One item or a list of them, as a list (pipelines take a page or a batch)."""
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _image_tensor(image: ImageInput) -> torch.Tensor:
+def image_tensor(image: ImageInput) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] from a PIL image, an HWC uint8/float array or a CHW tensor in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -61,7 +63,7 @@ def _image_tensor(image: ImageInput) -> torch.Tensor:
     raise TypeError(f"ColorFlowICPPipeline: unsupported image type {type(image).__name__}")
 
 
-def _mask_tensor(mask: ImageInput) -> torch.Tensor:
+def mask_tensor(mask: ImageInput) -> torch.Tensor:
     """(1, H, W) float in [0, 1], 1 on the reference ring; PIL masks are read as grey levels / 255."""
     if isinstance(mask, PIL.Image.Image):
         return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
@@ -142,9 +144,9 @@ class ColorFlowICPPipeline(DiffusionPipeline):
 
         `posterior_noise`: (refs_only noise, frame_only noise), each (B, 4, h, w) standard normal, used in place of
         the generator's draws."""
-        refs = torch.stack([_image_tensor(image) for image in refs_only])
-        frames = torch.stack([_image_tensor(image) for image in frame_only])
-        mask = torch.stack([_mask_tensor(m) for m in masks])
+        refs = torch.stack([image_tensor(image) for image in refs_only])
+        frames = torch.stack([image_tensor(image) for image in frame_only])
+        mask = torch.stack([mask_tensor(m) for m in masks])
         height, width = refs.shape[-2:]
         factor = self.vae_scale_factor
         if frames.shape[-2:] != (height, width) or mask.shape[-2:] != (height, width):
@@ -211,17 +213,17 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         `prompt_embeds` / `negative_prompt_embeds`: text-encoder outputs (1 or B rows) used instead of the prompts;
         the negative one is needed only with guidance.
         """
-        refs_list, frame_list = _as_list(refs_only), _as_list(frame_only)
+        refs_list, frame_list = as_list(refs_only), as_list(frame_only)
         if len(refs_list) != len(frame_list):
             raise ValueError(f"ColorFlowICPPipeline: {len(refs_list)} refs_only canvases but {len(frame_list)} frames")
         batch = len(refs_list)
-        mask_list = _as_list(mask)
+        mask_list = as_list(mask)
         if len(mask_list) == 1:
             mask_list = mask_list * batch
         if len(mask_list) != batch:
             raise ValueError(f"ColorFlowICPPipeline: {len(mask_list)} masks for {batch} canvases")
-        prompts = _as_list(prompt) * (batch if isinstance(prompt, str) else 1)
-        negatives = _as_list(negative_prompt) * (batch if isinstance(negative_prompt, str) else 1)
+        prompts = as_list(prompt) * (batch if isinstance(prompt, str) else 1)
+        negatives = as_list(negative_prompt) * (batch if isinstance(negative_prompt, str) else 1)
         if len(prompts) != batch or len(negatives) != batch:
             raise ValueError(f"ColorFlowICPPipeline: prompts and negative prompts must be one or {batch}")
         if num_inference_steps < 1:
@@ -237,7 +239,7 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         noise_dtype = unet.dtype
         # The initial noise is drawn first, then the two posterior samples: one generator fixes everything.
-        height, width = _image_tensor(refs_list[0]).shape[-2:]
+        height, width = image_tensor(refs_list[0]).shape[-2:]
         latent_shape = (batch, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=noise_dtype)

@@ -25,7 +25,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from model.colorguider import build_guider_cond
 from model.colorguider_pixart import PixArtColorGuider
 from model.guided_pixart import guided_pixart_forward, noise_half, unwrap_transformer
-from model.pipeline_icp import ColorFlowICPPipelineOutput, ImageInput, _as_list, _image_tensor, _mask_tensor
+from model.pipeline_icp import ColorFlowICPPipelineOutput, ImageInput, as_list, image_tensor, mask_tensor
 from model.pixart_walk import micro_conditions
 from model.text_cache import TextCache
 
@@ -62,9 +62,9 @@ class ColorFlowPixArtPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """(B, 9, h, w) = cat[latent(refs_only), mask bilinear at latent size, latent(frame_only)]."""
-        refs = torch.stack([_image_tensor(image) for image in refs_only])
-        frames = torch.stack([_image_tensor(image) for image in frame_only])
-        mask = torch.stack([_mask_tensor(m) for m in masks])
+        refs = torch.stack([image_tensor(image) for image in refs_only])
+        frames = torch.stack([image_tensor(image) for image in frame_only])
+        mask = torch.stack([mask_tensor(m) for m in masks])
         height, width = refs.shape[-2:]
         factor = self.vae_scale_factor * unwrap_transformer(self.transformer).config.patch_size
         if frames.shape[-2:] != (height, width) or mask.shape[-2:] != (height, width):
@@ -106,13 +106,13 @@ class ColorFlowPixArtPipeline(DiffusionPipeline):
         `latents`: the initial noise (B, 4, h, w); else drawn from `generator` before the canvases' posteriors.
         `output_type`: "pil", "np", "pt" or "latent". Same generator seed, same output.
         """
-        refs_list, frame_list = _as_list(refs_only), _as_list(frame_only)
+        refs_list, frame_list = as_list(refs_only), as_list(frame_only)
         if len(refs_list) != len(frame_list):
             raise ValueError(
                 f"ColorFlowPixArtPipeline: {len(refs_list)} refs_only canvases but {len(frame_list)} frames"
             )
         batch = len(refs_list)
-        mask_list = _as_list(mask)
+        mask_list = as_list(mask)
         if len(mask_list) == 1:
             mask_list = mask_list * batch
         if len(mask_list) != batch:
@@ -132,7 +132,7 @@ class ColorFlowPixArtPipeline(DiffusionPipeline):
         prompt_embeds, prompt_mask = prompt_embeds.to(device, dtype), prompt_mask.to(device)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        height, width = _image_tensor(refs_list[0]).shape[-2:]
+        height, width = image_tensor(refs_list[0]).shape[-2:]
         latent_channels = transformer.config.in_channels
         shape = (batch, latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
