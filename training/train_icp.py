@@ -46,6 +46,7 @@ from training.data import (
     first_samples,
     frame_size,
     resolve_shard_source,
+    training_size,
 )
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
 from training.inputs import (
@@ -96,7 +97,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=float, default=64.0, help="LoRA alpha (new LoRA only)")
     # data
     parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
-    parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
+    parser.add_argument(
+        "--resolution",
+        type=parse_size,
+        default=None,
+        help="training WxH: each side of a frame's size capped at it (default: the frames' own sizes)",
+    )
     parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
     parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
     parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
@@ -320,9 +326,10 @@ def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> l
 def validation_canvases(sample: Any, resolution: tuple[int, int] | None) -> tuple[Image.Image, Image.Image, np.ndarray]:
     """The guider's canvases and mask of a validation sample at 2x the training resolution: the model colours the
     whole canvas at the frame size it was trained on (as inference colours 1024x1600 for 512x800 frames)."""
-    if resolution is None or tuple(resolution) == sample.color.size:
+    size = training_size(sample.color.size, resolution, 1)
+    if size == sample.color.size:
         return sample.refs_only, sample.frame_only, sample.mask
-    canvas = (2 * resolution[0], 2 * resolution[1])
+    canvas = (2 * size[0], 2 * size[1])
     mask = Image.fromarray(sample.mask.astype(np.float32), mode="F").resize(canvas, Image.Resampling.NEAREST)
     return (
         sample.refs_only.resize(canvas, Image.Resampling.BICUBIC),
@@ -628,12 +635,13 @@ def train(
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
-        layout_size = frame_size(source)
+        layout_size = max(source.frame_sizes or (frame_size(source),), key=lambda size: size[0] * size[1])
         meta = {
             "base_model": args.pretrained_model_name_or_path,
             "prompt": args.prompt,
             "frame_size": list(layout_size),
-            "resolution": list(args.resolution or layout_size),
+            "resolution": list(training_size(layout_size, args.resolution, 1)),
+            "frame_sizes": [list(size) for size in source.frame_sizes] or [list(layout_size)],
             "training_steps": global_step,
             "shard_manifest": source.manifest,
             "shard_manifest_sha256": source.sha256,
