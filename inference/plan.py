@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from inference.models import ModelPaths, SamplingOptions, files_token, read_export
+from inference.pixart_models import LineArtPaths
 from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
 from inference.sources import (
     ColorizeInputError,
@@ -50,9 +51,10 @@ class ColorizeOptions:
     encoder: str = "weightfree"
     max_per_page: int | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    models: ModelPaths | None = None
+    models: ModelPaths | LineArtPaths | None = None
     style: str = "grey"  # how a page becomes the models' inputs (`inference.styles`)
     screenstyle_weights: str | None = None  # the ScreenStyle folder of style "screenstyle"
+    line_extractor_weights: str | None = None  # erika.pth of styles sketch/shading (None: XDoG)
 
     def __post_init__(self) -> None:
         try:
@@ -81,12 +83,25 @@ class ColorizeOptions:
             "k_per_patch": RANKS_PER_PATCH,
             "style": self.style,
             "screenstyle_weights": files_token(self.screenstyle_weights) if self.style == "screenstyle" else None,
+            "line_extractor": self.line_extractor_record(),
             "resample": RESAMPLE_BICUBIC,
             "max_per_page": self.max_per_page,
             "sampling": asdict(self.sampling) if self.models else None,
             "models": self.models.identity() if self.models else None,
             "mode": "colour" if self.models else "references-only",
+            "family": self.models.family if self.models else None,
         }
+
+    def line_extractor_record(self) -> dict[str, Any] | None:
+        """Which extractor made the line art (styles sketch and shading): the network's weights token, or XDoG."""
+        from inference.line_art import XDOG
+        from inference.styles import LINE_ART_STYLES
+
+        if self.style not in LINE_ART_STYLES:
+            return None
+        if self.line_extractor_weights is None:
+            return {"name": XDOG}
+        return {"name": Path(self.line_extractor_weights).stem, "weights": files_token(self.line_extractor_weights)}
 
 
 def export_defaults(icp: str | None, gsrp: str | None) -> dict[str, Any]:
