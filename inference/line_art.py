@@ -46,11 +46,6 @@ class LineExtractor:
 
             self._model = MangaLineExtractor.from_released(weights).to(device or "cpu")
 
-    @property
-    def name(self) -> str:
-        """What the run record calls it: 'erika' (the network) or 'xdog'."""
-        return XDOG if self._model is None else Path(self.weights).stem
-
     def __call__(self, grey: np.ndarray) -> np.ndarray:
         if self._model is None:
             from screentone.lines import extract_lines

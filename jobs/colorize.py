@@ -185,7 +185,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
     lineart = _lineart_weights(args)
     if lineart is not None:
         return _lineart_settings(args, lineart)
-    if args.style in LINE_ART_STYLES:
+    if args.style in LINE_ART_STYLES and not args.references_only:
         raise ColorizeInputError(
             f"--style {args.style} is a line-art style: it needs line-art (PixArt) weights (--icp a PixArt export or "
             "a released sketch/ or shading/ folder, or --colorflow-weights holding them)"
@@ -229,6 +229,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         models=models,
         style=style,
         screenstyle_weights=screenstyle_weights,
+        line_extractor_weights=_line_extractor(args, style),
     )
 
 
@@ -291,8 +292,15 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
         sampling=sampling,
         models=models,
         style=style,
-        line_extractor_weights=find_line_extractor_weights(args.line_extractor_weights, args.colorflow_weights),
+        line_extractor_weights=_line_extractor(args, style),
     )
+
+
+def _line_extractor(args: argparse.Namespace, style: str) -> str | None:
+    """The line extractor's weights of a line-art style (None: XDoG); other styles have none."""
+    if style not in LINE_ART_STYLES:
+        return None
+    return find_line_extractor_weights(args.line_extractor_weights, args.colorflow_weights)
 
 
 def _default_statistics(models) -> str:

@@ -126,3 +126,6 @@ def test_a_style_that_does_not_match_the_weights_is_refused_in_one_line(lineart,
     assert colorize_main([*base, "--output", str(tmp_path / "c"), "--style", "sketch", "--icp", str(empty)]) == 2
     assert "line-art style" in capsys.readouterr().err
     assert not any((tmp_path / name).exists() for name in "abc")
+    code, summary = _run([*base, "--output", str(tmp_path / "d"), "--style", "sketch", "--references-only"])
+    assert code == 0 and summary["settings"]["mode"] == "references-only"  # a style alone needs no weights
+    assert summary["settings"]["line_extractor"] == {"name": "xdog"} and summary["settings"]["family"] is None
