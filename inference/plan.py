@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from inference.line_art import XDOG
 from inference.models import ModelPaths, SamplingOptions, files_token, read_export
 from inference.pixart_models import LineArtPaths
 from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
@@ -22,7 +23,7 @@ from inference.sources import (
     output_stems,
     read_source,
 )
-from inference.styles import PageStyler
+from inference.styles import LINE_ART_STYLES, PageStyler
 from pipelines.core.encoders import EncoderInfo
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
@@ -94,9 +95,6 @@ class ColorizeOptions:
 
     def line_extractor_record(self) -> dict[str, Any] | None:
         """Which extractor made the line art (styles sketch and shading): the network's weights token, or XDoG."""
-        from inference.line_art import XDOG
-        from inference.styles import LINE_ART_STYLES
-
         if self.style not in LINE_ART_STYLES:
             return None
         if self.line_extractor_weights is None:

@@ -71,6 +71,25 @@ def _run(args: list[str]) -> tuple[int, dict]:
     return code, json.loads((output / "colorize.summary.json").read_text())
 
 
+def test_the_line_art_styles_give_icp_the_styled_frame_and_gsrp_the_plain_lines(chapter) -> None:
+    """By value, with the weight-free extractor: the page fitted at the GSRP size, its XDoG lines as the GSRP guide
+    for both styles, and the ICP frame the (shaded) lines resized to W x H."""
+    from inference.styles import PageStyler
+    from pipelines.core.geometry import RESAMPLE_BICUBIC, fit_image
+    from screentone.lines import extract_lines
+    from screentone.shading import shade_lines
+
+    page = Image.open(chapter[0] / "1.png")
+    grey = np.asarray(fit_image(page.convert("RGB"), *SR_SIZE, resample=RESAMPLE_BICUBIC).convert("L"))
+    lines = extract_lines(grey)
+    for style, styled in (("sketch", lines), ("shading", shade_lines(lines, grey))):
+        frame, guide = PageStyler(style).frames(page, SIZE, SR_SIZE, 0)
+        assert np.array_equal(np.asarray(guide), np.repeat(lines[..., None], 3, axis=2))
+        expected = fit_image(Image.fromarray(styled).convert("RGB"), *SIZE, resample=RESAMPLE_BICUBIC)
+        assert np.array_equal(np.asarray(frame), np.asarray(expected))
+    assert (shade_lines(lines, grey) == 125).any()  # the page has mid-grey fills, so shading differs from sketch
+
+
 def test_sketch_with_our_export_uses_xdog_lines_and_the_releases_sampling(lineart, chapter, tmp_path) -> None:
     """Our training run folder as --icp: base model, text cache and frame size come from its export.json."""
     pages, refs = chapter
