@@ -82,7 +82,9 @@ def run_colorize(
 
     def page_styler() -> PageStyler:
         nonlocal styler
-        styler = styler or PageStyler(settings.style, settings.screenstyle_weights, options.device)
+        styler = styler or PageStyler(
+            settings.style, settings.screenstyle_weights, options.device, settings.line_extractor_weights
+        )
         return styler
 
     plans = []

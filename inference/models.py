@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -44,6 +44,7 @@ class ModelPaths:
     icp: str  # our ICP export folder or a released GraySD/ folder
     gsrp: str | None  # our GSRP export folder, a released MultiResNetModel.bin, or None (bicubic upsampling)
     prompt_cache: str | None = None  # prompt embeddings of runs without guidance (default: ICP/prompt_embeds)
+    family: ClassVar[str] = "sd15"
 
     def identity(self) -> dict[str, Any]:
         """What names these weights in a fingerprint: each weight file's name, size and modification time."""
@@ -272,8 +273,6 @@ class Colorizer:
         """The final pages (GSRP size) of a batch: ICP canvases, their centre W x H crops, then GSRP."""
         import torch
 
-        from model.gsrp_vae import super_resolve
-
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
         canvases = self.pipeline(
             refs_only=[item.refs_only for item in items],
@@ -290,31 +289,34 @@ class Colorizer:
             prompt_embeds=self.prompt_embeds,
         ).images
         lowres = [layout.crop_centre(canvas) for canvas in canvases]
-        if self.fusion is None:
-            upsampled = [
-                low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)
-            ]
-            return upsampled
-        vae = self.pipeline.vae
-        offloaded = self.sampling.memory == "offload"
-        if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
-            vae.to(self.device)
-        try:
-            finals = []
-            for item, low in zip(items, lowres, strict=True):
-                generator = torch.Generator("cpu").manual_seed(item.seed + 1)
-                with torch.inference_mode():
-                    finals.append(
-                        super_resolve(
-                            vae,
-                            self.fusion,
-                            low,
-                            item.hr_bw,
-                            generator=generator,
-                            statistics=self.sampling.gsrp_statistics,
-                        )
+        return finish_pages(self.pipeline.vae, self.fusion, items, lowres, self.sampling, self.device)
+
+
+def finish_pages(
+    vae: Any, fusion: Any, items: list[PageBatchItem], lowres: list[Image.Image], sampling: SamplingOptions, device: Any
+) -> list[Image.Image]:
+    """The final pages: each centre crop fused by GSRP with its B&W guide at the GSRP size (both families run the
+    same GSRP), or only upsampled (bicubic, the app's `up_img`) without a fusion net."""
+    import torch
+
+    from model.gsrp_vae import super_resolve
+
+    if fusion is None:
+        return [low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)]
+    offloaded = sampling.memory == "offload"
+    if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
+        vae.to(device)
+    try:
+        finals = []
+        for item, low in zip(items, lowres, strict=True):
+            generator = torch.Generator("cpu").manual_seed(item.seed + 1)
+            with torch.inference_mode():
+                finals.append(
+                    super_resolve(
+                        vae, fusion, low, item.hr_bw, generator=generator, statistics=sampling.gsrp_statistics
                     )
-        finally:
-            if offloaded:
-                vae.to("cpu")
-        return finals
+                )
+    finally:
+        if offloaded:
+            vae.to("cpu")
+    return finals

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from inference.line_art import XDOG
 from inference.models import ModelPaths, SamplingOptions, files_token, read_export
+from inference.pixart_models import LineArtPaths
 from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
 from inference.sources import (
     ColorizeInputError,
@@ -21,7 +23,7 @@ from inference.sources import (
     output_stems,
     read_source,
 )
-from inference.styles import PageStyler
+from inference.styles import LINE_ART_STYLES, PageStyler
 from pipelines.core.encoders import EncoderInfo
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
@@ -50,9 +52,10 @@ class ColorizeOptions:
     encoder: str = "weightfree"
     max_per_page: int | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    models: ModelPaths | None = None
+    models: ModelPaths | LineArtPaths | None = None
     style: str = "grey"  # how a page becomes the models' inputs (`inference.styles`)
     screenstyle_weights: str | None = None  # the ScreenStyle folder of style "screenstyle"
+    line_extractor_weights: str | None = None  # erika.pth of styles sketch/shading (None: XDoG)
 
     def __post_init__(self) -> None:
         try:
@@ -81,12 +84,22 @@ class ColorizeOptions:
             "k_per_patch": RANKS_PER_PATCH,
             "style": self.style,
             "screenstyle_weights": files_token(self.screenstyle_weights) if self.style == "screenstyle" else None,
+            "line_extractor": self.line_extractor_record(),
             "resample": RESAMPLE_BICUBIC,
             "max_per_page": self.max_per_page,
             "sampling": asdict(self.sampling) if self.models else None,
             "models": self.models.identity() if self.models else None,
             "mode": "colour" if self.models else "references-only",
+            "family": self.models.family if self.models else None,
         }
+
+    def line_extractor_record(self) -> dict[str, Any] | None:
+        """Which extractor made the line art (styles sketch and shading): the network's weights token, or XDoG."""
+        if self.style not in LINE_ART_STYLES:
+            return None
+        if self.line_extractor_weights is None:
+            return {"name": XDOG}
+        return {"name": Path(self.line_extractor_weights).stem, "weights": files_token(self.line_extractor_weights)}
 
 
 def export_defaults(icp: str | None, gsrp: str | None) -> dict[str, Any]:

@@ -69,15 +69,19 @@ class ColorizeWorker:
             from inference.styles import PageStyler
 
             settings = self.config.settings
-            self._styler = PageStyler(settings.style, settings.screenstyle_weights, self.device)
+            self._styler = PageStyler(
+                settings.style, settings.screenstyle_weights, self.device, settings.line_extractor_weights
+            )
         return self._styler
 
     def colorizer(self):
         if self._colorizer is None:
             from inference.models import Colorizer
+            from inference.pixart_models import PixArtColorizer
 
             settings = self.config.settings
-            self._colorizer = Colorizer(settings.models, settings.sampling, self.device)
+            family = PixArtColorizer if settings.models.family == "pixart" else Colorizer
+            self._colorizer = family(settings.models, settings.sampling, self.device)
         return self._colorizer
 
     # -- reading, with small caches: a batch's pages share their chapter's references

@@ -2,7 +2,9 @@
 
 PAGES and REFS are folders or .cbz/.zip archives. `--benchmark DIR --style NAME` instead colours every chapter of
 a benchmark folder from its own references (`OUT/<chapter_id>/<page_id>.png`, scored by `jobs.evaluate`).
-Weights: `--icp`/`--gsrp` (our exports) or `--colorflow-weights` (the release), on a local SD1.5 folder (`--sd15`).
+Weights: `--icp`/`--gsrp` (our exports) or `--colorflow-weights` (the release), on a local SD1.5 folder (`--sd15`);
+the line-art styles `--style sketch|shading` run the PixArt family instead (`--icp` a line-art export or a released
+`sketch/`/`shading/` folder, or `--colorflow-weights`'s own, on `--pixart` with a `--text-cache`).
 Also runs under `ray job submit -- python -m jobs.colorize ...` (RAY_ADDRESS is then set).
 """
 
@@ -14,7 +16,9 @@ import sys
 from pathlib import Path
 
 from inference.colorize import run_colorize
+from inference.line_art import find_line_extractor_weights
 from inference.models import DTYPES, GSRP_STATISTICS, MEMORY_MODES, SamplingOptions, resolve_model_paths
+from inference.pixart_models import DEFAULT_GUIDANCE, lineart_folder, resolve_lineart_paths, text_cache_prompts
 from inference.plan import (
     SIZE_PRESETS,
     ColorizeOptions,
@@ -24,7 +28,8 @@ from inference.plan import (
     default_encoder,
     export_defaults,
 )
-from inference.styles import PAGE_STYLES, RELEASED_SCREENSTYLE_FOLDER, check_screenstyle_weights
+from inference.sources import ColorizeInputError
+from inference.styles import LINE_ART_STYLES, PAGE_STYLES, RELEASED_SCREENSTYLE_FOLDER, check_screenstyle_weights
 from inference.worker import RunOptions
 from jobs.common import add_ray_arguments, start_ray
 from pipelines.core.cli import JobArgumentParser, parse_size, run_job
@@ -56,8 +61,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=PAGE_STYLES,
         help="the pages' input style: with --pages, how each page is turned into the models' inputs (grey; "
         "screenstyle: ScreenStyle blended 50/50 with grey, the released app's GrayImage(ScreenStyle); halftone: the "
-        "same blend with the weight-free halftone); with --benchmark, which style folder to colour (required). "
-        "Default with --pages: screenstyle with --colorflow-weights, else grey",
+        "same blend with the weight-free halftone; sketch: line art; shading: line art with the release's flat "
+        "shading; sketch and shading need line-art (PixArt) weights, the others SD1.5 ICP weights); with "
+        "--benchmark, which style folder to colour (required). Default with --pages: screenstyle with "
+        "--colorflow-weights, else grey (a released sketch/ or shading/ folder given as --icp: its own style)",
+    )
+    inputs.add_argument(
+        "--line-extractor-weights",
+        help="the release's line extractor (LE/erika.pth, or its folder) for --style sketch|shading (default: the "
+        "LE/ folder of --colorflow-weights, else the weight-free XDoG extractor)",
     )
     inputs.add_argument(
         "--screenstyle-weights",
@@ -66,12 +78,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     inputs.add_argument("--output", required=True, help="output folder (OUT)")
     weights = parser.add_argument_group("weights (local files only)")
-    weights.add_argument("--icp", help="our ICP export folder (export.json, colorguider/, unet_lora/)")
+    weights.add_argument(
+        "--icp",
+        help="our ICP export folder (export.json, colorguider/, unet_lora/); or line-art weights: our PixArt export "
+        "(training.train_pixart_icp's export/ or its run folder) or a released sketch/ or shading/ folder",
+    )
     weights.add_argument("--gsrp", help="our GSRP export folder, or a released MultiResNetModel.bin")
     weights.add_argument(
         "--colorflow-weights", help="the released ColorFlow folder (GraySD/, image_encoder/), e.g. a HF snapshot"
     )
     weights.add_argument("--sd15", help="a local stable-diffusion-v1-5 folder (diffusers layout)")
+    weights.add_argument(
+        "--pixart",
+        help="a local PixArt-XL-2 diffusers folder for the line-art family (default: the base model its export "
+        "records); its text encoder is never loaded",
+    )
+    weights.add_argument(
+        "--text-cache",
+        help="the line-art family's prompt embeddings: a model.text_cache file (.safetensors + .json, made by "
+        "`python -m model.text_cache PIXART_DIR FILE`; default: the cache its export records)",
+    )
     weights.add_argument(
         "--gsrp-statistics",
         choices=GSRP_STATISTICS,
@@ -113,13 +139,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="GSRP size as a multiple of --size (default: the GSRP export's, else 1.5)",
     )
-    sampling.add_argument("--steps", type=int, default=None, help="UniPC steps (default: 10, as released)")
+    sampling.add_argument(
+        "--steps", type=int, default=None, help="UniPC (SD1.5) or DPM-Solver (PixArt) steps (default: 10, as released)"
+    )
     sampling.add_argument(
         "--guidance-scale",
         type=float,
         default=None,
-        help="classifier-free guidance (default: 7.5, as released); 1 turns it off: one UNet pass per step and the "
-        "prompt embedded once and cached (see --prompt-cache)",
+        help="classifier-free guidance (default: 7.5 for SD1.5, 4.5 for PixArt, as released); 1 turns it off: one "
+        "UNet pass per step and the prompt embedded once and cached (see --prompt-cache)",
     )
     sampling.add_argument("--prompt", default=None, help="text prompt (default: the ICP export's, else 'manga')")
     sampling.add_argument("--negative-prompt", default=None, help="negative prompt (default: empty, as released)")
@@ -154,6 +182,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_settings(args: argparse.Namespace) -> ColorizeOptions:
+    lineart = _lineart_weights(args)
+    if lineart is not None:
+        return _lineart_settings(args, lineart)
+    if args.style in LINE_ART_STYLES and not args.references_only:
+        raise ColorizeInputError(
+            f"--style {args.style} is a line-art style: it needs line-art (PixArt) weights (--icp a PixArt export or "
+            "a released sketch/ or shading/ folder, or --colorflow-weights holding them)"
+        )
     models = None
     defaults = {}
     if not args.references_only:
@@ -193,7 +229,78 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         models=models,
         style=style,
         screenstyle_weights=screenstyle_weights,
+        line_extractor_weights=_line_extractor(args, style),
     )
+
+
+def _lineart_weights(args: argparse.Namespace) -> Path | None:
+    """The line-art style folder the weight options name, or None (the SD1.5 family): `--icp` holding line-art
+    weights, or the release's `sketch/`/`shading/` of `--colorflow-weights` when a line-art style is asked for."""
+    folder = lineart_folder(args.icp)
+    if folder is None and args.colorflow_weights and args.style in LINE_ART_STYLES and not args.icp:
+        folder = Path(args.colorflow_weights) / args.style
+        if not folder.is_dir():
+            raise ColorizeInputError(
+                f"--style {args.style}: --colorflow-weights {args.colorflow_weights} has no {args.style}/ folder"
+            )
+    return folder
+
+
+def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOptions:
+    """The settings of a line-art (PixArt) run: its style checked against the weights, the release's sampling
+    defaults (CFG 4.5, 10 steps), the prompt the text cache holds, the line extractor of the styles."""
+    style = args.style or (weights.name if weights.name in LINE_ART_STYLES else None)
+    if args.benchmark:
+        raise ColorizeInputError("--benchmark with line-art weights: the benchmark has no sketch/shading styles yet")
+    if style not in LINE_ART_STYLES:
+        shown = f"--style {style}" if style else "no --style"
+        raise ColorizeInputError(
+            f"{shown} with line-art (PixArt) weights {weights}: they colour the line-art styles; give --style "
+            "sketch or --style shading"
+        )
+    if args.prompt is not None or args.negative_prompt is not None:
+        raise ColorizeInputError(
+            "--prompt/--negative-prompt: the line-art family reads its text from --text-cache (T5 is not loaded); "
+            "make a cache for another prompt with python -m model.text_cache"
+        )
+    models = None
+    defaults: dict = {}
+    if not args.references_only:
+        models = resolve_lineart_paths(
+            weights, style=style, pixart=args.pixart, text_cache=args.text_cache, gsrp=args.gsrp
+        )
+        defaults = export_defaults(str(weights), args.gsrp)
+    prompt, negative = text_cache_prompts(models.text_cache) if models else ("", "")
+    width, height = args.size or defaults.get("size", (512, 800))
+    sampling = SamplingOptions(
+        steps=args.steps if args.steps is not None else 10,
+        guidance_scale=args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE,
+        prompt=prompt,
+        negative_prompt=negative,
+        conditioning_scale=args.conditioning_scale,
+        dtype=args.dtype or default_dtype(args.device, args.local),
+        memory=args.memory,
+        gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
+    )
+    return ColorizeOptions(
+        width=width,
+        height=height,
+        sr_scale=args.sr_scale if args.sr_scale is not None else defaults.get("sr_scale", 1.5),
+        seed=args.seed,
+        encoder=args.encoder or default_encoder(args.colorflow_weights),
+        max_per_page=args.max_per_page,
+        sampling=sampling,
+        models=models,
+        style=style,
+        line_extractor_weights=_line_extractor(args, style),
+    )
+
+
+def _line_extractor(args: argparse.Namespace, style: str) -> str | None:
+    """The line extractor's weights of a line-art style (None: XDoG); other styles have none."""
+    if style not in LINE_ART_STYLES:
+        return None
+    return find_line_extractor_weights(args.line_extractor_weights, args.colorflow_weights)
 
 
 def _default_statistics(models) -> str:
