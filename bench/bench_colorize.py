@@ -1,7 +1,9 @@
-"""Colorize benchmark: pages per second and peak memory per device, with and without each memory option.
+"""Colorize benchmark: seconds per page and peak memory per frame size, device and memory option.
 
-For every device (the CPU, and CUDA when present) and memory mode ("none" is the baseline; "vae-slicing" = sliced
-and tiled VAE; "offload" = `enable_model_cpu_offload`, CUDA only), a fresh process runs `inference.colorize` on a
+For every frame size (`--sizes`, default the 640x640 and 512x800 presets and 1024x1600), device (the CPU, and CUDA
+when present) and mode ("none" is the baseline; "vae-slicing" = sliced and tiled VAE; "offload" =
+`enable_model_cpu_offload`, CUDA only; "no-cfg" = memory none at guidance scale 1: one UNet pass per step, the prompt
+embedding cached and no text encoder loaded), a fresh process runs `inference.colorize` on a
 generated chapter, in-process (`local`): a one-page warm-up run (models loaded, kernels chosen), then the measured
 run over `--pages` pages (retrieval, ICP, GSRP and writing included; model loading excluded). It reports pages/s,
 the process's peak resident memory and, on CUDA, the peak allocated GPU memory, each with its ratio to the
@@ -9,10 +11,10 @@ baseline mode on the same device in the same run.
 
 Models: a tiny random SD1.5-shaped folder (`model.tiny.build_tiny_sd15`) by default, or with `--full-size` a random
 model of SD1.5's real architecture (UNet 860M, guider, VAE, text encoder; LoRA rank 64): no weights are downloaded,
-the figures measure the architecture's cost, not its output quality. Use `--full-size --size 512x800` on a GPU for
+the figures measure the architecture's cost, not its output quality. Use `--full-size --sizes 512x800` on a GPU for
 the paper's 1024x1600 canvas.
 
-    python bench/bench_colorize.py [--pages 4] [--size 128x192] [--steps 2] [--full-size] [--workdir DIR]
+    python bench/bench_colorize.py [--pages 4] [--sizes 640x640,512x800,1024x1600] [--steps 2] [--full-size]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from PIL import Image, ImageDraw
 
 from jobs.common import parse_size
 
-MODES = ("none", "vae-slicing", "offload")
+MODES = ("none", "vae-slicing", "offload", "no-cfg")
 
 
 def drawn_page(seed: int, width: int, height: int) -> Image.Image:
@@ -112,10 +114,12 @@ def child(args: argparse.Namespace) -> dict:
     models = resolve_model_paths(icp=str(work / "icp"), gsrp=str(work / "gsrp"), colorflow_weights=None,
                                  sd15=str(work / "sd15"))  # fmt: skip
     dtype = "float16" if args.device.startswith("cuda") else "float32"
-    sampling = SamplingOptions(steps=args.steps, dtype=dtype, memory=args.memory)
+    no_cfg = args.memory == "no-cfg"
+    memory = "none" if no_cfg else args.memory
+    sampling = SamplingOptions(steps=args.steps, dtype=dtype, memory=memory, guidance_scale=1.0 if no_cfg else 7.5)
     settings = ColorizeOptions(*args.size, encoder="weightfree", sampling=sampling, models=models)
     options = RunOptions(local=True, device=args.device, rebuild=True)
-    out = work / "out" / f"{args.device}-{args.memory}"
+    out = work / "out" / f"{args.size[0]}x{args.size[1]}-{args.device}-{args.memory}"
     run_colorize(chapter_tasks_for_sources(str(work / "warmup"), str(work / "refs")), out / "warmup", settings, options)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -129,6 +133,7 @@ def child(args: argparse.Namespace) -> dict:
         "memory": args.memory,
         "pages": summary["pages_done"],
         "pages_per_second": summary["pages_per_second"],
+        "seconds_per_page": round(1 / summary["pages_per_second"], 2),
         "pages_per_second_with_retrieval": round(summary["pages_done"] / seconds, 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if args.device.startswith("cuda") else None,
@@ -139,7 +144,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pages", type=int, default=4)
     parser.add_argument("--refs", type=int, default=6)
-    parser.add_argument("--size", type=parse_size, default=(128, 192), help="frame WxH (canvas 2W x 2H)")
+    parser.add_argument("--sizes", default="640x640,512x800,1024x1600", help="comma-separated frame sizes WxH")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes (default: all)")
+    parser.add_argument("--size", type=parse_size, default=(128, 192), help=argparse.SUPPRESS)  # one child's size
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--full-size", action="store_true", help="SD1.5's real architecture (random weights)")
     parser.add_argument("--devices", default=None, help="comma-separated (default: cpu, and cuda when present)")
@@ -155,42 +162,49 @@ def main() -> None:
     import torch
 
     devices = args.devices.split(",") if args.devices else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    sizes = [parse_size(size) for size in args.sizes.split(",")]
+    modes = [mode for mode in args.modes.split(",") if mode in MODES]
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.workdir or scratch)
         work.mkdir(parents=True, exist_ok=True)
         started = time.perf_counter()
-        write_chapter(work, args.pages, args.refs, args.size)
         build_models(work, args.full_size)
-        print(f"models and chapter built in {time.perf_counter() - started:.1f} s in {work}", flush=True)
-        size = f"{args.size[0]}x{args.size[1]}"
-        print(f"\n{'full-size' if args.full_size else 'tiny'} SD1.5, frame {size} (canvas {2 * args.size[0]}x"
-              f"{2 * args.size[1]}), {args.steps} steps, {args.pages} pages, batch 1")  # fmt: skip
-        header = f"{'device':8} {'memory':12} {'pages/s':>9} {'ratio':>6} {'peak RSS MB':>12} {'ratio':>6}"
+        print(f"models built in {time.perf_counter() - started:.1f} s in {work}", flush=True)
+        print(f"\n{'full-size' if args.full_size else 'tiny'} SD1.5, {args.steps} steps, {args.pages} pages, batch 1")
+        header = f"{'frame':10} {'device':8} {'mode':12} {'s/page':>8} {'ratio':>6} {'peak RSS MB':>12} {'ratio':>6}"
         print(header + f" {'peak CUDA MB':>13} {'ratio':>6}")
-        for device in devices:
-            baseline = None
-            for mode in MODES:
-                if mode == "offload" and not device.startswith("cuda"):
-                    continue
-                command = [sys.executable, __file__, "--child", "--workdir", str(work), "--device", device,
-                           "--memory", mode, "--size", size, "--steps", str(args.steps)]  # fmt: skip
-                done = subprocess.run(command, capture_output=True, text=True)
-                line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-                if done.returncode or line is None:
-                    print(f"{device:8} {mode:12} failed: {done.stderr.strip().splitlines()[-1:]}")
-                    continue
-                result = json.loads(line[len("RESULT ") :])
-                baseline = baseline or result
+        for width, height in sizes:
+            size = f"{width}x{height}"
+            chapter = work / size
+            write_chapter(chapter, args.pages, args.refs, (width, height))
+            for name in ("pages", "refs", "warmup"):
+                link = work / name
+                link.unlink(missing_ok=True)
+                link.symlink_to(chapter / name)
+            for device in devices:
+                baseline = None
+                for mode in modes:
+                    if mode == "offload" and not device.startswith("cuda"):
+                        continue
+                    command = [sys.executable, __file__, "--child", "--workdir", str(work), "--device", device,
+                               "--memory", mode, "--size", size, "--steps", str(args.steps)]  # fmt: skip
+                    done = subprocess.run(command, capture_output=True, text=True)
+                    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+                    if done.returncode or line is None:
+                        print(f"{size:10} {device:8} {mode:12} failed: {done.stderr.strip().splitlines()[-1:]}")
+                        continue
+                    result = json.loads(line[len("RESULT ") :])
+                    baseline = baseline or result
 
-                def ratio(key: str, result: dict = result, baseline: dict = baseline) -> str:
-                    return f"{result[key] / baseline[key]:6.2f}" if result[key] and baseline[key] else f"{'-':>6}"
+                    def ratio(key: str, result: dict = result, baseline: dict = baseline) -> str:
+                        return f"{result[key] / baseline[key]:6.2f}" if result[key] and baseline[key] else f"{'-':>6}"
 
-                cuda = f"{result['peak_cuda_mb']:13.1f}" if result["peak_cuda_mb"] is not None else f"{'-':>13}"
-                print(
-                    f"{device:8} {mode:12} {result['pages_per_second']:9.3f} {ratio('pages_per_second')} "
-                    f"{result['peak_rss_mb']:12.1f} {ratio('peak_rss_mb')} {cuda} {ratio('peak_cuda_mb')}",
-                    flush=True,
-                )
+                    cuda = f"{result['peak_cuda_mb']:13.1f}" if result["peak_cuda_mb"] is not None else f"{'-':>13}"
+                    print(
+                        f"{size:10} {device:8} {mode:12} {result['seconds_per_page']:8.2f} {ratio('seconds_per_page')} "
+                        f"{result['peak_rss_mb']:12.1f} {ratio('peak_rss_mb')} {cuda} {ratio('peak_cuda_mb')}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

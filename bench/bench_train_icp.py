@@ -253,6 +253,86 @@ def bench_step_split(size: tuple[int, int], batch: int, steps: int, kind: str, d
         )
 
 
+def bench_rungs(rungs: list[Path], size: tuple[int, int], steps: int, kind: str, device: torch.device) -> None:
+    """The memory ladder: for each arguments file (configs/icp/*.args) the trainer's own step with its settings
+    (per-device batch x accumulation, checkpointing, 8-bit AdamW, EMA, text encoder freed or kept resident) on
+    random SD1.5-size models: s/step, samples/s and peak memory, against the first rung measured in the same run."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from model.colorguider import ColorGuider
+    from model.guided_unet import GuidedUNet
+    from model.lora import add_icp_lora
+    from training.optimization import make_ema, make_optimizer
+    from training.train_icp import icp_loss, parse_args
+
+    dtype, (width, height) = torch.bfloat16, size
+    baseline = None
+    for rung in rungs:
+        args = parse_args([f"@{rung}", "--pretrained_model_name_or_path", "-", "--data", "-", "--output_dir", "-"])
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        vae, unet = _models(kind, device, dtype)
+        text_encoder = None
+        if not args.free_text_encoder:  # SD1.5's CLIP ViT-L/14 text tower stays resident (tiny: a small one)
+            layers, width_te = (12, 768) if kind == "sd15" else (2, 32)
+            config = CLIPTextConfig(hidden_size=width_te, num_hidden_layers=layers, intermediate_size=4 * width_te)
+            text_encoder = CLIPTextModel(config).to(device, dtype)
+        guider = ColorGuider.from_unet(unet)
+        add_icp_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
+        unet.to(dtype=dtype)
+        cast_training_params(unet, dtype=torch.float32)
+        model = GuidedUNet(unet, guider).to(device)
+        if args.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = make_optimizer(params, args, args.learning_rate)
+        ema = make_ema(params, args, _NoCheckpoints())
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        prompt = torch.randn(1, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+        batch = {
+            "c_color": torch.rand(args.train_batch_size, 3, height, width) * 2 - 1,
+            "refs_only": torch.rand(args.train_batch_size, 3, height, width) * 2 - 1,
+            "frame_only": torch.rand(args.train_batch_size, 3, height, width) * 2 - 1,
+            "mask": torch.ones(args.train_batch_size, 1, height // factor, width // factor),
+        }
+        generator = torch.Generator(device=device).manual_seed(0)
+
+        def step(model=model, vae=vae, optimizer=optimizer, ema=ema, params=params, args=args, prompt=prompt,
+                 batch=batch, generator=generator, scheduler=scheduler) -> None:  # fmt: skip
+            for _ in range(args.gradient_accumulation_steps):
+                with torch.autocast(device.type, dtype=dtype):
+                    loss, _ = icp_loss(model, vae, scheduler, prompt, batch, generator, mu=args.timestep_mu,
+                                       conditioning_scale=1.0, weight_dtype=dtype)  # fmt: skip
+                (loss / args.gradient_accumulation_steps).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(params)
+
+        seconds = _time_steps(step, steps, device)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        samples = args.train_batch_size * args.gradient_accumulation_steps / seconds
+        baseline = baseline or samples
+        print(
+            f"  rung {rung}: batch {args.train_batch_size} x {args.gradient_accumulation_steps}, checkpointing "
+            f"{args.gradient_checkpointing}, 8-bit AdamW {args.use_8bit_adam}, EMA {args.use_ema}, text encoder "
+            f"{'freed' if args.free_text_encoder else 'resident'}: {seconds:.3f} s/step, {samples:.1f} samples/s "
+            f"({samples / baseline:.2f}x the first rung), peak {peak:.1f} GiB"
+        )
+        del model, unet, guider, vae, text_encoder, optimizer, ema
+
+
+class _NoCheckpoints:
+    """The bench saves no checkpoint: `make_ema` registers its EMA with nothing."""
+
+    def register_for_checkpointing(self, *objects: object) -> None:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="training frame size WxH")
@@ -268,7 +348,23 @@ def main(argv: list[str] | None = None) -> None:
         default="sd15",
         help="step-split models (tiny: CPU smoke run)",
     )
+    parser.add_argument(
+        "--rung",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="arguments files of the memory ladder (configs/icp/*.args): time the trainer's step with each, instead",
+    )
     args = parser.parse_args(argv)
+    if args.rung:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if device.type == "cpu" and args.models == "sd15":
+            print("rungs: skipped (no CUDA device; --models tiny runs a CPU smoke run)")
+            return
+        name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+        print(f"memory ladder on {name}, {args.models} models, {args.size[0]}x{args.size[1]}, bf16")
+        bench_rungs(args.rung, args.size, args.steps, args.models, device)
+        return
     work = args.work or Path(tempfile.gettempdir()) / "colorflow-bench-train-icp"
     started = time.perf_counter()
     folder = build_shards(work, args.size, args.samples)

@@ -41,6 +41,7 @@ from inference.plan import (
 )
 from inference.references import resolve_colorize_encoder
 from inference.sources import ColorizeInputError
+from inference.styles import PageStyler
 from inference.worker import LocalPool, RayPool, RunOptions
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
 from pipelines.core.storage import atomic_write_json, stable_hash, sweep_tmp
@@ -77,11 +78,20 @@ def run_colorize(
         pool = pool or _start_pool(config, options)
         return pool.embed(prepared)
 
+    styler: PageStyler | None = None
+
+    def page_styler() -> PageStyler:
+        nonlocal styler
+        styler = styler or PageStyler(
+            settings.style, settings.screenstyle_weights, options.device, settings.line_extractor_weights
+        )
+        return styler
+
     plans = []
     try:
         for task in tasks:
             try:
-                plans.append(plan_chapter(task, config, settings_hash, embed, rebuild=options.rebuild))
+                plans.append(plan_chapter(task, config, settings_hash, embed, page_styler, rebuild=options.rebuild))
             except ColorizeInputError as exc:  # an unreadable source or a pool the cap cannot fill: this chapter
                 if len(tasks) == 1:
                     raise

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -25,11 +25,15 @@ from pipelines.core.storage import stable_hash
 
 MEMORY_MODES = ("none", "vae-slicing", "offload")
 DTYPES = ("float32", "float16", "bfloat16")
+GSRP_STATISTICS = ("running", "page")  # model.gsrp_fusion.BATCHNORM_STATISTICS, without importing torch here
 EXPORT_FILE = "export.json"
 RELEASED_ICP_FOLDER = "GraySD"
 RELEASED_GSRP_FILE = "MultiResNetModel.bin"
 RELEASED_ENCODER_FOLDER = "image_encoder"
 BASE_MODEL_KEYS = ("base_model", "pretrained_model_name_or_path")  # where an export may record its SD1.5
+
+
+PROMPT_CACHE_FOLDER = "prompt_embeds"  # inside the ICP folder: cached prompt embeddings, not part of the weights
 
 
 @dataclass(frozen=True)
@@ -39,13 +43,19 @@ class ModelPaths:
     sd15: str
     icp: str  # our ICP export folder or a released GraySD/ folder
     gsrp: str | None  # our GSRP export folder, a released MultiResNetModel.bin, or None (bicubic upsampling)
+    prompt_cache: str | None = None  # prompt embeddings of runs without guidance (default: ICP/prompt_embeds)
+    family: ClassVar[str] = "sd15"
 
     def identity(self) -> dict[str, Any]:
         """What names these weights in a fingerprint: each weight file's name, size and modification time."""
-        return {"sd15": _files_token(self.sd15), "icp": _files_token(self.icp), "gsrp": _files_token(self.gsrp)}
+        return {"sd15": files_token(self.sd15), "icp": files_token(self.icp), "gsrp": files_token(self.gsrp)}
+
+    @property
+    def prompt_cache_folder(self) -> Path:
+        return Path(self.prompt_cache) if self.prompt_cache else Path(self.icp) / PROMPT_CACHE_FOLDER
 
 
-def _files_token(path: str | None) -> Any:
+def files_token(path: str | None) -> Any:
     """A cheap token of a model file or folder's contents (hashing gigabytes on every run would cost minutes)."""
     if path is None:
         return None
@@ -61,7 +71,7 @@ def _is_weight_file(root: Path, path: Path) -> bool:
     """Files that decide the weights: not a training run's checkpoints, TensorBoard logs or scratch (an ICP export
     sits at the top of its run folder, so those grow beside it while the export itself stays the same)."""
     parts = path.relative_to(root).parts
-    return not any(part.startswith(("checkpoint-", ".")) or part == "logs" for part in parts)
+    return not any(part.startswith(("checkpoint-", ".")) or part in ("logs", PROMPT_CACHE_FOLDER) for part in parts)
 
 
 def read_export(folder: str | Path | None) -> dict[str, Any]:
@@ -78,7 +88,12 @@ def read_export(folder: str | Path | None) -> dict[str, Any]:
 
 
 def resolve_model_paths(
-    *, icp: str | None, gsrp: str | None, colorflow_weights: str | None, sd15: str | None
+    *,
+    icp: str | None,
+    gsrp: str | None,
+    colorflow_weights: str | None,
+    sd15: str | None,
+    prompt_cache: str | None = None,
 ) -> ModelPaths:
     """Check the weight options and locate every file; ColorizeInputError says which option is wrong and why."""
     if colorflow_weights and icp:
@@ -109,7 +124,12 @@ def resolve_model_paths(
     from model.gsrp_weights import run_export
 
     gsrp = str(run_export(Path(gsrp)).absolute()) if gsrp else None  # a train_gsrp run folder: its export/
-    return ModelPaths(sd15=str(Path(base).absolute()), icp=str(Path(icp).absolute()), gsrp=gsrp)
+    return ModelPaths(
+        sd15=str(Path(base).absolute()),
+        icp=str(Path(icp).absolute()),
+        gsrp=gsrp,
+        prompt_cache=str(Path(prompt_cache).absolute()) if prompt_cache else None,
+    )
 
 
 def _check_weight_kinds(icp: str, gsrp: str | None) -> None:
@@ -153,14 +173,29 @@ class SamplingOptions:
     conditioning_scale: float = 1.0
     dtype: str = "float32"
     memory: str = "none"
+    gsrp_statistics: str = "running"  # the fusion net's BatchNorm statistics: "running" (eval) or "page"
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance on (scale > 1); at 1 the UNet runs once per step on the cached prompt."""
+        return self.guidance_scale > 1.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ColorizeInputError(f"--steps must be at least 1, got {self.steps}")
+        if self.guidance_scale < 1.0:
+            raise ColorizeInputError(f"--guidance-scale must be at least 1 (1: no guidance), got {self.guidance_scale}")
+        if self.gsrp_statistics not in GSRP_STATISTICS:
+            raise ColorizeInputError(f"--gsrp-statistics {self.gsrp_statistics!r}: choose one of {GSRP_STATISTICS}")
         if self.dtype not in DTYPES:
             raise ColorizeInputError(f"--dtype {self.dtype!r}: choose one of {DTYPES}")
         if self.memory not in MEMORY_MODES:
             raise ColorizeInputError(f"--memory {self.memory!r}: choose one of {MEMORY_MODES}")
+
+
+def _text_encoder_token(sd15: str) -> str:
+    """Names the SD1.5 text encoder and tokenizer files (what a cached prompt embedding depends on)."""
+    return stable_hash([files_token(str(Path(sd15) / "text_encoder")), files_token(str(Path(sd15) / "tokenizer"))], 16)
 
 
 @dataclass
@@ -188,8 +223,22 @@ class Colorizer:
         if sampling.memory == "offload" and self.device.type != "cuda":
             raise ColorizeInputError("--memory offload moves models between CPU and GPU: it needs a CUDA device")
         load_device = "cpu" if sampling.memory == "offload" else str(self.device)
-        self.pipeline = load_icp_pipeline(paths.sd15, paths.icp, device=load_device, dtype=dtype)
+        self.prompt_embeds = None
+        cache_file = None
+        if not sampling.guided:
+            from model.text_cache import keyed_cache_path, load_text_cache
+
+            cache_file = keyed_cache_path(
+                paths.prompt_cache_folder, _text_encoder_token(paths.sd15), sampling.prompt, sampling.negative_prompt
+            )
+            if cache_file.with_suffix(".json").is_file():
+                self.prompt_embeds = load_text_cache(cache_file).prompt_embeds
+        self.pipeline = load_icp_pipeline(
+            paths.sd15, paths.icp, device=load_device, dtype=dtype, text_encoder=self.prompt_embeds is None
+        )
         self.pipeline.set_progress_bar_config(disable=True)
+        if cache_file is not None and self.prompt_embeds is None:
+            self.prompt_embeds = self._cache_prompt(cache_file, paths.sd15)
         self.fusion = None
         if paths.gsrp is not None:
             from model.devices import place
@@ -201,11 +250,28 @@ class Colorizer:
         elif sampling.memory == "vae-slicing":
             self.pipeline.vae.enable_slicing()  # tiling only for the final decode (see tiled_decode below)
 
+    def _cache_prompt(self, cache_file: Path, sd15: str):
+        """Embed the prompt once, cache it (`model.text_cache`, the format the line-art models' T5 text uses too),
+        and drop the text encoder: a run without guidance needs no other."""
+        import torch
+
+        from model.text_cache import save_text_cache, text_cache_from_encoder
+
+        with torch.inference_mode():
+            cache = text_cache_from_encoder(
+                self.pipeline.tokenizer,
+                self.pipeline.text_encoder,
+                self.sampling.prompt,
+                self.sampling.negative_prompt,
+                source=f"{sd15} ({_text_encoder_token(sd15)})",
+            )
+        save_text_cache(cache, cache_file)
+        self.pipeline.register_modules(text_encoder=None, tokenizer=None)
+        return cache.prompt_embeds
+
     def colorize(self, items: list[PageBatchItem], layout: Any) -> list[Image.Image]:
         """The final pages (GSRP size) of a batch: ICP canvases, their centre W x H crops, then GSRP."""
         import torch
-
-        from model.gsrp_vae import super_resolve
 
         generators = [torch.Generator("cpu").manual_seed(item.seed) for item in items]
         canvases = self.pipeline(
@@ -220,24 +286,37 @@ class Colorizer:
             generator=generators if len(items) > 1 else generators[0],
             output_type="pil",
             tiled_decode=self.sampling.memory == "vae-slicing",
+            prompt_embeds=self.prompt_embeds,
         ).images
         lowres = [layout.crop_centre(canvas) for canvas in canvases]
-        if self.fusion is None:
-            upsampled = [
-                low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)
-            ]
-            return upsampled
-        vae = self.pipeline.vae
-        offloaded = self.sampling.memory == "offload"
-        if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
-            vae.to(self.device)
-        try:
-            finals = []
-            for item, low in zip(items, lowres, strict=True):
-                generator = torch.Generator("cpu").manual_seed(item.seed + 1)
-                with torch.inference_mode():
-                    finals.append(super_resolve(vae, self.fusion, low, item.hr_bw, generator=generator))
-        finally:
-            if offloaded:
-                vae.to("cpu")
-        return finals
+        return finish_pages(self.pipeline.vae, self.fusion, items, lowres, self.sampling, self.device)
+
+
+def finish_pages(
+    vae: Any, fusion: Any, items: list[PageBatchItem], lowres: list[Image.Image], sampling: SamplingOptions, device: Any
+) -> list[Image.Image]:
+    """The final pages: each centre crop fused by GSRP with its B&W guide at the GSRP size (both families run the
+    same GSRP), or only upsampled (bicubic, the app's `up_img`) without a fusion net."""
+    import torch
+
+    from model.gsrp_vae import super_resolve
+
+    if fusion is None:
+        return [low.resize(item.hr_bw.size, Image.Resampling.BICUBIC) for item, low in zip(items, lowres, strict=True)]
+    offloaded = sampling.memory == "offload"
+    if offloaded:  # GSRP calls the VAE's encoder and decoder directly, past the offload hooks: move it here
+        vae.to(device)
+    try:
+        finals = []
+        for item, low in zip(items, lowres, strict=True):
+            generator = torch.Generator("cpu").manual_seed(item.seed + 1)
+            with torch.inference_mode():
+                finals.append(
+                    super_resolve(
+                        vae, fusion, low, item.hr_bw, generator=generator, statistics=sampling.gsrp_statistics
+                    )
+                )
+    finally:
+        if offloaded:
+            vae.to("cpu")
+    return finals

@@ -3,31 +3,36 @@ pages still to do (read, fingerprinted, skipped when done, embedded and searched
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from inference.models import ModelPaths, SamplingOptions, read_export
+from inference.line_art import XDOG
+from inference.models import ModelPaths, SamplingOptions, files_token, read_export
+from inference.pixart_models import LineArtPaths
 from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
 from inference.sources import (
     ColorizeInputError,
     PageSource,
     decode_image,
+    is_chapter_tree,
     open_source,
     output_stems,
     read_source,
 )
+from inference.styles import LINE_ART_STYLES, PageStyler
 from pipelines.core.encoders import EncoderInfo
 from pipelines.core.errors import PreconditionError
-from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, hires_size
+from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
 from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
+from pipelines.core.sources import list_chapters
 from pipelines.core.storage import read_json, stable_hash
 
-COLORIZE_VERSION = 1  # bump when a page's pixels would change for the same settings: old outputs are then redone
+COLORIZE_VERSION = 2  # bump when a page's pixels would change for the same settings: old outputs are then redone
 SIZE_PRESETS = ((512, 800), (640, 640), (800, 512))
 SHEETS_FOLDER = "contact_sheets"
 STATUS_SKIPPED = "skipped"
@@ -47,7 +52,10 @@ class ColorizeOptions:
     encoder: str = "weightfree"
     max_per_page: int | None = None
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
-    models: ModelPaths | None = None
+    models: ModelPaths | LineArtPaths | None = None
+    style: str = "grey"  # how a page becomes the models' inputs (`inference.styles`)
+    screenstyle_weights: str | None = None  # the ScreenStyle folder of style "screenstyle"
+    line_extractor_weights: str | None = None  # erika.pth of styles sketch/shading (None: XDoG)
 
     def __post_init__(self) -> None:
         try:
@@ -74,11 +82,24 @@ class ColorizeOptions:
             "seed": self.seed,
             "encoder": {"spec": info.spec, "fingerprint": info.fingerprint},
             "k_per_patch": RANKS_PER_PATCH,
+            "style": self.style,
+            "screenstyle_weights": files_token(self.screenstyle_weights) if self.style == "screenstyle" else None,
+            "line_extractor": self.line_extractor_record(),
+            "resample": RESAMPLE_BICUBIC,
             "max_per_page": self.max_per_page,
             "sampling": asdict(self.sampling) if self.models else None,
             "models": self.models.identity() if self.models else None,
             "mode": "colour" if self.models else "references-only",
+            "family": self.models.family if self.models else None,
         }
+
+    def line_extractor_record(self) -> dict[str, Any] | None:
+        """Which extractor made the line art (styles sketch and shading): the network's weights token, or XDoG."""
+        if self.style not in LINE_ART_STYLES:
+            return None
+        if self.line_extractor_weights is None:
+            return {"name": XDOG}
+        return {"name": Path(self.line_extractor_weights).stem, "weights": files_token(self.line_extractor_weights)}
 
 
 def export_defaults(icp: str | None, gsrp: str | None) -> dict[str, Any]:
@@ -135,15 +156,66 @@ def default_dtype(device: str | None, local: bool) -> str:
 class ChapterTask:
     """One chapter to colour: its pages, its reference pool and where its outputs go (relative to OUT)."""
 
-    key: str  # "" for a PAGES/REFS run, the chapter id in a benchmark
+    key: str  # "" for one PAGES/REFS chapter; "<series>/<chapter>" or the source's stem for several; a benchmark's id
     pages: PageSource
     refs: PageSource
-    out_dir: str  # "" or "<chapter_id>"
+    out_dir: str  # "" for one chapter, else the chapter's folder under OUT (its key)
     out_size: tuple[int, int] | None = None  # a benchmark's page size (outputs must match its ground truth)
 
 
-def chapter_tasks_for_sources(pages: str, refs: str) -> list[ChapterTask]:
-    return [ChapterTask("", open_source(pages), open_source(refs), "")]
+def chapter_tasks_for_sources(pages: Sequence[str], refs: Sequence[str]) -> list[ChapterTask]:
+    """What `--pages`/`--refs` name: one chapter (a folder of pages or an archive, outputs at the top of OUT); a
+    `<series>/<chapter>` tree whose references are a tree of the same chapters (outputs in OUT/<series>/<chapter>);
+    or several chapters given one by one, each paired with the references given in the same place (outputs in
+    OUT/<name of the pages' folder or archive>)."""
+    pages, refs = list(pages), list(refs)
+    if len(pages) != len(refs):
+        raise ColorizeInputError(
+            f"--pages names {len(pages)} chapters and --refs {len(refs)}: give one reference folder or archive per "
+            "chapter, in the same order (or one tree for each)"
+        )
+    if len(pages) == 1 and not is_chapter_tree(pages[0]):
+        return [ChapterTask("", open_source(pages[0]), open_source(refs[0]), "")]
+    if len(pages) == 1:
+        return _tree_tasks(pages[0], refs[0])
+    tasks = []
+    for page_path, ref_path in zip(pages, refs, strict=True):
+        source = open_source(page_path)
+        tasks.append(ChapterTask(source.entry.chapter, source, open_source(ref_path), source.entry.chapter))
+    seen: dict[str, str] = {}
+    for task, page_path in zip(tasks, pages, strict=True):
+        if task.key in seen:
+            raise ColorizeInputError(
+                f"--pages {seen[task.key]} and {page_path} would both write OUT/{task.key}: rename one of them"
+            )
+        seen[task.key] = page_path
+    return tasks
+
+
+def _tree_tasks(pages_root: str, refs_root: str) -> list[ChapterTask]:
+    """One task per chapter of a `<series>/<chapter>` tree, its references the same chapter of the refs tree."""
+    pages = {(c.series, c.chapter): c for c in list_chapters(pages_root) if not c.refused}
+    if not pages:
+        raise ColorizeInputError(f"--pages {pages_root}: no <series>/<chapter> folders or archives in it")
+    if not is_chapter_tree(refs_root):
+        raise ColorizeInputError(
+            f"--refs {refs_root}: --pages is a <series>/<chapter> tree, so --refs must be one too (the same chapters)"
+        )
+    refs = {(c.series, c.chapter): c for c in list_chapters(refs_root) if not c.refused}
+    missing = [f"{series}/{chapter}" for series, chapter in sorted(pages) if (series, chapter) not in refs]
+    if missing:
+        raise ColorizeInputError(
+            f"--refs {refs_root}: no references for {len(missing)} chapter(s) of --pages, e.g. {missing[0]}"
+        )
+    return [
+        ChapterTask(
+            f"{series}/{chapter}",
+            PageSource(pages_root, entry),
+            PageSource(refs_root, refs[(series, chapter)]),
+            f"{series}/{chapter}",
+        )
+        for (series, chapter), entry in sorted(pages.items())
+    ]
 
 
 def chapter_tasks_for_benchmark(root: str | Path, style: str) -> tuple[list[ChapterTask], dict[str, Any]]:
@@ -213,6 +285,7 @@ class PageJob:
     grid: tuple[tuple[tuple[str, Any], ...], ...]  # 12 retrieval rows (as item tuples: hashable, picklable)
     fingerprint: str
     seed: int
+    style_seed: int  # the page style's own noise (ScreenStyle's decoder, the halftone renderer)
     output: str  # OUT-relative path of the page, without extension
     sheet: str  # OUT-relative path of the contact sheet
     out_size: tuple[int, int]
@@ -267,10 +340,13 @@ def plan_chapter(
     config: WorkerConfig,
     settings_hash: str,
     embed: Callable[[np.ndarray], np.ndarray],
+    styler: Callable[[], PageStyler],
     *,
     rebuild: bool = False,
 ) -> ChapterPlan:
-    """Read, fingerprint, skip what is done, embed and search what is not: the chapter's page jobs."""
+    """Read, fingerprint, skip what is done, embed and search what is not: the chapter's page jobs.
+
+    `styler` gives the run's page styler (built on first use): query patches are cut from the styled frame."""
     settings = config.settings
     output = Path(config.output)
     plan = ChapterPlan()
@@ -302,7 +378,7 @@ def plan_chapter(
     out_dir = f"{task.out_dir}/" if task.out_dir else ""
     sheet_dir = f"{SHEETS_FOLDER}/{out_dir}"
     out_size = tuple(task.out_size) if task.out_size else settings.sr_size
-    pending: list[tuple[Any, str, str, list[np.ndarray]]] = []
+    pending: list[tuple[Any, str, str, int, list[np.ndarray]]] = []
     for page in pages_listing.pages:
         stem = stems[page.entry.name]
         base = {"chapter": task.key, "page": page.entry.name}
@@ -317,13 +393,15 @@ def plan_chapter(
             reason = f"no usable reference in {task.refs.label}"
             plan.rows.append({**base, "output": None, "status": STATUS_ERROR, "error": reason})
             continue
+        style_seed = derive_seed(settings.seed, "style", task.key, page.entry.name)
         try:
             image = decode_image(page.data, page.entry.source)
-            arrays = [prepare(patch) for patch in query_patches(image, width, height)]
+            frame, _ = styler().frames(image, (width, height), settings.sr_size, style_seed)
+            arrays = [prepare(patch) for patch in query_patches(frame)]
         except Exception as exc:  # noqa: BLE001 - a corrupt page is a row with its reason; the chapter goes on
             plan.rows.append({**base, "output": None, "status": STATUS_ERROR, "error": str(exc)})
             continue
-        pending.append((page, stem, fingerprint, arrays))
+        pending.append((page, stem, fingerprint, style_seed, arrays))
     if not pending:
         return plan
 
@@ -333,7 +411,7 @@ def plan_chapter(
         grids = pool.search(vectors[len(ref_arrays) :], RANKS_PER_PATCH, settings.max_per_page)
     except ValueError as exc:
         raise ColorizeInputError(f"chapter {task.key or task.pages.label}: retrieval: {exc}") from None
-    for (page, stem, fingerprint, _), grid in zip(pending, grids, strict=True):
+    for (page, stem, fingerprint, style_seed, _), grid in zip(pending, grids, strict=True):
         plan.jobs.append(
             PageJob(
                 chapter=task.key,
@@ -345,6 +423,7 @@ def plan_chapter(
                 grid=tuple(tuple(sorted(row.items())) for row in grid),
                 fingerprint=fingerprint,
                 seed=derive_seed(settings.seed, "colorize", task.key, page.entry.name),
+                style_seed=style_seed,
                 output=out_dir + stem,
                 sheet=f"{sheet_dir}{stem}.jpg",
                 out_size=out_size,

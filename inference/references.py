@@ -1,8 +1,10 @@
 """The reference pool of a chapter for colorize: embedded once, searched per page, turned into the composite ring.
 
-Patches are cut exactly as the retrieval cache cuts them (`pipelines.retrieval.stage.page_patches`): a page fitted to
-W x H (`geometry.fit_image`), 4 query crops of its greyscale version, 5 reference crops of each colour reference
-(the same 4 crops and the whole page). All reference patches of the chapter are embedded once; each page's 4
+Patches are cut as the released app cuts them: 4 query crops (3/4 size, stride 1/4) of the page's ICP frame (the
+styled page, `inference.styles`), 5 reference crops (the same 4 and the whole page) of each colour reference fitted to
+W x H with the app's `process_image` rule (PIL bicubic, `geometry.fit_image(resample="bicubic")`); ring patches are
+resized into their cells bicubic too. The retrieval cache of the data pipeline keeps its Lanczos fit (its stored
+embeddings would all change). All reference patches of the chapter are embedded once; each page's 4
 query patches are then searched among all of them with FAISS (`pipelines.core.search.PoolSearcher`, exact scores and
 a deterministic tie order), top 3 per query patch, chosen independently as the released app does: 12 ring cells.
 
@@ -24,8 +26,14 @@ import numpy as np
 from PIL import Image
 
 from pipelines.core.encoders import Encoder, EncoderInfo, load_encoder, resolve_encoder
-from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, reference_boxes
-from pipelines.core.patches import fitted_page, page_patches
+from pipelines.core.geometry import (
+    RANKS_PER_PATCH,
+    RESAMPLE_BICUBIC,
+    CompositeLayout,
+    fit_image,
+    quadrant_boxes,
+    reference_boxes,
+)
 from pipelines.core.sample_inputs import CompositeInputs, composite_inputs
 from pipelines.core.samples import retrieval_grid
 from pipelines.core.schemas import QUERY_PATCHES, REF_PATCHES
@@ -141,14 +149,20 @@ def embed_prepared(encoder: Encoder, prepared: np.ndarray, batch_size: int = 32)
 # ---- patches and search ------------------------------------------------------------------------------------------
 
 
-def query_patches(page: Image.Image, width: int, height: int) -> list[Image.Image]:
-    """The 4 query crops (TL, TR, BL, BR) of a B&W page, cut as the retrieval cache cuts a frame's."""
-    return page_patches(page, width, height)[:QUERY_PATCHES]
+def query_patches(frame: Image.Image) -> list[Image.Image]:
+    """The 4 query crops (TL, TR, BL, BR) of a page's ICP frame (already W x H), as the app cuts them."""
+    return [frame.crop(box) for box in quadrant_boxes(*frame.size)]
+
+
+def fitted_reference(reference: Image.Image, width: int, height: int) -> Image.Image:
+    """A colour reference fitted to W x H the app's way (`process_image`: bicubic)."""
+    return fit_image(reference.convert("RGB"), width, height, resample=RESAMPLE_BICUBIC)
 
 
 def reference_patches(reference: Image.Image, width: int, height: int) -> list[Image.Image]:
     """The 5 reference crops (4 quadrants and the whole page) of a colour reference."""
-    return page_patches(reference, width, height)[QUERY_PATCHES:]
+    fitted = fitted_reference(reference, width, height)
+    return [fitted.crop(box) for box in reference_boxes(width, height)]
 
 
 @dataclass
@@ -210,30 +224,26 @@ class ReferencePool:
 # ---- the composite -----------------------------------------------------------------------------------------------
 
 
-def bw_frame(page: Image.Image, width: int, height: int) -> Image.Image:
-    """The B&W page as ICP sees it in the centre: fitted to W x H, greyscale (ITU-R 601 luma), as RGB."""
-    return fitted_page(page, width, height).convert("L").convert("RGB")
-
-
 def ring_from_references(
     layout: CompositeLayout, grid: list[dict[str, Any]], fitted_refs: Mapping[str, Image.Image]
 ) -> Image.Image:
-    """The ring canvas: each retrieved patch cut from its reference fitted to W x H, placed by (patch, rank)."""
+    """The ring canvas: each retrieved patch cut from its reference fitted to W x H, resized into its cell (bicubic,
+    as the app), placed by (patch, rank)."""
     boxes = reference_boxes(layout.width, layout.height)
     patches = {
         (row["query_patch"], row["rank"]): fitted_refs[row["ref_page_id"]].crop(boxes[row["ref_patch"]]) for row in grid
     }
-    return layout.ring_canvas(patches)
+    return layout.ring_canvas(patches, RESAMPLE_BICUBIC)
 
 
 def page_composite(
     layout: CompositeLayout,
     page_id: str,
-    page: Image.Image,
+    frame: Image.Image,
     grid: list[dict[str, Any]],
     fitted_refs: Mapping[str, Image.Image],
-) -> tuple[Image.Image, CompositeInputs]:
-    """(B&W frame, the four ICP canvases) of a page: `sample_inputs.composite_inputs`, the trainer's own function."""
+) -> CompositeInputs:
+    """The four ICP canvases of a page's ICP frame (`inference.styles`): `sample_inputs.composite_inputs`, the
+    trainer's own function."""
     grid = retrieval_grid(page_id, grid)
-    bw = bw_frame(page, layout.width, layout.height)
-    return bw, composite_inputs(layout, ring_from_references(layout, grid, fitted_refs), bw)
+    return composite_inputs(layout, ring_from_references(layout, grid, fitted_refs), frame)

@@ -29,6 +29,8 @@ from pipelines.core.sources import (
     ChapterReader,
     InputRoot,
     PageEntry,
+    is_image_name,
+    is_junk,
 )
 
 
@@ -77,6 +79,18 @@ def open_source(path: str | os.PathLike, only: tuple[str, ...] | None = None) ->
     if ext.lower() not in ARCHIVE_EXTENSIONS:
         raise ColorizeInputError(f"{uri}: not a folder nor a .cbz/.zip archive (extension {ext or 'none'})")
     return PageSource(root_uri, ChapterEntry("", stem, name, KIND_ARCHIVE), only)
+
+
+def is_chapter_tree(path: str | os.PathLike) -> bool:
+    """A folder holding `<series>/<chapter>` (no page images at its top level), not one chapter's pages."""
+    uri = os.fspath(path)
+    fs, resolved = fsspec.core.url_to_fs(uri)
+    if not fs.isdir(resolved):
+        return False
+    names = [posixpath.basename(info["name"].rstrip("/")) for info in fs.ls(resolved, detail=True)]
+    has_pages = any(is_image_name(name) for name in names if not is_junk(name))
+    has_folders = any(info["type"] == "directory" for info in fs.ls(resolved, detail=True))
+    return has_folders and not has_pages
 
 
 @dataclass

@@ -15,11 +15,10 @@ from tqdm.auto import tqdm
 
 from inference.models import PageBatchItem
 from inference.plan import PageJob, WorkerConfig
-from inference.references import bw_frame, embed_prepared, load_colorize_encoder, page_composite
+from inference.references import embed_prepared, fitted_reference, load_colorize_encoder, page_composite
 from inference.sheets import colorize_sheet
 from inference.sources import PageSource, decode_image, read_page
 from pipelines.core.pagestore import encode_page
-from pipelines.core.patches import fitted_page
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
 from pipelines.core.storage import atomic_write_bytes, atomic_write_json
 
@@ -45,6 +44,7 @@ class ColorizeWorker:
         self.device = torch_device(config.device)
         self._encoder = None
         self._colorizer = None
+        self._styler = None
         self._readers: OrderedDict[str, Any] = OrderedDict()
         self._refs: OrderedDict[tuple[str, str], Image.Image] = OrderedDict()
 
@@ -64,12 +64,24 @@ class ColorizeWorker:
         while self._readers:
             self._readers.popitem()[1].close()
 
+    def styler(self):
+        if self._styler is None:
+            from inference.styles import PageStyler
+
+            settings = self.config.settings
+            self._styler = PageStyler(
+                settings.style, settings.screenstyle_weights, self.device, settings.line_extractor_weights
+            )
+        return self._styler
+
     def colorizer(self):
         if self._colorizer is None:
             from inference.models import Colorizer
+            from inference.pixart_models import PixArtColorizer
 
             settings = self.config.settings
-            self._colorizer = Colorizer(settings.models, settings.sampling, self.device)
+            family = PixArtColorizer if settings.models.family == "pixart" else Colorizer
+            self._colorizer = family(settings.models, settings.sampling, self.device)
         return self._colorizer
 
     # -- reading, with small caches: a batch's pages share their chapter's references
@@ -99,7 +111,7 @@ class ColorizeWorker:
         settings = self.config.settings
         key = (source.label, name)
         if key not in self._refs:
-            self._refs[key] = fitted_page(self._image(source, name), settings.width, settings.height)
+            self._refs[key] = fitted_reference(self._image(source, name), settings.width, settings.height)
             while len(self._refs) > 64:
                 self._refs.popitem(last=False)
         return self._refs[key]
@@ -130,14 +142,14 @@ class ColorizeWorker:
         return [results[job.output] for job in jobs]
 
     def page_inputs(self, job: PageJob) -> dict[str, Any]:
-        """The page read and checked, its references fitted, its composite canvases and its B&W at the GSRP size."""
+        """The page read and checked and styled (ICP frame, GSRP guide), its references fitted, its composite."""
         settings = self.config.settings
         page = self._image(job.pages, job.name, job.sha1)
         rows = job.rows
         fitted_refs = {name: self._fitted_ref(job.refs, name) for name in {row["ref_page_id"] for row in rows}}
-        bw, canvases = page_composite(settings.layout, job.page_id, page, rows, fitted_refs)
-        hr_bw = bw_frame(page, *settings.sr_size)
-        return {"bw": bw, "canvases": canvases, "hr_bw": hr_bw, "fitted_refs": fitted_refs}
+        frame, hr_bw = self.styler().frames(page, (settings.width, settings.height), settings.sr_size, job.style_seed)
+        canvases = page_composite(settings.layout, job.page_id, frame, rows, fitted_refs)
+        return {"bw": frame, "canvases": canvases, "hr_bw": hr_bw, "fitted_refs": fitted_refs}
 
     def _run_models(
         self, prepared: list[tuple[PageJob, dict[str, Any]]], results: dict[str, dict[str, Any]]

@@ -104,7 +104,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     configure_fault_policy(args)
     record = run_pipeline(
-        input_root, args.output, options, local=args.local, ray_address=args.ray_address, num_cpus=args.num_cpus
+        input_root,
+        args.output,
+        options,
+        local=args.local,
+        ray_address=args.ray_address,
+        num_cpus=args.num_cpus,
     )
     print("\n".join(["", "pipeline summary", *stage_lines(record)]))
     if args.report:

@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="frame size WxH (default 512x800)")
     parser.add_argument("--rebuild", action="store_true", help="re-embed and re-search everything")
     add_encoder_arguments(parser)
+    parser.add_argument(
+        "--random-references",
+        action="store_true",
+        help="\"without RAP\" (our reading of the paper's ablation): draw each frame's patches at random from its pool "
+        "instead of retrieving them; write such a run to its own data folder",
+    )
     parser.add_argument("--faiss-threads", type=positive_int, default=1, help="FAISS OpenMP threads per search task")
     rule = NearDuplicateRule()
     dup = parser.add_argument_group("near-duplicates (never in a frame's pool)")
@@ -124,6 +130,7 @@ def retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         height=height,
         rule=NearDuplicateRule(args.dup_hash_distance, args.dup_loose_hash_distance, args.dup_min_cosine),
         max_per_page=args.max_per_page,
+        random_references=args.random_references,
         encoder=args.encoder,
         batch_size=args.batch_size,
         encoder_actors=args.encoder_actors,

@@ -11,6 +11,12 @@ Normalisation: "batch" is the released BatchNorm (needed to load its weights). I
 per-GPU batch of 1-2 large crops that GSRP training affords, so `freeze_batchnorm_statistics()` keeps the running
 statistics fixed while the affine parameters train (the trainer's default when it starts from trained weights).
 "group" (GroupNorm) has no batch dependence and suits training from scratch.
+
+BatchNorm statistics at inference (`statistics=` of `forward`): "running" normalises with the stored running
+statistics (eval mode, what our trainer's validation uses); "page" normalises every sample with its own statistics
+(functional batch norm per sample: the same output alone or in a batch, stored statistics untouched). ColorFlow's
+released app never puts its fusion net in eval mode, so its one-page batches are normalised per page: "page" is how
+the released weights are run.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from torch import nn
 from pipelines.core.storage import atomic_path
 
 NORMS = ("batch", "group")
+BATCHNORM_STATISTICS = ("running", "page")
 RELEASED_ENCODER_CHANNELS = (128, 128, 256, 512, 512)
 RELEASED_DECODER_CHANNELS = (256, 512, 512, 512, 512)
 RELEASED_BLOCKS_PER_BRANCH = 4
@@ -75,6 +82,14 @@ def vae_fusion_channels(vae_config: Mapping) -> tuple[tuple[int, ...], tuple[int
     return encoder, decoder
 
 
+def _normalise(norm: nn.Module, x: torch.Tensor, statistics: str) -> torch.Tensor:
+    """`norm(x)`, except a BatchNorm under "page" statistics normalises each sample with its own mean and variance
+    (what train-mode BatchNorm does to a batch of one) and leaves its running statistics untouched."""
+    if statistics == "page" and isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return F.instance_norm(x, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+    return norm(x)
+
+
 def _norm(kind: str, channels: int, num_groups: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(channels)
@@ -97,9 +112,14 @@ class FusionBlock(nn.Module):
                 _norm(norm, out_channels, norm_num_groups),
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm2(self.conv2(F.relu(self.norm1(self.conv1(x)))))
-        return F.relu(out + self.shortcut(x))
+    def forward(self, x: torch.Tensor, statistics: str = "running") -> torch.Tensor:
+        out = _normalise(self.norm1, self.conv1(x), statistics)
+        out = _normalise(self.norm2, self.conv2(F.relu(out)), statistics)
+        shortcut = x
+        if len(self.shortcut):
+            projection, norm = self.shortcut
+            shortcut = _normalise(norm, projection(x), statistics)
+        return F.relu(out + shortcut)
 
 
 class FusionBranch(nn.Module):
@@ -119,10 +139,10 @@ class FusionBranch(nn.Module):
             return False
         return not any(m.training for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, statistics: str = "running") -> torch.Tensor:
         checkpointing = self._checkpointing()
         for block in self.blocks:
-            x = self._gradient_checkpointing_func(block, x) if checkpointing else block(x)
+            x = self._gradient_checkpointing_func(block, x, statistics) if checkpointing else block(x, statistics)
         return x
 
 
@@ -167,16 +187,25 @@ class GSRPFusion(ModelMixin, ConfigMixin):
         return cls(encoder_channels=encoder, decoder_channels=decoder, **kwargs)
 
     def forward(
-        self, color_features: Sequence[torch.Tensor], bw_features: Sequence[torch.Tensor]
+        self,
+        color_features: Sequence[torch.Tensor],
+        bw_features: Sequence[torch.Tensor],
+        statistics: str = "running",
     ) -> list[torch.Tensor]:
-        """One fused map per branch from the two images' encoder taps (same order as `GuidedVAE.encode_features`)."""
+        """One fused map per branch from the two images' encoder taps (same order as `GuidedVAE.encode_features`).
+
+        `statistics="page"` normalises every sample with its own BatchNorm statistics (see the module docstring);
+        "running" is the module's own behaviour (running statistics in eval mode, batch statistics in train mode).
+        """
+        if statistics not in BATCHNORM_STATISTICS:
+            raise ValueError(f"statistics {statistics!r} is not one of {BATCHNORM_STATISTICS}")
         if not len(color_features) == len(bw_features) == len(self.branches):
             raise ValueError(
                 f"expected {len(self.branches)} taps per image, got {len(color_features)} colour "
                 f"and {len(bw_features)} B&W"
             )
         return [
-            branch(torch.cat([color, bw], dim=1))
+            branch(torch.cat([color, bw], dim=1), statistics)
             for branch, color, bw in zip(self.branches, color_features, bw_features, strict=True)
         ]
 

@@ -109,13 +109,14 @@ class GuidedVAE:
         generator: torch.Generator | None = None,
         *,
         bw_taps: Sequence[torch.Tensor] | None = None,
+        statistics: str = "running",
     ) -> torch.Tensor:
         """The GSRP forward, unclamped: encode both images, fuse the taps, decode the colour posterior's sample.
 
         `colour` is the upsampled low-resolution colour image, `bw` the high-resolution B&W frame (B,3,H,W in [-1,1],
         H and W multiples of `scale_factor`). The encoder runs without gradients (it is frozen); gradients flow
         through the decoder into the fusion net, which runs on its own device and dtype. `bw_taps` reuses already
-        computed B&W taps.
+        computed B&W taps; `statistics` is the fusion net's BatchNorm mode (`GSRPFusion.forward`).
         """
         with torch.no_grad():
             posterior, color_taps = self.encode_features(color.to(self.vae.device, self.vae.dtype))
@@ -124,7 +125,9 @@ class GuidedVAE:
             latents = posterior.sample(generator=generator)
         first = next(fusion.parameters())
         fused = fusion(
-            [t.to(first.device, first.dtype) for t in color_taps], [t.to(first.device, first.dtype) for t in bw_taps]
+            [t.to(first.device, first.dtype) for t in color_taps],
+            [t.to(first.device, first.dtype) for t in bw_taps],
+            statistics,
         )
         return self.decode_fused(latents, [f.to(self.vae.device) for f in fused])
 
@@ -155,12 +158,15 @@ def super_resolve(
     lowres_color: Image.Image,
     hr_bw: Image.Image,
     generator: torch.Generator | None = None,
+    *,
+    statistics: str = "running",
 ) -> Image.Image:
     """GSRP inference: the ICP output upsampled (PIL bicubic, as released) to the B&W frame's size, both encoded, the
     colour posterior's sample decoded with the fused maps, clamped to [-1,1]. Returns an RGB image of hr_bw's size.
 
     Sizes that are not multiples of the VAE factor are padded (replicate) and cropped back. Runs on the VAE's device
-    and dtype; the fusion net runs in eval mode (its mode is restored afterwards).
+    and dtype; the fusion net runs in eval mode (its mode is restored afterwards) with BatchNorm `statistics`
+    "running" (stored) or "page" (the page's own, as the released app runs its fusion net).
     """
     guided = GuidedVAE(vae)
     guided.check_fusion(fusion)
@@ -172,7 +178,7 @@ def super_resolve(
     fusion.eval()
     try:
         with torch.no_grad():
-            output = guided.restore(fusion, batch[:1], batch[1:], generator)
+            output = guided.restore(fusion, batch[:1], batch[1:], generator, statistics=statistics)
     finally:
         fusion.train(was_training)
     return tensor_to_pil(output[0, :, :height, :width])

@@ -6,7 +6,9 @@ Export folder (what `training.train_gsrp` writes and `load_gsrp` reads):
     <folder>/export.json                                                (written last: the completion marker)
 
 `export.json` records the format, the fusion config and the trainer's metadata (base model, sr scale, steps, shard
-manifest hash). The folder is built under a temporary name and renamed into place, so a reader never sees half of it.
+manifest hash, `batchnorm_statistics`: the BatchNorm mode the export is meant to run in; an export without it means
+"running", the eval mode our trainer validates in). The folder is built under a temporary name and renamed into
+place, so a reader never sees half of it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ EXPORT_FILE = "export.json"
 FUSION_FOLDER = "fusion"
 RELEASED_FILE = "MultiResNetModel.bin"
 RUN_EXPORT_FOLDER = "export"  # where train_gsrp puts the export inside its run folder
+STATISTICS_KEY = "batchnorm_statistics"
+RELEASED_STATISTICS = "page"  # the released app never switches its fusion net to eval mode
+EXPORT_STATISTICS = "running"  # our trainer validates in eval mode; exports without the field mean this
 
 
 def save_gsrp_export(folder: str | os.PathLike, fusion: GSRPFusion, meta: dict[str, Any]) -> Path:
@@ -64,6 +69,17 @@ def run_export(path: Path) -> Path:
     if path.is_dir() and not (path / EXPORT_FILE).is_file() and (nested / EXPORT_FILE).is_file():
         return nested
     return path
+
+
+def default_statistics(path_or_dir: str | os.PathLike) -> str:
+    """The BatchNorm statistics a GSRP weight is meant to run with: "page" for a released `MultiResNetModel.bin`
+    (as the released app runs it), else what our export records ("running" when it records nothing)."""
+    path = run_export(Path(path_or_dir))
+    if path.is_file() or (not (path / EXPORT_FILE).is_file() and (path / RELEASED_FILE).is_file()):
+        return RELEASED_STATISTICS
+    if (path / EXPORT_FILE).is_file():
+        return str(read_gsrp_export(path).get(STATISTICS_KEY, EXPORT_STATISTICS))
+    return EXPORT_STATISTICS
 
 
 def load_gsrp(path_or_dir: str | os.PathLike) -> GSRPFusion:

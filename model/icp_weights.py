@@ -125,9 +125,12 @@ def load_icp_pipeline(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    text_encoder: bool = True,
 ) -> ColorFlowICPPipeline:
     """The ICP pipeline from a local SD1.5 diffusers folder plus ICP weights (our export, a released `GraySD/`
-    folder, or None for a fresh guider and LoRA), UniPC scheduler, in eval mode on `device` in `dtype`."""
+    folder, or None for a fresh guider and LoRA), UniPC scheduler, in eval mode on `device` in `dtype`.
+
+    `text_encoder=False` loads neither the text encoder nor the tokenizer (the caller passes `prompt_embeds`)."""
     sd15_dir = Path(sd15_dir)
     if not (sd15_dir / "unet").is_dir():
         raise FileNotFoundError(f"{sd15_dir}: not a Stable Diffusion 1.5 diffusers folder (no unet/)")
@@ -135,13 +138,15 @@ def load_icp_pipeline(
     guider, unet, _ = load_icp_weights(unet, weights_dir)
     pipeline = ColorFlowICPPipeline(
         vae=AutoencoderKL.from_pretrained(sd15_dir, subfolder="vae"),
-        text_encoder=CLIPTextModel.from_pretrained(sd15_dir, subfolder="text_encoder"),
-        tokenizer=CLIPTokenizer.from_pretrained(sd15_dir, subfolder="tokenizer"),
+        text_encoder=CLIPTextModel.from_pretrained(sd15_dir, subfolder="text_encoder") if text_encoder else None,
+        tokenizer=CLIPTokenizer.from_pretrained(sd15_dir, subfolder="tokenizer") if text_encoder else None,
         unet=unet,
         guider=guider,
         scheduler=UniPCMultistepScheduler.from_pretrained(sd15_dir, subfolder="scheduler"),
     )
     for module in (pipeline.vae, pipeline.text_encoder, pipeline.unet, pipeline.guider):
+        if module is None:
+            continue
         module.requires_grad_(False)
         module.eval()
         place(module, device, dtype)

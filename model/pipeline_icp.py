@@ -9,6 +9,9 @@ downsampled to latent size with BILINEAR interpolation, as the released inferenc
 nearest). Classifier-free guidance contrasts the prompt with the negative prompt only: the guider gets the same
 image conditioning for both halves, so it runs once per step and its residuals are shared. The latent factor is
 derived from the VAE config (2 ** (levels - 1)); canvas sides must be multiples of it (frames multiples of 16 are).
+A caller can fix every draw itself: `latents=` (the initial noise) and `posterior_noise=` (the standard-normal noise
+of the two canvases' posterior samples), and skip the text encoder with `prompt_embeds=` (the pipeline may then be
+built with `text_encoder=None, tokenizer=None`; without guidance no negative embedding is needed).
 Crop the centre of each returned canvas with `CompositeLayout.crop_centre`.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -40,11 +44,12 @@ class ColorFlowICPPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-def _as_list(value) -> list:
+def as_list(value: Any) -> list:
+    """One item or a list of them, as a list (pipelines take a page or a batch)."""
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _image_tensor(image: ImageInput) -> torch.Tensor:
+def image_tensor(image: ImageInput) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] from a PIL image, an HWC uint8/float array or a CHW tensor in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
         return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
@@ -58,7 +63,7 @@ def _image_tensor(image: ImageInput) -> torch.Tensor:
     raise TypeError(f"ColorFlowICPPipeline: unsupported image type {type(image).__name__}")
 
 
-def _mask_tensor(mask: ImageInput) -> torch.Tensor:
+def mask_tensor(mask: ImageInput) -> torch.Tensor:
     """(1, H, W) float in [0, 1], 1 on the reference ring; PIL masks are read as grey levels / 255."""
     if isinstance(mask, PIL.Image.Image):
         return torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)[None]
@@ -100,6 +105,8 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str], device: torch.device) -> torch.Tensor:
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("ColorFlowICPPipeline: built without a text encoder; pass prompt_embeds=")
         tokens = self.tokenizer(
             prompts,
             padding="max_length",
@@ -109,10 +116,21 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         )
         return self.text_encoder(tokens.input_ids.to(device))[0].to(self.unet.dtype)
 
-    def _encode_canvas(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    def _encode_canvas(
+        self, images: torch.Tensor, generator: torch.Generator | None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         images = images.to(device=self._execution_device, dtype=self.vae.dtype)
         posterior = self.vae.encode(images).latent_dist
-        return posterior.sample(generator=generator) * self.vae.config.scaling_factor
+        if noise is None:
+            sample = posterior.sample(generator=generator)
+        else:
+            if noise.shape != posterior.mean.shape:
+                raise ValueError(
+                    f"ColorFlowICPPipeline: posterior noise has shape {list(noise.shape)}, "
+                    f"the canvas posterior {list(posterior.mean.shape)}"
+                )
+            sample = posterior.mean + posterior.std * noise.to(posterior.mean.device, posterior.mean.dtype)
+        return sample * self.vae.config.scaling_factor
 
     def prepare_guider_cond(
         self,
@@ -120,11 +138,15 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         frame_only: list[ImageInput],
         masks: list[ImageInput],
         generator: torch.Generator | None = None,
+        posterior_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, 9, h, w) = cat[latent(refs_only), mask bilinear at latent size, latent(frame_only)]."""
-        refs = torch.stack([_image_tensor(image) for image in refs_only])
-        frames = torch.stack([_image_tensor(image) for image in frame_only])
-        mask = torch.stack([_mask_tensor(m) for m in masks])
+        """(B, 9, h, w) = cat[latent(refs_only), mask bilinear at latent size, latent(frame_only)].
+
+        `posterior_noise`: (refs_only noise, frame_only noise), each (B, 4, h, w) standard normal, used in place of
+        the generator's draws."""
+        refs = torch.stack([image_tensor(image) for image in refs_only])
+        frames = torch.stack([image_tensor(image) for image in frame_only])
+        mask = torch.stack([mask_tensor(m) for m in masks])
         height, width = refs.shape[-2:]
         factor = self.vae_scale_factor
         if frames.shape[-2:] != (height, width) or mask.shape[-2:] != (height, width):
@@ -137,9 +159,22 @@ class ColorFlowICPPipeline(DiffusionPipeline):
                 f"ColorFlowICPPipeline: canvas {width}x{height} is not a multiple of the VAE factor {factor} "
                 f"(frame sides must be multiples of {factor // 2})"
             )
-        refs_latent = self._encode_canvas(refs, generator)
-        frame_latent = self._encode_canvas(frames, generator)
+        refs_noise, frame_noise = posterior_noise if posterior_noise is not None else (None, None)
+        refs_latent = self._encode_canvas(refs, generator, refs_noise)
+        frame_latent = self._encode_canvas(frames, generator, frame_noise)
         return build_guider_cond(refs_latent, mask.to(refs_latent.device), frame_latent, mode="bilinear")
+
+    def _text_embeddings(
+        self, embeds: torch.Tensor | None, prompts: list[str], batch: int, device: torch.device
+    ) -> torch.Tensor:
+        """Given embeddings (1 or `batch` rows, repeated to the batch) or the prompts through the text encoder."""
+        if embeds is None:
+            return self.encode_prompt(prompts, device)
+        if embeds.ndim != 3 or embeds.shape[0] not in (1, batch):
+            raise ValueError(
+                f"ColorFlowICPPipeline: prompt embeddings of shape {list(embeds.shape)} for {batch} canvases"
+            )
+        return embeds.to(device, self.unet.dtype).expand(batch, -1, -1)
 
     def _step_kwargs(self, generator: torch.Generator | None) -> dict:
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -160,6 +195,10 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         tiled_decode: bool = False,
+        latents: torch.Tensor | None = None,
+        posterior_noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
     ) -> ColorFlowICPPipelineOutput | tuple:
         """Colourise the centre of each composite.
 
@@ -169,18 +208,22 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         `output_type`: "pil", "np", "pt" or "latent". Same generator seed, same output.
         `tiled_decode`: decode the final latents tile by tile (lower peak memory); the canvases' encodes are never
         tiled, so the guider sees exactly the latents it was trained on.
+        `latents`: the initial noise (B, 4, h, w), unscaled (it is multiplied by the scheduler's initial sigma);
+        `posterior_noise`: see `prepare_guider_cond`. The generator then draws nothing in their place.
+        `prompt_embeds` / `negative_prompt_embeds`: text-encoder outputs (1 or B rows) used instead of the prompts;
+        the negative one is needed only with guidance.
         """
-        refs_list, frame_list = _as_list(refs_only), _as_list(frame_only)
+        refs_list, frame_list = as_list(refs_only), as_list(frame_only)
         if len(refs_list) != len(frame_list):
             raise ValueError(f"ColorFlowICPPipeline: {len(refs_list)} refs_only canvases but {len(frame_list)} frames")
         batch = len(refs_list)
-        mask_list = _as_list(mask)
+        mask_list = as_list(mask)
         if len(mask_list) == 1:
             mask_list = mask_list * batch
         if len(mask_list) != batch:
             raise ValueError(f"ColorFlowICPPipeline: {len(mask_list)} masks for {batch} canvases")
-        prompts = _as_list(prompt) * (batch if isinstance(prompt, str) else 1)
-        negatives = _as_list(negative_prompt) * (batch if isinstance(negative_prompt, str) else 1)
+        prompts = as_list(prompt) * (batch if isinstance(prompt, str) else 1)
+        negatives = as_list(negative_prompt) * (batch if isinstance(negative_prompt, str) else 1)
         if len(prompts) != batch or len(negatives) != batch:
             raise ValueError(f"ColorFlowICPPipeline: prompts and negative prompts must be one or {batch}")
         if num_inference_steps < 1:
@@ -189,18 +232,24 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         device = self._execution_device
         unet = unwrap_unet(self.unet)
         guidance = guidance_scale > 1.0
-        text = self.encode_prompt(prompts, device)
+        text = self._text_embeddings(prompt_embeds, prompts, batch, device)
         if guidance:
-            text = torch.cat([self.encode_prompt(negatives, device), text])
+            text = torch.cat([self._text_embeddings(negative_prompt_embeds, negatives, batch, device), text])
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         noise_dtype = unet.dtype
         # The initial noise is drawn first, then the two posterior samples: one generator fixes everything.
-        height, width = _image_tensor(refs_list[0]).shape[-2:]
+        height, width = image_tensor(refs_list[0]).shape[-2:]
         latent_shape = (batch, unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=noise_dtype)
-        latents = latents * self.scheduler.init_noise_sigma
-        cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator).to(self.guider.dtype)
+        if latents is None:
+            latents = randn_tensor(latent_shape, generator=generator, device=device, dtype=noise_dtype)
+        elif tuple(latents.shape) != latent_shape:
+            raise ValueError(
+                f"ColorFlowICPPipeline: latents have shape {list(latents.shape)}, expected {list(latent_shape)}"
+            )
+        latents = latents.to(device, noise_dtype) * self.scheduler.init_noise_sigma
+        cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator, posterior_noise)
+        cond = cond.to(self.guider.dtype)
         step_kwargs = self._step_kwargs(generator)
 
         # Model offload hooks fire on a module's forward; the guided UNet runs the UNet's blocks directly, so its hook

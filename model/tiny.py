@@ -115,17 +115,29 @@ def build_tiny_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
+# stable-diffusion-v1-5's scheduler/scheduler_config.json, key for key. It has no `timestep_spacing`, so a UniPC built
+# from it spaces its steps "linspace" (999..100 for 10 steps); a config saved by a recent diffusers would add
+# "leading" and shift the schedule to 901..91. `save_sd_folder` writes exactly this file.
+SD15_SCHEDULER_CONFIG: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "_class_name": "PNDMScheduler",
+        "_diffusers_version": "0.6.0",
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085,
+        "num_train_timesteps": 1000,
+        "set_alpha_to_one": False,
+        "skip_prk_steps": True,
+        "steps_offset": 1,
+        "trained_betas": None,
+        "clip_sample": False,
+    }
+)
+
+
 def sd15_scheduler() -> PNDMScheduler:
     """The PNDM scheduler as configured in stable-diffusion-v1-5's scheduler/ folder."""
-    return PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
+    return PNDMScheduler.from_config(dict(SD15_SCHEDULER_CONFIG))
 
 
 def save_sd_folder(
@@ -149,6 +161,7 @@ def save_sd_folder(
         feature_extractor=None,
         requires_safety_checker=False,
     ).save_pretrained(folder, safe_serialization=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(dict(SD15_SCHEDULER_CONFIG), indent=2))
     return folder
 
 

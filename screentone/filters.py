@@ -1,4 +1,4 @@
-"""Small separable image filters in numpy, so the weight-free renderer and line extractor need no torch or scipy.
+"""Small separable image filters in numpy, so the weight-free halftone renderer needs no torch.
 
 All filters take float or integer 2-D arrays (H x W) and keep the shape; borders are handled by edge replication,
 which keeps flat regions flat up to the page edge (zero padding would draw a dark frame).

@@ -7,16 +7,20 @@ greyscale page instead, and this module gives a deterministic, weight-free alter
 XDoG (Winnemoeller et al. 2012): the difference of two Gaussians ``G_sigma - tau * G_{k sigma}`` is slightly
 positive on flat or slowly varying areas and clearly negative on the dark side of strokes and of steps between
 regions; a soft threshold ``1 + tanh(phi * (D - epsilon))`` turns it into near-binary ink.
+
+The Gaussians and the erosion are `scipy.ndimage`'s (compiled, several times faster than numpy loops on a page):
+edge replication (`mode="nearest"`) and a kernel radius of ceil(3 sigma), the taps `screentone.filters` uses.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 from screentone.augment import to_grey
-from screentone.filters import gaussian_blur, min_filter
 
 
 @dataclass(frozen=True)
@@ -45,11 +49,17 @@ def xdog(grey: np.ndarray, params: XDoGConfig = XDoGConfig()) -> np.ndarray:
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"xdog expects a uint8 H x W grey page, got {image.dtype} {image.shape}")
     luma = image.astype(np.float32) / 255.0
-    fine = gaussian_blur(luma, params.sigma)
-    coarse = gaussian_blur(luma, params.sigma * params.k)
+    fine = _gaussian(luma, params.sigma)
+    coarse = _gaussian(luma, params.sigma * params.k)
     response = fine - params.tau * coarse
     soft = 1.0 + np.tanh(params.phi * (response - params.epsilon))
     return np.where(response >= params.epsilon, 1.0, soft).astype(np.float32)
+
+
+def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur over +-ceil(3 sigma) taps (at least 1), edges replicated; float32."""
+    radius = max(1, math.ceil(3.0 * sigma))
+    return ndimage.gaussian_filter(image, sigma, mode="nearest", radius=radius).astype(np.float32, copy=False)
 
 
 def extract_lines(page: np.ndarray, params: XDoGConfig = XDoGConfig(), solid_black: int = 50) -> np.ndarray:
@@ -68,4 +78,6 @@ def erode_lines(line_map: np.ndarray, size: int = 3) -> np.ndarray:
     line_map = np.asarray(line_map)
     if line_map.dtype != np.uint8 or line_map.ndim != 2:
         raise ValueError(f"erode_lines expects a uint8 H x W line map, got {line_map.dtype} {line_map.shape}")
-    return min_filter(line_map, size)
+    if size < 1 or size % 2 == 0:
+        raise ValueError(f"erode_lines size must be a positive odd number, got {size}")
+    return ndimage.minimum_filter(line_map, size=size, mode="nearest")

@@ -56,3 +56,19 @@ def save_tiny_clip_vision(folder: Path, projection_dim: int = 16) -> Path:
     )
     CLIPVisionModelWithProjection(config).eval().save_pretrained(folder)
     return folder
+
+
+def save_random_screenstyle(folder: Path) -> Path:
+    """Random ScreenStyle weights in the released layout (`color2manga/`, `ScreenVAE/`), published key names."""
+    import torch
+
+    from screentone.color2manga import ColorToScreenMapGenerator, to_published_state_dict
+    from screentone.loader import DECODER_FILE, GENERATOR_FILE
+    from screentone.screenvae import ScreenVAEDecoder
+
+    torch.manual_seed(1)
+    (folder / "color2manga").mkdir(parents=True)
+    (folder / "ScreenVAE").mkdir(parents=True)
+    torch.save(to_published_state_dict(ColorToScreenMapGenerator()), folder / "color2manga" / GENERATOR_FILE)
+    torch.save(ScreenVAEDecoder().state_dict(), folder / "ScreenVAE" / DECODER_FILE)
+    return folder

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from colorize_fixtures import CORRUPT_PAGE, save_tiny_clip_vision, write_chapter
+from colorize_fixtures import CORRUPT_PAGE, drawn_page, save_random_screenstyle, save_tiny_clip_vision, write_chapter
 from PIL import Image
 
 from jobs.colorize import cli as colorize_main
@@ -47,6 +47,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_released_icp_layout(release / "GraySD", guider, unet)
     fusion.save_released(release / "GraySD" / "MultiResNetModel.bin")
     save_tiny_clip_vision(release / "image_encoder")
+    save_random_screenstyle(release / "ScreenStyle")
     return {"sd15": sd15, "icp": icp, "gsrp": gsrp, "release": release}
 
 
@@ -94,6 +95,9 @@ def test_released_layout_loads_through_colorflow_weights_on_ray(chapter, tiny_mo
     args = ["--pages", str(pages), "--refs", str(refs), "--output", str(out), "--size", "64x96", *STEPS]
     args += ["--colorflow-weights", str(tiny_models["release"]), "--sd15", str(tiny_models["sd15"])]
     code, summary = _run(args)
+    assert summary["settings"]["style"] == "screenstyle"  # the app's GrayImage(ScreenStyle), from ScreenStyle/
+    assert summary["settings"]["sampling"]["gsrp_statistics"] == "page"  # the released fusion file, as the app
+    assert summary["settings"]["resample"] == "bicubic"
     assert summary["settings"]["encoder"]["spec"].startswith("clip_vision:")
     assert summary["settings"]["encoder"]["spec"].endswith("image_encoder")
     assert summary["pages_done"] == 4 and summary["pages_failed"] == 1
@@ -130,20 +134,72 @@ def test_benchmark_predictions_are_scored_by_evaluate(pipeline_data, tiny_models
 
 
 def test_weight_token_ignores_a_training_runs_checkpoints_and_logs(tmp_path: Path) -> None:
-    from inference.models import _files_token
+    from inference.models import files_token
 
     run = tmp_path / "icp-run"  # train_icp writes its export at the top of the run folder
     (run / "colorguider").mkdir(parents=True)
     (run / "colorguider" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights")
     (run / "export.json").write_text("{}")
-    token = _files_token(str(run))
+    token = files_token(str(run))
     (run / "logs" / "train_icp").mkdir(parents=True)
     (run / "logs" / "train_icp" / "events.out.tfevents.1").write_bytes(b"event")
     (run / "checkpoint-500").mkdir()
     (run / "checkpoint-500" / "optimizer.bin").write_bytes(b"state")
-    assert _files_token(str(run)) == token  # training went on beside the export: finished pages stay valid
+    (run / "prompt_embeds").mkdir()
+    (run / "prompt_embeds" / "abc.safetensors").write_bytes(b"cached prompt")
+    assert files_token(str(run)) == token  # training went on beside the export, a prompt was cached: still valid
     (run / "colorguider" / "diffusion_pytorch_model.safetensors").write_bytes(b"new weights")
-    assert _files_token(str(run)) != token  # a new export redoes them
+    assert files_token(str(run)) != token  # a new export redoes them
+
+
+def test_screenstyle_style_end_to_end_and_missing_weights(tiny_models, tmp_path) -> None:
+    """One 120x180 page in the screenstyle style with our exports and random ScreenStyle weights: the ICP frame
+    is the ScreenStyle/grey blend (not the grey page), the run record says so; without weights, one line, exit 2."""
+    from inference.styles import PageStyler
+
+    pages, refs = tmp_path / "pages", tmp_path / "refs"
+    pages.mkdir()
+    refs.mkdir()
+    drawn_page(7).convert("L").save(pages / "1.png")
+    for i in range(3):
+        drawn_page(i).save(refs / f"r{i}.png")
+    screenstyle = save_random_screenstyle(tmp_path / "screenstyle")
+    out = tmp_path / "out"
+    args = ["--pages", str(pages), "--refs", str(refs), "--size", "64x96", *STEPS, "--local", "--encoder", "weightfree"]
+    args += ["--icp", str(tiny_models["icp"]), "--gsrp", str(tiny_models["gsrp"]), "--sd15", str(tiny_models["sd15"])]
+    code, summary = _run([*args, "--output", str(out), "--style", "screenstyle", "--screenstyle-weights",
+                          str(screenstyle)])  # fmt: skip
+    assert code == 0 and summary["pages_done"] == 1
+    assert summary["settings"]["style"] == "screenstyle" and summary["settings"]["screenstyle_weights"]
+    assert summary["settings"]["sampling"]["gsrp_statistics"] == "running"  # our export records nothing: eval
+    assert Image.open(out / "1.png").size == (96, 144)
+    page = Image.open(pages / "1.png")
+    styled = PageStyler("screenstyle", str(screenstyle), "cpu").frames(page, (64, 96), (96, 144), 0)
+    grey = PageStyler("grey").frames(page, (64, 96), (96, 144), 0)
+    assert styled[1].size == (96, 144) and not np.array_equal(np.asarray(styled[0]), np.asarray(grey[0]))
+    assert colorize_main([*args, "--output", str(tmp_path / "o"), "--style", "screenstyle"]) == 2
+
+
+def test_no_guidance_runs_without_a_text_encoder_once_the_prompt_is_cached(chapter, tiny_models, tmp_path) -> None:
+    from inference.models import Colorizer, ModelPaths, PageBatchItem, SamplingOptions
+    from pipelines.core.geometry import CompositeLayout
+    from pipelines.core.sample_inputs import composite_inputs
+
+    paths = ModelPaths(str(tiny_models["sd15"]), str(tiny_models["icp"]), None, str(tmp_path / "cache"))
+    sampling = SamplingOptions(steps=2, guidance_scale=1.0)
+    layout = CompositeLayout(64, 96)
+    bw = drawn_page(3, 64, 96).convert("L").convert("RGB")
+    canvases = composite_inputs(layout, drawn_page(4, 128, 192), bw)
+    item = PageBatchItem(canvases.refs_only, canvases.frame_only, canvases.mask, bw.resize((96, 144)), 5)
+    first = Colorizer(paths, sampling, "cpu")
+    assert first.pipeline.text_encoder is None  # embedded once, cached, dropped
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    cached = Colorizer(paths, sampling, "cpu")
+    assert cached.pipeline.text_encoder is None and cached.pipeline.tokenizer is None
+    assert torch.equal(first.prompt_embeds, cached.prompt_embeds)
+    assert np.array_equal(np.asarray(first.colorize([item], layout)[0]), np.asarray(cached.colorize([item], layout)[0]))
+    guided = Colorizer(paths, SamplingOptions(steps=2, guidance_scale=7.5), "cpu")
+    assert guided.pipeline.text_encoder is not None and guided.prompt_embeds is None
 
 
 def test_damaged_inputs_are_refused_before_work_starts_and_leave_no_folder(

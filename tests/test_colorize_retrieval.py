@@ -25,6 +25,7 @@ from inference.references import (
     resolve_colorize_encoder,
 )
 from inference.sources import open_source, output_stems
+from inference.styles import PageStyler
 from inference.worker import ColorizeWorker
 from jobs.colorize import cli as colorize_main
 from pipelines.core.geometry import CompositeLayout
@@ -115,7 +116,7 @@ def test_composite_equals_the_trainers(chapter, tmp_path: Path) -> None:
     config = WorkerConfig(str(tmp_path), settings, info, settings.record(info), device="cpu")
     worker = ColorizeWorker(config)
     task = ChapterTask("", open_source(pages), open_source(refs), "")
-    plan = plan_chapter(task, config, "settings", worker.embed)
+    plan = plan_chapter(task, config, "settings", worker.embed, worker.styler)
     job = next(job for job in plan.jobs if job.name == "2.png")
     mine = worker.page_inputs(job)
 
@@ -150,3 +151,94 @@ def test_clip_vision_encoder_matches_the_release_preprocessing(chapter, tmp_path
         theirs = torch.nn.functional.normalize(model(pixel_values=pixels).image_embeds, dim=-1).numpy()
     assert np.allclose(ours, theirs, atol=2e-2)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-4)
+
+
+def _release_fit(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The released app's `process_image`, written out with PIL alone (not `pipelines.core.geometry`)."""
+    ratio, target = image.width / image.height, width / height
+    if abs(ratio - target) / target < 0.15:
+        return image.resize((width, height), Image.BICUBIC).convert("RGB")
+    if ratio > target:
+        new_width = int(image.height * target)
+        left = int((image.width - new_width) / 2)
+        box = (left, 0, left + new_width, image.height)
+    else:
+        new_height = int(image.width / target)
+        top = int((image.height - new_height) / 2)
+        box = (0, top, image.width, top + new_height)
+    return image.crop(box).resize((width, height), Image.BICUBIC).convert("RGB")
+
+
+def _release_patches(image: Image.Image, width: int, height: int) -> list[Image.Image]:
+    """`process_image_ref_varres`: the whole image first, then the 3/4 crops row by row (stride 1/4)."""
+    crop_w, crop_h = width // 4 * 3, height // 4 * 3
+    crops = [image.resize((width, height))]
+    for top in range(0, height - crop_h + 1, height // 4):
+        for left in range(0, width - crop_w + 1, width // 4):
+            crops.append(image.crop((left, top, left + crop_w, top + crop_h)))
+    return crops
+
+
+def test_composite_and_guide_follow_the_release_path(chapter, tmp_path: Path) -> None:
+    """The page fitted at 1.5x, greyed, resized to W x H; references fitted and their patches resized into the
+    ring bicubic: equal, pixel for pixel, to the app's code path written out with PIL (grey style)."""
+    pages, refs = chapter
+    width, height = SIZE
+    settings = ColorizeOptions(width=width, height=height, encoder="weightfree")
+    info = resolve_colorize_encoder("weightfree")
+    worker = ColorizeWorker(WorkerConfig(str(tmp_path), settings, info, settings.record(info), device="cpu"))
+    task = ChapterTask("", open_source(pages), open_source(refs), "")
+    job = next(j for j in plan_chapter(task, WorkerConfig(str(tmp_path), settings, info, {}), "s", worker.embed,
+                                       worker.styler).jobs if j.name == "3.png")  # fmt: skip
+    mine = worker.page_inputs(job)
+
+    hires = _release_fit(Image.open(pages / "3.png"), int(width * 1.5), int(height * 1.5))
+    guide = hires.convert("L").convert("RGB")
+    frame = _release_fit(guide, width, height)
+    canvas = Image.new("RGB", (2 * width, 2 * height), "white")
+    canvas.paste(frame.resize((width, height)), (width // 2, height // 2))
+    cells = {0: [(1, 0), (0, 1), (0, 0)], 1: [(1, 3), (0, 2), (0, 3)], 2: [(2, 0), (3, 1), (3, 0)],
+             3: [(2, 3), (3, 2), (3, 3)]}  # fmt: skip
+    for row in job.rows:
+        patches = _release_patches(_release_fit(Image.open(refs / row["ref_page_id"]), width, height), width, height)
+        patch = patches[(row["ref_patch"] + 1) % 5]  # ours: 4 crops then the whole page; the app's: whole first
+        y, x = cells[row["query_patch"]][row["rank"]]
+        canvas.paste(patch.resize((width // 2 - 2, height // 2 - 2)), (width // 2 * x + 1, height // 2 * y + 1))
+    assert np.array_equal(np.asarray(mine["hr_bw"]), np.asarray(guide))
+    assert np.array_equal(np.asarray(mine["canvases"].c_bw), np.asarray(canvas))
+    # a page far off the target aspect is centre-cropped with the app's truncated box
+    wide = Image.open(refs / "ref1.png").resize((173, 97))
+    assert np.array_equal(np.asarray(PageStyler("grey").frames(wide, SIZE, (96, 144), 0)[1]),
+                          np.asarray(_release_fit(wide, 96, 144).convert("L").convert("RGB")))  # fmt: skip
+
+
+def test_many_chapters_a_tree_or_several_sources_one_output_folder_each(chapter, tmp_path: Path) -> None:
+    pages, refs = chapter
+    good = ["1.png", "2.png", "3.png"]
+    tree_pages, tree_refs = tmp_path / "pages", tmp_path / "refs"
+    for root, files in ((tree_pages, [pages / n for n in good]), (tree_refs, sorted(refs.iterdir()))):
+        (root / "series_a" / "ch1").mkdir(parents=True)  # one chapter a folder, the other an archive
+        with zipfile.ZipFile(root / "series_a" / "ch2.cbz", "w") as zf:
+            for path in files:
+                shutil.copy(path, root / "series_a" / "ch1" / path.name)
+                zf.write(path, path.name)
+    common = ["--references-only", "--size", "64x96", "--encoder", "weightfree", "--local"]
+    out = tmp_path / "tree_out"
+    code, summary = _run(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(out), *common])
+    assert code == 0 and summary["pages_done"] == 6
+    for chapter_dir in ("series_a/ch1", "series_a/ch2"):
+        assert sorted(p.name for p in (out / chapter_dir).glob("*.json")) == ["1.json", "2.json", "3.json"]
+    again = _run(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(out), *common])[1]
+    assert again["pages_done"] == 0 and again["pages_skipped"] == 6  # resumable per page, chapter by chapter
+
+    several = tmp_path / "several_out"
+    archive = tree_pages / "series_a" / "ch2.cbz"
+    code, summary = _run(["--pages", str(tree_pages / "series_a" / "ch1"), str(archive), "--refs", str(refs),
+                          str(refs), "--output", str(several), *common])  # fmt: skip
+    assert code == 0 and (several / "ch1" / "1.json").is_file() and (several / "ch2" / "3.json").is_file()
+    (tree_refs / "series_a" / "ch2.cbz").unlink()
+    assert colorize_main(["--pages", str(tree_pages), "--refs", str(tree_refs), "--output", str(tmp_path / "x"),
+                          *common]) == 2  # fmt: skip
+    assert colorize_main(["--pages", str(pages), str(archive), "--refs", str(refs), "--output",
+                          str(tmp_path / "y"), *common]) == 2  # fmt: skip
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -282,3 +282,51 @@ def test_super_resolve_matches_the_tensor_path_and_keeps_the_size():
     other = GSRPFusion(encoder_channels=(8, 8, 8, 16), decoder_channels=(8, 16, 16, 16), norm="group")
     with pytest.raises(ValueError, match="do not fit this VAE"):
         super_resolve(vae, other, lowres, hr_bw)
+
+
+def _image_taps(vae: AutoencoderKL, batch: int, size: int = 64, seed: int = 3) -> list[torch.Tensor]:
+    """Encoder taps of random images: full size, /2, /4, /8, /8 (a 64x64 image keeps every map at least 8x8:
+    per-sample statistics need more than one value per channel)."""
+    images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    with torch.no_grad():
+        return GuidedVAE(vae).encode_features(images)[1]
+
+
+def test_page_statistics_are_each_pages_own_alone_and_in_a_batch():
+    vae = tiny_vae()
+    fusion = tiny_fusion(vae).eval()
+    with torch.no_grad():  # stored statistics that differ from any page's, so the two modes must disagree
+        for module in fusion.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-1, 1)
+                module.running_var.uniform_(0.5, 2)
+    color, bw = _image_taps(vae, 2, seed=3), _image_taps(vae, 2, seed=4)
+    stored = {k: v.clone() for k, v in fusion.state_dict().items() if "running" in k or "num_batches" in k}
+    with torch.no_grad():
+        together = fusion(color, bw, statistics="page")
+        alone = [fusion([t[i : i + 1] for t in color], [t[i : i + 1] for t in bw], statistics="page") for i in (0, 1)]
+        running = fusion(color, bw)
+        fusion.train()  # the released app's mode: train-mode BatchNorm on a batch of one page
+        released = fusion([t[:1] for t in color], [t[:1] for t in bw])
+        fusion.eval()
+    for level, fused in enumerate(together):
+        for i in (0, 1):
+            assert torch.allclose(fused[i], alone[i][level][0], atol=1e-5), (level, i)
+        assert torch.allclose(fused[0], released[level][0], atol=1e-5), level
+        assert not torch.allclose(fused, running[level], atol=1e-3), level
+    fusion.load_state_dict({**fusion.state_dict(), **stored})  # undo the train-mode update above
+    with torch.no_grad():
+        fusion(color, bw, statistics="page")
+    assert all(torch.equal(stored[k], v) for k, v in fusion.state_dict().items() if k in stored)
+    with pytest.raises(ValueError, match="statistics"):
+        fusion(color, bw, statistics="batch")
+
+
+def test_export_statistics_default_to_running_and_the_release_to_page(tmp_path):
+    from model.gsrp_weights import STATISTICS_KEY, default_statistics
+
+    fusion = tiny_fusion(tiny_vae())
+    assert default_statistics(save_gsrp_export(tmp_path / "old", fusion, {})) == "running"  # no field: eval mode
+    assert default_statistics(save_gsrp_export(tmp_path / "new", fusion, {STATISTICS_KEY: "page"})) == "page"
+    released = fusion.save_released(tmp_path / "GraySD" / "MultiResNetModel.bin")
+    assert default_statistics(released) == default_statistics(released.parent) == "page"

@@ -134,3 +134,41 @@ def test_tiled_decode_tiles_only_the_decode(trained_pipeline):
     assert tiled.shape == plain.shape == (1, 160, 96, 3)
     assert not np.array_equal(plain, tiled)  # the decode really ran in tiles
     assert np.abs(plain.astype(np.float32) - tiled.astype(np.float32)).mean() < 0.1  # blended tiles, same picture
+
+
+def test_latents_and_posterior_noise_reproduce_a_seeded_run(trained_pipeline):
+    """The generator draws the initial noise, then the refs-only and the frame-only posterior noise: given those
+    three tensors, a run without a generator is the same run, bit for bit."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    _, inputs = _composite(48, 80)
+    seeded = _run(trained_pipeline, inputs, 5)
+    generator = torch.Generator().manual_seed(5)
+    latents = randn_tensor((1, 4, 20, 12), generator=generator)
+    refs_noise, frame_noise = (
+        randn_tensor((1, 4, 20, 12), generator=generator),
+        randn_tensor((1, 4, 20, 12), generator=generator),
+    )
+    given = trained_pipeline(
+        inputs.refs_only,
+        inputs.frame_only,
+        inputs.mask,
+        num_inference_steps=2,
+        output_type="np",
+        latents=latents,
+        posterior_noise=(refs_noise, frame_noise),
+    ).images
+    assert np.array_equal(seeded, given)
+    with pytest.raises(ValueError, match="latents have shape"):
+        trained_pipeline(inputs.refs_only, inputs.frame_only, inputs.mask, latents=latents[:, :, :8])
+
+
+def test_tiny_folder_has_the_real_sd15_schedule(sd15):
+    """No timestep_spacing key, as in stable-diffusion-v1-5: UniPC spaces 10 steps 999..100 (not 901..91)."""
+    from diffusers import UniPCMultistepScheduler
+
+    config = json.loads((sd15 / "scheduler" / "scheduler_config.json").read_text())
+    assert "timestep_spacing" not in config
+    scheduler = UniPCMultistepScheduler.from_pretrained(sd15, subfolder="scheduler")
+    scheduler.set_timesteps(10)
+    assert scheduler.timesteps.tolist()[0] == 999 and scheduler.timesteps.tolist()[-1] == 100

@@ -24,10 +24,15 @@ from shard_inputs import build_corpus
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.sample_inputs import build_training_inputs, decode_sample
-from pipelines.core.samples import FIELDS
+from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, SampleFormatError
 from pipelines.core.storage import TMP_TAG
 from pipelines.shards.stage import ShardOptions, run_shards
-from pipelines.shards.writer import PlanMismatchError, code_version, shard_code_files, write_tar
+from pipelines.shards.writer import (
+    PlanMismatchError,
+    code_version,
+    shard_code_files,
+    write_tar,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (128, 192)
@@ -128,8 +133,10 @@ def test_manifest_index_and_markers_describe_every_shard(sharded: tuple[Path, di
     assert manifest["code_version"]["package"] == "colorflow-data"
     assert manifest["sample"]["width"] == 128 and manifest["shard"]["shard_size"] == 400_000
     assert manifest["fields"] == list(FIELDS)
+    assert manifest["sample"]["sample_format_version"] == SAMPLE_FORMAT_VERSION == 2
     for split in ("train", "val"):
         split_manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
+        assert split_manifest["sample_format_version"] == SAMPLE_FORMAT_VERSION
         tars = _tars(out, split)
         assert [s["name"] for s in split_manifest["shards"]] == [t.name for t in tars]
         assert tars[0].name == f"{split}-g0000-000000.tar" and len(tars) >= 2
@@ -242,6 +249,33 @@ def test_rerun_skips_and_a_changed_plan_needs_rebuild(sharded: tuple[Path, dict]
         run_shards(work, bigger, local=True)
     rebuilt = run_shards(work, bigger, local=True, rebuild=True)
     assert rebuilt["splits"]["train"]["nshards"] == rebuilt["frames_per_split"]["train"]
+
+
+def test_shards_of_another_sample_format_are_refused_by_the_writer_and_the_readers(
+    sharded: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from training.data import resolve_shard_source
+
+    out, _ = sharded
+    work = tmp_path / "out"
+    shutil.copytree(out, work)
+    plan = work / "shards" / "train" / "plan.json"
+    plan.write_text(json.dumps({**json.loads(plan.read_text()), "sample_format_version": 1}))  # lanczos rings
+    (work / "shards.summary.json").unlink()
+    with pytest.raises(SampleFormatError, match="sample format version 1; .* --rebuild"):
+        run_shards(work, OPTIONS, local=True)
+    manifest = work / "shards" / "val" / "manifest.json"
+    assert resolve_shard_source(manifest, "val").nsamples > 0  # format 2: read
+    for version, readable in ((1, True), (99, False)):  # 1: the same fields, lanczos rings
+        for path in manifest.parent.glob("manifest*.json"):  # the split manifest and its generations' snapshots
+            spec = json.loads(path.read_text())
+            generations = [{**g, "sample_format_version": version} for g in spec.get("generations", [])]
+            path.write_text(json.dumps({**spec, "sample_format_version": version, "generations": generations}))
+        if readable:
+            assert resolve_shard_source(manifest, "val").nsamples > 0
+        else:
+            with pytest.raises(SampleFormatError, match="sample format version 99; this code reads versions 1, 2"):
+                resolve_shard_source(manifest, "val")
 
 
 def test_a_frame_without_screentone_becomes_an_error_row(corpus_root: Path, tmp_path: Path) -> None:

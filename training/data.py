@@ -66,6 +66,7 @@ from pipelines.core.samples import (
     FIELD_META,
     FIELD_RING,
     FIELD_TONE,
+    check_sample_format_version,
     require_sample_format,
 )
 from pipelines.core.storage import sha256_file
@@ -92,10 +93,46 @@ class ShardSource:
     shard_bytes: tuple[int | None, ...] = ()  # per shard, as the manifest records them (empty: not recorded)
     shard_sha256: tuple[str | None, ...] = ()
     frame_sizes: tuple[tuple[int, int], ...] = ()  # (W, H) of the samples, as the manifest records them
+    shard_groups: tuple[int, ...] = ()  # per shard, its index in frame_sizes when the source mixes sizes
+    names: tuple[str, ...] = ()  # per shard, the name its order hashes (default: the file name)
 
     @property
     def nsamples(self) -> int:
         return sum(self.lengths)
+
+    @property
+    def mixes_sizes(self) -> bool:
+        return len(set(self.shard_groups)) > 1
+
+
+def merge_sources(sources: Sequence[ShardSource], sizes: Sequence[tuple[int, int]]) -> ShardSource:
+    """Several data roots as one source (`sizes`: each root's frame size): shards concatenated, each tagged with its
+    size group, named ``<root number>/<file name>`` for the order (two roots hold shards of the same file names)."""
+    groups = sorted(set(sizes), key=lambda size: (size[0] * size[1], size))
+    shard_groups, names, shard_bytes, shard_sha256 = [], [], [], []
+    for number, (source, size) in enumerate(zip(sources, sizes, strict=True)):
+        count = len(source.urls)
+        shard_groups += [groups.index(size)] * count
+        names += [f"{number}/{name}" for name in shard_names(source)]
+        shard_bytes += list(source.shard_bytes or (None,) * count)
+        shard_sha256 += list(source.shard_sha256 or (None,) * count)
+    digest = hashlib.sha256("\x1f".join(source.sha256 for source in sources).encode()).hexdigest()
+    return ShardSource(
+        urls=tuple(url for source in sources for url in source.urls),
+        lengths=tuple(length for source in sources for length in source.lengths),
+        manifest=" + ".join(str(source.manifest) for source in sources),
+        sha256=digest,
+        shard_bytes=tuple(shard_bytes) if any(b is not None for b in shard_bytes) else (),
+        shard_sha256=tuple(shard_sha256) if any(d is not None for d in shard_sha256) else (),
+        frame_sizes=tuple(groups),
+        shard_groups=tuple(shard_groups),
+        names=tuple(names),
+    )
+
+
+def shard_names(source: ShardSource) -> list[str]:
+    """The names the order hashes: file names, not paths, so moving the data folder keeps the order."""
+    return list(source.names) or [os.path.basename(urlparse(u).path) or u for u in source.urls]
 
 
 def _split_manifest_path(path: Path, split: str) -> Path:
@@ -137,7 +174,7 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
     elif "shards" in spec:  # a split manifest: the current generation's immutable snapshot names the shard list
         versions = [spec.get("sample_format_version", 1)]
         versions += [g.get("sample_format_version", 1) for g in spec.get("generations", [])]
-        require_sample_format(versions, str(path))
+        require_sample_format(versions, str(path), reading=True)
         snapshot = spec.get("generation_manifest")
         if snapshot and path.name != snapshot and (path.parent / snapshot).is_file():
             return _from_manifest(path.parent / snapshot, split)
@@ -199,6 +236,7 @@ def resolve_shard_source(data: str | os.PathLike | Sequence[str], split: str = T
     """`data` as a data root, a shards manifest (dataset or split) or wids index, or shard URLs.
 
     URLs may use brace patterns and ``::`` separators (webdataset's `expand_urls`); a list of them is accepted.
+    Several data roots or manifests (they may hold frames of different sizes) are merged into one source.
     """
     from webdataset.shardlists import expand_urls
 
@@ -206,6 +244,11 @@ def resolve_shard_source(data: str | os.PathLike | Sequence[str], split: str = T
         items = [str(x) for x in data]
         if len(items) == 1:
             return resolve_shard_source(items[0], split)
+        if any(Path(item).is_dir() or item.endswith(".json") for item in items):
+            sources = [resolve_shard_source(item, split) for item in items]
+            return merge_sources(
+                sources, [source.frame_sizes[0] if source.frame_sizes else frame_size(source) for source in sources]
+            )
         urls = [u for item in items for u in expand_urls(item)]
     else:
         text = os.fspath(data)
@@ -413,13 +456,29 @@ def unit_draw(seed: int, epoch: int, key: str, purpose: str) -> float:
     return (int.from_bytes(digest[:8], "big") >> 11) / float(1 << 53)
 
 
-def epoch_order(names: Sequence[str], lengths: Sequence[int], seed: int, epoch: int, shuffle_shards: int) -> np.ndarray:
+def epoch_order(
+    names: Sequence[str],
+    lengths: Sequence[int],
+    seed: int,
+    epoch: int,
+    shuffle_shards: int,
+    *,
+    size_groups: Sequence[int] = (),
+    block: int = 1,
+) -> np.ndarray:
     """The (shard, index) pairs of one epoch in reading order, an (N, 2) int64 array.
 
     Shards are ordered by a hash of (seed, epoch, name) and grouped by `shuffle_shards` (0: one group); each
     group's samples are ordered by a hash of (seed, epoch, name, index). Names, not paths: moving the data
     folder keeps the order.
+
+    Shards of several frame sizes (`size_groups`, per shard) are ordered per size, each size's order is cut into
+    blocks of `block` positions (one global batch: batch size x ranks) and the blocks of all sizes are interleaved
+    by a hash of (seed, epoch, size, block): every batch of every rank holds one size. A size's last partial block
+    waits for a later epoch (whose order differs), so an epoch holds `epoch_length` positions.
     """
+    if len(set(size_groups)) > 1:
+        return _blocks_by_size(names, lengths, seed, epoch, shuffle_shards, size_groups, block)
     shards = sorted(range(len(names)), key=lambda s: (_hash64(seed, epoch, "shard", names[s]), s))
     group = len(shards) if shuffle_shards <= 0 else shuffle_shards
     rows: list[tuple[int, int, int]] = []
@@ -432,6 +491,36 @@ def epoch_order(names: Sequence[str], lengths: Sequence[int], seed: int, epoch: 
         members.sort()
         rows.extend(members)
     return np.asarray([(s, i) for _, s, i in rows], dtype=np.int64).reshape(-1, 2)
+
+
+def _blocks_by_size(
+    names: Sequence[str],
+    lengths: Sequence[int],
+    seed: int,
+    epoch: int,
+    shuffle_shards: int,
+    size_groups: Sequence[int],
+    block: int,
+) -> np.ndarray:
+    blocks: list[tuple[int, np.ndarray]] = []
+    for group in sorted(set(size_groups)):
+        members = [s for s in range(len(names)) if size_groups[s] == group]
+        local = epoch_order([names[s] for s in members], [lengths[s] for s in members], seed, epoch, shuffle_shards)
+        local[:, 0] = np.asarray(members, dtype=np.int64)[local[:, 0]]
+        for start in range(0, len(local) - block + 1, block):
+            blocks.append((_hash64(seed, epoch, "block", group, start // block), local[start : start + block]))
+    blocks.sort(key=lambda item: item[0])
+    return np.concatenate([rows for _, rows in blocks]) if blocks else np.zeros((0, 2), dtype=np.int64)
+
+
+def epoch_length(lengths: Sequence[int], size_groups: Sequence[int], block: int) -> int:
+    """Positions per epoch: every sample, or with several frame sizes the whole blocks of each size."""
+    if len(set(size_groups)) <= 1:
+        return sum(lengths)
+    per_size: dict[int, int] = {}
+    for length, group in zip(lengths, size_groups, strict=True):
+        per_size[group] = per_size.get(group, 0) + length
+    return sum(count - count % block for count in per_size.values())
 
 
 def worker_positions(
@@ -483,11 +572,23 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.batch_size, self.shuffle_shards, self.start_sample = batch_size, shuffle_shards, start_sample
         self.cache_dir = cache_dir or _cache_dir()
-        self.names = [os.path.basename(urlparse(u).path) or u for u in source.urls]
+        self.names = shard_names(source)
+        self.block = batch_size * world_size  # one global batch: the unit of one frame size
+        self.epoch_length = epoch_length(source.lengths, source.shard_groups, self.block)
+        if source.mixes_sizes:
+            _check_sizes_fill_a_batch(source, self.block)
 
     def _order(self, epoch: int, cache: OrderedDict[int, np.ndarray]) -> np.ndarray:
         if epoch not in cache:
-            cache[epoch] = epoch_order(self.names, self.source.lengths, self.seed, epoch, self.shuffle_shards)
+            cache[epoch] = epoch_order(
+                self.names,
+                self.source.lengths,
+                self.seed,
+                epoch,
+                self.shuffle_shards,
+                size_groups=self.source.shard_groups,
+                block=self.block,
+            )
             while len(cache) > 2:
                 cache.popitem(last=False)
         return cache[epoch]
@@ -504,9 +605,15 @@ class ShardStream(IterableDataset):
 
     def locate(self, position: int, cache: OrderedDict[int, np.ndarray]) -> tuple[int, int, int]:
         """Global position -> (epoch, shard, index in shard)."""
-        epoch, offset = divmod(position, self.source.nsamples)
+        epoch, offset = divmod(position, self.epoch_length)
         shard, index = self._order(epoch, cache)[offset]
         return epoch, int(shard), int(index)
+
+    def size_group(self, position: int, cache: OrderedDict[int, np.ndarray]) -> int:
+        """The frame-size group of a position's sample (0 when the source holds one size)."""
+        if not self.source.mixes_sizes:
+            return 0
+        return self.source.shard_groups[self.locate(position, cache)[1]]
 
     def _load(self, position: int, shards: _OpenShards, cache: OrderedDict[int, np.ndarray]) -> dict[str, Any]:
         epoch, shard, index = self.locate(position, cache)
@@ -532,6 +639,16 @@ class ShardStream(IterableDataset):
         reason = f"{self.source.urls[shard]} sample {index}: {cause}"
         logger.warning("bad sample skipped: %s (stream position %d, epoch %d)", reason, position, epoch)
         return reason
+
+
+def _check_sizes_fill_a_batch(source: ShardSource, block: int) -> None:
+    for group, size in enumerate(source.frame_sizes):
+        count = sum(n for n, g in zip(source.lengths, source.shard_groups, strict=True) if g == group)
+        if count < block:
+            raise ValueError(
+                f"the {size[0]}x{size[1]} frames ({count} samples) do not fill one global batch of {block} "
+                "(batch size x processes): batches hold one frame size; add samples of that size or drop its data root"
+            )
 
 
 class _WorkerReader:
@@ -567,20 +684,27 @@ class _WorkerReader:
         self.loaded.pop(position, None)
         if sample is None:  # the substitute takes the slot: its position and epoch are the slot's
             sample = self._substitute(position)
-            sample.update(position=position, epoch=position // self.stream.source.nsamples)
+            sample.update(position=position, epoch=position // self.stream.epoch_length)
         sample["bad_skipped"], self.bad = self.bad, 0
         sample["bad_reason"], self.bad_reason = self.bad_reason, ""
         return sample
 
     def _substitute(self, position: int) -> dict[str, Any]:
-        for step in range(MAX_CONSECUTIVE_BAD):
+        """The next good sample of the same frame size (a batch holds one size); others keep their own slots."""
+        size = self.stream.size_group(position, self.orders)
+        bad = step = 0
+        while bad < MAX_CONSECUTIVE_BAD:
             if step >= len(self.ahead):
                 self.ahead.append(next(self.positions))
             candidate = self.ahead[step]
+            step += 1
+            if self.stream.size_group(candidate, self.orders) != size:
+                continue
             outcome = self._outcome(candidate)
             self.loaded[candidate] = outcome
             if outcome is not None:
                 return dict(outcome)
+            bad += 1
         raise RuntimeError(
             f"{MAX_CONSECUTIVE_BAD} bad samples in a row after stream position {position}: the shards are broken"
         )
@@ -605,7 +729,9 @@ def _image(raw: Mapping[str, Any], name: str, mode: str) -> Image.Image:
 
 
 def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
-    return as_meta(_member(raw, FIELD_META))
+    meta = as_meta(_member(raw, FIELD_META))
+    check_sample_format_version(meta.get("sample_format_version"), f"sample {raw.get('__key__')!r}")
+    return meta
 
 
 def _expect_size(image: Image.Image, size: Sequence[int], key: str, name: str) -> None:
@@ -643,7 +769,7 @@ def _sample_alpha(config: ICPDataConfig | GSRPDataConfig, key: str, seed: int, e
 class ICPDataConfig:
     """How ICP samples are made. `resolution` (W, H) defaults to the shards' frame size."""
 
-    resolution: tuple[int, int] | None = None  # training (width, height); None: the shards' W x H
+    resolution: tuple[int, int] | None = None  # training (width, height) cap; None: each frame's own W x H
     variant: str | float = "screenstyle"  # B&W frame: the alpha draw, "grey", "tone" or a fixed tone weight
     alpha_range: tuple[float, float] = (0.0, 1.0)
     crop_scale: tuple[float, float] = (1.25, 2.0)  # window side / frame side, uniform (clamped to [1, 2])
@@ -684,6 +810,14 @@ class GSRPDataConfig:
         if width <= 0 or height <= 0 or width % 8 or height % 8:
             raise ValueError(f"crop_size {width}x{height} must be positive multiples of 8 (the VAE's factor)")
         variant_alpha(self.variant, "check", alpha_range=tuple(self.alpha_range))
+
+
+def training_size(frame: tuple[int, int], cap: tuple[int, int] | None, factor: int) -> tuple[int, int]:
+    """The size a frame's crops train at: its own, each side capped by `--resolution` (None: no cap), in multiples
+    of the VAE's factor. One data root: the resolution itself; several sizes: the larger ones capped, the smaller
+    ones at their own size, so the crops (fractions of the frame) scale with the frame."""
+    width, height = frame if cap is None else (min(frame[0], cap[0]), min(frame[1], cap[1]))
+    return width - width % factor, height - height % factor
 
 
 def crop_window(
@@ -742,7 +876,7 @@ def icp_sample(raw: Mapping[str, Any], epoch: int, *, config: ICPDataConfig, see
     canvases = icp_canvases(raw, config, seed=seed, epoch=epoch)
     key = canvases.key
     layout = canvases.layout
-    width, height = config.resolution or (layout.width, layout.height)
+    width, height = training_size((layout.width, layout.height), config.resolution, config.latent_factor)
     box = crop_window(layout, config, seed, epoch, key)
 
     left, top, right, bottom = box

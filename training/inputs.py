@@ -5,10 +5,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from pipelines.core.cli import JobArgumentParser
 from pipelines.core.errors import UsageError
+
+
+class TrainerArgumentParser(JobArgumentParser):
+    """The trainers' parser: `JobArgumentParser` plus arguments files. ``@configs/icp/paper.args`` on the command
+    line (also under ``accelerate launch``) reads the file's arguments in its place, shell-split, ``#`` comments
+    allowed, several per line; arguments after it override the file's (argparse keeps the last value)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("fromfile_prefix_chars", "@")
+        super().__init__(*args, **kwargs)
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
 
 
 def add_safety_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,8 +42,8 @@ from tqdm.auto import tqdm
 
 from model.gsrp_fusion import NORMS, GSRPFusion
 from model.gsrp_vae import GuidedVAE
-from model.gsrp_weights import load_gsrp, save_gsrp_export
-from pipelines.core.cli import JobArgumentParser, parse_size, run_job
+from model.gsrp_weights import EXPORT_STATISTICS, STATISTICS_KEY, load_gsrp, save_gsrp_export
+from pipelines.core.cli import parse_size, run_job
 from pipelines.runtime.preconditions import check_output_creatable
 from training.checkpoints import check_resume_settings, publish_state, resolve_resume
 from training.data import (
@@ -56,7 +56,18 @@ from training.data import (
     resumed_source,
 )
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
-from training.inputs import add_safety_arguments, check_base_model, check_vae_folder
+from training.inputs import TrainerArgumentParser, add_safety_arguments, check_base_model, check_vae_folder
+from training.optimization import (
+    EMA_FOLDER,
+    add_optimizer_arguments,
+    averaged_weights,
+    check_optimizer_arguments,
+    ema_digest,
+    ema_on_device,
+    init_weights_kind,
+    make_ema,
+    make_optimizer,
+)
 from training.run_lock import run_folder
 
 PROG = "train_gsrp"
@@ -66,7 +77,7 @@ logger = logging.getLogger(PROG)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = JobArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = TrainerArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("models")
     model.add_argument(
         "--pretrained_model_name_or_path", default=None, help="SD1.5-style folder; the VAE is its vae/ subfolder"
@@ -120,6 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
     train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_optimizer_arguments(train)
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     train.add_argument(
@@ -313,6 +325,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
     check_shards(source, verify_sha256=args.verify_shards)
     if args.validation_data:
         check_shards(resolve_shard_source(args.validation_data), verify_sha256=args.verify_shards)
+    check_optimizer_arguments(args)
     if args.init_from and not Path(args.init_from).exists():
         raise FileNotFoundError(f"--init_from {args.init_from}: no such file or folder")
     return source, resume
@@ -379,13 +392,9 @@ def train(
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    optimizer = torch.optim.AdamW(
-        fusion.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    params = list(fusion.parameters())
+    optimizer = make_optimizer(params, args, args.learning_rate)
+    ema = make_ema(params, args, accelerator)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer=optimizer,
@@ -401,6 +410,7 @@ def train(
             logger.info("no checkpoint in %s: starting a new run", output_dir)
         else:
             accelerator.load_state(str(checkpoint))
+            ema_on_device(ema, accelerator.device)
             global_step = int(checkpoint.name.removeprefix(CHECKPOINT_PREFIX))
             unwrapped_fusion.train()
             logger.info("resumed from %s at step %d", checkpoint, global_step)
@@ -430,7 +440,7 @@ def train(
     def validate() -> dict[str, Any] | None:
         if not pairs or not accelerator.is_main_process:
             return None
-        with accelerator.autocast():
+        with accelerator.autocast(), averaged_weights(ema, params):
             result = evaluate_pairs(guided, unwrapped_fusion, pairs, args.sr_scale, args.seed)
         log_validation(accelerator, result, global_step)
         return result
@@ -450,7 +460,7 @@ def train(
         args.sr_scale,
         unwrapped_fusion.config.norm,
         " (frozen statistics)" if unwrapped_fusion.batchnorm_statistics_frozen else "",
-        args.init_from or "scratch",
+        f"{args.init_from} ({init_weights_kind(args.init_from)} weights)" if args.init_from else "scratch",
     )
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc="steps", disable=not accelerator.is_local_main_process
@@ -480,6 +490,8 @@ def train(
         step_loss += float(accelerator.gather(loss.detach()[None]).mean()) / args.gradient_accumulation_steps
         if not accelerator.sync_gradients:
             continue
+        if ema is not None:
+            ema.step(params)
         global_step += 1
         losses.append(step_loss)
         first_loss = step_loss if first_loss is None else first_loss
@@ -524,23 +536,29 @@ def train(
     }
     if accelerator.is_main_process:
         result = validate()
-        export = save_gsrp_export(
-            Path(args.export_dir) if args.export_dir else output_dir / "export",
-            unwrapped_fusion,
-            {
-                "base_model": str(args.pretrained_model_name_or_path or args.vae),
-                "vae": str(args.vae) if args.vae else f"{args.pretrained_model_name_or_path}/vae",
-                "sr_scale": args.sr_scale,
-                "steps": global_step,
-                "crop_size": list(args.crop_size),
-                "bw_variant": args.bw_variant,
-                "init_from": args.init_from,
-                "seed": args.seed,
-                "shard_manifest": train_source.manifest,
-                "shard_manifest_sha256": train_source.sha256,
-                "final_loss": last_loss,
-            },
-        )
+        meta = {
+            "base_model": str(args.pretrained_model_name_or_path or args.vae),
+            "vae": str(args.vae) if args.vae else f"{args.pretrained_model_name_or_path}/vae",
+            "sr_scale": args.sr_scale,
+            STATISTICS_KEY: EXPORT_STATISTICS,  # validation above ran in eval mode
+            "steps": global_step,
+            "crop_size": list(args.crop_size),
+            "bw_variant": args.bw_variant,
+            "init_from": args.init_from,
+            "init_weights": init_weights_kind(args.init_from),
+            "seed": args.seed,
+            "shard_manifest": train_source.manifest,
+            "shard_manifest_sha256": train_source.sha256,
+            "final_loss": last_loss,
+            "weights": "raw",
+        }
+        export_dir = Path(args.export_dir) if args.export_dir else output_dir / "export"
+        export = save_gsrp_export(export_dir, unwrapped_fusion, meta)
+        if ema is not None:  # after the raw export, which replaces its folder whole
+            with averaged_weights(ema, params):
+                ema_meta = {**meta, "weights": "ema", "ema_decay": args.ema_decay}
+                summary["ema_export"] = str(save_gsrp_export(export_dir / EMA_FOLDER, unwrapped_fusion, ema_meta))
+            summary["ema_sha256"] = ema_digest(ema)
         summary.update(export=str(export), bad_skipped=bad_skipped, seconds=round(elapsed, 3))
         steps_run = global_step - start_step
         summary["samples_per_s"] = round(steps_run * total_batch / elapsed, 3) if elapsed > 0 and steps_run else None

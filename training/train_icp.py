@@ -24,6 +24,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
+from pipelines.core.cli import parse_size, positive_int, run_job
 from pipelines.core.storage import atomic_write_json, read_json
 from pipelines.runtime.preconditions import check_output_creatable
 from training.checkpoints import TRAIN_STATE, check_resume_settings, publish_state, resolve_resume
@@ -46,9 +47,27 @@ from training.data import (
     frame_size,
     resolve_shard_source,
     resumed_source,
+    training_size,
 )
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
-from training.inputs import add_safety_arguments, check_base_model, check_resolution, vae_factor
+from training.inputs import (
+    TrainerArgumentParser,
+    add_safety_arguments,
+    check_base_model,
+    check_resolution,
+    vae_factor,
+)
+from training.optimization import (
+    EMA_FOLDER,
+    add_optimizer_arguments,
+    averaged_weights,
+    check_optimizer_arguments,
+    ema_digest,
+    ema_on_device,
+    init_weights_kind,
+    make_ema,
+    make_optimizer,
+)
 from training.run_lock import run_folder
 
 logger = logging.getLogger("training.train_icp")
@@ -69,7 +88,7 @@ def _pair(kind: type) -> Any:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = JobArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = TrainerArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     # model loading
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD1.5 folder or hub id")
     parser.add_argument("--revision", default=None, help="hub revision of the base model")
@@ -79,7 +98,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_alpha", type=float, default=64.0, help="LoRA alpha (new LoRA only)")
     # data
     parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
-    parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
+    parser.add_argument(
+        "--resolution",
+        type=parse_size,
+        default=None,
+        help="training WxH: each side of a frame's size capped at it (default: the frames' own sizes)",
+    )
     parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
     parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
     parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
@@ -94,6 +118,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_train_steps", type=positive_int, default=150_000, help="optimiser steps")
     parser.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="micro-batches per step")
     parser.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint UNet and guider")
+    parser.add_argument(
+        "--free_text_encoder",
+        action="store_true",
+        help="drop the text encoder once the prompt (and validation's empty prompt) is encoded: frees its memory",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-5, help="AdamW learning rate (paper: 1e-5)")
     parser.add_argument("--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes")
     parser.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name")
@@ -102,6 +131,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
     parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_optimizer_arguments(parser)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+")
@@ -190,6 +220,16 @@ def icp_loss(
     return F.mse_loss(prediction.float(), noise, reduction="mean"), timesteps
 
 
+def cached_prompt_embeds(
+    cache: dict[str, torch.Tensor], prompts: list[str], device: torch.device, *, dtype: torch.dtype
+) -> torch.Tensor:
+    """The pipeline's `encode_prompt` once the text encoder is gone: the embeddings encoded at the start."""
+    unknown = [prompt for prompt in prompts if prompt not in cache]
+    if unknown:
+        raise KeyError(f"prompt {unknown[0]!r} was not encoded before the text encoder was freed")
+    return torch.cat([cache[prompt] for prompt in prompts]).to(device, dtype)
+
+
 def trainable_digest(model: torch.nn.Module) -> str:
     """sha256 of the trainable parameters in name order: equal on every rank when gradients are synchronised."""
     digest = hashlib.sha256()
@@ -223,6 +263,7 @@ def load_models(args: argparse.Namespace) -> dict[str, Any]:
         frozen.requires_grad_(False)
     if args.init_from:  # our export or a released GraySD folder, loaded strictly
         guider, unet, _ = load_icp_weights(unet, args.init_from)
+        logger.info("init from %s (%s weights)", args.init_from, init_weights_kind(args.init_from))
     else:
         guider = ColorGuider.from_unet(unet)
         add_icp_lora(unet, rank=args.lora_rank, alpha=args.lora_alpha)
@@ -286,9 +327,10 @@ def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> l
 def validation_canvases(sample: Any, resolution: tuple[int, int] | None) -> tuple[Image.Image, Image.Image, np.ndarray]:
     """The guider's canvases and mask of a validation sample at 2x the training resolution: the model colours the
     whole canvas at the frame size it was trained on (as inference colours 1024x1600 for 512x800 frames)."""
-    if resolution is None or tuple(resolution) == sample.color.size:
+    size = training_size(sample.color.size, resolution, 1)
+    if size == sample.color.size:
         return sample.refs_only, sample.frame_only, sample.mask
-    canvas = (2 * resolution[0], 2 * resolution[1])
+    canvas = (2 * size[0], 2 * size[1])
     mask = Image.fromarray(sample.mask.astype(np.float32), mode="F").resize(canvas, Image.Resampling.NEAREST)
     return (
         sample.refs_only.resize(canvas, Image.Resampling.BICUBIC),
@@ -316,6 +358,8 @@ def log_validation(
         guider=inner.guider,
         scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
     )
+    if models["text_encoder"] is None:  # --free_text_encoder: the prompts were encoded before it was dropped
+        pipeline.encode_prompt = partial(cached_prompt_embeds, models["prompt_cache"], dtype=inner.unet.dtype)
     pipeline.set_progress_bar_config(disable=True)
     rows = []
     was_training = inner.training
@@ -359,6 +403,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
     from model.icp_weights import describe_weights
 
     check_base_model(args.pretrained_model_name_or_path, BASE_SUBFOLDERS)
+    check_optimizer_arguments(args)
     output_dir = check_output_creatable(args.output_dir, "--output_dir")
     resume = resolve_resume(output_dir, args.resume_from_checkpoint, skip_unreadable=args.skip_unreadable_checkpoints)
     current = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
@@ -446,6 +491,13 @@ def train(
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     prompt_embeds = encode_prompt(models["tokenizer"], text_encoder, args.prompt, device)
+    if args.free_text_encoder:
+        models["prompt_cache"] = {
+            prompt: encode_prompt(models["tokenizer"], text_encoder, prompt, device) for prompt in (args.prompt, "")
+        }
+        models["text_encoder"] = text_encoder = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     register_hooks(accelerator, GuidedUNet)
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -453,13 +505,8 @@ def train(
     if args.scale_lr:
         learning_rate *= args.train_batch_size * args.gradient_accumulation_steps * world
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params,
-        lr=learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(params, args, learning_rate)
+    ema = make_ema(params, args, accelerator)
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
         optimizer,
@@ -472,6 +519,7 @@ def train(
     if resume is not None:
         state = read_json(resume / TRAIN_STATE)
         accelerator.load_state(str(resume))
+        ema_on_device(ema, device)
         global_step = int(state["global_step"])
         logger.info("resumed from %s at step %d", resume, global_step)
     elif args.resume_from_checkpoint:
@@ -550,6 +598,8 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach())
             timestep_buffer.append(timesteps.detach())
+        if ema is not None:
+            ema.step(params)
         global_step += 1
         step_loss = accelerator.gather(torch.stack(losses).mean()[None]).mean().item()
         loss_history.append(step_loss)
@@ -575,30 +625,37 @@ def train(
             progress.close()
             raise preempted(global_step, accelerator)
         if validation and global_step % args.validation_steps == 0:
-            log_validation(accelerator, models, model, validation, args, global_step)
+            with averaged_weights(ema, params):
+                log_validation(accelerator, models, model, validation, args, global_step)
     progress.close()
 
     accelerator.wait_for_everyone()
     digests = accelerator.gather_for_metrics([trainable_digest(model)], use_gather_object=True)
+    ema_digests = accelerator.gather_for_metrics([ema_digest(ema)], use_gather_object=True)
     keys_per_rank = accelerator.gather_for_metrics([sample_keys], use_gather_object=True)
     totals = accelerator.gather(torch.tensor([bad_skipped, samples_seen], device=device)[None]).sum(0).tolist()
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
-        layout_size = frame_size(source)
+        layout_size = max(source.frame_sizes or (frame_size(source),), key=lambda size: size[0] * size[1])
         meta = {
             "base_model": args.pretrained_model_name_or_path,
             "prompt": args.prompt,
             "frame_size": list(layout_size),
-            "resolution": list(args.resolution or layout_size),
+            "resolution": list(training_size(layout_size, args.resolution, 1)),
+            "frame_sizes": [list(size) for size in source.frame_sizes] or [list(layout_size)],
             "training_steps": global_step,
             "shard_manifest": source.manifest,
             "shard_manifest_sha256": source.sha256,
             "seed": args.seed,
             "timestep_mu": mu,
             "init_from": args.init_from,
+            "init_weights": init_weights_kind(args.init_from),
         }
-        export_model(output_dir, inner, meta)
+        export_model(output_dir, inner, {**meta, "weights": "raw"})
+        if ema is not None:
+            with averaged_weights(ema, params):
+                export_model(output_dir / EMA_FOLDER, inner, {**meta, "weights": "ema", "ema_decay": args.ema_decay})
         seconds = time.perf_counter() - started
         summary = {
             "steps": global_step,
@@ -611,6 +668,7 @@ def train(
             "loss_last_steps": loss_history[-10:],
             "loss_steps": [start_step + 1, global_step],  # the steps the losses cover (a resumed run's start later)
             "trainable_sha256_per_rank": digests,
+            "ema_sha256_per_rank": ema_digests if ema is not None else None,
             "export": str(output_dir),
         }
         if args.record_sample_keys:

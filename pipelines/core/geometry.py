@@ -27,6 +27,21 @@ RING_CELLS: dict[int, tuple[tuple[int, int], ...]] = {
 }
 RANKS_PER_PATCH = 3
 
+# How pages and patches are resampled. "bicubic" is the released app's way (`process_image` and its resizes: PIL
+# bicubic, the crop box truncated, cropped before resizing); "lanczos" is the project's first choice, kept where
+# stored bytes must not change (retrieval embeddings, screentone renders, shard frames, benchmark truth pages).
+RESAMPLE_BICUBIC = "bicubic"
+RESAMPLE_LANCZOS = "lanczos"
+RESAMPLERS = (RESAMPLE_BICUBIC, RESAMPLE_LANCZOS)
+_PIL_FILTERS = {RESAMPLE_BICUBIC: Image.Resampling.BICUBIC, RESAMPLE_LANCZOS: Image.Resampling.LANCZOS}
+
+
+def pil_filter(resample: str) -> Image.Resampling:
+    """The PIL filter of a resampler name; ValueError names the choices."""
+    if resample not in _PIL_FILTERS:
+        raise ValueError(f"resample {resample!r} is not one of {RESAMPLERS}")
+    return _PIL_FILTERS[resample]
+
 
 def quadrant_boxes(width: int, height: int) -> list[Box]:
     """The four 3/4-size crops with stride 1/4, in the order TL, TR, BL, BR.
@@ -51,32 +66,51 @@ def reference_boxes(width: int, height: int) -> list[Box]:
     return [*quadrant_boxes(width, height), (0, 0, width, height)]
 
 
-def fit_box(src_w: int, src_h: int, dst_w: int, dst_h: int, tolerance: float = ASPECT_TOLERANCE) -> Box:
+def fit_box(
+    src_w: int, src_h: int, dst_w: int, dst_h: int, tolerance: float = ASPECT_TOLERANCE, *, truncate: bool = False
+) -> Box:
     """The region of a src_w x src_h page to resize to dst_w x dst_h.
 
     The whole page if its aspect ratio is within `tolerance` of the target's (a mild stretch), else the largest
-    centred crop with the target's aspect ratio.
+    centred crop with the target's aspect ratio. `truncate` is the released app's rule: the crop side truncated
+    instead of rounded, and a page exactly `tolerance` off is cropped.
     """
     if min(src_w, src_h, dst_w, dst_h) <= 0:
         raise ValueError(f"sizes must be positive: source {src_w}x{src_h}, target {dst_w}x{dst_h}")
     src_aspect, dst_aspect = src_w / src_h, dst_w / dst_h
-    if abs(src_aspect / dst_aspect - 1.0) <= tolerance:
+    error = abs(src_aspect / dst_aspect - 1.0)
+    if error < tolerance or (error == tolerance and not truncate):
         return (0, 0, src_w, src_h)
+    side = int if truncate else round
     if src_aspect > dst_aspect:  # too wide: crop the sides
-        crop_w = max(1, round(src_h * dst_aspect))
+        crop_w = max(1, side(src_h * dst_aspect))
         left = (src_w - crop_w) // 2
         return (left, 0, left + crop_w, src_h)
-    crop_h = max(1, round(src_w / dst_aspect))
+    crop_h = max(1, side(src_w / dst_aspect))
     top = (src_h - crop_h) // 2
     return (0, top, src_w, top + crop_h)
 
 
-def fit_image(image: Image.Image, width: int, height: int, tolerance: float = ASPECT_TOLERANCE) -> Image.Image:
-    """Fit a page to the target size as the paper does: resize, centre-cropping first if the aspect is far off."""
-    box = fit_box(image.width, image.height, width, height, tolerance)
+def fit_image(
+    image: Image.Image,
+    width: int,
+    height: int,
+    tolerance: float = ASPECT_TOLERANCE,
+    *,
+    resample: str = RESAMPLE_LANCZOS,
+) -> Image.Image:
+    """Fit a page to the target size as the paper does: resize, centre-cropping first if the aspect is far off.
+
+    "bicubic" follows the released app's `process_image` exactly (truncated box, crop, then PIL bicubic); "lanczos"
+    resizes the rounded box in one step (the project's first fit, kept where stored bytes must not change).
+    """
+    release = resample == RESAMPLE_BICUBIC
+    box = fit_box(image.width, image.height, width, height, tolerance, truncate=release)
     if box == (0, 0, image.width, image.height) and image.size == (width, height):
         return image.copy()
-    return image.resize((width, height), Image.Resampling.LANCZOS, box=box)
+    if release:
+        return image.crop(box).resize((width, height), pil_filter(resample))
+    return image.resize((width, height), pil_filter(resample), box=box)
 
 
 def hires_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -134,13 +168,15 @@ class CompositeLayout:
         mask[top:bottom, left:right] = 0.0
         return mask
 
-    def ring_canvas(self, patches: dict[tuple[int, int], Image.Image]) -> Image.Image:
-        """White RGB canvas with each (query_patch, rank) patch resized into its ring cell; centre left white."""
+    def ring_canvas(self, patches: dict[tuple[int, int], Image.Image], resample: str = RESAMPLE_BICUBIC) -> Image.Image:
+        """White RGB canvas with each (query_patch, rank) patch resized into its ring cell; centre left white.
+
+        Bicubic by default, as the released app resizes its ring patches (sample format 1 used Lanczos)."""
         canvas = Image.new("RGB", self.canvas_size, (255, 255, 255))
         pw, ph = self.patch_size
         for (query_patch, rank), patch in sorted(patches.items()):
             left, top, _, _ = self.ring_box(query_patch, rank)
-            canvas.paste(patch.convert("RGB").resize((pw, ph), Image.Resampling.LANCZOS), (left, top))
+            canvas.paste(patch.convert("RGB").resize((pw, ph), pil_filter(resample)), (left, top))
         return canvas
 
     def compose(self, ring: Image.Image, centre: Image.Image | None) -> Image.Image:

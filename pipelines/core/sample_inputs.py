@@ -29,6 +29,7 @@ from pipelines.core.samples import (
     FIELD_RING,
     FIELD_TONE,
     FIELDS,
+    check_sample_format_version,
 )
 
 VARIANTS = ("tone", "grey")
@@ -85,6 +86,7 @@ def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
     if missing:
         raise KeyError(f"sample {fields.get('__key__')!r} lacks fields {missing}; a sample has {list(FIELDS)}")
     meta = as_meta(fields[FIELD_META])
+    check_sample_format_version(meta.get("sample_format_version"), f"sample {fields.get('__key__')!r}")
     decoded = DecodedSample(
         key=str(fields.get("__key__", meta.get("key"))),
         color=as_image(fields[FIELD_COLOR], FIELD_COLOR, "RGB"),

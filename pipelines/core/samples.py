@@ -34,6 +34,12 @@ and gradients compress worse, so expect roughly 1.5-2x these figures (the shard 
 
 The fitted frame, references and screentone all use `pipelines.core.geometry` (paper's fit: resize, centre-crop
 first when the aspect is more than 15% off), so training, retrieval and inference agree on every pixel.
+
+Sample format versions (`SAMPLE_FORMAT_VERSION`, in every sample's metadata, each split's manifest and
+shards/manifest.json): 1 built the ring with Lanczos (references fitted and patches resized); 2 builds it the
+released app's way (references fitted with its `process_image` rule and PIL bicubic, patches resized bicubic), so
+our models see the ring the released ones saw. Frames, greyscale and screentone are the same in both. Readers accept
+`READABLE_SAMPLE_FORMAT_VERSIONS` and refuse others (`check_sample_format_version`).
 """
 
 from __future__ import annotations
@@ -49,7 +55,16 @@ import numpy as np
 from PIL import Image
 
 from pipelines.core.errors import PreconditionError
-from pipelines.core.geometry import RANKS_PER_PATCH, CompositeLayout, fit_box, fit_image, hires_size, reference_boxes
+from pipelines.core.geometry import (
+    RANKS_PER_PATCH,
+    RESAMPLE_BICUBIC,
+    RESAMPLE_LANCZOS,
+    CompositeLayout,
+    fit_box,
+    fit_image,
+    hires_size,
+    reference_boxes,
+)
 from pipelines.core.pagestore import decode_page, encode_page
 from pipelines.core.schemas import QUERY_PATCHES, REF_PATCHES
 
@@ -72,24 +87,36 @@ FIELDS: tuple[str, ...] = (
     FIELD_META,
 )
 
-SAMPLE_FORMAT_VERSION = 1  # the one constant naming the sample bytes: the manifests record it, readers check it
+SAMPLE_FORMAT_VERSION = 2  # the one constant naming the sample bytes: the manifests record it, readers check it
+READABLE_SAMPLE_FORMAT_VERSIONS = (1, 2)  # the same fields and sizes; version 2 resamples the ring bicubic
 
 
 class SampleFormatError(PreconditionError):
     """Samples of another format version: a dataset never mixes versions, and a reader never guesses."""
 
 
-def require_sample_format(versions: Iterable[Any], where: str) -> None:
-    """The one rule for a change of sample format: `where` (a shard folder, a manifest) must hold only samples of
-    this code's `SAMPLE_FORMAT_VERSION`; anything else (another version, a mix) is refused in one line naming the
-    way out, a rebuild. Used by the shard writer (never append another version) and by the readers."""
-    found = sorted({str(v) for v in versions})
-    if found and found != [str(SAMPLE_FORMAT_VERSION)]:
-        raise SampleFormatError(
-            f"{where} holds samples of sample format version {', '.join(found)}; this code writes and reads only "
-            f"version {SAMPLE_FORMAT_VERSION} and never mixes versions in a dataset: rewrite the shards with "
-            "python -m jobs.shards --data OUT --rebuild (or python -m jobs.pipeline ... --rebuild)"
+def require_sample_format(versions: Iterable[Any], where: str, *, reading: bool = False) -> None:
+    """The one rule for a change of sample format: `where` (a shard folder, a manifest) holds samples of one format
+    version, which the writer only appends to when it is this code's `SAMPLE_FORMAT_VERSION` and a reader (with
+    `reading`) accepts when it is one of `READABLE_SAMPLE_FORMAT_VERSIONS`; anything else (another version, a mix)
+    is refused in one line naming the way out, a rebuild. A missing version is 1, the first format."""
+    found = sorted({1 if v is None else int(v) for v in versions})
+    allowed = READABLE_SAMPLE_FORMAT_VERSIONS if reading else (SAMPLE_FORMAT_VERSION,)
+    if len(found) > 1 or (found and found[0] not in allowed):
+        does = (
+            f"reads versions {', '.join(map(str, allowed))}" if reading else f"writes version {SAMPLE_FORMAT_VERSION}"
         )
+        raise SampleFormatError(
+            f"{where} holds samples of sample format version {', '.join(map(str, found))}; this code {does} and "
+            "never mixes versions in a dataset: rewrite the shards with python -m jobs.shards --data OUT --rebuild "
+            "(or python -m jobs.pipeline ... --rebuild)"
+        )
+
+
+def check_sample_format_version(version: Any, where: str) -> int:
+    """The sample format version of one sample (absent: 1), refused in one line when this code cannot read it."""
+    require_sample_format([version], where, reading=True)
+    return 1 if version is None else int(version)
 
 
 class SampleError(ValueError):
@@ -173,7 +200,7 @@ class ChapterPages:
         self._encoded = dict(encoded)
         self._keep_decoded = keep_decoded
         self._decoded: OrderedDict[str, Image.Image] = OrderedDict()
-        self._fitted: dict[tuple[str, int, int], Image.Image] = {}
+        self._fitted: dict[tuple[str, int, int, str], Image.Image] = {}
 
     def __contains__(self, page_id: str) -> bool:
         return page_id in self._encoded
@@ -193,11 +220,15 @@ class ChapterPages:
             self._decoded.popitem(last=False)
         return image
 
-    def fitted(self, page_id: str, width: int, height: int, *, keep: bool = True) -> Image.Image:
-        key = (page_id, width, height)
+    def fitted(
+        self, page_id: str, width: int, height: int, *, keep: bool = True, resample: str = RESAMPLE_LANCZOS
+    ) -> Image.Image:
+        """The page fitted to width x height: Lanczos for frames (their screentone was rendered from that fit),
+        bicubic (the released app's fit) for the ring's references."""
+        key = (page_id, width, height, resample)
         if key in self._fitted:
             return self._fitted[key]
-        image = fit_image(self.page(page_id), width, height)
+        image = fit_image(self.page(page_id), width, height, resample=resample)
         if keep:
             self._fitted[key] = image
         return image
@@ -257,15 +288,16 @@ def retrieval_grid(frame_id: str, rows: list[Mapping[str, Any]]) -> list[dict[st
 
 
 def build_ring(pages: ChapterPages, grid: list[dict[str, Any]], layout: CompositeLayout) -> Image.Image:
-    """The reference ring: each retrieved patch cropped from its page fitted to W x H, placed by patch and rank."""
+    """The reference ring, the released app's way: each retrieved patch cropped from its page fitted to W x H
+    (bicubic), resized into its cell (bicubic), placed by patch and rank."""
     boxes = reference_boxes(layout.width, layout.height)
     patches = {
-        (row["query_patch"], row["rank"]): pages.fitted(row["ref_page_id"], layout.width, layout.height).crop(
-            boxes[row["ref_patch"]]
-        )
+        (row["query_patch"], row["rank"]): pages.fitted(
+            row["ref_page_id"], layout.width, layout.height, resample=RESAMPLE_BICUBIC
+        ).crop(boxes[row["ref_patch"]])
         for row in grid
     }
-    return layout.ring_canvas(patches)
+    return layout.ring_canvas(patches, RESAMPLE_BICUBIC)
 
 
 def build_sample(

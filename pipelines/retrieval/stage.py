@@ -133,6 +133,7 @@ class RetrievalOptions:
     height: int = 800
     rule: NearDuplicateRule = field(default_factory=NearDuplicateRule)
     max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
+    random_references: bool = False  # "without RAP" (our reading): patches drawn at random from the pool, no search
     encoder: str = DEFAULT_ENCODER
     batch_size: int | None = None  # encoder batch; None: the encoder's default for its device
     encoder_actors: tuple[int, int] | None = None  # (min, max) actors; None: one per GPU, else 1 up to CPUs/threads
@@ -143,7 +144,10 @@ class RetrievalOptions:
     def search_settings(self) -> dict[str, Any]:
         """The fields that decide pools and retrievals, as recorded in run.json and the stage summary."""
         settings = asdict(self)
-        return {name: settings[name] for name in SEARCH_FIELDS}
+        chosen = {name: settings[name] for name in SEARCH_FIELDS}
+        if self.random_references:  # absent when off, so the usual runs keep their recorded settings
+            chosen["random_references"] = True
+        return chosen
 
     def __post_init__(self) -> None:
         if self.encoder_actors is not None and not 1 <= self.encoder_actors[0] <= self.encoder_actors[1]:
@@ -177,6 +181,8 @@ class RetrievalOptions:
         }
         if self.max_per_page is not None:  # absent when off, so uncapped run folders keep their ids
             key["max_per_page"] = self.max_per_page
+        if self.random_references:
+            key["random_references"] = True
         return stable_hash(key, 12)
 
 
@@ -840,14 +846,17 @@ def chapter_retrievals(
         ],
         repeats=QUERY_PATCHES,
     )
-    top_rows, top_scores = searcher.search(
-        queries,
-        allowed,
-        params.k_per_patch,
-        max_per_page=params.max_per_page,
-        ref_pages=keys.page_ids,
-        queries_per_frame=QUERY_PATCHES,
-    )
+    if params.random_references:
+        top_rows, top_scores = random_picks(ok_pools, allowed, params)
+    else:
+        top_rows, top_scores = searcher.search(
+            queries,
+            allowed,
+            params.k_per_patch,
+            max_per_page=params.max_per_page,
+            ref_pages=keys.page_ids,
+            queries_per_frame=QUERY_PATCHES,
+        )
     top_rows = top_rows.reshape(len(ok_pools), QUERY_PATCHES, params.k_per_patch)
     top_scores = top_scores.reshape(top_rows.shape)
     for pool, frame_rows, frame_scores in zip(ok_pools, top_rows, top_scores, strict=True):
@@ -866,6 +875,19 @@ def chapter_retrievals(
                     }
                 )
     return pools, retrievals
+
+
+def random_picks(pools: list[Pool], allowed: np.ndarray, params: RetrievalOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The "without RAP" variant: each frame's 4 x k patches drawn without replacement, uniformly from its pool's
+    reference patches, seeded by (seed, frame id); scores are 0 (nothing was compared). Same shapes as a search."""
+    picks = QUERY_PATCHES * params.k_per_patch
+    rows = np.empty((len(pools), picks), dtype=np.int64)
+    for number, pool in enumerate(pools):
+        candidates = allowed[number * QUERY_PATCHES]
+        candidates = candidates[candidates >= 0]
+        seed = int(stable_hash({"seed": params.seed, "frame": pool.frame_id, "purpose": "random-references"}, 16), 16)
+        rows[number] = np.random.default_rng(seed).choice(candidates, size=picks, replace=False)
+    return rows.reshape(-1, params.k_per_patch), np.zeros((len(pools) * QUERY_PATCHES, params.k_per_patch))
 
 
 def distinct_pages_histogram(retrievals: pa.Table) -> dict[str, int]:

@@ -1,0 +1,123 @@
+"""The PixArt (line-art family) ICP trainer on CPU: the tiny PixArt folder, its text cache and the `pipeline_data`
+shards (4 shards of 6 at 128x192)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.text_cache import build_text_cache, save_text_cache
+from model.tiny_pixart import build_tiny_pixart
+from training.train_pixart_icp import cli, load_models, main, parse_args
+
+pytestmark = pytest.mark.usefixtures("frugal_threads")
+FAST = [
+    "--train_batch_size", "2", "--resolution", "64x96", "--dataloader_num_workers", "0", "--validation_steps", "0",
+    "--report_to", "none", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "5e-3",
+    "--prompt_drop_probability", "0.5",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pixart(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(tiny PixArt folder, its "manga" text cache)."""
+    root = tmp_path_factory.mktemp("pixart")
+    folder = build_tiny_pixart(root / "tiny-pixart")
+    cache = save_text_cache(build_text_cache(folder, "manga"), root / "manga-t5.safetensors")
+    return folder, cache
+
+
+def _args(pixart: tuple[Path, Path], data: str | Path, out: Path, *extra: str) -> list[str]:
+    folder, cache = pixart
+    base = ["--pretrained_model_name_or_path", str(folder), "--text_cache", str(cache), "--data", str(data)]
+    return [*base, "--output_dir", str(out), *FAST, *extra]
+
+
+def _weights(export: Path) -> dict[str, torch.Tensor]:
+    guider = torch.load(export / "diffusion_pytorch_model.bin", weights_only=True)
+    lora = torch.load(export / "transformer_lora.bin", weights_only=True)
+    return {**{f"guider.{k}": v for k, v in guider.items()}, **{f"lora.{k}": v for k, v in lora.items()}}
+
+
+def test_arguments_default_to_the_release_and_refuse_bad_values(capsys: pytest.CaptureFixture) -> None:
+    required = ["--pretrained_model_name_or_path", "p", "--text_cache", "c", "--data", "d", "--output_dir", "o"]
+    args = parse_args(required)
+    assert (args.lora_rank, args.lora_alpha, args.timestep_mu, args.prompt_drop_probability) == (128, 128.0, 1.5, 0.1)
+    assert args.validation_guidance_scale == 4.5 and not args.gradient_checkpointing
+    assert parse_args([*required, "--no_timestep_shift"]).timestep_mu == 0.0
+    assert cli([*required, "--prompt_drop_probability", "1.5"]) == 2
+    assert "--prompt_drop_probability 1.5: must be within [0, 1]" in capsys.readouterr().err
+    assert cli(required[:-4]) == 2  # no --text_cache: T5 is never loaded, so the cache is required
+
+
+def test_only_the_guider_and_the_lora_train_and_t5_is_never_loaded(
+    pixart: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the trainer loaded the text encoder")
+
+    monkeypatch.setattr(transformers.T5EncoderModel, "from_pretrained", refuse)
+    models = load_models(parse_args(_args(pixart, "d", tmp_path)))
+    model = models["model"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("guider.") or ".lora_" in n for n in trainable)
+    assert {n for n in trainable if n.startswith("guider.")} == {
+        f"guider.{n}" for n, _ in model.guider.named_parameters()
+    }
+    assert all(
+        n.startswith("transformer.") and ".lora_" not in n for n, p in model.named_parameters() if not p.requires_grad
+    )
+    assert any("pos_embed.proj.lora_A" in n for n in trainable) and any("proj_out.lora_B" in n for n in trainable)
+    assert not any(p.requires_grad for p in models["vae"].parameters())
+    assert models["text"].prompt_embeds.shape == (1, 120, 32)
+
+
+def test_a_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(
+    pixart: tuple[Path, Path], pipeline_data: Path, tmp_path: Path
+) -> None:
+    common = ["--checkpointing_steps", "2", "--gradient_accumulation_steps", "2", "--gradient_checkpointing"]
+    straight = main(parse_args(_args(pixart, pipeline_data, tmp_path / "straight", "--max_train_steps", "4", *common)))
+    stopped = tmp_path / "stopped"
+    main(parse_args(_args(pixart, pipeline_data, stopped, "--max_train_steps", "2", *common)))
+    first_export = _weights(stopped / "export")
+    resumed_args = ["--max_train_steps", "4", "--resume_from_checkpoint", "latest", *common]
+    main(parse_args(_args(pixart, pipeline_data, stopped, *resumed_args)))
+    expected, resumed = _weights(tmp_path / "straight" / "export"), _weights(stopped / "export")
+    assert expected.keys() == resumed.keys() and "guider.after_proj.weight" in expected
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert any(not torch.equal(first_export[k], resumed[k]) for k in expected)  # the resumed steps did train
+    assert straight["steps"] == 4 and straight["samples"] == 16
+    state = json.loads((stopped / "checkpoint-4" / "train_state.json").read_text())
+    assert state["global_step"] == 4 and state["samples_per_rank"] == 16
+    assert (stopped / "checkpoint-4" / "lineart" / "transformer_lora.bin").is_file()
+    export = json.loads((stopped / "export" / "export.json").read_text())
+    assert export["lora"]["rank"] == 4 and export["prompt"] == "manga" and export["prompt_drop_probability"] == 0.5
+    with pytest.raises(ValueError, match="cannot resume exactly"):
+        changed = ["--max_train_steps", "6", "--resume_from_checkpoint", "latest", "--train_batch_size", "3"]
+        main(parse_args(_args(pixart, pipeline_data, stopped, *changed)))
+
+
+def test_the_export_loads_into_the_pipeline_and_validation_is_logged(
+    pixart: tuple[Path, Path], pipeline_data: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    extra = ["--max_train_steps", "1", "--report_to", "tensorboard", "--validation_steps", "1"]
+    extra += ["--num_validation_samples", "1", "--validation_inference_steps", "2"]
+    main(parse_args(_args(pixart, pipeline_data, out, *extra)))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next(out.glob("logs/**/events.out.tfevents.*")).parent), size_guidance={"images": 0})
+    events.Reload()
+    assert "validation" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
+    from model.lineart_weights import load_lineart_pipeline
+
+    pipeline = load_lineart_pipeline(pixart[0], out / "export")
+    saved = _weights(out / "export")
+    guider = pipeline.guider.state_dict()
+    assert all(torch.equal(guider[k.removeprefix("guider.")], v) for k, v in saved.items() if "adapter" in k)
+    assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if k.startswith("guider.adapter_linear"))
