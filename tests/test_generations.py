@@ -31,6 +31,12 @@ def _tars(data: Path) -> dict[str, bytes]:
     return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "shards").rglob("*.tar"))}
 
 
+def _chapter_files(data: Path) -> dict[str, bytes]:
+    """Every per-chapter file (and folder record) of the stages that keep one file set per chapter."""
+    folders = [data / name for name in ("ingest", "pagestore", "retrieval", "screentone")]
+    return {str(p.relative_to(data)): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
+
+
 def _stats(data: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(data)): (p.stat().st_mtime_ns, p.stat().st_size) for p in data.rglob("*") if p.is_file()}
 
@@ -41,6 +47,7 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     pipeline_main(argv)
     layout = DataLayout.at(data)
     first = _tars(data)
+    first_files = _chapter_files(data)
     assert first and all("-g0000-" in name for name in first)
 
     # a rerun with nothing new writes nothing but its run record
@@ -70,10 +77,19 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     assert manifest["generation"] == 1 and manifest["generations"][1]["frames_added"] == 24
     assert {g["sample_format_version"] for g in manifest["generations"]} == {manifest["sample_format_version"]}
     assert (layout.shards("train") / "manifest.g0000.json").is_file()  # the shard list a resumed run keeps
+    new_files = sorted(set(_chapter_files(data)) - set(first_files))
+    for folder in ("ingest/pages", "ingest/chapters", "pagestore", "retrieval/embeddings", "retrieval/runs"):
+        assert any(name.startswith(folder) for name in new_files), folder
+    assert any(name.startswith("screentone") and name.endswith(".done.json") for name in new_files)
 
-    # the chapter taken down: only the tars that held its frames go, and the new generation records it
+    # the chapter taken down: its files go in every stage, only the tars that held its frames go, and the new
+    # generation records it; every other chapter's files keep their bytes
     shutil.rmtree(copy) if copy.is_dir() else copy.unlink()
-    pipeline_main(argv)
+    removed_stages = pipeline_main(argv)["stages"]
+    assert removed_stages["ingest"]["summary"]["run"]["chapters_purged"] == 1
+    assert removed_stages["retrieval"]["summary"]["chapters_purged"] == 1
+    assert removed_stages["screentone"]["summary"]["chapters_purged"] == 1
+    assert _chapter_files(data) == first_files
     assert _tars(data) == first
     manifest = read_json(layout.shards("train") / "manifest.json")
     removed = manifest["generations"][2]

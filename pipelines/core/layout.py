@@ -67,11 +67,19 @@ class DataLayout:
         return self.root / f"{stage}.summary.json"
 
     # retrieval
+    @property
+    def embeddings_root(self) -> Path:
+        return self.root / "retrieval" / "embeddings"
+
     def embeddings(self, encoder_id: str) -> Path:
-        return self.root / "retrieval" / "embeddings" / encoder_id
+        return self.embeddings_root / encoder_id
+
+    @property
+    def retrieval_runs(self) -> Path:
+        return self.root / "retrieval" / "runs"
 
     def retrieval_run(self, run_id: str) -> Path:
-        return self.root / "retrieval" / "runs" / run_id
+        return self.retrieval_runs / run_id
 
     @property
     def pools(self) -> Path:
@@ -82,8 +90,12 @@ class DataLayout:
         return self.root / "retrievals.parquet"
 
     # screentone
+    @property
+    def screentone_root(self) -> Path:
+        return self.root / "screentone"
+
     def screentone(self, renderer_id: str, width: int, height: int) -> Path:
-        return self.root / "screentone" / renderer_id / f"{width}x{height}"
+        return self.screentone_root / renderer_id / f"{width}x{height}"
 
     # shards and splits
     @property
@@ -104,3 +116,8 @@ class DataLayout:
     @property
     def shards_manifest(self) -> Path:
         return self.root / "shards" / "manifest.json"
+
+
+def subfolders(folder: Path) -> list[Path]:
+    """The folders directly in `folder`, sorted (none if it does not exist)."""
+    return sorted(path for path in folder.iterdir() if path.is_dir()) if folder.is_dir() else []

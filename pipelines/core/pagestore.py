@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
-from pipelines.core.storage import read_parquet, write_parquet
+from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_parquet, write_parquet
 
 ENCODINGS = ("jpeg", "png", "webp")
 INGEST_STAGE = "ingest"  # the stage whose summary says the page store is complete
@@ -70,3 +70,10 @@ def kept_chapter_ids(layout: DataLayout) -> list[str]:
     chapters = read_parquet(layout.chapters).select(["chapter_id", "kept", "status"])
     kept = pc.and_(pc.equal(chapters["kept"], True), pc.equal(chapters["status"], STATUS_OK))
     return sorted(chapters.filter(kept).column("chapter_id").to_pylist())
+
+
+def ingested_chapter_ids(layout: DataLayout) -> set[str]:
+    """Ids of the chapters ingestion has a completion marker for: the chapters of the input (ingestion purges
+    the markers of chapters taken down from it). A later stage purges the files of any other chapter."""
+    folder = layout.ingest_pages
+    return {chapter_of(path) for path in folder.glob(f"*{MARKER_SUFFIX}")} if folder.is_dir() else set()

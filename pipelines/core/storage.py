@@ -182,3 +182,31 @@ def sweep_tmp(folder: str | os.PathLike) -> int:
             path.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+CHAPTER_FILE_SUFFIXES = (MARKER_SUFFIX, ".parquet", ".npy")  # a chapter's marker is listed first: it goes first
+
+
+def chapter_of(path: Path) -> str:
+    """The chapter id a per-chapter file is named by: its name up to the first dot (ids have none)."""
+    return path.name.split(".", 1)[0]
+
+
+def purge_chapter_files(folder: str | os.PathLike, keep: set[str]) -> set[str]:
+    """Delete the per-chapter files (`<chapter_id>.npy`, `.parquet` and their `.done.json` markers) in `folder`
+    (not below it) whose chapter is not in `keep`; returns the ids of the chapters purged.
+
+    Markers go before data, so a purge killed half-way never leaves a marker over missing files; a rerun purges
+    the rest. Other files (`encoder.json`, `run.json`) and temporary files are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return set()
+    purged: set[str] = set()
+    for suffix in CHAPTER_FILE_SUFFIXES:
+        for path in sorted(folder.glob(f"*{suffix}")):
+            if TMP_TAG in path.name or chapter_of(path) in keep or not path.is_file():
+                continue
+            path.unlink(missing_ok=True)
+            purged.add(chapter_of(path))
+    return purged

@@ -55,6 +55,7 @@ from pipelines.core.storage import (
     atomic_write_json,
     is_done,
     marker_path,
+    purge_chapter_files,
     read_json,
     read_parquet,
     stable_hash,
@@ -363,6 +364,15 @@ def _sweep_tmp(layout: DataLayout) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def purge_taken_down(layout: DataLayout, listed_ids: set[str]) -> set[str]:
+    """Delete the page store part, table parts and marker of every chapter no longer in the input (`listed_ids`);
+    returns their ids. Later stages purge their own files of chapters without an ingestion marker."""
+    purged: set[str] = set()
+    for folder in (layout.ingest_pages, layout.ingest_chapters, layout.pagestore):  # markers (ingest/pages) first
+        purged |= purge_chapter_files(folder, listed_ids)
+    return purged
+
+
 def _count(table: pa.Table, column: str, value: Any) -> int:
     return int(pc.sum(pc.equal(table.column(column), value)).as_py() or 0)
 
@@ -396,9 +406,10 @@ def run_ingest(
     chapters = list_chapters(root)
     if not chapters:
         raise PreconditionError(f"--input {input_root}: {layout_problem(root)}")
+    listed_ids = {chapter.chapter_id for chapter in chapters}  # before --limit: a trial run purges nothing it skips
     if limit is not None:
         chapters = chapters[: max(0, limit)]
-    run = {"chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
+    run = {"listed_ids": listed_ids, "chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
     run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
     with created_folder(output):
         return _run_ingest(root, input_uri, output, chapters, options, **run)
@@ -411,6 +422,7 @@ def _run_ingest(
     chapters: list[ChapterEntry],
     options: IngestOptions,
     *,
+    listed_ids: set[str],
     chapters_per_task: int,
     local: bool,
     ray_address: str | None,
@@ -423,6 +435,7 @@ def _run_ingest(
     layout = DataLayout.at(output)
     layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     _sweep_tmp(layout)
+    purged = purge_taken_down(layout, listed_ids)
     write_parquet(manifest_table(chapters), layout.manifest)
     tasks = [ChapterTask(input_uri, output, c, options, chapter_signature(root, c)) for c in chapters]
     listed = time.perf_counter()
@@ -472,6 +485,7 @@ def _run_ingest(
             "chapters_processed": len(report.results),
             "chapters_reused": len(report.skipped),
             "chapters_failed": len(report.failed),
+            "chapters_purged": len(purged),
             "failures": [{"chapter_id": r["key"], "error": r.get("error")} for r in report.failed],
             "faults": report.faults.as_dict(),
             "pages_processed": processed_pages,

@@ -60,8 +60,8 @@ from pipelines.core.encoders import (
     load_encoder,
     resolve_encoder,
 )
-from pipelines.core.layout import DataLayout
-from pipelines.core.pagestore import decode_page, kept_chapter_ids
+from pipelines.core.layout import DataLayout, subfolders
+from pipelines.core.pagestore import decode_page, ingested_chapter_ids, kept_chapter_ids
 from pipelines.core.patches import page_patches, patch_geometry
 from pipelines.core.pools import NearDuplicateRule, Pool, chapter_pools, error_pool, page_hashes
 from pipelines.core.schemas import (
@@ -82,6 +82,7 @@ from pipelines.core.storage import (
     atomic_path,
     atomic_write_json,
     marker_path,
+    purge_chapter_files,
     read_json,
     read_parquet,
     stable_hash,
@@ -997,6 +998,21 @@ def _stream_table(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> 
     return rows
 
 
+def purge_taken_down(layout: DataLayout) -> set[str]:
+    """Delete the embeddings (every encoder and size) and the search parts (every run) of chapters ingestion no
+    longer lists; returns their ids. Markers go before data: a chapter's search marker sits beside its retrievals,
+    its embeddings marker beside its vectors."""
+    keep = ingested_chapter_ids(layout)
+    purged: set[str] = set()
+    for encoder_folder in subfolders(layout.embeddings_root):
+        for folder in (encoder_folder, encoder_folder / "pages"):
+            purged |= purge_chapter_files(folder, keep)
+    for run_folder in subfolders(layout.retrieval_runs):
+        for folder in (run_folder / "retrievals", run_folder / "pools"):
+            purged |= purge_chapter_files(folder, keep)
+    return purged
+
+
 def run_retrieval(
     data: str | os.PathLike, options: RetrievalOptions | None = None, *, local: bool = False, **overrides: Any
 ) -> dict[str, Any]:
@@ -1021,6 +1037,7 @@ def run_retrieval(
         init_ray()
     for folder in (store.folder, run_folder):
         sweep_tmp(folder)
+    purged = purge_taken_down(layout)
     store.folder.mkdir(parents=True, exist_ok=True)
     _write_encoder_record(store.folder, info)
     atomic_write_json(
@@ -1125,6 +1142,7 @@ def run_retrieval(
         "run_id": run_id,
         "params": params.search_settings(),
         "chapters": len(chapters),
+        "chapters_purged": len(purged),
         "embeddings": embed_summary,
         "search": search_summary,
         **frames,

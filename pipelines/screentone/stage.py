@@ -18,11 +18,24 @@ import numpy as np
 from PIL import Image
 
 from pipelines.core.geometry import CompositeLayout, fit_image, hires_size
-from pipelines.core.layout import DataLayout
-from pipelines.core.pagestore import decode_page, encode_page, kept_chapter_ids, read_chapter_pages
+from pipelines.core.layout import DataLayout, subfolders
+from pipelines.core.pagestore import (
+    decode_page,
+    encode_page,
+    ingested_chapter_ids,
+    kept_chapter_ids,
+    read_chapter_pages,
+)
 from pipelines.core.schemas import SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.core.seeding import derive_seed
-from pipelines.core.storage import atomic_write_json, is_done, read_marker, write_marker, write_parquet
+from pipelines.core.storage import (
+    atomic_write_json,
+    is_done,
+    purge_chapter_files,
+    read_marker,
+    write_marker,
+    write_parquet,
+)
 from pipelines.runtime.distributor import Unit, run_units
 
 STAGE = "screentone"
@@ -157,6 +170,16 @@ def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOpt
     return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
 
 
+def purge_taken_down(layout: DataLayout) -> set[str]:
+    """Delete the renderings (every renderer and size) of chapters ingestion no longer lists; returns their ids."""
+    keep = ingested_chapter_ids(layout)
+    purged: set[str] = set()
+    for renderer_folder in subfolders(layout.screentone_root):
+        for size_folder in subfolders(renderer_folder):
+            purged |= purge_chapter_files(size_folder, keep)
+    return purged
+
+
 def run_screentone(
     data: str,
     options: ScreentoneOptions = ScreentoneOptions(),
@@ -175,6 +198,7 @@ def run_screentone(
     renderer = renderer_for(options.renderer, options.device)
     neural = not renderer.id.startswith("halftone")
     num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
+    purged = purge_taken_down(layout)
     chapter_ids = kept_chapter_ids(layout)
     payload = (str(layout.root), asdict(options), renderer.id)
     units = [Unit(key=chapter_id, payload=payload) for chapter_id in chapter_ids]
@@ -200,6 +224,7 @@ def run_screentone(
         "chapters": len(units),
         "chapters_rendered": len(report.results),
         "chapters_reused": len(report.skipped),
+        "chapters_purged": len(purged),
         "frames_rendered": frames,
         "frame_errors": sum(r.get("errors", 0) for r in report.results),
         "frames_per_second": round(frames / seconds, 3) if seconds > 0 else None,

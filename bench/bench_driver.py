@@ -1,0 +1,145 @@
+"""Driver-side cost per chapter of a whole-pipeline rerun, at two or more chapter counts, in one run.
+
+    python bench/bench_driver.py [--chapters 1000 3000] [--size 64x96] [--ray] [--work DIR]
+
+Per N it builds a tree of N chapters of tiny pages (`<series>/<chapter>/` folders of PNGs written directly: a few
+colour pages and one black-and-white page per chapter, so every chapter is kept at `--min-color-pages`), runs the
+whole pipeline once (`pipelines.runner.run_pipeline`: weight-free encoder, halftone renderer, in-process unless
+`--ray`), then times (a) a no-op rerun and (b) a rerun with one chapter added. Both are wall clock of
+`run_pipeline`; (b) includes the added chapter's own stage work, printed beside it as the first run's wall time per
+chapter (the stage work a chapter costs, driver included). It prints each figure in milliseconds per chapter of
+the tree, the seconds each stage took in (b), and the ratio of the per-chapter cost at the largest N to the
+smallest (the baseline, measured in the same run): 1.0 means the driver's cost per chapter is flat, above 1.0
+that it grows faster than the chapter count. The issue's goals are checked against the figures: a no-op rerun
+over 10k chapters within 60 s, one added chapter within twice the no-op time plus its own work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipelines.core.cli import parse_size
+from pipelines.retrieval.stage import RetrievalOptions
+from pipelines.runner import STAGES, PipelineOptions, run_pipeline
+from pipelines.shards.stage import ShardOptions
+
+CHAPTERS_PER_SERIES = 10
+NOOP_GOAL_SECONDS_AT_10K = 60.0
+
+
+def write_chapter(folder: Path, seed: int, color_pages: int, size: tuple[int, int]) -> None:
+    """A chapter folder of tiny PNG pages: `color_pages` colour blocks, then one grey page."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    width, height = size
+    for index in range(color_pages):
+        blocks = rng.integers(0, 256, size=(6, 4, 3), dtype=np.uint8)
+        page = np.kron(blocks, np.ones((height // 6 + 1, width // 4 + 1, 1), dtype=np.uint8))[:height, :width]
+        Image.fromarray(page, "RGB").save(folder / f"{index + 1:03d}.png")
+    grey = rng.integers(0, 256, size=(height, width), dtype=np.uint8)
+    Image.fromarray(grey, "L").save(folder / f"{color_pages + 1:03d}.png")
+
+
+def chapter_folder(root: Path, index: int) -> Path:
+    return root / f"series{index // CHAPTERS_PER_SERIES:05d}" / f"ch{index % CHAPTERS_PER_SERIES:03d}"
+
+
+def build_tree(root: Path, chapters: int, color_pages: int, size: tuple[int, int]) -> None:
+    for index in range(chapters):
+        write_chapter(chapter_folder(root, index), index, color_pages, size)
+
+
+def pipeline_options(size: tuple[int, int], color_pages: int) -> PipelineOptions:
+    """Tiny settings every stage accepts: pools of the other colour pages of a chapter, a one-chapter benchmark."""
+    shards = ShardOptions(
+        size=size,
+        max_samples=256,
+        bench_chapters=1,
+        bench_refs=2,
+        bench_bw=1,
+        bench_max_series_fraction=0.5,
+        renderer="halftone",
+    )
+    refs = color_pages - 1
+    retrieval = RetrievalOptions(encoder="weightfree", refs=refs, min_refs=1, k_per_patch=1)
+    return PipelineOptions(shards=shards, retrieval=retrieval, min_color_pages=color_pages)
+
+
+def timed_run(corpus: Path, data: Path, options: PipelineOptions, local: bool) -> tuple[float, dict]:
+    started = time.perf_counter()
+    record = run_pipeline(corpus, data, options, local=local)
+    seconds = time.perf_counter() - started
+    if record.get("complete") is not True:
+        raise RuntimeError(f"pipeline run over {corpus} did not complete: {record.get('blocked') or record}")
+    return seconds, record
+
+
+def measure(chapters: int, work: Path, size: tuple[int, int], color_pages: int, local: bool) -> dict[str, float]:
+    """First run, no-op rerun and one-chapter-added rerun over a fresh tree of `chapters` chapters."""
+    corpus, data = work / f"corpus-{chapters}", work / f"data-{chapters}"
+    build_tree(corpus, chapters, color_pages, size)
+    options = pipeline_options(size, color_pages)
+    first, _ = timed_run(corpus, data, options, local)
+    noop, _ = timed_run(corpus, data, options, local)
+    write_chapter(chapter_folder(corpus, chapters), chapters, color_pages, size)
+    added, record = timed_run(corpus, data, options, local)
+    stages = {stage: record["stages"][stage]["seconds"] for stage in STAGES}
+    shutil.rmtree(corpus)
+    shutil.rmtree(data)
+    return {"first": first, "noop": noop, "added": added, **{f"stage_{s}": v for s, v in stages.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chapters", type=int, nargs="+", default=[1000, 3000], help="chapter counts (10000 too)")
+    parser.add_argument("--size", type=parse_size, default=(64, 96), help="page and training size WxH")
+    parser.add_argument("--min-color-pages", type=int, default=3, help="colour pages per chapter (all kept)")
+    parser.add_argument("--ray", action="store_true", help="run the stages on a local Ray instead of in-process")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    args = parser.parse_args(argv)
+    counts = sorted(set(args.chapters))
+    work = Path(tempfile.mkdtemp(prefix="bench-driver-", dir=args.work))
+    mode = "local Ray" if args.ray else "in-process"
+    print(f"pages {args.size[0]}x{args.size[1]}, {args.min_color_pages} colour + 1 B&W per chapter, {mode}")
+    results = {}
+    try:
+        for chapters in counts:
+            figures = measure(chapters, work, args.size, args.min_color_pages, local=not args.ray)
+            results[chapters] = figures
+            per = {key: 1000 * figures[key] / chapters for key in ("first", "noop", "added")}
+            stages = ", ".join(f"{s} {figures[f'stage_{s}']:.1f} s" for s in STAGES)
+            print(
+                f"N={chapters}: first run {figures['first']:.1f} s ({per['first']:.1f} ms/chapter: a chapter's stage "
+                f"work); no-op rerun {figures['noop']:.2f} s ({per['noop']:.2f} ms/chapter); one chapter added "
+                f"{figures['added']:.1f} s ({per['added']:.2f} ms/chapter; stages: {stages})",
+                flush=True,
+            )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    small, large = counts[0], counts[-1]
+    for key, what in (("noop", "no-op rerun"), ("added", "one chapter added")):
+        ratio = (results[large][key] / large) / (results[small][key] / small)
+        print(f"{what}: per-chapter cost at N={large} / at N={small} (baseline) = {ratio:.2f} (flat = 1.0)")
+    noop_per_chapter = results[large]["noop"] / large
+    own_work = results[large]["first"] / large
+    budget = 2 * results[large]["noop"] + own_work
+    print(
+        f"goal, no-op rerun over 10k chapters within {NOOP_GOAL_SECONDS_AT_10K:.0f} s: "
+        f"{10_000 * noop_per_chapter:.1f} s projected linearly from N={large}"
+    )
+    print(
+        f"goal, one added chapter within 2 x no-op + its own work: {results[large]['added']:.1f} s against "
+        f"2 x {results[large]['noop']:.1f} + {own_work:.2f} = {budget:.1f} s at N={large}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
