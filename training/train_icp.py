@@ -25,7 +25,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -39,9 +39,10 @@ from PIL import Image
 
 from pipelines.core.cli import parse_size, positive_int, run_job
 from pipelines.core.encoders import DEFAULT_ENCODER
+from pipelines.core.image_metrics import ImageEmbedder
 from pipelines.core.storage import atomic_write_json, read_json
 from pipelines.runtime.preconditions import check_output_creatable
-from training.benchmark_validation import BENCHMARK_STYLES, METRICS, best_step, check_benchmark
+from training.benchmark_validation import BENCHMARK_STYLES, METRICS, BenchmarkPage, best_step, check_benchmark
 from training.checkpoints import TRAIN_STATE, check_resume_settings, publish_state, resolve_resume
 from training.data import (
     ICPDataConfig,
@@ -424,9 +425,9 @@ def log_validation(accelerator: Any, pipeline: Any, samples: list[Any], args: ar
 class BenchmarkValidation:
     """The run's benchmark pages (retrieved once), how they are finished and scored."""
 
-    pages: list[Any]
-    finish: Any
-    embedder: Any
+    pages: list[BenchmarkPage]
+    finish: Callable[[Image.Image, BenchmarkPage], Image.Image]
+    embedder: ImageEmbedder
 
 
 def prepare_benchmark_validation(
@@ -435,7 +436,6 @@ def prepare_benchmark_validation(
     """Retrieve the benchmark pages' references once, load the GSRP weights (if any) and the CLIP-IS encoder."""
     from model.devices import place
     from model.gsrp_weights import default_statistics, load_gsrp
-    from pipelines.core.image_metrics import ImageEmbedder
     from training.benchmark_validation import gsrp_finisher, gsrp_scale, prepare_benchmark
 
     started = time.perf_counter()
@@ -467,7 +467,8 @@ def log_benchmark(
 
     steps = args.validation_inference_steps
     outputs = colour_benchmark(pipeline, benchmark.pages, args.prompt, steps, benchmark.finish)
-    record = score_and_save(step_folder(Path(args.output_dir), step), benchmark.pages, outputs, benchmark.embedder)
+    folder = step_folder(Path(args.output_dir), step)
+    record = score_and_save(folder, benchmark.pages, outputs, benchmark.embedder, str(accelerator.device))
     accelerator.log({f"benchmark/{name}": value for name, value in record["mean"].items()}, step=step)
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
