@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from model.tiny import build_tiny_sd15
+from training.benchmark_validation import gsrp_scale
 from training.train_icp import cli, main, parse_args
 
 torch.set_num_threads(1)
@@ -88,6 +89,35 @@ def test_a_resumed_run_colours_the_benchmark_as_an_uninterrupted_one(
         assert (stopped / "benchmark" / f"step-{step}" / "metrics.json").read_text() == expected
     assert resumed["benchmark"]["best"] == straight["benchmark"]["best"]  # the first run's step counts too
     assert sorted(resumed["benchmark"]["best"]["steps"]) == ["1", "2"]
+
+
+def test_a_gsrp_export_finishes_the_benchmark_pages(sd15: Path, pipeline_data: Path, tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from model.gsrp_fusion import GSRPFusion
+    from model.gsrp_weights import save_gsrp_export
+
+    fusion = GSRPFusion.from_vae_config(AutoencoderKL.from_pretrained(sd15, subfolder="vae").config)
+    gsrp = save_gsrp_export(tmp_path / "gsrp", fusion, {"sr_scale": 2.0})
+    assert (gsrp_scale(str(gsrp)), gsrp_scale(None)) == (2.0, 1.5)  # the export's scale, else colorize's default
+    alone = main(parse_args(_args(sd15, pipeline_data, tmp_path / "alone", "--max_train_steps", "1")))
+    finished = main(
+        parse_args(
+            _args(sd15, pipeline_data, tmp_path / "gsrp_run", "--max_train_steps", "1", "--benchmark_gsrp", str(gsrp))
+        )
+    )
+    assert finished["benchmark"]["gsrp"] == str(gsrp) and alone["benchmark"]["gsrp"] is None
+    from pipelines.core.benchmark_format import read_chapter_index
+
+    bench = pipeline_data / "benchmark"
+    for page in finished["benchmark"]["pages"]:
+        chapter_id, page_id = page.split("/")
+        entry = next(e for e in read_chapter_index(bench, chapter_id)["bw"] if e["page_id"] == page_id)
+        with_gsrp = Image.open(tmp_path / "gsrp_run" / "benchmark" / "step-1" / f"{page}.png")
+        without = Image.open(tmp_path / "alone" / "benchmark" / "step-1" / f"{page}.png")
+        assert with_gsrp.size == without.size == Image.open(bench / chapter_id / entry["gt"]).size
+        assert with_gsrp.tobytes() != without.tobytes()  # the VAE round trip of GSRP, not a bicubic upsampling
 
 
 def test_more_benchmark_pages_than_the_benchmark_has_is_one_line(
