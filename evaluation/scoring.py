@@ -38,17 +38,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from evaluation.metrics import (
-    SSIM_PRECISIONS,
     AestheticHead,
     FeatureExtractor,
-    ImageEmbedder,
-    cosine,
     frechet_distance,
     inception_features,
     load_aesthetic_head,
-    psnr,
     resolve_fid_features,
-    ssim,
 )
 from evaluation.reports import (
     LABELS,
@@ -62,6 +57,7 @@ from evaluation.reports import (
     write_tables,
 )
 from pipelines.core.benchmark_format import read_benchmark, read_chapter_index
+from pipelines.core.image_metrics import SSIM_PRECISIONS, ImageEmbedder, cosine, psnr, ssim
 from pipelines.core.storage import TMP_TAG, atomic_write_bytes, atomic_write_json
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Per chapter (a PAGES/REFS pair, or each chapter of a benchmark folder):
    settings, the page's bytes and the reference pool's bytes. A page whose output exists with the same fingerprint
    is skipped; any change (weights, size, steps, seed, encoder, a reference added...) redoes it.
 2. The pool's reference patches and the remaining pages' query patches are embedded once, in a worker (it holds
-   the encoder), and searched with FAISS: top 3 per query patch (`inference.references`).
+   the encoder), and searched with FAISS: top 3 per query patch (`pipelines.core.page_references`).
 3. Pages go to workers (`inference.worker`) in batches: Ray actors, one per GPU (or CPU actors without GPUs), each
    loading the encoder and the models once; `local=True` runs one worker in this process. A worker rebuilds a page's
    composite with `pipelines.core.sample_inputs.composite_inputs` (the trainer's function), runs ICP and GSRP
@@ -39,10 +39,10 @@ from inference.plan import (
     WorkerConfig,
     plan_chapter,
 )
-from inference.references import resolve_colorize_encoder
 from inference.sources import ColorizeInputError
 from inference.styles import PageStyler
 from inference.worker import LocalPool, RayPool, RunOptions
+from pipelines.core.page_references import resolve_colorize_encoder
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
 from pipelines.core.storage import atomic_write_json, stable_hash, sweep_tmp
 

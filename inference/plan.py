@@ -13,7 +13,6 @@ import numpy as np
 from inference.line_art import XDOG
 from inference.models import ModelPaths, SamplingOptions, files_token, read_export
 from inference.pixart_models import LineArtPaths
-from inference.references import ReferencePool, patch_preparer, query_patches, reference_patches
 from inference.sources import (
     ColorizeInputError,
     PageSource,
@@ -27,6 +26,7 @@ from inference.styles import LINE_ART_STYLES, PageStyler
 from pipelines.core.encoders import EncoderInfo
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_BICUBIC, CompositeLayout, hires_size
+from pipelines.core.page_references import ReferencePool, patch_preparer, query_patches, reference_patches
 from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
 from pipelines.core.sources import list_chapters
@@ -127,8 +127,8 @@ def export_defaults(icp: str | None, gsrp: str | None) -> dict[str, Any]:
 def default_encoder(colorflow_weights: str | None) -> str:
     """The release's own retrieval tower when its weights are used, else the paper's open_clip ViT-H-14."""
     from inference.models import RELEASED_ENCODER_FOLDER
-    from inference.references import CLIP_VISION
     from pipelines.core.encoders import DEFAULT_ENCODER
+    from pipelines.core.page_references import CLIP_VISION
 
     if colorflow_weights and (Path(colorflow_weights) / RELEASED_ENCODER_FOLDER).is_dir():
         return f"{CLIP_VISION}:{Path(colorflow_weights) / RELEASED_ENCODER_FOLDER}"

@@ -27,10 +27,10 @@ from PIL import Image
 
 from inference.sources import ColorizeInputError
 from pipelines.core.geometry import RESAMPLE_BICUBIC, fit_image
+from pipelines.core.page_styles import tone_frames
 
 PAGE_STYLES = ("grey", "screenstyle", "halftone", "sketch", "shading")
 LINE_ART_STYLES = ("sketch", "shading")  # the styles of the line-art (PixArt) family
-STYLE_BLEND = 0.5  # the app's Image.blend(screen, grey, 0.5)
 RELEASED_SCREENSTYLE_FOLDER = "ScreenStyle"  # inside the released ColorFlow weights folder
 
 
@@ -82,17 +82,9 @@ class PageStyler:
         self, page: Image.Image, size: tuple[int, int], sr_size: tuple[int, int], seed: int
     ) -> tuple[Image.Image, Image.Image]:
         """(the ICP frame, the GSRP guide): the page fitted at `sr_size`, styled, then resized to `size`."""
-        hires = fit_image(page.convert("RGB"), *sr_size, resample=RESAMPLE_BICUBIC)
         if self._lines is not None:
-            return self._line_art_frames(hires, size)
-        grey = hires.convert("L").convert("RGB")
-        if self._renderer is None:
-            guide = grey
-        else:
-            tone = Image.fromarray(self._renderer.render(np.asarray(hires), seed), mode="L")
-            guide = Image.blend(tone.convert("RGB"), grey, STYLE_BLEND)
-        frame = fit_image(guide, *size, resample=RESAMPLE_BICUBIC)
-        return frame, guide
+            return self._line_art_frames(fit_image(page.convert("RGB"), *sr_size, resample=RESAMPLE_BICUBIC), size)
+        return tone_frames(page, size, sr_size, self._renderer, seed)
 
     def _line_art_frames(self, hires: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
         """(the styled frame at `size`, the plain line art at the GSRP size) of the page fitted at the GSRP size."""

@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 
 from inference.models import PageBatchItem
 from inference.plan import PageJob, WorkerConfig
-from inference.references import embed_prepared, fitted_reference, load_colorize_encoder, page_composite
 from inference.sheets import colorize_sheet
 from inference.sources import PageSource, decode_image, read_page
+from pipelines.core.page_references import embed_prepared, fitted_reference, load_colorize_encoder, page_composite
 from pipelines.core.pagestore import encode_page
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
 from pipelines.core.storage import atomic_write_bytes, atomic_write_json

@@ -18,17 +18,17 @@ from inference.plan import (
     WorkerConfig,
     plan_chapter,
 )
-from inference.references import (
-    CLIP_VISION,
-    load_colorize_encoder,
-    patch_preparer,
-    resolve_colorize_encoder,
-)
 from inference.sources import open_source, output_stems
 from inference.styles import PageStyler
 from inference.worker import ColorizeWorker
 from jobs.colorize import cli as colorize_main
 from pipelines.core.geometry import CompositeLayout
+from pipelines.core.page_references import (
+    CLIP_VISION,
+    load_colorize_encoder,
+    patch_preparer,
+    resolve_colorize_encoder,
+)
 from pipelines.core.sample_inputs import DecodedSample, build_training_inputs
 from pipelines.core.samples import ChapterPages, build_ring
 

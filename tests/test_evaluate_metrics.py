@@ -12,17 +12,14 @@ from PIL import Image
 
 from evaluation.metrics import (
     FeatureExtractor,
-    ImageEmbedder,
-    cosine,
     frechet_distance,
     inception_features,
     load_aesthetic_head,
-    psnr,
     resolve_fid_features,
-    ssim,
 )
 from evaluation.reports import format_value, json_value, ranked
 from evaluation.scoring import paper_style
+from pipelines.core.image_metrics import ImageEmbedder, cosine, psnr, ssim
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,9 @@ resumable). Every random draw of a step (VAE posterior samples, noise, timesteps
 
 Output: ``checkpoint-<step>/`` (accelerate state: colorguider/, unet_lora/, optimizer, scheduler, train_state.json;
 at most `--checkpoints_total_limit`), ``logs/`` (TensorBoard: loss, lr, timestep histogram, validation
-colourisations), the export (colorguider/, unet_lora/pytorch_lora_weights.safetensors, export.json) and, last,
+colourisations; with ``--benchmark`` the benchmark pages' PSNR, SSIM and CLIP-IS and the pages themselves),
+``benchmark/step-<N>/`` (with ``--benchmark``: the coloured pages and their metrics, `training.benchmark_validation`),
+the export (colorguider/, unet_lora/pytorch_lora_weights.safetensors, export.json) and, last,
 ``train_icp.summary.json``.
 """
 
@@ -23,7 +25,9 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,8 +38,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from pipelines.core.cli import parse_size, positive_int, run_job
+from pipelines.core.encoders import DEFAULT_ENCODER
+from pipelines.core.image_metrics import ImageEmbedder
 from pipelines.core.storage import atomic_write_json, read_json
 from pipelines.runtime.preconditions import check_output_creatable
+from training.benchmark_validation import BENCHMARK_STYLES, METRICS, BenchmarkPage, best_step, check_benchmark
 from training.checkpoints import TRAIN_STATE, check_resume_settings, publish_state, resolve_resume
 from training.data import (
     ICPDataConfig,
@@ -149,6 +156,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--validation_steps", type=int, default=500, help="validation colourisations every N (0: off)")
     parser.add_argument("--num_validation_samples", type=positive_int, default=2, help="fixed validation samples")
     parser.add_argument("--validation_inference_steps", type=positive_int, default=10, help="sampler steps")
+    parser.add_argument(
+        "--benchmark",
+        default=None,
+        help="benchmark folder: colour its first pages at each validation, log their metrics",
+    )
+    parser.add_argument(
+        "--benchmark_pages", type=positive_int, default=8, help="benchmark pages coloured (index order)"
+    )
+    parser.add_argument("--benchmark_style", choices=BENCHMARK_STYLES, default="grey", help="the pages' input style")
+    parser.add_argument("--benchmark_gsrp", default=None, help="GSRP weights to finish the pages (default: ICP alone)")
+    parser.add_argument(
+        "--benchmark_encoder", default=DEFAULT_ENCODER, help="retrieval encoder spec, as colorize's --encoder"
+    )
+    parser.add_argument("--benchmark_clip_encoder", default=None, help="CLIP-IS encoder (default: --benchmark_encoder)")
+    parser.add_argument("--best_metric", choices=METRICS, default="psnr", help="the summary's best step is by this")
     parser.add_argument("--record_sample_keys", action="store_true", help="write every rank's sample keys to summary")
     args = parser.parse_args(argv)
     for name in ("alpha_range", "crop_scale", "crop_aspect"):
@@ -339,51 +361,122 @@ def validation_canvases(sample: Any, resolution: tuple[int, int] | None) -> tupl
     )
 
 
-def log_validation(
-    accelerator: Any, models: dict[str, Any], model: Any, samples: list[Any], args: argparse.Namespace, step: int
-) -> None:
-    """Colourise the fixed samples with the sampling pipeline; log C_bw | output | target per sample."""
+def validation_pipeline(accelerator: Any, models: dict[str, Any], model: Any) -> Any:
+    """The sampling pipeline around the current weights (the module itself, not a copy)."""
     from diffusers import UniPCMultistepScheduler
 
     from model.pipeline_icp import ColorFlowICPPipeline
-    from pipelines.core.geometry import CompositeLayout
 
     inner = accelerator.unwrap_model(model)
-    scheduler_config = models["noise_scheduler"].config
     pipeline = ColorFlowICPPipeline(
         vae=models["vae"],
         text_encoder=models["text_encoder"],
         tokenizer=models["tokenizer"],
         unet=inner.unet,
         guider=inner.guider,
-        scheduler=UniPCMultistepScheduler.from_config(scheduler_config),
+        scheduler=UniPCMultistepScheduler.from_config(models["noise_scheduler"].config),
     )
     if models["text_encoder"] is None:  # --free_text_encoder: the prompts were encoded before it was dropped
         pipeline.encode_prompt = partial(cached_prompt_embeds, models["prompt_cache"], dtype=inner.unet.dtype)
     pipeline.set_progress_bar_config(disable=True)
-    rows = []
+    return pipeline
+
+
+@contextmanager
+def sampling_mode(accelerator: Any, model: Any) -> Iterator[None]:
+    """Eval mode, no gradients, the run's autocast (the frozen base runs in the mixed-precision dtype, trainables in
+    fp32); training mode restored after."""
+    inner = accelerator.unwrap_model(model)
     was_training = inner.training
     inner.eval()
-    with torch.no_grad(), accelerator.autocast():  # the frozen base runs in the mixed-precision dtype, trainables fp32
-        for index, sample in enumerate(samples):
-            generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
-            refs_only, frame_only, mask = validation_canvases(sample, args.resolution)
-            output = pipeline(
-                refs_only=refs_only,
-                frame_only=frame_only,
-                mask=mask,
-                prompt=args.prompt,
-                num_inference_steps=args.validation_inference_steps,
-                generator=generator,
-            ).images[0]
-            layout = CompositeLayout(*sample.color.size)
-            centre = layout.crop_centre(output.resize(layout.canvas_size))
-            rows.append(np.concatenate([np.asarray(sample.bw), np.asarray(centre), np.asarray(sample.color)], axis=1))
-    if was_training:
-        inner.train()
+    try:
+        with torch.no_grad(), accelerator.autocast():
+            yield
+    finally:
+        if was_training:
+            inner.train()
+
+
+def log_validation(accelerator: Any, pipeline: Any, samples: list[Any], args: argparse.Namespace, step: int) -> None:
+    """Colourise the fixed samples with the sampling pipeline; log C_bw | output | target per sample."""
+    from pipelines.core.geometry import CompositeLayout
+
+    rows = []
+    for index, sample in enumerate(samples):
+        generator = torch.Generator(device="cpu").manual_seed(args.seed + index)
+        refs_only, frame_only, mask = validation_canvases(sample, args.resolution)
+        output = pipeline(
+            refs_only=refs_only,
+            frame_only=frame_only,
+            mask=mask,
+            prompt=args.prompt,
+            num_inference_steps=args.validation_inference_steps,
+            generator=generator,
+        ).images[0]
+        layout = CompositeLayout(*sample.color.size)
+        centre = layout.crop_centre(output.resize(layout.canvas_size))
+        rows.append(np.concatenate([np.asarray(sample.bw), np.asarray(centre), np.asarray(sample.color)], axis=1))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack(rows), step, dataformats="NHWC")
+
+
+@dataclass
+class BenchmarkValidation:
+    """The run's benchmark pages (retrieved once), how they are finished and scored."""
+
+    pages: list[BenchmarkPage]
+    finish: Callable[[Image.Image, BenchmarkPage], Image.Image]
+    embedder: ImageEmbedder
+
+
+def prepare_benchmark_validation(
+    args: argparse.Namespace, models: dict[str, Any], size: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> BenchmarkValidation:
+    """Retrieve the benchmark pages' references once, load the GSRP weights (if any) and the CLIP-IS encoder."""
+    from model.devices import place
+    from model.gsrp_weights import default_statistics, load_gsrp
+    from training.benchmark_validation import gsrp_finisher, gsrp_scale, prepare_benchmark
+
+    started = time.perf_counter()
+    pages = prepare_benchmark(
+        args.benchmark,
+        args.benchmark_style,
+        args.benchmark_pages,
+        size,
+        gsrp_scale(args.benchmark_gsrp),
+        args.benchmark_encoder,
+        args.seed,
+        str(device),
+    )
+    fusion, statistics = None, "running"
+    if args.benchmark_gsrp:
+        fusion = place(load_gsrp(args.benchmark_gsrp), device, dtype).eval()
+        statistics = default_statistics(args.benchmark_gsrp)
+    embedder = ImageEmbedder(args.benchmark_clip_encoder or args.benchmark_encoder, str(device))
+    logger.info("benchmark: %d pages retrieved at %dx%d in %.1f s", len(pages), *size, time.perf_counter() - started)
+    return BenchmarkValidation(pages, gsrp_finisher(models["vae"], fusion, statistics), embedder)
+
+
+def log_benchmark(
+    accelerator: Any, pipeline: Any, benchmark: BenchmarkValidation, args: argparse.Namespace, step: int
+) -> dict[str, Any]:
+    """Colour the benchmark pages, write and score them; log the mean metrics beside the loss and the pages
+    (styled input | output | ground truth)."""
+    from training.benchmark_validation import colour_benchmark, score_and_save, step_folder
+
+    steps = args.validation_inference_steps
+    outputs = colour_benchmark(pipeline, benchmark.pages, args.prompt, steps, benchmark.finish)
+    folder = step_folder(Path(args.output_dir), step)
+    record = score_and_save(folder, benchmark.pages, outputs, benchmark.embedder, str(accelerator.device))
+    accelerator.log({f"benchmark/{name}": value for name, value in record["mean"].items()}, step=step)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for page, output in zip(benchmark.pages, outputs, strict=True):
+                styled = page.guide.resize(page.truth.size, Image.Resampling.BICUBIC)
+                row = np.concatenate([np.asarray(styled), np.asarray(output), np.asarray(page.truth)], axis=1)
+                tracker.writer.add_image(f"benchmark/{page.chapter_id}/{page.page_id}", row, step, dataformats="HWC")
+    return record
 
 
 # ---- the run --------------------------------------------------------------------------------------------------------
@@ -414,7 +507,23 @@ def check_inputs(args: argparse.Namespace) -> tuple[ShardSource, Path | None]:
     check_resolution(args.resolution, source.frame_sizes or (frame_size(source),), vae_factor(base / "vae"), where)
     if args.init_from:
         describe_weights(args.init_from)
+    if args.benchmark:
+        check_benchmark_arguments(args)
     return source, resume
+
+
+def check_benchmark_arguments(args: argparse.Namespace) -> None:
+    """The benchmark folder, its style and pages, the encoders and the GSRP weights: ValueError in one line."""
+    from pipelines.core.encoders import resolve_encoder
+    from pipelines.core.page_references import resolve_colorize_encoder
+
+    if args.validation_steps <= 0:
+        raise ValueError("--benchmark colours its pages at each validation: give --validation_steps N (N > 0)")
+    check_benchmark(args.benchmark, args.benchmark_style, args.benchmark_pages)
+    resolve_colorize_encoder(args.benchmark_encoder)
+    resolve_encoder(args.benchmark_clip_encoder or args.benchmark_encoder)
+    if args.benchmark_gsrp and not Path(args.benchmark_gsrp).exists():
+        raise FileNotFoundError(f"--benchmark_gsrp {args.benchmark_gsrp}: no such file or folder")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -552,8 +661,12 @@ def train(
     if accelerator.is_main_process and report_to:
         accelerator.init_trackers("train_icp", config=_sanitised(args))
     validation = []
+    benchmark = None
     if accelerator.is_main_process and args.validation_steps > 0:
         validation = validation_inputs(source, args.num_validation_samples, args.data)
+        if args.benchmark:
+            benchmark_size = training_size(largest_frame(source), args.resolution, latent_factor)
+            benchmark = prepare_benchmark_validation(args, models, benchmark_size, device, weight_dtype)
 
     mu = args.timestep_mu
     progress = tqdm(
@@ -625,8 +738,11 @@ def train(
             progress.close()
             raise preempted(global_step, accelerator)
         if validation and global_step % args.validation_steps == 0:
-            with averaged_weights(ema, params):
-                log_validation(accelerator, models, model, validation, args, global_step)
+            with averaged_weights(ema, params), sampling_mode(accelerator, model):
+                pipeline = validation_pipeline(accelerator, models, model)
+                log_validation(accelerator, pipeline, validation, args, global_step)
+                if benchmark is not None:
+                    log_benchmark(accelerator, pipeline, benchmark, args, global_step)
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -637,7 +753,7 @@ def train(
     summary: dict[str, Any] = {}
     if accelerator.is_main_process:
         inner = accelerator.unwrap_model(model)
-        layout_size = max(source.frame_sizes or (frame_size(source),), key=lambda size: size[0] * size[1])
+        layout_size = largest_frame(source)
         meta = {
             "base_model": args.pretrained_model_name_or_path,
             "prompt": args.prompt,
@@ -673,6 +789,14 @@ def train(
         }
         if args.record_sample_keys:
             summary["sample_keys_per_rank"] = keys_per_rank
+        if benchmark is not None:
+            summary["benchmark"] = {
+                "folder": args.benchmark,
+                "pages": [f"{page.chapter_id}/{page.page_id}" for page in benchmark.pages],
+                "style": args.benchmark_style,
+                "gsrp": args.benchmark_gsrp,
+                "best": best_step(output_dir, args.best_metric, global_step),
+            }
         atomic_write_json(output_dir / SUMMARY, summary)  # last: the run's completion marker
         logger.info(
             "trained %d steps on %d process(es): %d samples (%.1f/s), %d bad samples skipped, in %.0f s",
@@ -685,6 +809,11 @@ def train(
         )
     accelerator.end_training()
     return summary
+
+
+def largest_frame(source: ShardSource) -> tuple[int, int]:
+    """The largest frame size of the shards: the one the export records and the benchmark pages are coloured at."""
+    return max(source.frame_sizes or (frame_size(source),), key=lambda size: size[0] * size[1])
 
 
 def export_model(output_dir: Path, model: Any, meta: dict[str, Any]) -> Path:

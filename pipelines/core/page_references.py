@@ -1,4 +1,5 @@
-"""The reference pool of a chapter for colorize: embedded once, searched per page, turned into the composite ring.
+"""The reference pool of a chapter for colorize (and the trainer's benchmark validation): embedded once, searched
+per page, turned into the composite ring.
 
 Patches are cut as the released app cuts them: 4 query crops (3/4 size, stride 1/4) of the page's ICP frame (the
 styled page, `inference.styles`), 5 reference crops (the same 4 and the whole page) of each colour reference fitted to
