@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 # The sample corpus is small: shards of 64 samples (so several run in parallel) and a benchmark scaled to its chapters.
 DEMO_ARGS ?= --max-samples 64 --bench-chapters 2 --bench-refs 10 --bench-bw 10 --bench-max-series-fraction 0.25
-EXTRAS ?= cpu,dev,bnb
+EXTRAS ?= cpu,dev
 
 .PHONY: install demo test lint bench clean
 

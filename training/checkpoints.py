@@ -7,6 +7,7 @@ the final name and `list_checkpoints` never offers a half-written one.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.core.storage import atomic_write_json, publish_tree, read_json
+from training.data import ShardSource
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAIN_STATE = "train_state.json"
@@ -147,3 +149,20 @@ def publish_state(accelerator: Any, output_dir: Path, step: int, total_limit: in
         logger.info("saved %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def save_checkpoint(
+    accelerator: Any, output_dir: Path, step: int, args: argparse.Namespace, world: int, source: ShardSource
+) -> None:
+    """checkpoint-<step> with the run settings that an exact resume needs (see `publish_state`)."""
+    state = {
+        "global_step": step,
+        "world_size": world,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "seed": args.seed,
+        "samples_per_rank": step * args.train_batch_size * args.gradient_accumulation_steps,
+        "shard_manifest_sha256": source.sha256,
+        "shard_manifest": source.manifest,
+    }
+    publish_state(accelerator, output_dir, step, args.checkpoints_total_limit, state)

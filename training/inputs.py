@@ -102,3 +102,15 @@ def check_resolution(
                 f"--resolution {width}x{height} is larger than the data's frames ({largest[0]}x{largest[1]}, {where}): "
                 f"training would only upscale them; use at most {largest[0]}x{largest[1]}"
             )
+
+
+def pair_arg(kind: type) -> Any:
+    """An argparse type for LOW,HIGH: a pair of `kind` values."""
+
+    def parse(text: str) -> tuple:
+        parts = text.split(",")
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH")
+        return tuple(kind(p) for p in parts)
+
+    return parse

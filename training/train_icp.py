@@ -21,7 +21,6 @@ the export (colorguider/, unet_lora/pytorch_lora_weights.safetensors, export.jso
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import sys
 import time
@@ -43,14 +42,13 @@ from pipelines.core.image_metrics import ImageEmbedder
 from pipelines.core.storage import atomic_write_json, read_json
 from pipelines.runtime.preconditions import check_output_creatable
 from training.benchmark_validation import BENCHMARK_STYLES, METRICS, BenchmarkPage, best_step, check_benchmark
-from training.checkpoints import TRAIN_STATE, check_resume_settings, publish_state, resolve_resume
+from training.checkpoints import TRAIN_STATE, check_resume_settings, resolve_resume, save_checkpoint
 from training.data import (
     ICPDataConfig,
     ShardSource,
     build_icp_dataset,
     bw_variant_arg,
     check_shards,
-    first_samples,
     frame_size,
     resolve_shard_source,
     resumed_source,
@@ -62,6 +60,7 @@ from training.inputs import (
     add_safety_arguments,
     check_base_model,
     check_resolution,
+    pair_arg,
     vae_factor,
 )
 from training.optimization import (
@@ -75,23 +74,14 @@ from training.optimization import (
     make_ema,
     make_optimizer,
 )
+from training.reproducibility import step_generator, trainable_digest
 from training.run_lock import run_folder
+from training.validation import validation_canvases, validation_inputs
 
 logger = logging.getLogger("training.train_icp")
 
 PROG = "train_icp"
 SUMMARY = "train_icp.summary.json"
-VALIDATION_ALPHA = 0.5  # the released preprocessing's 50/50 grey/tone blend
-
-
-def _pair(kind: type) -> Any:
-    def parse(text: str) -> tuple:
-        parts = text.split(",")
-        if len(parts) != 2:
-            raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH")
-        return tuple(kind(p) for p in parts)
-
-    return parse
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -112,9 +102,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="training WxH: each side of a frame's size capped at it (default: the frames' own sizes)",
     )
     parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
-    parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
-    parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
-    parser.add_argument("--crop_aspect", type=_pair(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH")
+    parser.add_argument(
+        "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_scale", type=pair_arg(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_aspect", type=pair_arg(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH"
+    )
     parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
     add_safety_arguments(parser)
@@ -185,12 +181,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---- pieces --------------------------------------------------------------------------------------------------------
 
 
-def step_generator(seed: int, step: int, micro: int, rank: int, device: torch.device) -> torch.Generator:
-    """The generator of one micro-batch: a pure function of (seed, step, micro-batch, rank)."""
-    digest = hashlib.sha256(f"icp-step\x1f{seed}\x1f{step}\x1f{micro}\x1f{rank}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-
-
 def encode_prompt(tokenizer: Any, text_encoder: Any, prompt: str, device: torch.device) -> torch.Tensor:
     """(1, 77, D) hidden states of the prompt, computed once for the whole run."""
     tokens = tokenizer(
@@ -250,15 +240,6 @@ def cached_prompt_embeds(
     if unknown:
         raise KeyError(f"prompt {unknown[0]!r} was not encoded before the text encoder was freed")
     return torch.cat([cache[prompt] for prompt in prompts]).to(device, dtype)
-
-
-def trainable_digest(model: torch.nn.Module) -> str:
-    """sha256 of the trainable parameters in name order: equal on every rank when gradients are synchronised."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
-        if parameter.requires_grad:
-            digest.update(name.encode() + parameter.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ---- models ---------------------------------------------------------------------------------------------------------
@@ -329,36 +310,6 @@ def register_hooks(accelerator: Any, model_type: type) -> None:
 
 
 # ---- validation -----------------------------------------------------------------------------------------------------
-
-
-def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
-    """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
-    from pipelines.core.sample_inputs import build_training_inputs, decode_sample
-
-    try:
-        urls = resolve_shard_source(data if len(data) > 1 else data[0], "val").urls
-    except (FileNotFoundError, ValueError):
-        urls = source.urls
-    inputs = []
-    for raw in first_samples(urls, count):
-        members = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
-        inputs.append(build_training_inputs(decode_sample(members), VALIDATION_ALPHA))
-    return inputs
-
-
-def validation_canvases(sample: Any, resolution: tuple[int, int] | None) -> tuple[Image.Image, Image.Image, np.ndarray]:
-    """The guider's canvases and mask of a validation sample at 2x the training resolution: the model colours the
-    whole canvas at the frame size it was trained on (as inference colours 1024x1600 for 512x800 frames)."""
-    size = training_size(sample.color.size, resolution, 1)
-    if size == sample.color.size:
-        return sample.refs_only, sample.frame_only, sample.mask
-    canvas = (2 * size[0], 2 * size[1])
-    mask = Image.fromarray(sample.mask.astype(np.float32), mode="F").resize(canvas, Image.Resampling.NEAREST)
-    return (
-        sample.refs_only.resize(canvas, Image.Resampling.BICUBIC),
-        sample.frame_only.resize(canvas, Image.Resampling.BICUBIC),
-        np.asarray(mask, dtype=np.float32),
-    )
 
 
 def validation_pipeline(accelerator: Any, models: dict[str, Any], model: Any) -> Any:
@@ -821,23 +772,6 @@ def export_model(output_dir: Path, model: Any, meta: dict[str, Any]) -> Path:
     from model.icp_weights import save_icp_export
 
     return save_icp_export(output_dir, model.guider, model.unet, meta)
-
-
-def save_checkpoint(
-    accelerator: Any, output_dir: Path, step: int, args: argparse.Namespace, world: int, source: ShardSource
-) -> None:
-    """checkpoint-<step> with the run settings that an exact resume needs (see `publish_state`)."""
-    state = {
-        "global_step": step,
-        "world_size": world,
-        "train_batch_size": args.train_batch_size,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-        "seed": args.seed,
-        "samples_per_rank": step * args.train_batch_size * args.gradient_accumulation_steps,
-        "shard_manifest_sha256": source.sha256,
-        "shard_manifest": source.manifest,
-    }
-    publish_state(accelerator, output_dir, step, args.checkpoints_total_limit, state)
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -45,16 +45,11 @@ import torch.nn.functional as F
 
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.storage import atomic_write_json, read_json
-from training.checkpoints import TRAIN_STATE, resolve_resume
+from training.checkpoints import TRAIN_STATE, resolve_resume, save_checkpoint
 from training.data import ICPDataConfig, build_icp_dataset, bw_variant_arg, frame_size, resolve_shard_source
-from training.train_icp import (
-    _pair,
-    save_checkpoint,
-    step_generator,
-    trainable_digest,
-    validation_canvases,
-    validation_inputs,
-)
+from training.inputs import pair_arg
+from training.reproducibility import step_generator, trainable_digest
+from training.validation import validation_canvases, validation_inputs
 
 logger = logging.getLogger("training.train_pixart_icp")
 
@@ -78,9 +73,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
     parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
     parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
-    parser.add_argument("--alpha_range", type=_pair(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH")
-    parser.add_argument("--crop_scale", type=_pair(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH")
-    parser.add_argument("--crop_aspect", type=_pair(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH")
+    parser.add_argument(
+        "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_scale", type=pair_arg(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_aspect", type=pair_arg(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH"
+    )
     parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
     parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
     # training
