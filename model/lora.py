@@ -10,7 +10,6 @@ of the file must have a place, else a ValueError names the first missing and the
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from model.state_keys import compare_state_shapes, read_state_dict
+from model.state_keys import compare_state_shapes, read_lora_tensors
 
 ICP_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 ICP_LORA_RANK = 64
@@ -27,7 +26,6 @@ ICP_LORA_ALPHA = 64
 ADAPTER_NAME = "default"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 _KEY_PREFIXES = ("unet.", "base_model.model.")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
 
 
 def add_icp_lora(
@@ -121,21 +119,7 @@ def read_icp_lora(path: str | Path) -> dict[str, torch.Tensor]:
     optionally prefixed `unet.` or `base_model.model.`. Any other key is an error naming it.
     """
     path = lora_file(path)
-    normalised: dict[str, torch.Tensor] = {}
-    for key, value in read_state_dict(path).items():
-        name = key
-        for prefix in _KEY_PREFIXES:
-            name = name.removeprefix(prefix)
-        match = _LORA_KEY.match(name)
-        if match is None:
-            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA A/B weight of a UNet module)")
-        canonical = f"{match['module']}.lora_{match['side']}.weight"
-        if canonical in normalised:
-            raise ValueError(f"{path}: key {key!r} duplicates another spelling of {canonical!r}")
-        normalised[canonical] = value
-    if not normalised:
-        raise ValueError(f"{path}: no LoRA tensors")
-    return normalised
+    return read_lora_tensors(path, _KEY_PREFIXES, "UNet")
 
 
 def _file_lora_config(path: Path) -> dict:

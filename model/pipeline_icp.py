@@ -49,6 +49,12 @@ def as_list(value: Any) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
+def scheduler_step_kwargs(scheduler: Any, generator: torch.Generator | None) -> dict:
+    """The generator for `scheduler.step` when it takes one (stochastic schedulers), else nothing."""
+    accepted = set(inspect.signature(scheduler.step).parameters)
+    return {"generator": generator} if "generator" in accepted else {}
+
+
 def image_tensor(image: ImageInput) -> torch.Tensor:
     """(3, H, W) float in [-1, 1] from a PIL image, an HWC uint8/float array or a CHW tensor in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
@@ -176,10 +182,6 @@ class ColorFlowICPPipeline(DiffusionPipeline):
             )
         return embeds.to(device, self.unet.dtype).expand(batch, -1, -1)
 
-    def _step_kwargs(self, generator: torch.Generator | None) -> dict:
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        return {"generator": generator} if "generator" in accepted else {}
-
     @torch.no_grad()
     def __call__(
         self,
@@ -250,7 +252,7 @@ class ColorFlowICPPipeline(DiffusionPipeline):
         latents = latents.to(device, noise_dtype) * self.scheduler.init_noise_sigma
         cond = self.prepare_guider_cond(refs_list, frame_list, mask_list, generator, posterior_noise)
         cond = cond.to(self.guider.dtype)
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = scheduler_step_kwargs(self.scheduler, generator)
 
         # Model offload hooks fire on a module's forward; the guided UNet runs the UNet's blocks directly, so its hook
         # is fired here to bring it onto the device (the guider's and the VAE's own calls fire theirs).

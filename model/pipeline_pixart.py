@@ -14,8 +14,6 @@ and batches of several canvases work. Scheduler: PixArt's DPM-Solver multistep a
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, PixArtTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
@@ -25,7 +23,14 @@ from diffusers.utils.torch_utils import randn_tensor
 from model.colorguider import build_guider_cond
 from model.colorguider_pixart import PixArtColorGuider
 from model.guided_pixart import guided_pixart_forward, noise_half, unwrap_transformer
-from model.pipeline_icp import ColorFlowICPPipelineOutput, ImageInput, as_list, image_tensor, mask_tensor
+from model.pipeline_icp import (
+    ColorFlowICPPipelineOutput,
+    ImageInput,
+    as_list,
+    image_tensor,
+    mask_tensor,
+    scheduler_step_kwargs,
+)
 from model.pixart_walk import micro_conditions
 from model.text_cache import TextCache
 
@@ -79,10 +84,6 @@ class ColorFlowPixArtPipeline(DiffusionPipeline):
         refs_latent = self._encode_canvas(refs, generator)
         frame_latent = self._encode_canvas(frames, generator)
         return build_guider_cond(refs_latent, mask.to(refs_latent.device), frame_latent, mode="bilinear")
-
-    def _step_kwargs(self, generator: torch.Generator | None) -> dict:
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        return {"generator": generator} if "generator" in accepted else {}
 
     @torch.no_grad()
     def __call__(
@@ -146,7 +147,7 @@ class ColorFlowPixArtPipeline(DiffusionPipeline):
         cond = self.prepare_guider_cond(refs_list * copies, frame_list * copies, mask_list * copies, generator)
         cond = cond.to(self.guider.dtype)
         conditions = micro_conditions(height, width, batch * copies, device, prompt_embeds.dtype)
-        step_kwargs = self._step_kwargs(generator)
+        step_kwargs = scheduler_step_kwargs(self.scheduler, generator)
 
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(torch.cat([latents] * copies), t)

@@ -14,14 +14,13 @@ the file and every key of the file must have a place, else a ValueError names th
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 
-from model.state_keys import compare_state_shapes, read_state_dict
+from model.state_keys import compare_state_shapes, read_lora_tensors
 
 PIXART_LORA_TARGETS = (
     "to_k",
@@ -42,7 +41,6 @@ PIXART_LORA_ALPHA = 128
 ADAPTER_NAME = "default"
 RELEASED_LORA_FILE = "transformer_lora.bin"
 _KEY_PREFIXES = ("transformer.", "base_model.model.")
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
 
 
 def add_pixart_lora(
@@ -98,21 +96,7 @@ def read_pixart_lora(path: str | Path) -> dict[str, torch.Tensor]:
     """The file's LoRA tensors keyed `<module>.lora_A.weight` / `.lora_B.weight`, whatever accepted spelling it uses;
     any other key is an error naming it."""
     path = Path(path)
-    normalised: dict[str, torch.Tensor] = {}
-    for key, value in read_state_dict(path).items():
-        name = key
-        for prefix in _KEY_PREFIXES:
-            name = name.removeprefix(prefix)
-        match = _LORA_KEY.match(name)
-        if match is None:
-            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA A/B weight of a transformer module)")
-        canonical = f"{match['module']}.lora_{match['side']}.weight"
-        if canonical in normalised:
-            raise ValueError(f"{path}: key {key!r} duplicates another spelling of {canonical!r}")
-        normalised[canonical] = value
-    if not normalised:
-        raise ValueError(f"{path}: no LoRA tensors")
-    return normalised
+    return read_lora_tensors(path, _KEY_PREFIXES, "transformer")
 
 
 def load_pixart_lora(

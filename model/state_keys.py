@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -52,3 +54,27 @@ def compare_state_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, 
         )
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.default)?\.weight$")
+
+
+def read_lora_tensors(path: Path, prefixes: Sequence[str], model_name: str) -> dict[str, torch.Tensor]:
+    """A LoRA file's tensors keyed `<module>.lora_A.weight` / `.lora_B.weight`, whatever accepted spelling it uses:
+    with or without peft's `.default` adapter name, optionally under one of `prefixes`. Any other key is an error
+    naming it (a non-strict load would silently load nothing), and so is a file with no LoRA tensor."""
+    normalised: dict[str, torch.Tensor] = {}
+    for key, value in read_state_dict(path).items():
+        name = key
+        for prefix in prefixes:
+            name = name.removeprefix(prefix)
+        match = LORA_KEY.match(name)
+        if match is None:
+            raise ValueError(f"{path}: unexpected key {key!r} (not a LoRA A/B weight of a {model_name} module)")
+        canonical = f"{match['module']}.lora_{match['side']}.weight"
+        if canonical in normalised:
+            raise ValueError(f"{path}: key {key!r} duplicates another spelling of {canonical!r}")
+        normalised[canonical] = value
+    if not normalised:
+        raise ValueError(f"{path}: no LoRA tensors")
+    return normalised
