@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pipelines.core.cli import configure_logging, non_negative_int, parse_size, positive_float
+from pipelines.core.geometry import RESAMPLE_LANCZOS, RESAMPLERS
 from pipelines.runtime.faults import DEFAULT_MAX_RETRIES, DEFAULT_STALL_TIMEOUT, FaultPolicy, configure_faults
 
 
@@ -25,6 +26,19 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes every random choice")
+    add_fit_argument(parser)
+
+
+def add_fit_argument(parser: argparse.ArgumentParser) -> None:
+    """How pages are fitted to the frame size; the stages of one dataset must agree (the pipeline passes one)."""
+    parser.add_argument(
+        "--fit-resample",
+        choices=RESAMPLERS,
+        default=RESAMPLE_LANCZOS,
+        help="filter fitting a page to the frame size for the retrieval patches, the screentone renders and the "
+        "frames: lanczos (kept: the stored bytes of existing datasets, finer detail) or bicubic (the released "
+        "app's fit, as colorize and the composite ring use); the benchmark's truth pages stay Lanczos",
+    )
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
+from jobs.common import add_fault_arguments, add_fit_argument, add_ray_arguments, configure_fault_policy, start_ray
 from pipelines.core.cli import JobArgumentParser, int_range, parse_size, positive_int, run_job
 from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.core.pools import NearDuplicateRule
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_retrieval_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="fixes every pool")
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="frame size WxH (default 512x800)")
+    add_fit_argument(parser)
     parser.add_argument("--rebuild", action="store_true", help="re-embed and re-search everything")
     add_encoder_arguments(parser)
     parser.add_argument(
@@ -128,6 +129,7 @@ def retrieval_options(args: argparse.Namespace) -> RetrievalOptions:
         seed=args.seed,
         width=width,
         height=height,
+        fit_resample=args.fit_resample,
         rule=NearDuplicateRule(args.dup_hash_distance, args.dup_loose_hash_distance, args.dup_min_cosine),
         max_per_page=args.max_per_page,
         random_references=args.random_references,

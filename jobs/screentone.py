@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
         renderer=args.renderer,
         width=args.size[0],
         height=args.size[1],
+        fit_resample=args.fit_resample,
         hires_scale=args.hires_scale,
         seed=args.seed,
         device=args.device,

@@ -97,6 +97,7 @@ def shard_options(args: argparse.Namespace) -> ShardOptions:
     return ShardOptions(
         size=args.size,
         hires_scale=args.hires_scale,
+        fit_resample=args.fit_resample,
         shard_size=args.shard_size,
         max_samples=args.max_samples,
         estimate_frames=args.estimate_frames,

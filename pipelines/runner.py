@@ -14,11 +14,11 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelines.core.cli import faults_text, summary_failures, summary_faults
-from pipelines.core.geometry import CompositeLayout
+from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout
 from pipelines.core.layout import DataLayout
 from pipelines.core.sources import input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
@@ -61,9 +61,16 @@ class PipelineOptions:
         width, height = shards.size
         by_stage = {
             "ingest": IngestOptions(min_color_pages=self.min_color_pages),
-            "retrieval": replace(self.retrieval, width=width, height=height, seed=shards.seed),
+            "retrieval": replace(
+                self.retrieval, width=width, height=height, seed=shards.seed, fit_resample=shards.fit_resample
+            ),
             "screentone": ScreentoneOptions(
-                renderer=shards.renderer, width=width, height=height, hires_scale=shards.hires_scale, seed=shards.seed
+                renderer=shards.renderer,
+                width=width,
+                height=height,
+                hires_scale=shards.hires_scale,
+                seed=shards.seed,
+                fit_resample=shards.fit_resample,
             ),
             "shards": shards,
         }
@@ -73,6 +80,8 @@ class PipelineOptions:
         """What decides whether `stage`'s outputs are current (recorded in the pipeline record)."""
         shards = self.shards
         retrieval = self.retrieval
+        # named only when not the original Lanczos, so records written before it was an option stay current
+        fit = {} if shards.fit_resample == RESAMPLE_LANCZOS else {"fit_resample": shards.fit_resample}
         by_stage = {
             "ingest": {"min_color_pages": self.min_color_pages},
             "retrieval": {
@@ -83,14 +92,16 @@ class PipelineOptions:
                 **({"max_per_page": retrieval.max_per_page} if retrieval.max_per_page is not None else {}),
                 "size": list(shards.size),
                 "seed": shards.seed,
+                **fit,
             },
             "screentone": {
                 "renderer": shards.renderer,
                 "size": list(shards.size),
                 "hires_scale": shards.hires_scale,
                 "seed": shards.seed,
+                **fit,
             },
-            "shards": {**asdict(shards), **({"rebuild": True} if self.rebuild else {})},
+            "shards": {**shards.recorded(), **({"rebuild": True} if self.rebuild else {})},
         }
         return by_stage[stage]
 

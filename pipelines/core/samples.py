@@ -59,6 +59,7 @@ from pipelines.core.geometry import (
     RANKS_PER_PATCH,
     RESAMPLE_BICUBIC,
     RESAMPLE_LANCZOS,
+    RESAMPLERS,
     CompositeLayout,
     fit_box,
     fit_image,
@@ -137,6 +138,7 @@ class SampleConfig:
     renderer_id: str = ""
     code_version: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, Any] = field(default_factory=dict)  # upstream settings (retrieval run, screentone seed)
+    fit_resample: str = RESAMPLE_LANCZOS  # how frames are fitted (their tone was rendered from the same fit)
 
     def __post_init__(self) -> None:
         CompositeLayout(self.width, self.height)  # validates the size (multiples of 16)
@@ -144,6 +146,8 @@ class SampleConfig:
             raise ValueError(f"jpeg_quality must lie in [1, 100], got {self.jpeg_quality}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level must lie in [0, 9], got {self.png_compress_level}")
+        if self.fit_resample not in RESAMPLERS:
+            raise ValueError(f"fit_resample must be one of {', '.join(RESAMPLERS)}, got {self.fit_resample!r}")
 
     @property
     def size(self) -> tuple[int, int]:
@@ -158,6 +162,8 @@ class SampleConfig:
         return CompositeLayout(self.width, self.height)
 
     def to_json(self) -> dict[str, Any]:
+        """The manifest's record; the fit is named only when not the original Lanczos (older plans stay current)."""
+        fit = {} if self.fit_resample == RESAMPLE_LANCZOS else {"fit_resample": self.fit_resample}
         return {
             "width": self.width,
             "height": self.height,
@@ -171,6 +177,7 @@ class SampleConfig:
             "renderer_id": self.renderer_id,
             "code_version": dict(self.code_version),
             "inputs": dict(self.inputs),
+            **fit,
             "fields": list(FIELDS),
             "sample_format_version": SAMPLE_FORMAT_VERSION,
         }
@@ -223,8 +230,8 @@ class ChapterPages:
     def fitted(
         self, page_id: str, width: int, height: int, *, keep: bool = True, resample: str = RESAMPLE_LANCZOS
     ) -> Image.Image:
-        """The page fitted to width x height: Lanczos for frames (their screentone was rendered from that fit),
-        bicubic (the released app's fit) for the ring's references."""
+        """The page fitted to width x height: the dataset's fit for frames (Lanczos unless `fit_resample` says
+        otherwise; their screentone was rendered from that fit), bicubic (the released app's fit) for the ring."""
         key = (page_id, width, height, resample)
         if key in self._fitted:
             return self._fitted[key]
@@ -318,8 +325,8 @@ def build_sample(
     tone = _checked_tone(tone, frame.frame_id, "train", config.size)
     hires_tone = _checked_tone(hires_tone, frame.frame_id, "hires", config.hires_size)
     page = pages.page(frame.frame_id)
-    color = pages.fitted(frame.frame_id, width, height)
-    hr_color = pages.fitted(frame.frame_id, hr_width, hr_height, keep=False)
+    color = pages.fitted(frame.frame_id, width, height, resample=config.fit_resample)
+    hr_color = pages.fitted(frame.frame_id, hr_width, hr_height, keep=False, resample=config.fit_resample)
     ring = build_ring(pages, grid, config.layout)
     meta = {
         "key": key,
@@ -329,7 +336,9 @@ def build_sample(
         "chapter_id": frame.chapter_id,
         "page_index": frame.page_index,
         "source_size": [page.width, page.height],
-        "fit_box": list(fit_box(page.width, page.height, width, height)),
+        "fit_box": list(
+            fit_box(page.width, page.height, width, height, truncate=config.fit_resample == RESAMPLE_BICUBIC)
+        ),
         "size": [width, height],
         "hires_size": [hr_width, hr_height],
         "retrievals": grid,

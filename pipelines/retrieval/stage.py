@@ -60,6 +60,7 @@ from pipelines.core.encoders import (
     load_encoder,
     resolve_encoder,
 )
+from pipelines.core.geometry import RESAMPLE_LANCZOS, RESAMPLERS
 from pipelines.core.layout import DataLayout, subfolders
 from pipelines.core.pagestore import decode_page, ingested_chapter_ids, kept_chapter_ids
 from pipelines.core.patches import page_patches, patch_geometry
@@ -134,6 +135,7 @@ class RetrievalOptions:
     height: int = 800
     rule: NearDuplicateRule = field(default_factory=NearDuplicateRule)
     max_per_page: int | None = None  # cap on a frame's patches from one reference page; None: independent top-k
+    fit_resample: str = RESAMPLE_LANCZOS  # the page fit patches are cut from; part of the encoder id when not Lanczos
     random_references: bool = False  # "without RAP" (our reading): patches drawn at random from the pool, no search
     encoder: str = DEFAULT_ENCODER
     batch_size: int | None = None  # encoder batch; None: the encoder's default for its device
@@ -169,6 +171,8 @@ class RetrievalOptions:
             )
         if self.width < 4 or self.height < 4:
             raise ValueError(f"page size {self.width}x{self.height} is too small")
+        if self.fit_resample not in RESAMPLERS:
+            raise ValueError(f"fit_resample must be one of {', '.join(RESAMPLERS)}, got {self.fit_resample!r}")
 
     def run_id(self, encoder_id: str) -> str:
         key = {
@@ -213,6 +217,7 @@ class EmbedJob:
     height: int
     info: EncoderInfo
     rebuild: bool
+    fit_resample: str = RESAMPLE_LANCZOS
 
 
 @dataclass
@@ -264,7 +269,7 @@ def prepare_chapter(job: EmbedJob) -> tuple[PreparedChapter, np.ndarray | None]:
         row = {"page_id": page_id, "chapter_id": job.chapter_id, "image_sha1": sha1, "hashes": []}
         try:
             page = decode_page(data)
-            page_arrays = [prepare(patch) for patch in page_patches(page, job.width, job.height)]
+            page_arrays = [prepare(patch) for patch in page_patches(page, job.width, job.height, job.fit_resample)]
             row.update(hashes=page_hashes(page), status=STATUS_OK, error=None)
             patches.extend(page_arrays)
             new_ids.append(page_id)
@@ -1026,7 +1031,7 @@ def run_retrieval(
     layout = DataLayout.at(data)
     params = replace(options or RetrievalOptions(), **overrides)
     encoder, width, height, rebuild = params.encoder, params.width, params.height, params.rebuild
-    info = resolve_encoder(encoder).with_patch_geometry(patch_geometry(width, height))
+    info = resolve_encoder(encoder).with_patch_geometry(patch_geometry(width, height, params.fit_resample))
     store = EmbeddingStore(layout.embeddings(info.encoder_id))
     run_id = params.run_id(info.encoder_id)
     run_folder = layout.retrieval_run(run_id)
@@ -1053,7 +1058,11 @@ def run_retrieval(
         if not rebuild and state is not None and source.exists() and state.get("pagestore") == _pagestore_stat(source):
             up_to_date.append(chapter_id)
         else:
-            jobs.append(EmbedJob(str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild))
+            jobs.append(
+                EmbedJob(
+                    str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild, params.fit_resample
+                )
+            )
     options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors, threads=params.encoder_threads)
     embed_faults = FaultCounts()
     if not jobs:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.core.geometry import CompositeLayout, fit_image, hires_size
+from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout, fit_image, hires_size
 from pipelines.core.layout import DataLayout, subfolders
 from pipelines.core.pagestore import (
     decode_page,
@@ -52,6 +52,7 @@ class ScreentoneOptions:
     seed: int = 0
     device: str | None = None
     batch_size: int = 8  # pages of one size per renderer call; does not change the output on CPU
+    fit_resample: str = RESAMPLE_LANCZOS  # the fit the tone is rendered from (the shards' frames use the same)
 
     @property
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -69,7 +70,7 @@ def render_frame(page: Image.Image, frame_id: str, options: ScreentoneOptions, r
     """PNG-encoded tone per variant for one colour frame."""
     out: dict[str, bytes] = {}
     for variant, (width, height) in options.sizes.items():
-        fitted = np.asarray(fit_image(page, width, height))
+        fitted = np.asarray(fit_image(page, width, height, resample=options.fit_resample))
         tone = renderer.render(fitted, frame_seed(options.seed, frame_id, variant))
         out[variant] = encode_page(Image.fromarray(tone, mode="L"), "png")
     return out
@@ -92,7 +93,10 @@ def render_frames(
         for frame_id in frame_ids[start : start + options.batch_size]:
             try:
                 page = decode_page(pages[frame_id])
-                fitted[frame_id] = {v: np.asarray(fit_image(page, w, h)) for v, (w, h) in options.sizes.items()}
+                fitted[frame_id] = {
+                    v: np.asarray(fit_image(page, w, h, resample=options.fit_resample))
+                    for v, (w, h) in options.sizes.items()
+                }
             except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
                 errors[frame_id] = f"{type(exc).__name__}: {exc}"
         for variant in options.sizes:
@@ -155,9 +159,18 @@ def _chapter_worker(unit: Unit) -> dict[str, Any]:
     return stats
 
 
+def recorded_options(options: ScreentoneOptions) -> dict[str, Any]:
+    """The options as markers and the summary record them: the fit is named only when it is not the original
+    Lanczos, so what was recorded before it was an option stays current."""
+    recorded = asdict(options)
+    if options.fit_resample == RESAMPLE_LANCZOS:
+        del recorded["fit_resample"]
+    return recorded
+
+
 def _done_options(options: ScreentoneOptions, renderer_id: str) -> dict[str, Any]:
     """What a chapter's output depends on: the options without the batch size, plus the renderer id."""
-    return {k: v for k, v in asdict(options).items() if k != "batch_size"} | {"renderer_id": renderer_id}
+    return {k: v for k, v in recorded_options(options).items() if k != "batch_size"} | {"renderer_id": renderer_id}
 
 
 def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str) -> bool:
@@ -218,7 +231,7 @@ def run_screentone(
         "stage": STAGE,
         "complete": not report.failed,
         "renderer_id": renderer.id,
-        "options": asdict(options),
+        "options": recorded_options(options),
         "sizes": {variant: list(size) for variant, size in options.sizes.items()},
         "folder": str(layout.screentone(renderer.id, options.width, options.height).relative_to(layout.root)),
         "chapters": len(units),

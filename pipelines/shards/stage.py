@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.core.geometry import RANKS_PER_PATCH, hires_size
+from pipelines.core.errors import PreconditionError
+from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_LANCZOS, hires_size
 from pipelines.core.layout import DataLayout
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
@@ -75,6 +76,15 @@ class ShardOptions:
     min_generation_samples: int | None = None  # new frames that make a generation; None: one shard's worth
     flush: bool = False  # write waiting new frames as a generation now, however few
     compact: bool = False  # merge small shards into a new generation (only on request)
+    fit_resample: str = RESAMPLE_LANCZOS  # how frames, their tone and the patches are fitted (benchmark: Lanczos)
+
+    def recorded(self) -> dict[str, Any]:
+        """The options as fingerprints record them: the fit is named only when not the original Lanczos, so shards
+        planned before it was an option stay current."""
+        recorded = asdict(self)
+        if self.fit_resample == RESAMPLE_LANCZOS:
+            del recorded["fit_resample"]
+        return recorded
 
 
 def _require(path: Path, what: str) -> None:
@@ -150,6 +160,17 @@ def _upstream(layout: DataLayout) -> dict[str, Any]:
     }
 
 
+def _check_fit(upstream: dict[str, Any], fit_resample: str, layout: DataLayout) -> None:
+    """Frames are fitted as their tone was: a render made from another fit cannot pair with them."""
+    rendered = (upstream["screentone_options"] or {}).get("fit_resample", RESAMPLE_LANCZOS)
+    if rendered != fit_resample:
+        raise PreconditionError(
+            f"{layout.summary('screentone')}: the screentone was rendered from the {rendered} fit and the frames "
+            f"would be fitted {fit_resample}: pass --fit-resample {rendered}, or render again with --fit-resample "
+            f"{fit_resample}"
+        )
+
+
 def _input_files(layout: DataLayout) -> dict[str, str | None]:
     """Content hashes of the tables this stage reads. Upstream writes are byte-deterministic, so a rerun of an
     upstream stage that changed nothing leaves these equal and the stage stays skipped."""
@@ -186,9 +207,10 @@ def run_shards(
     renderer_id = _renderer_id(options.renderer, layout, sample_sizes)
     version = code_version()
     upstream = _upstream(layout)
+    _check_fit(upstream, options.fit_resample, layout)
     config_fingerprint = stable_hash(
         {
-            "options": asdict(options),
+            "options": options.recorded(),
             "encoder": encoder_id,
             "renderer": renderer_id,
             "code": version,
@@ -289,6 +311,7 @@ def run_shards(
         renderer_id=renderer_id,
         code_version=version,
         inputs=upstream,
+        fit_resample=options.fit_resample,
     )
     shard_config = ShardConfig(
         shard_size=options.shard_size,
