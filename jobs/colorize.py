@@ -202,6 +202,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         )
         defaults = export_defaults(args.icp, args.gsrp)
     width, height = args.size or defaults.get("size", (512, 800))
+    style, screenstyle_weights = _page_style(args)
 
     def chosen(value, key: str, fallback):
         """The command line wins, then the export's export.json, then the released app's value."""
@@ -217,7 +218,6 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         memory=args.memory,
         gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
     )
-    style, screenstyle_weights = _page_style(args)
     return ColorizeOptions(
         width=width,
         height=height,
@@ -272,6 +272,7 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
         defaults = export_defaults(str(weights), args.gsrp)
     prompt, negative = text_cache_prompts(models.text_cache) if models else ("", "")
     width, height = args.size or defaults.get("size", (512, 800))
+    line_extractor = _line_extractor(args, style)
     sampling = SamplingOptions(
         steps=args.steps if args.steps is not None else 10,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE,
@@ -292,7 +293,7 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
         sampling=sampling,
         models=models,
         style=style,
-        line_extractor_weights=_line_extractor(args, style),
+        line_extractor_weights=line_extractor,
     )
 
 
@@ -328,11 +329,11 @@ def _page_style(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    settings = build_settings(args)  # weights, inputs and sizes are checked before Ray starts
-    if args.benchmark:
+    if args.benchmark:  # inputs, then weights and sizes, are checked before Ray starts (choosing the dtype may)
         tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
     else:
         tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
+    settings = build_settings(args)
     start_ray(args)
     options = RunOptions(
         batch_size=args.batch_size,

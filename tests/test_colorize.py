@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 from colorize_fixtures import CORRUPT_PAGE, drawn_page, save_random_screenstyle, save_tiny_clip_vision, write_chapter
 from PIL import Image
@@ -229,4 +230,10 @@ def test_damaged_inputs_are_refused_before_work_starts_and_leave_no_folder(
     assert "--icp" in capsys.readouterr().err
     assert colorize_main([*swapped, "--icp", str(tiny_models["icp"]), "--gsrp", str(tiny_models["icp"])]) == 2
     assert "not GSRP weights" in capsys.readouterr().err
+    # a missing page folder is named before anything starts Ray (choosing the dtype without --device would)
+    ray_was_running = ray.is_initialized()
+    missing = ["--pages", str(tmp_path / "absent"), "--refs", str(refs), "--output", str(out)]
+    assert colorize_main([*missing, "--icp", str(tiny_models["icp"]), "--sd15", str(tiny_models["sd15"])]) == 2
+    assert str(tmp_path / "absent") in capsys.readouterr().err
+    assert ray.is_initialized() == ray_was_running
     assert not (tmp_path / "new").exists()

@@ -270,3 +270,12 @@ def test_exit_status_follows_the_summary_and_unexpected_errors_say_how_to_see_mo
     assert capsys.readouterr().err.splitlines() == [
         "job: error: ZeroDivisionError: division by zero (rerun with --debug for the traceback)"
     ]
+
+
+def test_an_os_error_names_its_path_and_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from model.tiny_pixart import main as tiny_pixart_main
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    assert run_job(tiny_pixart_main, [str(blocked / "tiny")], prog="python -m model.tiny_pixart") == 1
+    assert capsys.readouterr().err.splitlines() == [f"python -m model.tiny_pixart: error: {blocked}: File exists"]

@@ -98,6 +98,8 @@ def error_line(exc: BaseException) -> str:
     message = lines[0] if lines else type(exc).__name__
     if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str):
         message = exc.args[0]  # str(KeyError) quotes its text
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:  # not "[Errno 2] ...: 'path'"
+        message = f"{exc.filename}: {exc.strerror}"
     if isinstance(exc, (PreconditionError, JobFailed, *EXPECTED_ERRORS)):
         return message
     return f"{type(exc).__name__}: {message} (rerun with --debug for the traceback)"
