@@ -191,7 +191,9 @@ def test_a_new_held_out_chapter_removes_its_leaked_train_frame_from_one_tar(
         name: content for name, content in first.items() if name != rewritten
     }
     assert now[rewritten] != first[rewritten]
-    assert all(name.startswith("shards/val/val-g0000-") for name in set(now) - set(first))
+    added_tars = set(now) - set(first)
+    assert added_tars and all(name.startswith("shards/val/val-g0000-") for name in added_tars)
+    assert read_json(layout.shards("val") / "manifest.json")["nsamples"] == 21
     assert {str(p.relative_to(data)): p.read_bytes() for p in sorted(layout.benchmark.rglob("*")) if p.is_file()} == (
         benchmark
     )
