@@ -1,5 +1,6 @@
 """The encoder pool on a real multi-node Ray (`ray.cluster_utils.Cluster`, three CPU nodes): without GPUs the
-weight-free encoder runs in actors on every node, and the embeddings are byte-identical to a one-worker run."""
+weight-free encoder runs in actors on every node; a pool of MIN:MAX grows past MIN while chapters wait, never past MAX;
+and the embeddings are byte-identical to a one-worker run either way."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,14 +52,27 @@ def _embeddings(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.fixture(scope="module")
+def one_worker(ingested: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, bytes], dict]:
+    """The embeddings of an in-process run with one encoder worker, and its summary."""
+    single = shutil.copytree(ingested, tmp_path_factory.mktemp("pool") / "single")
+    summary = run_retrieval(single, encoder="weightfree", width=128, height=192, local=True)
+    assert len(summary["embeddings"]["encoder_workers"]) == 1
+    return _embeddings(single), summary
+
+
+def _retrieval_argv(data: Path, cluster, actors: str) -> list[str]:
+    argv = [sys.executable, "-m", "jobs.retrieval", "--data", str(data), "--size", "128x192"]
+    argv += ["--encoder", "weightfree", "--encoder-actors", actors, "--batch-size", "16"]
+    return argv + ["--encoder-threads", "1", "--ray-address", cluster.address]
+
+
 def test_the_encoder_runs_on_every_node_with_the_embeddings_of_one_worker(
-    ingested: Path, cluster, tmp_path: Path
+    ingested: Path, cluster, one_worker: tuple[dict[str, bytes], dict], tmp_path: Path
 ) -> None:
     pooled = shutil.copytree(ingested, tmp_path / "pooled")
     env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-m", "jobs.retrieval", "--data", str(pooled), "--size", "128x192"]
-    argv += ["--encoder", "weightfree", "--encoder-actors", f"{NODES}", "--batch-size", "16"]
-    argv += ["--encoder-threads", "1", "--ray-address", cluster.address]
+    argv = _retrieval_argv(pooled, cluster, f"{NODES}")
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = read_json(pooled / "retrieval.summary.json")
@@ -67,11 +82,43 @@ def test_the_encoder_runs_on_every_node_with_the_embeddings_of_one_worker(
     assert sum(w["chapters"] for w in workers) == summary["embeddings"]["chapters_embedded"] == 5
     assert all(w["threads"] == 1 and w["batch_size"] == 16 and w["device"] == "cpu" for w in workers)
 
-    single = shutil.copytree(ingested, tmp_path / "single")
-    one = run_retrieval(single, encoder="weightfree", width=128, height=192, local=True)
-    assert len(one["embeddings"]["encoder_workers"]) == 1
-    assert _embeddings(pooled) == _embeddings(single)
+    embeddings, one = one_worker
+    assert _embeddings(pooled) == embeddings
     assert summary["frames_ok"] == one["frames_ok"] == 5 * 24
+
+
+def test_the_pool_grows_past_its_minimum_while_chapters_wait_and_stops_at_its_maximum(
+    ingested: Path, cluster, one_worker: tuple[dict[str, bytes], dict], tmp_path: Path
+) -> None:
+    """`--encoder-actors 1:2` on six CPUs. The pause file holds every actor before its first chapter, so the five
+    prepared chapters certainly wait: the pool must grow to two actors (each logs "loaded") and stop there, though
+    CPUs for more are free; the file is removed once two have loaded (or after 120 s, so a pool that never grows
+    fails the test instead of hanging it)."""
+    grown = shutil.copytree(ingested, tmp_path / "grown")
+    pause = tmp_path / "pause"
+    pause.touch()
+    env = {**os.environ, "RAY_ADDRESS": "", "PYTHONPATH": str(REPO)}
+    argv = [*_retrieval_argv(grown, cluster, "1:2"), "--pause-file", str(pause)]
+    safety = threading.Timer(120, lambda: pause.unlink(missing_ok=True))
+    safety.start()
+    loaded_while_paused = 0
+    with subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as job:
+        tail = []
+        for line in job.stderr:
+            tail = [*tail[-40:], line]
+            if "encoder weightfree" in line and " loaded: " in line and pause.exists():
+                loaded_while_paused += 1
+                if loaded_while_paused == 2:
+                    pause.unlink()
+        returncode = job.wait(timeout=300)
+    safety.cancel()
+    assert returncode == 0, "".join(tail)
+    assert loaded_while_paused == 2  # grown while its chapters waited, not after the safety timer
+    summary = read_json(grown / "retrieval.summary.json")
+    workers = summary["embeddings"]["encoder_workers"]
+    assert len(workers) == 2 and all(w["chapters"] > 0 for w in workers)
+    assert sum(w["chapters"] for w in workers) == summary["embeddings"]["chapters_embedded"] == 5
+    assert _embeddings(grown) == one_worker[0]
 
 
 def test_pool_bounds_follow_gpus_cpus_and_threads() -> None:

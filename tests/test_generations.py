@@ -1,23 +1,29 @@
 """Append-only shard generations through `jobs.pipeline` on the tiny sample corpus: a no-op rerun writes only its
 run record; one chapter added is processed alone by every stage and leaves every existing tar byte-identical; the
-same chapter taken down changes only the tars that held it, and the manifest says so; a dataset of another sample
-format is never appended to, and readers refuse it."""
+same chapter taken down changes only the tars that held it, and the manifest says so; a new held-out chapter that
+repeats a train page rewrites only the tar that held the leaked frames, with the reason recorded; a dataset of another
+sample format is never appended to, and readers refuse it."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import zipfile
 from pathlib import Path
 
 import pytest
+import webdataset as wds
 from conftest import PIPELINE_ARGS
 
 from jobs.pipeline import main as pipeline_main
+from pipelines.core.geometry import RANKS_PER_PATCH
 from pipelines.core.layout import DataLayout
 from pipelines.core.samples import SampleFormatError
-from pipelines.core.schemas import SPLITS
+from pipelines.core.schemas import DUPLICATES, PAGES, RETRIEVALS, SHARD_PLAN, SPLITS
+from pipelines.core.seeding import unit_hash
 from pipelines.core.storage import read_json, read_parquet
 from pipelines.shards.splits import split_of
+from pipelines.shards.stage import ShardOptions
 from training.data import check_shards, resolve_shard_source, resumed_source
 
 ARGS = [
@@ -29,6 +35,12 @@ ARGS = [
 
 def _tars(data: Path) -> dict[str, bytes]:
     return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "shards").rglob("*.tar"))}
+
+
+def _members(tar: Path) -> dict[str, dict[str, bytes]]:
+    """key -> member suffix -> bytes, as webdataset reads the tar."""
+    samples = wds.WebDataset([str(tar)], shardshuffle=False, empty_check=False)
+    return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
 
 
 def _chapter_files(data: Path) -> dict[str, bytes]:
@@ -121,3 +133,78 @@ def test_another_sample_format_is_never_appended_to(tmp_path: Path, pipeline_dat
     path = layout.shards("train") / "manifest.json"
     with pytest.raises(SampleFormatError, match="version 0"):
         resolve_shard_source(path)
+
+
+def test_a_new_held_out_chapter_removes_its_leaked_train_frame_from_one_tar(
+    tmp_path: Path, pipeline_data: Path
+) -> None:
+    corpus = shutil.copytree(pipeline_data.parent / "corpus", tmp_path / "corpus")
+    data = shutil.copytree(pipeline_data, tmp_path / "data")
+    layout = DataLayout.at(data)
+    train = layout.shards("train")
+    argv = ["--input", str(corpus), "--output", str(data), *PIPELINE_ARGS]
+    assert split_of(read_parquet(layout.splits, SPLITS)) == {"s1": "train", "s2": "bench"}
+    first = _tars(data)
+    benchmark = {str(p.relative_to(data)): p.read_bytes() for p in sorted(layout.benchmark.rglob("*")) if p.is_file()}
+
+    # the train page to leak: one that other frames show in their rings, all of them in its own shard, so the
+    # frames the leakage check removes (it and the frames whose ring shows it) sit in one tar
+    shard_of = {r["frame_id"]: r["shard"] for r in read_parquet(train / "plan.parquet", SHARD_PLAN).to_pylist()}
+    shown_by: dict[str, set[str]] = {}
+    for row in read_parquet(layout.retrievals, RETRIEVALS).to_pylist():
+        if row["rank"] < RANKS_PER_PATCH:
+            shown_by.setdefault(row["ref_page_id"], set()).add(row["frame_id"])
+    leaked = next(p for p in sorted(shard_of) if {shard_of[f] for f in shown_by.get(p, ())} == {shard_of[p]})
+    source = {r["page_id"]: r["source"] for r in read_parquet(layout.pages, PAGES).to_pylist()}[leaked]
+
+    # a new series that goes to validation by its hash, whose one chapter holds 20 benchmark pages (held out
+    # already, so no other leak) and a copy of the train page
+    val_series = next(n for n in (f"v{i}" for i in range(1000)) if unit_hash(0, "val", n) < ShardOptions().val_fraction)
+    chapter = corpus / val_series / "ch001"
+    chapter.mkdir(parents=True)
+    with zipfile.ZipFile(corpus / "s2" / "ch001.cbz") as archive:
+        names = sorted(n for n in archive.namelist() if n.endswith(".JPG"))
+        for name in names[:20]:
+            (chapter / name).write_bytes(archive.read(name))
+    shutil.copy2(corpus / source, chapter / f"leak{Path(source).suffix}")
+    stages = pipeline_main(argv)["stages"]
+    assert split_of(read_parquet(layout.splits, SPLITS))[val_series] == "val"
+
+    duplicates = [r for r in read_parquet(layout.duplicates, DUPLICATES).to_pylist() if r["duplicate"]]
+    assert {(r["split"], r["series"], r["train_page_id"]) for r in duplicates} == {("val", val_series, leaked)}
+    manifest = read_json(train / "manifest.json")
+    generation = manifest["generations"][1]
+    removed = {f["frame_id"]: f for f in generation["frames_removed"]}
+    assert removed[leaked]["reason"] == "leakage: near-duplicate of a held-out page"
+    assert {f["reason"] for k, f in removed.items() if k != leaked} == {
+        "leakage: its ring shows a near-duplicate of a held-out page"
+    }
+    assert set(removed) == {leaked} | shown_by[leaked]
+    rewritten = f"shards/train/{shard_of[leaked]}"
+    assert generation["shards_replaced"] == [shard_of[leaked]] and not generation["shards_added"]
+    assert not generation["shards_removed"] and generation["frames_added"] == 0
+    assert stages["shards"]["summary"]["leakage"]["train_frames_removed_as_duplicates"] == 1
+
+    # only that tar changed; the new validation frames went to new val shards; the benchmark is untouched
+    now = _tars(data)
+    assert {name: now[name] for name in first if name != rewritten} == {
+        name: content for name, content in first.items() if name != rewritten
+    }
+    assert now[rewritten] != first[rewritten]
+    added_tars = set(now) - set(first)
+    assert added_tars and all(name.startswith("shards/val/val-g0000-") for name in added_tars)
+    assert read_json(layout.shards("val") / "manifest.json")["nsamples"] == 21
+    assert {str(p.relative_to(data)): p.read_bytes() for p in sorted(layout.benchmark.rglob("*")) if p.is_file()} == (
+        benchmark
+    )
+    (tmp_path / "old.tar").write_bytes(first[rewritten])
+    old, new = _members(tmp_path / "old.tar"), _members(data / rewritten)
+    assert set(new) == set(old) - set(removed) and all(new[key] == old[key] for key in new)
+
+    # a run that started on generation 0 refuses to resume over the rewritten tar, in one line
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    (checkpoint / "train_state.json").write_text(json.dumps({"shard_manifest": str(train / "manifest.g0000.json")}))
+    with pytest.raises(Exception, match="a later generation may have rewritten it") as refused:
+        check_shards(resumed_source(resolve_shard_source(data), checkpoint))
+    assert "\n" not in str(refused.value) and shard_of[leaked] in str(refused.value)
