@@ -215,7 +215,22 @@ def resumed_source(source: ShardSource, checkpoint: Path | None) -> ShardSource:
         raise PreconditionError(
             f"the checkpoint {checkpoint} was trained on {pinned}, which no longer exists: start a new run"
         )
-    return _from_manifest(Path(pinned), TRAIN_SPLIT)
+    kept = _from_manifest(Path(pinned), TRAIN_SPLIT)
+    _refuse_rewritten(kept, source)
+    return kept
+
+
+def _refuse_rewritten(pinned: ShardSource, current: ShardSource) -> None:
+    """A tar a later generation rewrote under its name may keep its size (tars pad to 10 KiB blocks); the two
+    manifests' sha256s tell, without reading a shard."""
+    now = dict(zip(current.urls, current.shard_sha256, strict=True)) if current.shard_sha256 else {}
+    for url, digest in zip(pinned.urls, pinned.shard_sha256 or (None,) * len(pinned.urls), strict=True):
+        if digest is not None and now.get(url) not in (None, digest):
+            raise PreconditionError(
+                f"shard {url}: a later generation rewrote it (frames taken down or removed by the leakage check; "
+                f"its sha256 in {current.manifest} differs from the one {pinned.manifest} records): start a new run "
+                "on the current manifest"
+            )
 
 
 def shard_length(url: str) -> int:
