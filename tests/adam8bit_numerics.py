@@ -5,7 +5,6 @@ it into, so no other test's peft import loads it. Prints the comparison as one J
 from __future__ import annotations
 
 import json
-import logging
 from argparse import Namespace
 
 import torch
@@ -40,7 +39,4 @@ def compare(steps: int = 20) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    # bitsandbytes' CPU backend warns at import that a 4-bit matmul kernel is not on the kernel hub; 4-bit matmuls
-    # are not used here
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     print(json.dumps(compare()))
