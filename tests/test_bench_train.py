@@ -1,6 +1,7 @@
-"""The memory-ladder bench of the GSRP trainer (bench/bench_train_gsrp.py --rung) on its CPU path: every rung's
-arguments file parsed by the trainer, the trainer's step timed with the file's settings on the tiny models, the
-first rung the baseline of the ratios, a rung whose optional package is missing skipped in one line."""
+"""The memory-ladder benches of the trainers (bench/bench_train_gsrp.py and bench_train_icp.py --rung) on their CPU
+path: every rung's arguments file parsed by its trainer, the trainer's step timed with the file's settings on the
+tiny models, the first rung the baseline of the ratios, a rung whose optional package is missing skipped in one
+line."""
 
 from __future__ import annotations
 
@@ -51,3 +52,21 @@ def test_gsrp_rungs_time_the_trainers_step_against_the_first_rung(
         )
     else:
         assert rows["configs/gsrp/memory-24gb.args"][:4] == ("2", "2", "True", "False")
+
+
+def test_icp_rungs_run_the_trainers_step_on_the_tiny_models(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    rungs = ["configs/icp/paper.args", "configs/icp/memory-24gb.args"]
+    _bench("bench_train_icp").main(["--rung", *rungs, "--models", "tiny", "--size", "64x96", "--steps", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "memory ladder on CPU, tiny models, 64x96, bf16"
+    paper = re.search(
+        r"rung configs/icp/paper.args: batch 8 x 1, .* ([\d.]+) samples/s \(1.00x the first rung\)", lines[1]
+    )
+    assert paper and float(paper[1]) > 0
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert lines[2].startswith("  rung configs/icp/memory-24gb.args: skipped (--use_8bit_adam needs bitsandbytes")
+    else:
+        assert "batch 4 x 2, checkpointing True, 8-bit AdamW True" in lines[2]
