@@ -21,6 +21,7 @@ install: $(STAMP)
 # bitsandbytes (the bnb extra, for --use_8bit_adam) goes into a folder of its own, not into the venv: where peft can
 # import it, every peft import loads it, and its CPU backend then looks for a 4-bit kernel on the kernel hub and
 # prints a warning in every process. The 8-bit AdamW numerics test runs it in a subprocess from this folder.
+# BNB_SPEC is the bnb extra's requirement in pyproject.toml.
 BNB_TARGET := $(VENV)/bnb
 BNB_STAMP := $(BNB_TARGET)/.installed
 BNB_SPEC ?= bitsandbytes>=0.45

@@ -7,9 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -132,6 +134,9 @@ def test_8bit_adam_follows_adamw_with_8_bit_states() -> None:
     bitsandbytes into a folder of its own (.venv/bnb), not the venv, and this runs it there in a subprocess: where peft
     can import bitsandbytes, every peft import loads it and prints a kernel-hub warning. Where the extra is installed
     in the environment (`pip install -e ".[bnb]"`), that is used."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    makefile = re.search(r"^BNB_SPEC \?= (.+)$", (REPO / "Makefile").read_text(), re.MULTILINE)
+    assert makefile and extras["bnb"] == [makefile[1]]  # make test installs the version the extra names
     beside = Path(sys.prefix) / "bnb"
     if importlib.util.find_spec("bitsandbytes") is None and not (beside / "bitsandbytes").is_dir():
         pytest.skip(f"bitsandbytes is neither installed nor in {beside} (make test puts it there)")
