@@ -18,6 +18,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# bitsandbytes (the bnb extra, for --use_8bit_adam) goes into a folder of its own, not into the venv: where peft can
+# import it, every peft import loads it, and its CPU backend then looks for a 4-bit kernel on the kernel hub and
+# prints a warning in every process. The 8-bit AdamW numerics test runs it in a subprocess from this folder.
+# BNB_SPEC is the bnb extra's requirement in pyproject.toml.
+BNB_TARGET := $(VENV)/bnb
+BNB_STAMP := $(BNB_TARGET)/.installed
+BNB_SPEC ?= bitsandbytes>=0.45
+
+$(BNB_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(BNB_TARGET) "$(BNB_SPEC)"
+	touch $(BNB_STAMP)
+
 # After the data pipeline, a smoke run of the whole loop on tiny random models (no weights are downloaded): a few
 # steps of each trainer, then colorize + evaluate over the benchmark folder. It shows the loop runs end to end;
 # tiny random models colour nothing well, so the scores only say that every piece is wired.
@@ -47,7 +59,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) $(BNB_STAMP) lint
 	$(PY) -m pytest -q -p no:cacheprovider --timeout 900
 
 bench: $(STAMP)

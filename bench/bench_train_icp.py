@@ -256,21 +256,30 @@ def bench_step_split(size: tuple[int, int], batch: int, steps: int, kind: str, d
 def bench_rungs(rungs: list[Path], size: tuple[int, int], steps: int, kind: str, device: torch.device) -> None:
     """The memory ladder: for each arguments file (configs/icp/*.args) the trainer's own step with its settings
     (per-device batch x accumulation, checkpointing, 8-bit AdamW, EMA, text encoder freed or kept resident) on
-    random SD1.5-size models: s/step, samples/s and peak memory, against the first rung measured in the same run."""
+    random SD1.5-size models: s/step, samples/s and peak memory, against the first rung measured in the same run.
+    A rung whose optional package is missing (8-bit AdamW without bitsandbytes) is skipped in one line."""
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from model.colorguider import ColorGuider
     from model.guided_unet import GuidedUNet
     from model.lora import add_icp_lora
-    from training.optimization import make_ema, make_optimizer
+    from pipelines.core.errors import UsageError
+    from training.optimization import check_optimizer_arguments, make_ema, make_optimizer
     from training.train_icp import icp_loss, parse_args
 
+    diffusers_logging.set_verbosity_error()  # casting random models to bf16 is what we mean to do
     dtype, (width, height) = torch.bfloat16, size
     baseline = None
     for rung in rungs:
         args = parse_args([f"@{rung}", "--pretrained_model_name_or_path", "-", "--data", "-", "--output_dir", "-"])
+        try:
+            check_optimizer_arguments(args)
+        except UsageError as error:
+            print(f"  rung {rung}: skipped ({error})")
+            continue
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

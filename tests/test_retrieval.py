@@ -464,3 +464,40 @@ def test_diversity_cap_re_searches_and_the_summary_reports_distinct_pages(
     assert capped["distinct_ref_pages_per_frame"]["min"] >= 6  # 12 patches, at most 2 per page
     with pytest.raises(ValueError, match="max_per_page=1 cannot fill a frame"):
         run_retrieval(out, encoder="weightfree", refs=4, min_refs=4, max_per_page=1, local=True, **SIZE)
+
+
+def test_random_references_draw_seeded_patches_from_each_frames_pool(
+    weightfree_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """`--random-references` ("without RAP", our reading): each frame's 12 patches drawn without replacement from its
+    own pool, the same for the same seed, scores 0, in a run of its own that the summary the shard stage reads
+    records (shards built from it are planned apart from the searched ones)."""
+    source, searched = weightfree_run
+    out = _copy(source, tmp_path / "out")
+    argv = ["--data", str(out), "--encoder", "weightfree", "--size", "128x192", "--local", "--random-references"]
+    drawn = retrieval_job.main(argv)
+    assert drawn["embeddings"]["encoder_images"] == 0 and drawn["search"]["chapters_searched"] == 2
+    assert drawn["run_id"] != searched["run_id"] and drawn["retrieval_rows"] == 12 * FRAMES
+    assert drawn["params"]["random_references"] is True and "random_references" not in searched["params"]
+    assert read_json(out / "retrieval.summary.json")["params"]["random_references"] is True  # what shards record
+    assert read_json(out / "retrieval" / "runs" / drawn["run_id"] / "run.json")["random_references"] is True
+    pools, retrievals = _tables(out)
+    assert pools.equals(_tables(source)[0])  # the seed fixes the pools; only the patches are drawn instead
+    pool_of = {row["frame_id"]: row["ref_page_ids"] for row in pools.to_pylist()}
+    picked: dict[str, set[tuple[str, int]]] = {}
+    for row in retrievals.to_pylist():
+        assert row["ref_page_id"] in pool_of[row["frame_id"]] and 0 <= row["ref_patch"] <= 4 and row["score"] == 0
+        picked.setdefault(row["frame_id"], set()).add((row["ref_page_id"], row["ref_patch"]))
+    assert len(picked) == FRAMES and all(len(patches) == 12 for patches in picked.values())  # no patch twice
+    assert not retrievals.equals(_tables(source)[1])
+
+    again = _copy(source, tmp_path / "again")
+    assert (
+        run_retrieval(again, encoder="weightfree", random_references=True, local=True, **SIZE)["run_id"]
+        == (drawn["run_id"])
+    )
+    assert _tables(again)[1].equals(retrievals)  # same seed, same draw
+    reseeded = run_retrieval(again, encoder="weightfree", random_references=True, seed=1, local=True, **SIZE)
+    assert reseeded["run_id"] not in (drawn["run_id"], searched["run_id"])
+    redrawn = {(r["frame_id"], r["query_patch"], r["rank"]): r["ref_page_id"] for r in _tables(again)[1].to_pylist()}
+    assert redrawn != {(r["frame_id"], r["query_patch"], r["rank"]): r["ref_page_id"] for r in retrievals.to_pylist()}

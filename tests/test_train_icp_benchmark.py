@@ -128,3 +128,49 @@ def test_more_benchmark_pages_than_the_benchmark_has_is_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train_icp: error:") and "--benchmark_pages 1000" in err[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_screenstyle_benchmark_pages_are_styled_as_colorize_styles_them(
+    sd15: Path, pipeline_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`--benchmark_style screenstyle` takes the ScreenStyle weights colorize takes: its pages' frames and guides are
+    colorize's `PageStyler` output (random ScreenStyle weights, on a benchmark copy whose index offers the style);
+    without weights the run is refused in one line before a model loads."""
+    import shutil
+
+    from colorize_fixtures import save_random_screenstyle
+    from PIL import Image
+
+    from inference.styles import PageStyler
+    from pipelines.core.benchmark_format import read_benchmark
+    from pipelines.core.geometry import hires_size
+    from pipelines.core.seeding import derive_seed
+    from pipelines.core.storage import atomic_write_json, read_json
+    from training.benchmark_validation import prepare_benchmark
+
+    argv = _args(sd15, pipeline_data, tmp_path / "run", "--max_train_steps", "1", "--benchmark_style", "screenstyle")
+    assert cli(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("train_icp: error:") and "--benchmark_screenstyle_weights DIR" in err[-1]
+    assert not (tmp_path / "run").exists()
+
+    bench = Path(shutil.copytree(pipeline_data / "benchmark", tmp_path / "benchmark"))
+    for chapter in read_benchmark(bench)["chapters"]:  # the grey pages offered as the screenstyle style's input
+        index_path = bench / chapter["chapter_id"] / "index.json"
+        index = read_json(index_path)
+        index["styles"]["screenstyle"] = {**index["styles"]["grey"], "renderer_id": "screenstyle-test"}
+        for entry in index["bw"]:
+            entry["inputs"]["screenstyle"] = entry["inputs"]["grey"]
+        atomic_write_json(index_path, index)
+    weights = str(save_random_screenstyle(tmp_path / "screenstyle"))
+    size = (64, 96)
+    styled = prepare_benchmark(str(bench), "screenstyle", 2, size, 1.5, "weightfree", 0, "cpu", weights)
+    grey = prepare_benchmark(str(bench), "grey", 2, size, 1.5, "weightfree", 0, "cpu")
+    styler = PageStyler("screenstyle", weights, "cpu")
+    for page, plain in zip(styled, grey, strict=True):
+        entry = next(e for e in read_json(bench / page.chapter_id / "index.json")["bw"] if e["page_id"] == page.page_id)
+        name = Path(entry["inputs"]["grey"]).relative_to("bw_grey").as_posix()
+        source = Image.open(bench / page.chapter_id / entry["inputs"]["grey"]).convert("RGB")
+        _, guide = styler.frames(source, size, hires_size(*size, 1.5), derive_seed(0, "style", page.chapter_id, name))
+        assert page.guide.tobytes() == guide.tobytes() and page.guide.tobytes() != plain.guide.tobytes()
+        assert page.canvases.frame_only.tobytes() != plain.canvases.frame_only.tobytes()

@@ -42,7 +42,7 @@ from pipelines.core.sample_inputs import CompositeInputs
 from pipelines.core.seeding import derive_seed
 from pipelines.core.storage import atomic_write_bytes, atomic_write_json, read_json
 
-BENCHMARK_STYLES = ("grey", "halftone")  # the tone styles that need no weights (ScreenStyle needs its network)
+BENCHMARK_STYLES = ("grey", "halftone", "screenstyle")  # the tone styles; screenstyle needs its weights
 METRICS = ("psnr", "ssim", "clip_is")  # every one: higher is better
 BENCHMARK_FOLDER = "benchmark"
 METRICS_FILE = "metrics.json"
@@ -73,8 +73,20 @@ def gsrp_scale(gsrp: str | None) -> float:
     return float(read_gsrp_export(folder).get("sr_scale") or DEFAULT_SR_SCALE)
 
 
-def check_benchmark(root: str, style: str, pages: int) -> None:
-    """The benchmark folder, its style and page count, checked before a model loads: ValueError in one line."""
+def check_benchmark(root: str, style: str, pages: int, screenstyle_weights: str | None = None) -> None:
+    """The benchmark folder, its style and page count, and the ScreenStyle weights of the screenstyle style, checked
+    before a model loads: ValueError in one line."""
+    if style == "screenstyle":
+        from screentone.loader import find_screenstyle_files
+
+        if screenstyle_weights is None:
+            raise ValueError(
+                "--benchmark_style screenstyle needs the ScreenStyle weights: give --benchmark_screenstyle_weights DIR"
+            )
+        try:
+            find_screenstyle_files(screenstyle_weights)
+        except FileNotFoundError as exc:
+            raise ValueError(f"--benchmark_screenstyle_weights {screenstyle_weights}: {exc}") from None
     try:
         chapters = read_benchmark(root)["chapters"]
         available = 0
@@ -101,14 +113,16 @@ def prepare_benchmark(
     encoder_spec: str,
     seed: int,
     device: str = "cpu",
+    screenstyle_weights: str | None = None,
 ) -> list[BenchmarkPage]:
     """The first `count` pages of the benchmark (chapters and pages in index order) with their composites at
-    `size`, retrieved as colorize retrieves (each chapter's whole reference pool, top 3 per query patch)."""
+    `size`, retrieved as colorize retrieves (each chapter's whole reference pool, top 3 per query patch), styled as
+    colorize styles them (screenstyle: ScreenStyle on `screenstyle_weights`, run on `device`)."""
     root_path = Path(root)
     info = resolve_colorize_encoder(encoder_spec)
     prepare = patch_preparer(info)
     encoder = load_colorize_encoder(info, device)
-    renderer = _renderer(style)
+    renderer = _renderer(style, screenstyle_weights, device)
     layout = CompositeLayout(*size)
     sr_size = hires_size(*size, sr_scale)
     pages: list[BenchmarkPage] = []
@@ -156,7 +170,11 @@ def prepare_benchmark(
     return pages
 
 
-def _renderer(style: str) -> Any:
+def _renderer(style: str, screenstyle_weights: str | None, device: str) -> Any:
+    if style == "screenstyle":
+        from screentone.render import renderer_for
+
+        return renderer_for(f"screenstyle:{screenstyle_weights}", device)
     if style == "halftone":
         from screentone.render import HalftoneRenderer
 

@@ -199,6 +199,21 @@ def degrade_like_icp(guided: GuidedVAE, hr_color: torch.Tensor, sr_scale: float)
     return F.interpolate(decoded, size=(height, width), mode="bicubic").clamp(-1, 1)
 
 
+def gsrp_loss(
+    guided: GuidedVAE,
+    fusion: torch.nn.Module,
+    hr_color: torch.Tensor,
+    hr_bw: torch.Tensor,
+    sr_scale: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """One batch's loss: degrade the target as ICP's output would be, restore it with the fusion net guided by the
+    B&W page, L1 against the target. The trainer's step and the memory-ladder bench both call this."""
+    degraded = degrade_like_icp(guided, hr_color, sr_scale)
+    output = guided.restore(fusion, degraded, hr_bw, generator)
+    return F.l1_loss(output.float(), hr_color.float())
+
+
 def batch_generator(seed: int, position: int) -> torch.Generator:
     """The posterior-sampling generator of a batch, fixed by the seed and the batch's first stream position."""
     return torch.Generator().manual_seed(seed * 1_000_003 + position)
@@ -477,10 +492,8 @@ def train(
         with accelerator.accumulate(fusion), accelerator.autocast():
             hr_color = crop_to_multiple(batch["hr_color"], guided.scale_factor).to(accelerator.device)
             hr_bw = crop_to_multiple(batch["hr_bw"], guided.scale_factor).to(accelerator.device)
-            degraded = degrade_like_icp(guided, hr_color, args.sr_scale)
             generator = batch_generator(args.seed, int(batch["position"][0]))
-            output = guided.restore(fusion, degraded, hr_bw, generator)
-            loss = F.l1_loss(output.float(), hr_color.float())
+            loss = gsrp_loss(guided, fusion, hr_color, hr_bw, args.sr_scale, generator)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(fusion.parameters(), args.max_grad_norm)

@@ -161,6 +161,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--benchmark_pages", type=positive_int, default=8, help="benchmark pages coloured (index order)"
     )
     parser.add_argument("--benchmark_style", choices=BENCHMARK_STYLES, default="grey", help="the pages' input style")
+    parser.add_argument(
+        "--benchmark_screenstyle_weights",
+        default=None,
+        help="ScreenStyle weights folder for --benchmark_style screenstyle (as colorize's --screenstyle-weights)",
+    )
     parser.add_argument("--benchmark_gsrp", default=None, help="GSRP weights to finish the pages (default: ICP alone)")
     parser.add_argument(
         "--benchmark_encoder", default=DEFAULT_ENCODER, help="retrieval encoder spec, as colorize's --encoder"
@@ -399,6 +404,7 @@ def prepare_benchmark_validation(
         args.benchmark_encoder,
         args.seed,
         str(device),
+        args.benchmark_screenstyle_weights,
     )
     fusion, statistics = None, "running"
     if args.benchmark_gsrp:
@@ -470,7 +476,7 @@ def check_benchmark_arguments(args: argparse.Namespace) -> None:
 
     if args.validation_steps <= 0:
         raise ValueError("--benchmark colours its pages at each validation: give --validation_steps N (N > 0)")
-    check_benchmark(args.benchmark, args.benchmark_style, args.benchmark_pages)
+    check_benchmark(args.benchmark, args.benchmark_style, args.benchmark_pages, args.benchmark_screenstyle_weights)
     resolve_colorize_encoder(args.benchmark_encoder)
     resolve_encoder(args.benchmark_clip_encoder or args.benchmark_encoder)
     if args.benchmark_gsrp and not Path(args.benchmark_gsrp).exists():
@@ -745,6 +751,7 @@ def train(
                 "folder": args.benchmark,
                 "pages": [f"{page.chapter_id}/{page.page_id}" for page in benchmark.pages],
                 "style": args.benchmark_style,
+                "screenstyle_weights": args.benchmark_screenstyle_weights,
                 "gsrp": args.benchmark_gsrp,
                 "best": best_step(output_dir, args.best_metric, global_step),
             }
