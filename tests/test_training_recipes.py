@@ -149,7 +149,7 @@ def test_8bit_adam_follows_adamw_with_8_bit_states() -> None:
     assert result["optimizer"] == "bitsandbytes.optim.adamw.AdamW8bit"
     assert result["difference"] < 0.05 * result["adamw_moved"] and result["adamw_moved"] > 0
     assert result["state_dtypes"] == ["torch.float32", "torch.uint8"]
-    assert "kernels-community" not in done.stderr  # importing `training` quiets bitsandbytes' kernel-hub warning
+    assert "kernels-community" not in done.stderr  # importing `model` quiets the kernel-hub warning
 
 
 def _launch(*argv: str) -> None:
