@@ -7,13 +7,14 @@ The parser, the one-line errors and the exit statuses are `pipelines.core.cli`, 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipelines.core.cli import configure_logging, non_negative_int, parse_size, positive_float
 from pipelines.runtime.faults import DEFAULT_MAX_RETRIES, DEFAULT_STALL_TIMEOUT, FaultPolicy, configure_faults
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every sample-producing stage shares: sizes, screentone renderer, seed."""
+    """Options every sample-producing stage shares: sizes, screentone renderer, line extractor, seed."""
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
     parser.add_argument(
         "--hires-scale", type=float, default=1.5, help="GSRP (high-resolution) size as a multiple of --size"
@@ -24,7 +25,24 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="screentone renderer: 'halftone' (weight-free, default), 'screenstyle:<weights folder>' or "
         "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
     )
+    parser.add_argument(
+        "--line-extractor-weights",
+        type=line_extractor_file,
+        default=None,
+        help="erika.pth (or a folder holding it, e.g. the release's LE/) for the samples' sketch and shading line art "
+        "(default: the weight-free XDoG extractor)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="fixes every random choice")
+
+
+def line_extractor_file(text: str) -> str:
+    """--line-extractor-weights: an erika.pth, or a folder holding one; refused now when there is none."""
+    path = Path(text)
+    if path.is_dir():
+        path = path / "erika.pth"
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no erika.pth there (give the file or the release's LE/ folder)")
+    return str(path.absolute())
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,4 +1,5 @@
-"""Render the screentone of every frame: `python -m jobs.screentone --data OUT [options]`."""
+"""Render the screentone and the line art (sketch, shading) of every frame: `python -m jobs.screentone --data OUT
+[options]`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by jobs.ingest (OUT)")
     add_common_arguments(parser)
-    parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for neural renderers and the line extractor network (default: cuda if present)",
+    )
     parser.add_argument("--chapters-per-task", type=positive_int, default=1, help="chapters rendered per Ray task")
     add_fault_arguments(parser)
     add_ray_arguments(parser)
@@ -43,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         hires_scale=args.hires_scale,
         seed=args.seed,
         device=args.device,
+        line_extractor_weights=args.line_extractor_weights,
     )
     summary = run_screentone(args.data, options, chapters_per_task=args.chapters_per_task, local=args.local)
     print(json.dumps(summary, indent=2, sort_keys=True))

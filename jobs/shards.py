@@ -110,6 +110,7 @@ def shard_options(args: argparse.Namespace) -> ShardOptions:
         bench_series=tuple(args.bench_series) if args.bench_series else None,
         seed=args.seed,
         renderer=args.renderer,
+        line_extractor_weights=args.line_extractor_weights,
         leakage_threshold=args.leakage_threshold,
         leakage_confirm=not args.no_leakage_confirm,
         ivf_min_train=args.ivf_min_train,

@@ -33,6 +33,7 @@ from pipelines.runtime.preconditions import (
 )
 from pipelines.screentone.stage import ScreentoneOptions
 from pipelines.shards.stage import ShardOptions
+from screentone.lines import XDOG
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,12 @@ class PipelineOptions:
             "ingest": IngestOptions(min_color_pages=self.min_color_pages),
             "retrieval": replace(self.retrieval, width=width, height=height, seed=shards.seed),
             "screentone": ScreentoneOptions(
-                renderer=shards.renderer, width=width, height=height, hires_scale=shards.hires_scale, seed=shards.seed
+                renderer=shards.renderer,
+                width=width,
+                height=height,
+                hires_scale=shards.hires_scale,
+                seed=shards.seed,
+                line_extractor_weights=shards.line_extractor_weights,
             ),
             "shards": shards,
         }
@@ -89,6 +95,7 @@ class PipelineOptions:
                 "size": list(shards.size),
                 "hires_scale": shards.hires_scale,
                 "seed": shards.seed,
+                "line_extractor": shards.line_extractor_weights or XDOG,  # the line art (sample format 3)
             },
             "shards": {**asdict(shards), **({"rebuild": True} if self.rebuild else {})},
         }
