@@ -47,15 +47,25 @@ def test_renders_every_frame_at_both_sizes_and_resumes(ingested: Path) -> None:
     table = read_parquet_parts(folder, SCREENTONE)
     frames = set(table.column("frame_id").to_pylist())
     assert summary["frames_rendered"] == len(frames) >= 21
-    assert table.num_rows == 2 * len(frames)
+    assert table.num_rows == 5 * len(frames)  # tone at two sizes, and the line art: sketch, shading, hires_sketch
     assert set(table.column("status").to_pylist()) == {STATUS_OK}
-    expected = {"train": SIZE, "hires": hires_size(*SIZE, 1.5)}
-    for row in table.slice(0, 6).to_pylist():
+    hires = hires_size(*SIZE, 1.5)
+    expected = {"train": SIZE, "hires": hires, "sketch": SIZE, "shading": SIZE, "hires_sketch": hires}
+    rows = [row for row in table.to_pylist() if row["frame_id"] == min(frames)]
+    assert sorted(row["variant"] for row in rows) == sorted(expected)
+    for row in rows:
         image = Image.open(io.BytesIO(row["image"]))
         assert image.format == "PNG" and image.mode == "L"
         assert image.size == expected[row["variant"]] == (row["width"], row["height"])
-        values = np.unique(np.asarray(image))
-        assert set(values.tolist()) <= {0, 255}  # rendered at its size, never resampled: still bitonal
+        values = set(np.unique(np.asarray(image)).tolist())
+        line_art = row["variant"] in ("sketch", "shading", "hires_sketch")
+        assert row["renderer"] == ("xdog" if line_art else summary["renderer_id"])
+        if row["variant"] in ("train", "hires", "hires_sketch"):
+            assert values <= {0, 255}  # made at its size, never resampled: still bitonal
+        assert line_art or values != {255}
+    shading = next(row for row in rows if row["variant"] == "shading")
+    assert 125 in np.asarray(Image.open(io.BytesIO(shading["image"])))  # the flat mid-grey of the shading rules
+    assert summary["line_extractor_id"] == "xdog" and summary["sizes"]["hires_sketch"] == list(hires)
 
     before = {p.name: p.read_bytes() for p in folder.glob("*.parquet")}
     again = screentone_main(argv)

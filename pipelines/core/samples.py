@@ -59,7 +59,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -77,6 +77,9 @@ from pipelines.core.geometry import (
 )
 from pipelines.core.pagestore import decode_page, encode_page
 from pipelines.core.schemas import QUERY_PATCHES, REF_PATCHES
+
+if TYPE_CHECKING:
+    from pipelines.core.page_styles import LineArtFrames
 
 FIELD_COLOR = "color.jpg"
 FIELD_GREY = "grey.png"
@@ -108,6 +111,13 @@ READABLE_SAMPLE_FORMAT_VERSIONS = (1, 2, 3)
 LINE_ART_FORMAT_VERSION = 3  # the first version whose samples hold the line art
 # the screentone stage's variants (rows of its table) that become the line-art members, and their sizes
 LINE_ART_VARIANTS = {FIELD_SKETCH: "sketch", FIELD_SHADING: "shading", FIELD_HR_SKETCH: "hires_sketch"}
+
+
+def encode_line_art(frames: LineArtFrames, png_level: int = 6) -> dict[str, bytes]:
+    """A page's line art (`pipelines.core.page_styles.pages_line_art`) as the screentone stage stores it: PNG per
+    variant of `LINE_ART_VARIANTS`."""
+    images = {FIELD_SKETCH: frames.sketch, FIELD_SHADING: frames.shading, FIELD_HR_SKETCH: frames.hires_lines}
+    return {LINE_ART_VARIANTS[name]: encode_page(image, "png", png_level=png_level) for name, image in images.items()}
 
 
 class SampleFormatError(PreconditionError):

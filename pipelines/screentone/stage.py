@@ -35,7 +35,7 @@ from pipelines.core.pagestore import (
     kept_chapter_ids,
     read_chapter_pages,
 )
-from pipelines.core.samples import LINE_ART_VARIANTS
+from pipelines.core.samples import LINE_ART_VARIANTS, encode_line_art
 from pipelines.core.schemas import SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.core.seeding import derive_seed
 from pipelines.core.storage import (
@@ -138,23 +138,15 @@ def _line_art_variants(
     """PNG line-art variants of the decoded frames not in `errors`; a failed batch is redone page by page."""
     train, hires = options.sizes.values()
 
-    def encoded(frames) -> dict[str, bytes]:
-        images = {
-            VARIANT_SKETCH: frames.sketch,
-            VARIANT_SHADING: frames.shading,
-            VARIANT_HIRES_SKETCH: frames.hires_lines,
-        }
-        return {variant: encode_page(image, "png") for variant, image in images.items()}
-
     frame_ids = [frame_id for frame_id in decoded if frame_id not in errors]
     try:
         made = pages_line_art([decoded[frame_id] for frame_id in frame_ids], train, hires, lines.many)
-        return {frame_id: encoded(frames) for frame_id, frames in zip(frame_ids, made, strict=True)}
+        return {frame_id: encode_line_art(frames) for frame_id, frames in zip(frame_ids, made, strict=True)}
     except Exception:  # noqa: BLE001 - find the broken page: extract again one page at a time
         out: dict[str, dict[str, bytes]] = {}
         for frame_id in frame_ids:
             try:
-                out[frame_id] = encoded(pages_line_art([decoded[frame_id]], train, hires, lines.many)[0])
+                out[frame_id] = encode_line_art(pages_line_art([decoded[frame_id]], train, hires, lines.many)[0])
             except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
                 errors[frame_id] = f"line art: {type(exc).__name__}: {exc}"
         return out
