@@ -250,8 +250,6 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
     """The settings of a line-art (PixArt) run: its style checked against the weights, the release's sampling
     defaults (CFG 4.5, 10 steps), the prompt the text cache holds, the line extractor of the styles."""
     style = args.style or (weights.name if weights.name in LINE_ART_STYLES else None)
-    if args.benchmark:
-        raise ColorizeInputError("--benchmark with line-art weights: the benchmark has no sketch/shading styles yet")
     if style not in LINE_ART_STYLES:
         shown = f"--style {style}" if style else "no --style"
         raise ColorizeInputError(
@@ -330,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     settings = build_settings(args)  # weights, inputs and sizes are checked before Ray starts
     if args.benchmark:
-        tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
+        tasks, extra = chapter_tasks_for_benchmark(args.benchmark, settings.style)
     else:
         tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
     start_ray(args)
