@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from pipelines.core.cli import configure_logging, non_negative_int, parse_size, positive_float
+from pipelines.core.errors import UsageError
 from pipelines.runtime.faults import DEFAULT_MAX_RETRIES, DEFAULT_STALL_TIMEOUT, FaultPolicy, configure_faults
 
 
@@ -27,7 +28,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--line-extractor-weights",
-        type=line_extractor_file,
         default=None,
         help="erika.pth (or a folder holding it, e.g. the release's LE/) for the samples' sketch and shading line art "
         "(default: the weight-free XDoG extractor)",
@@ -35,13 +35,16 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="fixes every random choice")
 
 
-def line_extractor_file(text: str) -> str:
-    """--line-extractor-weights: an erika.pth, or a folder holding one; refused now when there is none."""
+def line_extractor_file(text: str | None) -> str | None:
+    """--line-extractor-weights as the erika.pth it names (the file, or a folder holding it), checked before any
+    work; None (XDoG) stays None."""
+    if text is None:
+        return None
     path = Path(text)
     if path.is_dir():
         path = path / "erika.pth"
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{text}: no erika.pth there (give the file or the release's LE/ folder)")
+        raise UsageError(f"--line-extractor-weights {text}: no erika.pth there (give the file or the release's LE/)")
     return str(path.absolute())
 
 

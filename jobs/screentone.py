@@ -7,7 +7,14 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
+from jobs.common import (
+    add_common_arguments,
+    add_fault_arguments,
+    add_ray_arguments,
+    configure_fault_policy,
+    line_extractor_file,
+    start_ray,
+)
 from pipelines.core.cli import JobArgumentParser, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
@@ -48,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         hires_scale=args.hires_scale,
         seed=args.seed,
         device=args.device,
-        line_extractor_weights=args.line_extractor_weights,
+        line_extractor_weights=line_extractor_file(args.line_extractor_weights),
     )
     summary = run_screentone(args.data, options, chapters_per_task=args.chapters_per_task, local=args.local)
     print(json.dumps(summary, indent=2, sort_keys=True))
