@@ -147,8 +147,9 @@ def _module_file(root: Path, module: str) -> Path | None:
 def shard_code_files(root: Path | None = None) -> list[Path]:
     """The source files that produce shard bytes: the modules of the shards stage and every project module they
     import, transitively (package ``__init__`` files included), less the execution-only `pipelines.runtime`.
-    Editing anything else (the other stages' drivers, ``model/``, ``training/``, ``jobs/``, inference,
-    evaluation, reports) leaves the code version, and so finished shards, untouched."""
+    Editing anything else (the other stages' drivers, ``model/`` apart from the line extractor network the
+    benchmark's line art runs, ``training/``, ``jobs/``, inference, evaluation, reports) leaves the code version,
+    and so finished shards, untouched."""
     root = root or REPO_ROOT
     seen: set[str] = set()
     files: set[Path] = set()
