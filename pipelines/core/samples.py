@@ -32,8 +32,9 @@ model learns) costs about half of PNG's bytes.
 Bytes per sample, measured by `bench/bench_shards.py` on the generated "small" corpus (pages 576 x 816) at
 512 x 800 (GSRP 768 x 1200), mean per member: color.jpg 146 kB, grey.png 88 kB, tone.png 27 kB, ring.jpg
 614 kB, hr_color.jpg 252 kB, hr_grey.png 172 kB, hr_tone.png 51 kB, json 1.6 kB: 1.35 MB per sample, about
-740 samples per 1 GB shard. Alternatives: the tone as JPEG q95 would take 296 kB (and change pixels by up to 11
-grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with paper texture
+740 samples per 1 GB shard. The line art of format 3 adds about 108 kB (sketch.png 41 kB, shading.png 47 kB,
+hr_sketch.png 20 kB; `bench/bench_line_art.py`). Alternatives: the tone as JPEG q95 would take 296 kB (and change
+pixels by up to 11 grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with paper texture
 and gradients compress worse, so expect roughly 1.5-2x these figures (the shard planner measures them).
 
 The fitted frame, references and screentone all use `pipelines.core.geometry` (paper's fit: resize, centre-crop

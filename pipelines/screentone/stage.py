@@ -137,7 +137,6 @@ def _line_art_variants(
 ) -> dict[str, dict[str, bytes]]:
     """PNG line-art variants of the decoded frames not in `errors`; a failed batch is redone page by page."""
     train, hires = options.sizes.values()
-
     frame_ids = [frame_id for frame_id in decoded if frame_id not in errors]
     try:
         made = pages_line_art([decoded[frame_id] for frame_id in frame_ids], train, hires, lines.many)
