@@ -34,8 +34,8 @@ Bytes per sample, measured by `bench/bench_shards.py` on the generated "small" c
 614 kB, hr_color.jpg 252 kB, hr_grey.png 172 kB, hr_tone.png 51 kB, json 1.6 kB: 1.35 MB per sample, about
 740 samples per 1 GB shard. The line art of format 3 adds about 108 kB (sketch.png 41 kB, shading.png 47 kB,
 hr_sketch.png 20 kB; `bench/bench_line_art.py`). Alternatives: the tone as JPEG q95 would take 296 kB (and change
-pixels by up to 11 grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with paper texture
-and gradients compress worse, so expect roughly 1.5-2x these figures (the shard planner measures them).
+pixels by up to 11 grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with
+paper texture and gradients compress worse, so expect roughly 1.5-2x these figures (the shard planner measures them).
 
 The fitted frame, references and screentone all use `pipelines.core.geometry` (paper's fit: resize, centre-crop
 first when the aspect is more than 15% off), so training, retrieval and inference agree on every pixel.
