@@ -52,8 +52,7 @@ demo: $(STAMP)
 		--resume_from_checkpoint latest
 	$(PY) -m jobs.colorize --benchmark $(DEMO_DIR)/data/benchmark --style sketch --output $(DEMO_DIR)/colorized-sketch \
 		--icp $(DEMO_DIR)/pixart-icp --encoder weightfree --steps 2 --size $(LOOP_SIZE) --local
-	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized-sketch --truth $(DEMO_DIR)/data/benchmark \
-		--fid-features weightfree --clip-encoder weightfree --ssim-precision float32
+	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized-sketch --truth $(DEMO_DIR)/data/benchmark --ssim-precision float32
 	@echo "== demo done: data in $(DEMO_DIR)/data, report in $(DEMO_DIR)/report, loop smoke runs in $(DEMO_DIR)/{icp,gsrp,colorized} and $(DEMO_DIR)/{pixart-icp,colorized-sketch}"
 
 lint: $(STAMP)
