@@ -186,14 +186,16 @@ def extract_lines(model: MangaLineExtractor, pages: Sequence[np.ndarray], max_ba
 
 
 class LineExtractor:
-    """Grey pages -> line art: the network on `device` when `weights` (an erika.pth) are given, else XDoG
-    (`screentone.lines`, weight-free, CPU). One implementation for the screentone stage, the benchmark and colorize."""
+    """Grey pages -> line art: the network on `device` (default: cuda if present) when `weights` (an erika.pth) are
+    given, else XDoG (`screentone.lines`, weight-free, CPU). One implementation for the screentone stage, the
+    benchmark and colorize."""
 
     def __init__(self, weights: str | None = None, device: str | None = None) -> None:
         self.weights = weights
         self._model = None
         if weights is not None:
-            self._model = MangaLineExtractor.from_released(weights).to(device or "cpu")
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = MangaLineExtractor.from_released(weights).to(device)
 
     def __call__(self, grey: np.ndarray) -> np.ndarray:
         return self.many([grey])[0]
