@@ -17,6 +17,7 @@ included), so reruns only render what is missing.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -173,13 +174,12 @@ def _chapter_worker(unit: Unit) -> dict[str, Any]:
     data, options, renderer_id, lines_id = unit.payload
     layout = DataLayout.at(data)
     options = ScreentoneOptions(**options)
-    from model.line_extractor import LineExtractor
     from screentone.render import renderer_for  # torch only where a renderer runs
 
     renderer = renderer_for(options.renderer, options.device)
     if renderer.id != renderer_id:
         raise RuntimeError(f"worker built renderer {renderer.id}, the driver planned {renderer_id}: weights differ")
-    lines = LineExtractor(options.line_extractor_weights, options.device)
+    lines = _line_extractor(options.line_extractor_weights, options.device)
     tones, errors = render_frames(read_chapter_pages(layout, unit.key), options, renderer, lines)
     rows: list[dict[str, Any]] = []
     made_by = {variant: lines_id if variant in options.line_art_sizes else renderer_id for variant in options.all_sizes}
@@ -206,6 +206,14 @@ def _chapter_worker(unit: Unit) -> dict[str, Any]:
     }
     write_marker(output, stats)
     return stats
+
+
+@functools.cache
+def _line_extractor(weights: str | None, device: str | None) -> LineExtractor:
+    """One extractor per worker process (the network's weights load once, as the renderers' do)."""
+    from model.line_extractor import LineExtractor
+
+    return LineExtractor(weights, device)
 
 
 def _done_options(options: ScreentoneOptions, renderer_id: str, lines_id: str) -> dict[str, Any]:
