@@ -115,6 +115,35 @@ def test_batched_frames_equal_single_frames_and_a_broken_frame_is_an_error() -> 
     assert all(e.startswith("hires: ValueError: page of 80 x 120 px exceeds max_pixels") for e in errors.values())
 
 
+def test_the_line_extractor_network_makes_the_line_art_and_its_contents_name_it(tmp_path: Path) -> None:
+    """With erika.pth (random weights, the released layout) the network makes the line art (its batching is tested
+    in test_model_pixart); its id is the file's contents, and it is part of what "done" means, so another extractor
+    renders again."""
+    from model.line_extractor import LineExtractor, MangaLineExtractor
+    from pipelines.core.page_styles import line_extractor_id
+    from pipelines.screentone.stage import _done_options
+    from screentone.render import renderer_for
+
+    torch.manual_seed(0)
+    torch.save(MangaLineExtractor().state_dict(), tmp_path / "erika.pth")
+    lines_id = line_extractor_id(str(tmp_path / "erika.pth"))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "erika.pth").write_bytes((tmp_path / "erika.pth").read_bytes())
+    assert lines_id.startswith("erika-") and line_extractor_id(str(tmp_path / "copy" / "erika.pth")) == lines_id
+    pages = {"f0": encode_page(Image.fromarray(synthetic_color_page(100, 70, seed=0)), "png")}
+    options = ScreentoneOptions(width=64, height=96, line_extractor_weights=str(tmp_path / "erika.pth"))
+    halftone = renderer_for("halftone")
+    made, errors = render_frames(pages, options, halftone, LineExtractor(options.line_extractor_weights, "cpu"))
+    xdog, _ = render_frames(pages, options, halftone, LineExtractor())
+    assert not errors
+    assert {v: Image.open(io.BytesIO(png)).size for v, png in made["f0"].items()} == {
+        "train": (64, 96), "hires": (96, 144), "sketch": (64, 96), "shading": (64, 96), "hires_sketch": (96, 144)
+    }  # fmt: skip
+    assert made["f0"]["train"] == xdog["f0"]["train"] and made["f0"]["hires_sketch"] != xdog["f0"]["hires_sketch"]
+    renderer_id = halftone.id
+    assert _done_options(options, renderer_id, lines_id) != _done_options(options, renderer_id, "xdog")
+
+
 def test_requires_ingestion(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the ingestion job"):
         run_screentone(str(tmp_path), local=True)
