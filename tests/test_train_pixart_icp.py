@@ -4,6 +4,7 @@ shards (4 shards of 6 at 128x192)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -179,3 +180,19 @@ def test_sketch_from_the_shards_line_art_to_a_scored_benchmark_and_shading_colou
     scored = evaluate_main(["--pred", str(tmp_path / "sketch"), "--truth", str(bench)])
     assert scored["scored"] == len(index["bw"]) and scored["failed"] == 0
     assert scored["style"] == {"name": "sketch", "renderer_id": "xdog", "source": "PRED/colorize.summary.json"}
+
+
+def test_shards_without_line_art_are_refused_in_one_line_before_the_models_load(
+    pipeline_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(pipeline_data / "shards", data / "shards")
+    for path in (data / "shards" / "train").glob("manifest*.json"):  # as a format-2 dataset records itself
+        spec = json.loads(path.read_text())
+        generations = [{**g, "sample_format_version": 2} for g in spec.get("generations", [])]
+        path.write_text(json.dumps({**spec, "sample_format_version": 2, "generations": generations}))
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--text_cache", str(tmp_path / "no-cache")]
+    assert cli([*args, "--data", str(data), "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "version 2, without line art; the 'sketch' style needs version 3" in err[0]
+    assert "--rebuild" in err[0] and not (tmp_path / "out").exists()
