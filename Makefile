@@ -31,8 +31,9 @@ $(BNB_STAMP): $(STAMP)
 	touch $(BNB_STAMP)
 
 # After the data pipeline, a smoke run of the whole loop on tiny random models (no weights are downloaded): a few
-# steps of each trainer, then colorize + evaluate over the benchmark folder. It shows the loop runs end to end;
-# tiny random models colour nothing well, so the scores only say that every piece is wired.
+# steps of each trainer, then colorize + evaluate over the benchmark folder, for the SD1.5 family (halftone style)
+# and the line-art PixArt family (sketch style). It shows the loop runs end to end; tiny random models colour
+# nothing well, so the scores only say that every piece is wired.
 LOOP_STEPS ?= 4
 # The loop runs at a quarter of the data's 512x800 so that a CPU colours the benchmark in about a minute.
 LOOP_SIZE ?= 128x192
@@ -53,7 +54,18 @@ demo: $(STAMP)
 		--steps 2 --size $(LOOP_SIZE) --local
 	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized --truth $(DEMO_DIR)/data/benchmark --fid-features weightfree \
 		--clip-encoder weightfree --ssim-precision float32
-	@echo "== demo done: data in $(DEMO_DIR)/data, report in $(DEMO_DIR)/report, loop smoke run in $(DEMO_DIR)/{icp,gsrp,colorized}"
+	@echo "== the line-art family, sketch style: a tiny random PixArt trained a few steps on the shards' sketch.png"
+	$(PY) -m model.tiny_pixart $(DEMO_DIR)/tiny-pixart
+	$(PY) -m model.text_cache $(DEMO_DIR)/tiny-pixart $(DEMO_DIR)/tiny-pixart-manga.safetensors --prompt manga
+	$(PY) -m training.train_pixart_icp --pretrained_model_name_or_path $(DEMO_DIR)/tiny-pixart \
+		--text_cache $(DEMO_DIR)/tiny-pixart-manga.safetensors --data $(DEMO_DIR)/data --output_dir $(DEMO_DIR)/pixart-icp \
+		--bw_variant sketch --max_train_steps $(LOOP_STEPS) --checkpointing_steps $(LOOP_STEPS) --validation_steps 0 \
+		--lora_rank 8 --lora_alpha 8 --learning_rate 1e-4 --dataloader_num_workers 0 --resolution $(LOOP_SIZE) \
+		--resume_from_checkpoint latest
+	$(PY) -m jobs.colorize --benchmark $(DEMO_DIR)/data/benchmark --style sketch --output $(DEMO_DIR)/colorized-sketch \
+		--icp $(DEMO_DIR)/pixart-icp --encoder weightfree --steps 2 --size $(LOOP_SIZE) --local
+	$(PY) -m jobs.evaluate --pred $(DEMO_DIR)/colorized-sketch --truth $(DEMO_DIR)/data/benchmark --ssim-precision float32
+	@echo "== demo done: data in $(DEMO_DIR)/data, report in $(DEMO_DIR)/report, loop smoke runs in $(DEMO_DIR)/{icp,gsrp,colorized} and $(DEMO_DIR)/{pixart-icp,colorized-sketch}"
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -37,10 +37,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from jobs.common import parse_size
+from model.line_extractor import LineExtractor
 from pipelines.core.geometry import hires_size
+from pipelines.core.page_styles import pages_line_art
 from pipelines.core.pagestore import encode_page
 from pipelines.core.sample_inputs import build_training_inputs, decode_sample
-from pipelines.core.samples import ChapterPages, FrameRecord, SampleConfig, build_sample
+from pipelines.core.samples import ChapterPages, FrameRecord, SampleConfig, build_sample, encode_line_art
 from pipelines.shards.writer import write_tar
 from screentone.halftone import render_halftone
 from screentone.synthetic import synthetic_color_page
@@ -63,6 +65,7 @@ def build_shards(work: Path, size: tuple[int, int], samples: int, per_shard: int
     pages = {f"p{i:04d}": synthetic_color_page(height + 16, width + 64, seed=i) for i in range(samples)}
     store = ChapterPages({pid: encode_page(Image.fromarray(page), "png") for pid, page in pages.items()})
     built = []
+    lines = LineExtractor()
     for n, pid in enumerate(pages):
         others = [p for p in pages if p != pid]
         rows = [
@@ -80,7 +83,8 @@ def build_shards(work: Path, size: tuple[int, int], samples: int, per_shard: int
         hr_color = np.asarray(store.fitted(pid, *hr, keep=False))
         frame = FrameRecord(pid, "bench", "bench-ch0", "ch0", n)
         tone, hr_tone = _png(render_halftone(color, seed=n)), _png(render_halftone(hr_color, seed=n))
-        built.append(build_sample(frame, store, rows, tone, hr_tone, config))
+        line_art = encode_line_art(pages_line_art([store.page(pid)], size, hr, lines.many)[0])
+        built.append(build_sample(frame, store, rows, tone, hr_tone, config, line_art))
     for start in range(0, samples, per_shard):
         write_tar(folder / f"train-{start // per_shard:06d}.tar", built[start : start + per_shard])
     (folder / "done").write_text("ok")

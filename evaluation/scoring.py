@@ -4,10 +4,12 @@ Truth is a benchmark folder (format version 2, read with `pipelines.shards.bench
 `read_chapter_index`; predictions at ``PRED/<chapter_id>/<page_id>.png``) or a plain folder of images (PRED
 mirrors its relative paths; the chapter of a page is its folder). A prediction may be PNG, JPEG or WebP.
 
-The input style of the predictions (``grey``, ``halftone``, ``screenstyle``) comes from ``--style`` or else from
-``PRED/colorize.summary.json`` (``"style"``); what that style was rendered with comes from the benchmark's index,
+The input style of the predictions (``grey``, ``halftone``, ``screenstyle``, and the line-art family's ``sketch``
+and ``shading``) comes from ``--style`` or else from ``PRED/colorize.summary.json`` (``"style"``); what that style
+was rendered with (a renderer id, or the line extractor's for the line-art styles) comes from the benchmark's index,
 never from folder names. Only a style whose renderer id is a ScreenStyle renderer is set beside the paper's
-screenstyle figures, greyscale beside its greyscale figures; halftone has no paper row.
+screenstyle figures, greyscale beside its greyscale figures; halftone, sketch and shading have no paper row (the
+paper scored neither line-art style).
 
 Every ground-truth page becomes a row of ``per_page.csv``: scored, or failed with its reason (missing,
 unreadable, other size than the ground truth without ``--resize``, metric error). Tables hold the scored pages;

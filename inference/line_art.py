@@ -1,21 +1,17 @@
-"""The line extractor of the sketch and shading styles: the release's network (`LE/erika.pth`) when its weights are
-given, else the weight-free XDoG extractor (`screentone.lines`), so the styles run without any download.
-
-Both map a grey page (uint8 H x W) to line art (uint8 H x W, 255 = paper). The network pads to multiples of 16 and
-crops back (`model.line_extractor.extract_lines`), as the release does.
+"""Which line extractor colorize's sketch and shading styles use: the release's network (`LE/erika.pth`) when its
+weights are given or found in the released folder, else the weight-free XDoG extractor, so the styles run without
+any download. The extractor itself is `model.line_extractor.LineExtractor`, shared with the screentone stage and the
+benchmark.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from inference.sources import ColorizeInputError
 
 RELEASED_LE_FOLDER = "LE"  # inside the released ColorFlow weights folder
 RELEASED_LE_FILE = "erika.pth"
-XDOG = "xdog"
 
 
 def find_line_extractor_weights(weights: str | None, colorflow_weights: str | None) -> str | None:
@@ -33,24 +29,3 @@ def find_line_extractor_weights(weights: str | None, colorflow_weights: str | No
         if released.is_file():
             return str(released.absolute())
     return None
-
-
-class LineExtractor:
-    """Grey page -> line art, by the network on `device` (weights given) or by XDoG (None)."""
-
-    def __init__(self, weights: str | None = None, device: str | None = None) -> None:
-        self.weights = weights
-        self._model = None
-        if weights is not None:
-            from model.line_extractor import MangaLineExtractor
-
-            self._model = MangaLineExtractor.from_released(weights).to(device or "cpu")
-
-    def __call__(self, grey: np.ndarray) -> np.ndarray:
-        if self._model is None:
-            from screentone.lines import extract_lines
-
-            return extract_lines(grey)
-        from model.line_extractor import extract_lines
-
-        return extract_lines(self._model, [grey])[0]

@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from inference.line_art import XDOG
 from inference.models import ModelPaths, SamplingOptions, files_token, read_export
 from inference.pixart_models import LineArtPaths
 from inference.sources import (
@@ -31,6 +30,7 @@ from pipelines.core.schemas import STATUS_ERROR
 from pipelines.core.seeding import derive_seed
 from pipelines.core.sources import list_chapters
 from pipelines.core.storage import read_json, stable_hash
+from screentone.lines import XDOG
 
 COLORIZE_VERSION = 2  # bump when a page's pixels would change for the same settings: old outputs are then redone
 SIZE_PRESETS = ((512, 800), (640, 640), (800, 512))

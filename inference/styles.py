@@ -10,8 +10,9 @@ to W x H (bicubic). Styles, one vocabulary with `--benchmark`'s folders:
   `screentone.render.ScreenStyleRenderer` on the local ScreenStyle weights, seeded per page) blended 50/50 with
   its greyscale (PIL `Image.blend`, as the app);
 - ``halftone``: the same blend with the weight-free halftone renderer in place of ScreenStyle;
-- ``sketch``: the app's "Sketch": the line art of the 1.5x page's grey (`inference.line_art`: the release's
-  network on `LE/erika.pth`, or XDoG without it);
+- ``sketch``: the app's "Sketch": the line art of the 1.5x page's grey (`model.line_extractor.LineExtractor`: the
+  release's network on `LE/erika.pth`, or XDoG without it; `pipelines.core.page_styles.pages_line_art`, which the
+  screentone stage uses for the samples' line art too);
 - ``shading``: the app's "Sketch_Shading": that line art shaded by the grey (`screentone.shading`); GSRP gets the
   plain line art, as the app gives it.
 
@@ -22,12 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from inference.sources import ColorizeInputError
-from pipelines.core.geometry import RESAMPLE_BICUBIC, fit_image
-from pipelines.core.page_styles import tone_frames
+from pipelines.core.page_styles import pages_line_art, tone_frames
 
 PAGE_STYLES = ("grey", "screenstyle", "halftone", "sketch", "shading")
 LINE_ART_STYLES = ("sketch", "shading")  # the styles of the line-art (PixArt) family
@@ -66,7 +65,7 @@ class PageStyler:
         self._renderer = None
         self._lines = None
         if style in LINE_ART_STYLES:
-            from inference.line_art import LineExtractor
+            from model.line_extractor import LineExtractor
 
             self._lines = LineExtractor(line_extractor_weights, device)
         elif style == "screenstyle":
@@ -83,15 +82,7 @@ class PageStyler:
     ) -> tuple[Image.Image, Image.Image]:
         """(the ICP frame, the GSRP guide): the page fitted at `sr_size`, styled, then resized to `size`."""
         if self._lines is not None:
-            return self._line_art_frames(fit_image(page.convert("RGB"), *sr_size, resample=RESAMPLE_BICUBIC), size)
+            (line_art,) = pages_line_art([page], size, sr_size, self._lines.many)
+            frame = line_art.shading if self.style == "shading" else line_art.sketch
+            return frame.convert("RGB"), line_art.hires_lines.convert("RGB")
         return tone_frames(page, size, sr_size, self._renderer, seed)
-
-    def _line_art_frames(self, hires: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, Image.Image]:
-        """(the styled frame at `size`, the plain line art at the GSRP size) of the page fitted at the GSRP size."""
-        from screentone.shading import shade_lines
-
-        grey = np.asarray(hires.convert("L"))
-        lines = self._lines(grey)
-        styled = shade_lines(lines, grey) if self.style == "shading" else lines
-        frame = fit_image(Image.fromarray(styled, mode="L").convert("RGB"), *size, resample=RESAMPLE_BICUBIC)
-        return frame, Image.fromarray(lines, mode="L").convert("RGB")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from inference.colorize import run_colorize
@@ -214,7 +215,7 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
         prompt=chosen(args.prompt, "prompt", "manga"),
         negative_prompt=chosen(args.negative_prompt, "negative_prompt", ""),
         conditioning_scale=args.conditioning_scale,
-        dtype=args.dtype or default_dtype(args.device, args.local),
+        dtype=args.dtype or "float32",  # a placeholder: main chooses the default once the inputs are listed
         memory=args.memory,
         gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
     )
@@ -250,8 +251,6 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
     """The settings of a line-art (PixArt) run: its style checked against the weights, the release's sampling
     defaults (CFG 4.5, 10 steps), the prompt the text cache holds, the line extractor of the styles."""
     style = args.style or (weights.name if weights.name in LINE_ART_STYLES else None)
-    if args.benchmark:
-        raise ColorizeInputError("--benchmark with line-art weights: the benchmark has no sketch/shading styles yet")
     if style not in LINE_ART_STYLES:
         shown = f"--style {style}" if style else "no --style"
         raise ColorizeInputError(
@@ -279,7 +278,7 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
         prompt=prompt,
         negative_prompt=negative,
         conditioning_scale=args.conditioning_scale,
-        dtype=args.dtype or default_dtype(args.device, args.local),
+        dtype=args.dtype or "float32",  # a placeholder: main chooses the default once the inputs are listed
         memory=args.memory,
         gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
     )
@@ -329,11 +328,13 @@ def _page_style(args: argparse.Namespace) -> tuple[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    if args.benchmark:  # inputs, then weights and sizes, are checked before Ray starts (choosing the dtype may)
-        tasks, extra = chapter_tasks_for_benchmark(args.benchmark, args.style)
-    else:
+    if not args.benchmark:  # the pages are listed first, a benchmark's once its style is known
         tasks, extra = chapter_tasks_for_sources(args.pages, args.refs), {}
-    settings = build_settings(args)
+    settings = build_settings(args)  # weights and sizes are checked before Ray starts
+    if args.benchmark:
+        tasks, extra = chapter_tasks_for_benchmark(args.benchmark, settings.style)
+    if args.dtype is None:  # chosen last: on a cluster, seeing whether it has GPUs starts Ray
+        settings = replace(settings, sampling=replace(settings.sampling, dtype=default_dtype(args.device, args.local)))
     start_ray(args)
     options = RunOptions(
         batch_size=args.batch_size,

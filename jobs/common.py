@@ -7,14 +7,16 @@ The parser, the one-line errors and the exit statuses are `pipelines.core.cli`, 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from pipelines.core.cli import configure_logging, non_negative_int, parse_size, positive_float
+from pipelines.core.errors import UsageError
 from pipelines.core.geometry import RESAMPLE_LANCZOS, RESAMPLERS
 from pipelines.runtime.faults import DEFAULT_MAX_RETRIES, DEFAULT_STALL_TIMEOUT, FaultPolicy, configure_faults
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options every sample-producing stage shares: sizes, screentone renderer, seed."""
+    """Options every sample-producing stage shares: sizes, screentone renderer, line extractor, seed."""
     parser.add_argument("--size", type=parse_size, default=(512, 800), help="training size WxH (default 512x800)")
     parser.add_argument(
         "--hires-scale", type=float, default=1.5, help="GSRP (high-resolution) size as a multiple of --size"
@@ -24,6 +26,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default="halftone",
         help="screentone renderer: 'halftone' (weight-free, default), 'screenstyle:<weights folder>' or "
         "'screenstyle:<latest_net_G_RGB2INTSCR.pth>,<latest_net_dec.pth>'",
+    )
+    parser.add_argument(
+        "--line-extractor-weights",
+        default=None,
+        help="erika.pth (or a folder holding it, e.g. the release's LE/) for the samples' sketch and shading line art "
+        "(default: the weight-free XDoG extractor)",
     )
     parser.add_argument("--seed", type=int, default=0, help="fixes every random choice")
     add_fit_argument(parser)
@@ -39,6 +47,19 @@ def add_fit_argument(parser: argparse.ArgumentParser) -> None:
         "frames: lanczos (kept: the stored bytes of existing datasets, finer detail) or bicubic (the released "
         "app's fit, as colorize and the composite ring use); the benchmark's truth pages stay Lanczos",
     )
+
+
+def line_extractor_file(text: str | None) -> str | None:
+    """--line-extractor-weights as the erika.pth it names (the file, or a folder holding it), checked before any
+    work; None (XDoG) stays None."""
+    if text is None:
+        return None
+    path = Path(text)
+    if path.is_dir():
+        path = path / "erika.pth"
+    if not path.is_file():
+        raise UsageError(f"--line-extractor-weights {text}: no erika.pth there (give the file or the release's LE/)")
+    return str(path.absolute())
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:

@@ -29,8 +29,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--style",
         default=None,
-        help="input style of the predictions (grey, halftone, screenstyle; default: 'style' of "
-        "PRED/colorize.summary.json); picks the paper row",
+        help="input style of the predictions (grey, halftone, screenstyle, sketch, shading; default: 'style' of "
+        "PRED/colorize.summary.json); picks the paper row (sketch and shading have none)",
     )
     parser.add_argument(
         "--resize",

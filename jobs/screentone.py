@@ -1,4 +1,5 @@
-"""Render the screentone of every frame: `python -m jobs.screentone --data OUT [options]`."""
+"""Render the screentone and the line art (sketch, shading) of every frame: `python -m jobs.screentone --data OUT
+[options]`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,14 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
+from jobs.common import (
+    add_common_arguments,
+    add_fault_arguments,
+    add_ray_arguments,
+    configure_fault_policy,
+    line_extractor_file,
+    start_ray,
+)
 from pipelines.core.cli import JobArgumentParser, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
@@ -19,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = JobArgumentParser(prog=PROG, description=__doc__)
     parser.add_argument("--data", required=True, help="the data folder written by jobs.ingest (OUT)")
     add_common_arguments(parser)
-    parser.add_argument("--device", default=None, help="torch device for neural renderers (default: cuda if present)")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for neural renderers and the line extractor network (default: cuda if present)",
+    )
     parser.add_argument("--chapters-per-task", type=positive_int, default=1, help="chapters rendered per Ray task")
     add_fault_arguments(parser)
     add_ray_arguments(parser)
@@ -44,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         hires_scale=args.hires_scale,
         seed=args.seed,
         device=args.device,
+        line_extractor_weights=line_extractor_file(args.line_extractor_weights),
     )
     summary = run_screentone(args.data, options, chapters_per_task=args.chapters_per_task, local=args.local)
     print(json.dumps(summary, indent=2, sort_keys=True))

@@ -7,7 +7,14 @@ import json
 import re
 import sys
 
-from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy, start_ray
+from jobs.common import (
+    add_common_arguments,
+    add_fault_arguments,
+    add_ray_arguments,
+    configure_fault_policy,
+    line_extractor_file,
+    start_ray,
+)
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.geometry import CompositeLayout
 from pipelines.runtime.preconditions import require_stage
@@ -111,6 +118,7 @@ def shard_options(args: argparse.Namespace) -> ShardOptions:
         bench_series=tuple(args.bench_series) if args.bench_series else None,
         seed=args.seed,
         renderer=args.renderer,
+        line_extractor_weights=line_extractor_file(args.line_extractor_weights),
         leakage_threshold=args.leakage_threshold,
         leakage_confirm=not args.no_leakage_confirm,
         ivf_min_train=args.ivf_min_train,

@@ -183,3 +183,27 @@ def extract_lines(model: MangaLineExtractor, pages: Sequence[np.ndarray], max_ba
                 height, width = pages[index].shape
                 results[index] = np.clip(output[slot, 0, :height, :width], 0, 255).astype(np.uint8)
     return results
+
+
+class LineExtractor:
+    """Grey pages -> line art: the network on `device` (default: cuda if present) when `weights` (an erika.pth) are
+    given, else XDoG (`screentone.lines`, weight-free, CPU). One implementation for the screentone stage, the
+    benchmark and colorize."""
+
+    def __init__(self, weights: str | None = None, device: str | None = None) -> None:
+        self.weights = weights
+        self._model = None
+        if weights is not None:
+            device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = MangaLineExtractor.from_released(weights).to(device)
+
+    def __call__(self, grey: np.ndarray) -> np.ndarray:
+        return self.many([grey])[0]
+
+    def many(self, greys: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Line art of each grey page (uint8 H x W, 255 = paper); the network runs pages of one size as a batch."""
+        if self._model is None:
+            from screentone.lines import extract_lines as xdog_lines
+
+            return [xdog_lines(grey) for grey in greys]
+        return extract_lines(self._model, list(greys))

@@ -33,6 +33,7 @@ from pipelines.runtime.preconditions import (
 )
 from pipelines.screentone.stage import ScreentoneOptions
 from pipelines.shards.stage import ShardOptions
+from screentone.lines import XDOG
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class PipelineOptions:
                 hires_scale=shards.hires_scale,
                 seed=shards.seed,
                 fit_resample=shards.fit_resample,
+                line_extractor_weights=shards.line_extractor_weights,
             ),
             "shards": shards,
         }
@@ -100,6 +102,7 @@ class PipelineOptions:
                 "hires_scale": shards.hires_scale,
                 "seed": shards.seed,
                 **fit,
+                "line_extractor": shards.line_extractor_weights or XDOG,  # the line art (sample format 3)
             },
             "shards": {**shards.recorded(), **({"rebuild": True} if self.rebuild else {})},
         }

@@ -22,6 +22,8 @@ from scipy import ndimage
 
 from screentone.augment import to_grey
 
+XDOG = "xdog"  # the id of this extractor wherever data records what made its line art
+
 
 @dataclass(frozen=True)
 class XDoGConfig:

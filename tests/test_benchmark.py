@@ -26,6 +26,8 @@ from pipelines.shards.benchmark import (
     select_benchmark,
     write_benchmark,
 )
+from screentone.lines import extract_lines
+from screentone.shading import shade_lines
 
 CONFIG = BenchmarkConfig(chapters=3, refs=3, bw=4, width=96, height=144, seed=1)
 BENCH_SERIES = ["s0", "s1"]
@@ -94,13 +96,18 @@ def test_folder_holds_refs_bw_styles_and_ground_truth(corpus_root: Path, tmp_pat
     assert top["styles"] == {
         "grey": {"folder": "bw_grey", "renderer_id": "grey"},
         "halftone": {"folder": "bw_halftone", "renderer_id": top["renderer_id"]},
+        "sketch": {"folder": "bw_sketch", "renderer_id": "xdog"},  # the line art of the greyscale input
+        "shading": {"folder": "bw_shading", "renderer_id": "xdog"},
     }
+    assert top["line_extractor_id"] == "xdog"
     assert [c["chapter_id"] for c in top["chapters"]] == [c.chapter_id for c in plan.chapters]
     for chapter in plan.chapters:
         folder = layout.benchmark / chapter.chapter_id
         index = read_chapter_index(layout.benchmark, chapter.chapter_id)
         assert index["size"] == [96, 144] and index["series"] == chapter.series and index["styles"] == top["styles"]
-        assert sorted(p.name for p in folder.iterdir()) == ["bw_grey", "bw_halftone", "gt", "index.json", "refs"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "bw_grey", "bw_halftone", "bw_shading", "bw_sketch", "gt", "index.json", "refs"
+        ]  # fmt: skip
         stored = read_chapter_pages(layout, chapter.chapter_id)
         for ref in index["refs"]:
             assert (folder / ref["file"]).read_bytes() == stored[ref["page_id"]]  # references as stored
@@ -108,14 +115,23 @@ def test_folder_holds_refs_bw_styles_and_ground_truth(corpus_root: Path, tmp_pat
         for page in index["bw"]:
             page_id = page["page_id"]
             assert page["gt"] == f"gt/{page_id}.jpg"
-            assert page["inputs"] == {"grey": f"bw_grey/{page_id}.png", "halftone": f"bw_halftone/{page_id}.png"}
-            gt, grey, tone = (_open(folder / f) for f in (page["gt"], *page["inputs"].values()))
+            assert page["inputs"] == {
+                style: f"bw_{style}/{page_id}.png" for style in ("grey", "halftone", "sketch", "shading")
+            }
+            styles = ("grey", "halftone", "sketch", "shading")
+            gt, grey, tone, sketch, shading = (
+                _open(folder / f) for f in (page["gt"], *map(page["inputs"].get, styles))
+            )
             assert (gt.format, gt.mode, gt.size) == ("JPEG", "RGB", (96, 144))
             assert (grey.format, grey.mode, grey.size) == ("PNG", "L", (96, 144))
             assert (tone.format, tone.mode, tone.size) == ("PNG", "L", (96, 144))
             grey_px, tone_px = np.asarray(grey, np.int16), np.asarray(tone, np.int16)
             assert np.abs(np.asarray(gt.convert("L"), np.int16) - grey_px).mean() < 3  # aligned pixel for pixel
             assert np.isin(tone_px, (0, 255)).mean() > 0.95 and np.abs(tone_px - grey_px).mean() > 10
+            # line art of the greyscale input at the benchmark size, as colorize's line-art styles make it
+            lines = extract_lines(np.asarray(grey))
+            assert np.array_equal(np.asarray(sketch), lines) and sketch.size == shading.size == (96, 144)
+            assert np.array_equal(np.asarray(shading), shade_lines(lines, np.asarray(grey)))
         assert len(list((folder / "bw_halftone").iterdir())) == 4 and len(list((folder / "refs").iterdir())) == 3
 
 

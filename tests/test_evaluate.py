@@ -162,7 +162,7 @@ def test_screenstyle_style_of_a_halftone_benchmark_is_refused(bench: Path, tmp_p
     assert cli(["--pred", str(pred), "--truth", str(bench), "--style", "screenstyle"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "style 'screenstyle' (from --style) is not a style of the benchmark" in err[0]
-    assert "['grey', 'halftone']" in err[0] and "Traceback" not in err[0]
+    assert "['grey', 'halftone', 'shading', 'sketch']" in err[0] and "Traceback" not in err[0]
     assert cli(["--pred", str(pred), "--truth", str(bench), "--style", "screenstyle", "--debug"]) == 1
     debug = capsys.readouterr().err  # --debug: the traceback, then the same line
     assert "Traceback" in debug and debug.strip().splitlines()[-1] == err[0]

@@ -14,14 +14,16 @@ from pipelines.core.pagestore import encode_page
 from pipelines.core.sample_inputs import build_training_inputs, composite_inputs, decode_sample
 from pipelines.core.samples import (
     FIELDS,
+    LINE_ART_VARIANTS,
     ChapterPages,
     FrameRecord,
     SampleConfig,
     SampleError,
+    SampleFormatError,
     build_sample,
     retrieval_grid,
 )
-from pipelines.screentone.stage import ScreentoneOptions, render_frame
+from pipelines.screentone.stage import ScreentoneOptions, render_frame, render_frames
 from screentone.augment import blend, sample_alpha
 from screentone.render import renderer_for
 from screentone.synthetic import synthetic_color_page
@@ -43,6 +45,13 @@ def chapter() -> dict:
     encoded = {p: encode_page(im, "png") for p, im in images.items()}
     options = ScreentoneOptions(width=W, height=H, hires_scale=CONFIG.hires_scale)
     tones = render_frame(images[FRAME.frame_id], FRAME.frame_id, options, renderer_for("halftone"))
+    from model.line_extractor import LineExtractor
+
+    made, errors = render_frames(
+        {FRAME.frame_id: encoded[FRAME.frame_id]}, options, renderer_for("halftone"), LineExtractor()
+    )
+    assert not errors and made[FRAME.frame_id]["train"] == tones["train"]  # the batch path renders the same tone
+    line_art = {variant: made[FRAME.frame_id][variant] for variant in LINE_ART_VARIANTS.values()}
     rows = [
         {
             "query_patch": q,
@@ -54,7 +63,7 @@ def chapter() -> dict:
         for q in range(4)
         for r in range(3)
     ]
-    return {"images": images, "encoded": encoded, "tones": tones, "rows": rows}
+    return {"images": images, "encoded": encoded, "tones": tones, "rows": rows, "line_art": line_art}
 
 
 def _sample(chapter: dict, **overrides) -> dict:
@@ -65,6 +74,7 @@ def _sample(chapter: dict, **overrides) -> dict:
         "tone": chapter["tones"]["train"],
         "hires_tone": chapter["tones"]["hires"],
         "config": CONFIG,
+        "line_art": chapter["line_art"],
     }
     args.update(overrides)
     return build_sample(**args)
@@ -90,6 +100,9 @@ def test_sample_has_every_field_in_the_documented_encodings(chapter: dict) -> No
         ("hr_color.jpg", "JPEG", "RGB", hr_size),
         ("hr_grey.png", "PNG", "L", hr_size),
         ("hr_tone.png", "PNG", "L", hr_size),
+        ("sketch.png", "PNG", "L", (W, H)),
+        ("shading.png", "PNG", "L", (W, H)),
+        ("hr_sketch.png", "PNG", "L", hr_size),
     ]:
         image = _open(sample[name])
         assert (image.format, image.mode, image.size) == (fmt, mode, size), name
@@ -226,3 +239,33 @@ def test_incomplete_or_inconsistent_retrievals_are_sample_errors(chapter: dict) 
 def test_frame_ids_that_are_not_webdataset_keys_are_refused(chapter: dict) -> None:
     with pytest.raises(SampleError, match="cannot be a WebDataset key"):
         _sample(chapter, frame=FrameRecord("a.b", "s", "c0", "ch01", 0))
+
+
+def test_the_line_art_members_are_what_colorize_makes_of_the_page_and_feed_the_line_art_variants(chapter) -> None:
+    from inference.styles import PageStyler
+
+    sample = _sample(chapter)
+    page = chapter["images"][FRAME.frame_id]
+    for style, member in (("sketch", "sketch.png"), ("shading", "shading.png")):
+        frame, guide = PageStyler(style).frames(page, (W, H), CONFIG.hires_size, seed=0)
+        assert np.array_equal(np.asarray(_open(sample[member])), np.asarray(frame)[..., 0]), style
+        assert np.array_equal(np.asarray(_open(sample["hr_sketch.png"])), np.asarray(guide)[..., 0])
+    sketch, shading = (np.asarray(_open(sample[m])) for m in ("sketch.png", "shading.png"))
+    assert (sketch == 0).any() and (sketch == 255).mean() > 0.5 and not np.array_equal(sketch, shading)
+    decoded = decode_sample(sample)
+    inputs = build_training_inputs(decoded, "shading")
+    assert inputs.alpha == 0.0 and np.array_equal(np.asarray(inputs.bw)[..., 0], shading)
+    assert np.array_equal(np.asarray(inputs.hr_bw)[..., 0], np.asarray(decoded.hr_sketch))  # GSRP: the plain lines
+    with pytest.raises(SampleError, match="no 'hires_sketch' screentone"):
+        _sample(chapter, line_art={**chapter["line_art"], "hires_sketch": None})
+
+
+def test_a_format_2_sample_reads_without_line_art_and_refuses_the_line_art_variants(chapter: dict) -> None:
+    sample = {k: v for k, v in _sample(chapter).items() if k not in ("sketch.png", "shading.png", "hr_sketch.png")}
+    sample["json"] = json.dumps({**json.loads(sample["json"]), "sample_format_version": 2}).encode()
+    decoded = decode_sample(sample)
+    assert decoded.sketch is None and build_training_inputs(decoded, "tone").alpha == 1.0
+    with pytest.raises(SampleFormatError, match="version 2, without line art; the 'sketch' style needs version 3"):
+        build_training_inputs(decoded, "sketch")
+    with pytest.raises(KeyError, match=r"lacks fields \['hr_sketch.png'\]"):
+        decode_sample({**sample, "sketch.png": b"", "shading.png": b"", "json": _sample(chapter)["json"]})

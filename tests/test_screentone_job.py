@@ -47,15 +47,25 @@ def test_renders_every_frame_at_both_sizes_and_resumes(ingested: Path) -> None:
     table = read_parquet_parts(folder, SCREENTONE)
     frames = set(table.column("frame_id").to_pylist())
     assert summary["frames_rendered"] == len(frames) >= 21
-    assert table.num_rows == 2 * len(frames)
+    assert table.num_rows == 5 * len(frames)  # tone at two sizes, and the line art: sketch, shading, hires_sketch
     assert set(table.column("status").to_pylist()) == {STATUS_OK}
-    expected = {"train": SIZE, "hires": hires_size(*SIZE, 1.5)}
-    for row in table.slice(0, 6).to_pylist():
+    hires = hires_size(*SIZE, 1.5)
+    expected = {"train": SIZE, "hires": hires, "sketch": SIZE, "shading": SIZE, "hires_sketch": hires}
+    rows = [row for row in table.to_pylist() if row["frame_id"] == min(frames)]
+    assert sorted(row["variant"] for row in rows) == sorted(expected)
+    for row in rows:
         image = Image.open(io.BytesIO(row["image"]))
         assert image.format == "PNG" and image.mode == "L"
         assert image.size == expected[row["variant"]] == (row["width"], row["height"])
-        values = np.unique(np.asarray(image))
-        assert set(values.tolist()) <= {0, 255}  # rendered at its size, never resampled: still bitonal
+        values = set(np.unique(np.asarray(image)).tolist())
+        line_art = row["variant"] in ("sketch", "shading", "hires_sketch")
+        assert row["renderer"] == ("xdog" if line_art else summary["renderer_id"])
+        if row["variant"] in ("train", "hires", "hires_sketch"):
+            assert values <= {0, 255}  # made at its size, never resampled: still bitonal
+        assert line_art or values != {255}
+    shading = next(row for row in rows if row["variant"] == "shading")
+    assert 125 in np.asarray(Image.open(io.BytesIO(shading["image"])))  # the flat mid-grey of the shading rules
+    assert summary["line_extractor_id"] == "xdog" and summary["sizes"]["hires_sketch"] == list(hires)
 
     before = {p.name: p.read_bytes() for p in folder.glob("*.parquet")}
     again = screentone_main(argv)
@@ -103,6 +113,35 @@ def test_batched_frames_equal_single_frames_and_a_broken_frame_is_an_error() -> 
     tones, errors = render_frames({k: v for k, v in pages.items() if k != "f9"}, options, small)
     assert tones == {} and sorted(errors) == ["f0", "f1", "f2"]
     assert all(e.startswith("hires: ValueError: page of 80 x 120 px exceeds max_pixels") for e in errors.values())
+
+
+def test_the_line_extractor_network_makes_the_line_art_and_its_contents_name_it(tmp_path: Path) -> None:
+    """With erika.pth (random weights, the released layout) the network makes the line art (its batching is tested
+    in test_model_pixart); its id is the file's contents, and it is part of what "done" means, so another extractor
+    renders again."""
+    from model.line_extractor import LineExtractor, MangaLineExtractor
+    from pipelines.core.page_styles import line_extractor_id
+    from pipelines.screentone.stage import _done_options
+    from screentone.render import renderer_for
+
+    torch.manual_seed(0)
+    torch.save(MangaLineExtractor().state_dict(), tmp_path / "erika.pth")
+    lines_id = line_extractor_id(str(tmp_path / "erika.pth"))
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "erika.pth").write_bytes((tmp_path / "erika.pth").read_bytes())
+    assert lines_id.startswith("erika-") and line_extractor_id(str(tmp_path / "copy" / "erika.pth")) == lines_id
+    pages = {"f0": encode_page(Image.fromarray(synthetic_color_page(100, 70, seed=0)), "png")}
+    options = ScreentoneOptions(width=64, height=96, line_extractor_weights=str(tmp_path / "erika.pth"))
+    halftone = renderer_for("halftone")
+    made, errors = render_frames(pages, options, halftone, LineExtractor(options.line_extractor_weights, "cpu"))
+    xdog, _ = render_frames(pages, options, halftone, LineExtractor())
+    assert not errors
+    assert {v: Image.open(io.BytesIO(png)).size for v, png in made["f0"].items()} == {
+        "train": (64, 96), "hires": (96, 144), "sketch": (64, 96), "shading": (64, 96), "hires_sketch": (96, 144)
+    }  # fmt: skip
+    assert made["f0"]["train"] == xdog["f0"]["train"] and made["f0"]["hires_sketch"] != xdog["f0"]["hires_sketch"]
+    renderer_id = halftone.id
+    assert _done_options(options, renderer_id, lines_id) != _done_options(options, renderer_id, "xdog")
 
 
 def test_requires_ingestion(tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def test_manifest_index_and_markers_describe_every_shard(sharded: tuple[Path, di
     assert manifest["code_version"]["package"] == "colorflow-data"
     assert manifest["sample"]["width"] == 128 and manifest["shard"]["shard_size"] == 400_000
     assert manifest["fields"] == list(FIELDS)
-    assert manifest["sample"]["sample_format_version"] == SAMPLE_FORMAT_VERSION == 2
+    assert manifest["sample"]["sample_format_version"] == SAMPLE_FORMAT_VERSION == 3
     for split in ("train", "val"):
         split_manifest = json.loads((out / "shards" / split / "manifest.json").read_text())
         assert split_manifest["sample_format_version"] == SAMPLE_FORMAT_VERSION
@@ -254,27 +254,37 @@ def test_rerun_skips_and_a_changed_plan_needs_rebuild(sharded: tuple[Path, dict]
 def test_shards_of_another_sample_format_are_refused_by_the_writer_and_the_readers(
     sharded: tuple[Path, dict], tmp_path: Path
 ) -> None:
-    from training.data import resolve_shard_source
+    from training.data import check_variant, resolve_shard_source
 
     out, _ = sharded
     work = tmp_path / "out"
     shutil.copytree(out, work)
     plan = work / "shards" / "train" / "plan.json"
-    plan.write_text(json.dumps({**json.loads(plan.read_text()), "sample_format_version": 1}))  # lanczos rings
-    (work / "shards.summary.json").unlink()
-    with pytest.raises(SampleFormatError, match="sample format version 1; .* --rebuild"):
-        run_shards(work, OPTIONS, local=True)
+    # this code (format 3) never appends to a dataset of format 1 (lanczos rings) or 2 (no line art) ...
+    for version in (1, 2):
+        plan.write_text(json.dumps({**json.loads(plan.read_text()), "sample_format_version": version}))
+        (work / "shards.summary.json").unlink(missing_ok=True)
+        with pytest.raises(SampleFormatError, match=f"sample format version {version}; .* --rebuild"):
+            run_shards(work, OPTIONS, local=True)
+    # ... and format-2 code never appends to this one: its writer takes version 2 only, and the dataset says 3
+    assert json.loads((out / "shards" / "train" / "plan.json").read_text())["sample_format_version"] == 3
     manifest = work / "shards" / "val" / "manifest.json"
-    assert resolve_shard_source(manifest, "val").nsamples > 0  # format 2: read
-    for version, readable in ((1, True), (99, False)):  # 1: the same fields, lanczos rings
+    source = resolve_shard_source(manifest, "val")
+    assert source.nsamples > 0 and source.sample_format_version == 3  # format 3: read, line art included
+    check_variant(source, "sketch")
+    for version, readable in ((1, True), (2, True), (99, False)):  # 1 and 2: the tone members, no line art
         for path in manifest.parent.glob("manifest*.json"):  # the split manifest and its generations' snapshots
             spec = json.loads(path.read_text())
             generations = [{**g, "sample_format_version": version} for g in spec.get("generations", [])]
             path.write_text(json.dumps({**spec, "sample_format_version": version, "generations": generations}))
         if readable:
-            assert resolve_shard_source(manifest, "val").nsamples > 0
+            source = resolve_shard_source(manifest, "val")
+            assert source.nsamples > 0
+            check_variant(source, "grey")
+            with pytest.raises(SampleFormatError, match=f"version {version}, without line art; .* --rebuild"):
+                check_variant(source, "shading")
         else:
-            with pytest.raises(SampleFormatError, match="sample format version 99; this code reads versions 1, 2"):
+            with pytest.raises(SampleFormatError, match="sample format version 99; this code reads versions 1, 2, 3"):
                 resolve_shard_source(manifest, "val")
 
 
@@ -447,7 +457,11 @@ def test_code_version_covers_only_the_code_that_produces_shard_bytes(tmp_path: P
         "pipelines/core/geometry.py",
         "screentone/halftone.py",
     } <= scope
-    assert not {p for p in scope if p.split("/")[0] in ("model", "training", "inference", "evaluation", "jobs")}
+    # of model/, only the line extractor network the benchmark's line art runs (with --line-extractor-weights)
+    line_extractor = {"model/__init__.py", "model/line_extractor.py", "model/state_keys.py"}
+    assert "pipelines/core/page_styles.py" in scope and line_extractor <= scope
+    outer = ("model", "training", "inference", "evaluation", "jobs")
+    assert not {p for p in scope - line_extractor if p.split("/")[0] in outer}
     outside = {
         "pipelines/report.py",
         "pipelines/runner.py",

@@ -4,8 +4,10 @@ shards (4 shards of 6 at 128x192)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,3 +123,76 @@ def test_the_export_loads_into_the_pipeline_and_validation_is_logged(
     guider = pipeline.guider.state_dict()
     assert all(torch.equal(guider[k.removeprefix("guider.")], v) for k, v in saved.items() if "adapter" in k)
     assert any(float(v.abs().sum()) > 0 for k, v in saved.items() if k.startswith("guider.adapter_linear"))
+
+
+def test_sketch_from_the_shards_line_art_to_a_scored_benchmark_and_shading_colours_it(
+    pixart: tuple[Path, Path], pipeline_data: Path, tmp_path: Path
+) -> None:
+    """Data -> train -> colorize -> evaluate in the sketch style: the pipeline's shards hold the line art the
+    trainer reads (ICP the sketch member, GSRP the plain line art), the benchmark has both line-art styles, and the
+    trained export colours and scores them."""
+    from PIL import Image
+
+    from jobs.colorize import cli as colorize_cli
+    from jobs.evaluate import main as evaluate_main
+    from pipelines.core.benchmark_format import read_benchmark, read_chapter_index
+    from pipelines.core.sample_inputs import as_image
+    from training.data import (
+        GSRPDataConfig,
+        ICPDataConfig,
+        first_samples,
+        gsrp_sample,
+        icp_canvases,
+        resolve_shard_source,
+        to_tensor,
+    )
+
+    source = resolve_shard_source(pipeline_data)
+    assert source.sample_format_version == 3
+    raw = first_samples(source.urls, 1)[0]
+    sketch = as_image(raw[".sketch.png"], "sketch.png", "RGB")
+    canvases = icp_canvases(raw, ICPDataConfig(variant="sketch"), seed=0, epoch=0)
+    assert canvases.alpha == 0.0
+    left, top, right, bottom = canvases.layout.centre_box
+    assert np.array_equal(np.asarray(canvases.composite.frame_only)[top:bottom, left:right], np.asarray(sketch))
+    guide = gsrp_sample(raw, 0, config=GSRPDataConfig(crop_size=(64, 64), variant="shading"), seed=0)
+    box = tuple(guide["crop"].tolist())
+    hr_sketch = as_image(raw[".hr_sketch.png"], "hr_sketch.png", "RGB")
+    assert torch.equal(guide["hr_bw"], to_tensor(hr_sketch.crop(box)))
+
+    run = tmp_path / "run"
+    trained = main(parse_args(_args(pixart, pipeline_data, run, "--max_train_steps", "2")))  # --bw_variant sketch
+    assert trained["steps"] == 2 and trained["bad_samples_skipped"] == 0
+    assert json.loads((run / "export" / "export.json").read_text())["bw_variant"] == "sketch"
+
+    bench = pipeline_data / "benchmark"
+    chapter = read_benchmark(bench)["chapters"][0]["chapter_id"]
+    index = read_chapter_index(bench, chapter)
+    assert {"sketch", "shading"} <= set(index["styles"]) and index["styles"]["sketch"]["renderer_id"] == "xdog"
+    common = ["--icp", str(run), "--size", "64x96", "--steps", "2", "--local", "--encoder", "weightfree"]
+    for style in ("sketch", "shading"):
+        pred = tmp_path / style
+        assert colorize_cli(["--benchmark", str(bench), "--style", style, "--output", str(pred), *common]) == 0
+        summary = json.loads((pred / "colorize.summary.json").read_text())
+        assert summary["settings"]["family"] == "pixart" and summary["pages_done"] == len(index["bw"])
+        gt = Image.open(bench / chapter / index["bw"][0]["gt"])
+        assert Image.open(pred / chapter / f"{index['bw'][0]['page_id']}.png").size == gt.size
+    scored = evaluate_main(["--pred", str(tmp_path / "sketch"), "--truth", str(bench)])
+    assert scored["scored"] == len(index["bw"]) and scored["failed"] == 0
+    assert scored["style"] == {"name": "sketch", "renderer_id": "xdog", "source": "PRED/colorize.summary.json"}
+
+
+def test_shards_without_line_art_are_refused_in_one_line_before_the_models_load(
+    pipeline_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(pipeline_data / "shards", data / "shards")
+    for path in (data / "shards" / "train").glob("manifest*.json"):  # as a format-2 dataset records itself
+        spec = json.loads(path.read_text())
+        generations = [{**g, "sample_format_version": 2} for g in spec.get("generations", [])]
+        path.write_text(json.dumps({**spec, "sample_format_version": 2, "generations": generations}))
+    args = ["--pretrained_model_name_or_path", str(tmp_path / "no-model"), "--text_cache", str(tmp_path / "no-cache")]
+    assert cli([*args, "--data", str(data), "--output_dir", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "version 2, without line art; the 'sketch' style needs version 3" in err[0]
+    assert "--rebuild" in err[0] and not (tmp_path / "out").exists()

@@ -3,7 +3,9 @@
 Shards are the WebDataset tars `jobs.shards` writes (see `pipelines.core.samples` for the members). They are read
 with wids (`wids.IndexedTarSamples`: an mmap of the tar and an index of its members), so a sample is a seek,
 and only the members a stream needs are decoded: ICP reads color.jpg, grey.png, tone.png, ring.jpg and json;
-GSRP reads hr_color.jpg, hr_grey.png, hr_tone.png and json.
+GSRP reads hr_color.jpg, hr_grey.png, hr_tone.png and json. With a line-art variant (``sketch``, ``shading``: sample
+format 3) ICP reads that member in place of grey and tone, and GSRP hr_sketch.png (the plain line art, its guide
+for both styles) in place of hr_grey and hr_tone.
 
 The order is a pure function of the seed, so a run, its rerun and its resumption read the same samples:
 
@@ -56,17 +58,27 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import CompositeLayout
-from pipelines.core.sample_inputs import CompositeInputs, as_image, as_meta, blended_bw, composite_inputs, variant_alpha
+from pipelines.core.sample_inputs import (
+    LINE_ART_MEMBERS,
+    CompositeInputs,
+    as_image,
+    as_meta,
+    blended_bw,
+    composite_inputs,
+    variant_alpha,
+)
 from pipelines.core.samples import (
     FIELD_COLOR,
     FIELD_GREY,
     FIELD_HR_COLOR,
     FIELD_HR_GREY,
+    FIELD_HR_SKETCH,
     FIELD_HR_TONE,
     FIELD_META,
     FIELD_RING,
     FIELD_TONE,
     check_sample_format_version,
+    require_line_art,
     require_sample_format,
 )
 from pipelines.core.storage import sha256_file
@@ -75,6 +87,20 @@ logger = logging.getLogger(__name__)
 
 ICP_FIELDS: tuple[str, ...] = (FIELD_COLOR, FIELD_GREY, FIELD_TONE, FIELD_RING, FIELD_META)
 GSRP_FIELDS: tuple[str, ...] = (FIELD_HR_COLOR, FIELD_HR_GREY, FIELD_HR_TONE, FIELD_META)
+
+
+def icp_fields(variant: str | float) -> tuple[str, ...]:
+    """The members an ICP stream of B&W `variant` reads: a line-art variant's member in place of grey and tone."""
+    if variant in LINE_ART_MEMBERS:
+        return (FIELD_COLOR, LINE_ART_MEMBERS[variant], FIELD_RING, FIELD_META)
+    return ICP_FIELDS
+
+
+def gsrp_fields(variant: str | float) -> tuple[str, ...]:
+    """The members a GSRP stream reads: the plain line art at the GSRP size for both line-art variants."""
+    return (FIELD_HR_COLOR, FIELD_HR_SKETCH, FIELD_META) if variant in LINE_ART_MEMBERS else GSRP_FIELDS
+
+
 TRAIN_SPLIT = "train"
 MAX_CONSECUTIVE_BAD = 64  # a stream with this many bad samples in a row is broken, not unlucky
 
@@ -95,6 +121,7 @@ class ShardSource:
     frame_sizes: tuple[tuple[int, int], ...] = ()  # (W, H) of the samples, as the manifest records them
     shard_groups: tuple[int, ...] = ()  # per shard, its index in frame_sizes when the source mixes sizes
     names: tuple[str, ...] = ()  # per shard, the name its order hashes (default: the file name)
+    sample_format_version: int | None = None  # as the manifest records it (None: not recorded, e.g. bare URLs)
 
     @property
     def nsamples(self) -> int:
@@ -117,6 +144,7 @@ def merge_sources(sources: Sequence[ShardSource], sizes: Sequence[tuple[int, int
         shard_bytes += list(source.shard_bytes or (None,) * count)
         shard_sha256 += list(source.shard_sha256 or (None,) * count)
     digest = hashlib.sha256("\x1f".join(source.sha256 for source in sources).encode()).hexdigest()
+    versions = [source.sample_format_version for source in sources]
     return ShardSource(
         urls=tuple(url for source in sources for url in source.urls),
         lengths=tuple(length for source in sources for length in source.lengths),
@@ -127,6 +155,7 @@ def merge_sources(sources: Sequence[ShardSource], sizes: Sequence[tuple[int, int
         frame_sizes=tuple(groups),
         shard_groups=tuple(shard_groups),
         names=tuple(names),
+        sample_format_version=None if None in versions else min(versions),
     )
 
 
@@ -168,6 +197,7 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
         if split not in spec["splits"]:
             raise ValueError(f"{path}: dataset manifest has no split {split!r} (has {sorted(spec['splits'])})")
         return _from_manifest(path.parent / spec["splits"][split]["manifest"], split)
+    versions: list[Any] = []
     if "shardlist" in spec:  # a wids index
         entries = [(s["url"], int(s["nsamples"]), None, None) for s in spec["shardlist"]]
         base = spec.get("base")
@@ -198,6 +228,7 @@ def _from_manifest(path: Path, split: str) -> ShardSource:
         shard_bytes=tuple(nbytes for *_, nbytes, _ in kept) if any(e[2] is not None for e in kept) else (),
         shard_sha256=tuple(digest for *_, digest in kept) if any(e[3] is not None for e in kept) else (),
         frame_sizes=((int(sample["width"]), int(sample["height"])),) if "width" in sample else (),
+        sample_format_version=int(versions[0]) if versions else None,
     )
 
 
@@ -743,10 +774,21 @@ def _image(raw: Mapping[str, Any], name: str, mode: str) -> Image.Image:
     return as_image(_member(raw, name), name, mode)
 
 
-def _meta(raw: Mapping[str, Any]) -> dict[str, Any]:
+def _meta(raw: Mapping[str, Any], variant: str | float | None = None) -> dict[str, Any]:
     meta = as_meta(_member(raw, FIELD_META))
-    check_sample_format_version(meta.get("sample_format_version"), f"sample {raw.get('__key__')!r}")
+    where = f"sample {raw.get('__key__')!r}"
+    check_sample_format_version(meta.get("sample_format_version"), where)
+    if variant in LINE_ART_MEMBERS:
+        require_line_art(meta.get("sample_format_version"), where, str(variant))
     return meta
+
+
+def _bw_frame(raw: Mapping[str, Any], variant: str | float, alpha: float, hires: bool) -> Image.Image:
+    """The B&W frame (RGB) of a sample: its line-art member, or grey and tone blended at `alpha`."""
+    if variant in LINE_ART_MEMBERS:
+        return _image(raw, FIELD_HR_SKETCH if hires else LINE_ART_MEMBERS[variant], "RGB")
+    grey, tone = (FIELD_HR_GREY, FIELD_HR_TONE) if hires else (FIELD_GREY, FIELD_TONE)
+    return blended_bw(_image(raw, grey, "L"), _image(raw, tone, "L"), alpha)
 
 
 def _expect_size(image: Image.Image, size: Sequence[int], key: str, name: str) -> None:
@@ -785,7 +827,7 @@ class ICPDataConfig:
     """How ICP samples are made. `resolution` (W, H) defaults to the shards' frame size."""
 
     resolution: tuple[int, int] | None = None  # training (width, height) cap; None: each frame's own W x H
-    variant: str | float = "screenstyle"  # B&W frame: the alpha draw, "grey", "tone" or a fixed tone weight
+    variant: str | float = "screenstyle"  # B&W frame: the alpha draw, grey, tone, a tone weight, sketch or shading
     alpha_range: tuple[float, float] = (0.0, 1.0)
     crop_scale: tuple[float, float] = (1.25, 2.0)  # window side / frame side, uniform (clamped to [1, 2])
     crop_aspect: tuple[float, float] = (1.0, 1.0)  # window aspect / frame aspect, log-uniform
@@ -870,19 +912,18 @@ class ICPCanvases:
 
 def icp_canvases(raw: Mapping[str, Any], config: ICPDataConfig, *, seed: int, epoch: int) -> ICPCanvases:
     """Decode ICP's members of a raw shard sample and build its canvases with the one composite function."""
-    meta = _meta(raw)
+    meta = _meta(raw, config.variant)
     key = str(raw.get("__key__") or meta["key"])
     size = meta["size"]
     color = _image(raw, FIELD_COLOR, "RGB")
-    grey = _image(raw, FIELD_GREY, "L")
-    tone = _image(raw, FIELD_TONE, "L")
     ring = _image(raw, FIELD_RING, "RGB")
-    for image, name in ((color, FIELD_COLOR), (grey, FIELD_GREY), (tone, FIELD_TONE)):
+    alpha = _sample_alpha(config, key, seed, epoch)
+    bw = _bw_frame(raw, config.variant, alpha, hires=False)
+    for image, name in ((color, FIELD_COLOR), (bw, "the B&W frame")):
         _expect_size(image, size, key, name)
     _expect_size(ring, (2 * size[0], 2 * size[1]), key, FIELD_RING)
     layout = CompositeLayout(*size)
-    alpha = _sample_alpha(config, key, seed, epoch)
-    composite = composite_inputs(layout, ring, blended_bw(grey, tone, alpha))
+    composite = composite_inputs(layout, ring, bw)
     return ICPCanvases(key=key, alpha=alpha, composite=composite, c_color=layout.compose(ring, color), layout=layout)
 
 
@@ -920,21 +961,21 @@ def gsrp_window(
 
 def gsrp_sample(raw: Mapping[str, Any], epoch: int, *, config: GSRPDataConfig, seed: int) -> dict[str, Any]:
     """One GSRP sample: the same random window of the high-resolution B&W frame (screenstyle blend at the
-    sample's alpha draw) and of the high-resolution colour frame, as (3, h, w) tensors in [-1, 1]."""
-    meta = _meta(raw)
+    sample's alpha draw; the plain line art for the line-art variants) and of the high-resolution colour frame, as
+    (3, h, w) tensors in [-1, 1]."""
+    meta = _meta(raw, config.variant)
     key = str(raw.get("__key__") or meta["key"])
     size = tuple(meta["hires_size"])
     hr_color = _image(raw, FIELD_HR_COLOR, "RGB")
-    hr_grey = _image(raw, FIELD_HR_GREY, "L")
-    hr_tone = _image(raw, FIELD_HR_TONE, "L")
-    for image, name in ((hr_color, FIELD_HR_COLOR), (hr_grey, FIELD_HR_GREY), (hr_tone, FIELD_HR_TONE)):
-        _expect_size(image, size, key, name)
     alpha = _sample_alpha(config, key, seed, epoch)
+    hr_bw = _bw_frame(raw, config.variant, alpha, hires=True)
+    for image, name in ((hr_color, FIELD_HR_COLOR), (hr_bw, "the high-resolution B&W frame")):
+        _expect_size(image, size, key, name)
     box = gsrp_window(size, config.crop_size, seed, epoch, key)
     return {
         "key": key,
         "alpha": alpha,
-        "hr_bw": to_tensor(blended_bw(hr_grey.crop(box), hr_tone.crop(box), alpha)),
+        "hr_bw": to_tensor(hr_bw.crop(box)),
         "hr_color": to_tensor(hr_color.crop(box)),
         "crop": torch.tensor(box, dtype=torch.int64),
     }
@@ -968,9 +1009,12 @@ def _rank_stream(
     start_sample: int,
 ) -> ShardStream:
     """One rank's ShardStream of `function`'s samples: ICP and GSRP differ only in the transform and the members
-    read, so batching, shuffling, resume and caching are set from the config in one place."""
+    read, so batching, shuffling, resume and caching are set from the config in one place. A line-art variant on
+    a dataset whose manifest records an older sample format is refused here, in one line."""
+    source = _source(urls)
+    check_variant(source, config.variant)
     return ShardStream(
-        _source(urls),
+        source,
         _Transform(function, config, seed),
         fields,
         seed=seed,
@@ -995,7 +1039,14 @@ def build_icp_dataset(
     """The ICP stream of one rank: dicts with key, alpha, c_color, refs_only, frame_only (3, H, W), mask
     (1, H/f, W/f), crop box, position, epoch and bad_skipped. Use a DataLoader with ``config.batch_size``."""
     return _rank_stream(
-        urls, icp_sample, ICP_FIELDS, config, seed=seed, rank=rank, world_size=world_size, start_sample=start_sample
+        urls,
+        icp_sample,
+        icp_fields(config.variant),
+        config,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start_sample=start_sample,
     )
 
 
@@ -1011,8 +1062,22 @@ def build_gsrp_dataset(
     """The GSRP stream of one rank: dicts with hr_bw and hr_color (3, h, w) in [-1, 1], key, alpha, crop box,
     position, epoch and bad_skipped. Use a DataLoader with ``config.batch_size``."""
     return _rank_stream(
-        urls, gsrp_sample, GSRP_FIELDS, config, seed=seed, rank=rank, world_size=world_size, start_sample=start_sample
+        urls,
+        gsrp_sample,
+        gsrp_fields(config.variant),
+        config,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        start_sample=start_sample,
     )
+
+
+def check_variant(source: ShardSource, variant: str | float) -> None:
+    """Refuse a line-art variant, in one line, on shards whose manifest records a format without line art (bare
+    shard URLs record none: their samples are checked one by one as they are read)."""
+    if variant in LINE_ART_MEMBERS and source.sample_format_version is not None:
+        require_line_art(source.sample_format_version, str(source.manifest), str(variant))
 
 
 def bw_variant_arg(text: str) -> str | float:

@@ -113,7 +113,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--bw_variant",
         type=bw_variant_arg,
         default="screenstyle",
-        help="B&W input: screenstyle, grey, tone or a weight",
+        help="B&W input: screenstyle, grey, tone or a weight; sketch or shading (the plain line art for both)",
     )
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader workers per process")
     add_safety_arguments(data)

@@ -18,10 +18,14 @@ Both the guider and the transformer get the resolution/aspect micro-conditions o
 replaced by the cached empty prompt, so classifier-free guidance (4.5 in the release) contrasts something; the
 release does not say whether or how often it dropped the prompt, so 0.1 is our choice, not theirs.
 
-Data: the same ICP shards and stream as train_icp (`training.data.build_icp_dataset`; `--bw_variant` picks the
-B&W input the shards hold, line-art variants come with a later shard format). Every random draw of a step (VAE
-posterior samples, noise, timesteps, prompt drops) comes from a generator seeded by (seed, step, micro-batch,
-rank), so a run resumed from `checkpoint-N` ends bitwise equal to an uninterrupted one.
+Data: the same ICP shards and stream as train_icp (`training.data.build_icp_dataset`). `--bw_variant` picks the B&W
+input: ``sketch`` (default) or ``shading``, the line art the screentone stage stored in the samples (sample format
+3; older shards are refused, naming the rebuild), made as colorize makes it; the tone variants of train_icp are
+accepted too. Train one run per style, as the release ships one folder per style (its GSRP trains with
+`training.train_gsrp --bw_variant sketch`: the plain line art at the GSRP size, its guide for both).
+
+Every random draw of a step (VAE posterior samples, noise, timesteps, prompt drops) comes from a generator seeded by
+(seed, step, micro-batch, rank), so a run resumed from `checkpoint-N` ends bitwise equal to an uninterrupted one.
 
 Output: ``checkpoint-<step>/`` (accelerate state with lineart/ in the released style-folder layout, optimizer,
 scheduler, train_state.json), ``logs/`` (TensorBoard: loss, lr, timestep histogram, validation colourisations),
@@ -46,7 +50,14 @@ import torch.nn.functional as F
 from pipelines.core.cli import JobArgumentParser, parse_size, positive_int, run_job
 from pipelines.core.storage import atomic_write_json, read_json
 from training.checkpoints import TRAIN_STATE, resolve_resume, save_checkpoint
-from training.data import ICPDataConfig, build_icp_dataset, bw_variant_arg, frame_size, resolve_shard_source
+from training.data import (
+    ICPDataConfig,
+    build_icp_dataset,
+    bw_variant_arg,
+    check_variant,
+    frame_size,
+    resolve_shard_source,
+)
 from training.inputs import pair_arg
 from training.reproducibility import step_generator, trainable_digest
 from training.validation import validation_canvases, validation_inputs
@@ -72,7 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # data
     parser.add_argument("--data", nargs="+", required=True, help="data root, shards manifest, or shard URLs/patterns")
     parser.add_argument("--resolution", type=parse_size, default=None, help="training WxH (default: the shards' size)")
-    parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
+    parser.add_argument(
+        "--bw_variant",
+        type=bw_variant_arg,
+        default="sketch",
+        help="B&W input: sketch or shading (the line-art styles), or screenstyle|grey|tone|weight",
+    )
     parser.add_argument(
         "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
     )
@@ -338,6 +354,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     source = resolve_shard_source(args.data if len(args.data) > 1 else args.data[0])
+    check_variant(source, args.bw_variant)  # before the models load
     models = load_models(args)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -424,7 +441,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         accelerator.init_trackers(PROG, config=config)
     validation = []
     if accelerator.is_main_process and args.validation_steps > 0:
-        validation = validation_inputs(source, args.num_validation_samples, args.data)
+        validation = validation_inputs(source, args.num_validation_samples, args.data, args.bw_variant)
 
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc=PROG, disable=not accelerator.is_local_main_process
@@ -503,6 +520,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "timestep_mu": args.timestep_mu,
             "prompt_drop_probability": args.prompt_drop_probability,
             "init_from": args.init_from,
+            "bw_variant": args.bw_variant,
         }
         save_lineart_export(output_dir / EXPORT_FOLDER, inner.guider, inner.transformer, meta)
         summary = {

@@ -14,8 +14,11 @@ from training.data import ShardSource, first_samples, resolve_shard_source, trai
 VALIDATION_ALPHA = 0.5  # the released preprocessing's 50/50 grey/tone blend
 
 
-def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> list[Any]:
-    """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run)."""
+def validation_inputs(
+    source: ShardSource, count: int, data: Sequence[str], variant: str | float = VALIDATION_ALPHA
+) -> list[Any]:
+    """Fixed samples to colourise: the val split's first ones, else the first train samples (same every run), with
+    the B&W frame of `variant` (default: the 50/50 blend; a line-art trainer passes its style)."""
     from pipelines.core.sample_inputs import build_training_inputs, decode_sample
 
     try:
@@ -25,7 +28,7 @@ def validation_inputs(source: ShardSource, count: int, data: Sequence[str]) -> l
     inputs = []
     for raw in first_samples(urls, count):
         members = {k: v for k, v in raw.items() if not k.startswith("__") or k == "__key__"}
-        inputs.append(build_training_inputs(decode_sample(members), VALIDATION_ALPHA))
+        inputs.append(build_training_inputs(decode_sample(members), variant))
     return inputs
 
 

@@ -16,28 +16,33 @@ from pipelines.core.storage import read_json
 EXTENSIONS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 BENCHMARK_FORMAT_VERSION = 2
 GREY_STYLE = "grey"
+LINE_ART_STYLES = ("sketch", "shading")  # the line-art family's inputs; their renderer id is the line extractor's
 FOLDER_LAYOUT = {
     "index": "<chapter_id>/index.json",
     "refs": "<chapter_id>/refs/<page_id>.<ext> (colour, as stored)",
     "gt": "<chapter_id>/gt/<page_id>.jpg (colour ground truth at the benchmark size)",
     "bw_grey": "<chapter_id>/bw_grey/<page_id>.png (greyscale input)",
     "bw_<style>": "<chapter_id>/bw_<style>/<page_id>.png (screentone input; <style> = renderer id prefix)",
+    "bw_sketch": "<chapter_id>/bw_sketch/<page_id>.png (line art of the greyscale input)",
+    "bw_shading": "<chapter_id>/bw_shading/<page_id>.png (that line art shaded by the greyscale input)",
 }
 
 
 def style_of(renderer_id: str) -> str:
     """The style name of a screentone renderer: the prefix of its id (``halftone``, ``screenstyle``)."""
     style = renderer_id.split("-", 1)[0]
-    if not style or style == GREY_STYLE:
+    if not style or style in (GREY_STYLE, *LINE_ART_STYLES):
         raise ValueError(f"renderer id {renderer_id!r} does not name a screentone style")
     return style
 
 
-def benchmark_styles(renderer_id: str) -> dict[str, dict[str, str]]:
-    """style -> {folder, renderer_id}: greyscale plus the screentone style of `renderer_id`."""
+def benchmark_styles(renderer_id: str, line_extractor_id: str) -> dict[str, dict[str, str]]:
+    """style -> {folder, renderer_id}: greyscale, the screentone style of `renderer_id` and the line-art styles
+    (made by the line extractor `line_extractor_id`)."""
     return {
         GREY_STYLE: {"folder": f"bw_{GREY_STYLE}", "renderer_id": GREY_STYLE},
         style_of(renderer_id): {"folder": f"bw_{style_of(renderer_id)}", "renderer_id": renderer_id},
+        **{style: {"folder": f"bw_{style}", "renderer_id": line_extractor_id} for style in LINE_ART_STYLES},
     }
 
 

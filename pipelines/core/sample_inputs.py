@@ -24,16 +24,23 @@ from pipelines.core.samples import (
     FIELD_GREY,
     FIELD_HR_COLOR,
     FIELD_HR_GREY,
+    FIELD_HR_SKETCH,
     FIELD_HR_TONE,
     FIELD_META,
     FIELD_RING,
+    FIELD_SHADING,
+    FIELD_SKETCH,
     FIELD_TONE,
-    FIELDS,
+    LINE_ART_FIELDS,
     check_sample_format_version,
+    fields_of_version,
+    require_line_art,
 )
 
 VARIANTS = ("tone", "grey")
 SCREENSTYLE = "screenstyle"  # the random grey/tone interpolation, drawn per (seed, epoch, sample)
+# the line-art family's B&W frames: the sample's member of that name; GSRP's guide is the plain line art for both
+LINE_ART_MEMBERS = {"sketch": FIELD_SKETCH, "shading": FIELD_SHADING}
 
 
 @dataclass
@@ -47,6 +54,9 @@ class DecodedSample:
     hr_grey: Image.Image
     hr_tone: Image.Image
     meta: dict[str, Any]
+    sketch: Image.Image | None = None  # L, W x H; the line-art members, from sample format 3 (None before)
+    shading: Image.Image | None = None
+    hr_sketch: Image.Image | None = None  # L, GSRP size
 
     @property
     def layout(self) -> CompositeLayout:
@@ -82,11 +92,18 @@ def as_meta(value: Any) -> dict[str, Any]:
 def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
     """Decode a sample as any of the three readers returns it (raw bytes, streams or PIL images), and check it."""
     fields = {_normalise_field(k): v for k, v in sample.items()}
-    missing = [name for name in FIELDS if name not in fields]
-    if missing:
-        raise KeyError(f"sample {fields.get('__key__')!r} lacks fields {missing}; a sample has {list(FIELDS)}")
+    if FIELD_META not in fields:
+        raise KeyError(f"sample {fields.get('__key__')!r} has no {FIELD_META!r} member")
     meta = as_meta(fields[FIELD_META])
-    check_sample_format_version(meta.get("sample_format_version"), f"sample {fields.get('__key__')!r}")
+    version = check_sample_format_version(meta.get("sample_format_version"), f"sample {fields.get('__key__')!r}")
+    expected_fields = fields_of_version(version)
+    missing = [name for name in expected_fields if name not in fields]
+    if missing:
+        raise KeyError(
+            f"sample {fields.get('__key__')!r} lacks fields {missing}; a sample of format {version} has "
+            f"{list(expected_fields)}"
+        )
+    line_art = {name: as_image(fields[name], name, "L") if name in fields else None for name in LINE_ART_FIELDS}
     decoded = DecodedSample(
         key=str(fields.get("__key__", meta.get("key"))),
         color=as_image(fields[FIELD_COLOR], FIELD_COLOR, "RGB"),
@@ -97,6 +114,9 @@ def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
         hr_grey=as_image(fields[FIELD_HR_GREY], FIELD_HR_GREY, "L"),
         hr_tone=as_image(fields[FIELD_HR_TONE], FIELD_HR_TONE, "L"),
         meta=meta,
+        sketch=line_art[FIELD_SKETCH],
+        shading=line_art[FIELD_SHADING],
+        hr_sketch=line_art[FIELD_HR_SKETCH],
     )
     size, hr = tuple(meta["size"]), tuple(meta["hires_size"])
     expected = {
@@ -107,8 +127,11 @@ def decode_sample(sample: Mapping[str, Any]) -> DecodedSample:
         FIELD_HR_COLOR: (decoded.hr_color, hr),
         FIELD_HR_GREY: (decoded.hr_grey, hr),
         FIELD_HR_TONE: (decoded.hr_tone, hr),
+        FIELD_SKETCH: (decoded.sketch, size),
+        FIELD_SHADING: (decoded.shading, size),
+        FIELD_HR_SKETCH: (decoded.hr_sketch, hr),
     }
-    wrong = {name: image.size for name, (image, want) in expected.items() if image.size != want}
+    wrong = {name: image.size for name, (image, want) in expected.items() if image is not None and image.size != want}
     if wrong:
         raise ValueError(f"sample {decoded.key!r}: fields with sizes that disagree with its metadata: {wrong}")
     return decoded
@@ -157,16 +180,18 @@ def variant_alpha(
     """The tone weight of a B&W variant.
 
     "screenstyle" -> the project's one random draw (`screentone.augment.sample_alpha` of seed, epoch and the
-    sample key: the paper's random interpolation); "tone" -> 1; "grey" -> 0; a number in [0, 1] -> itself.
+    sample key: the paper's random interpolation); "tone" -> 1; "grey" -> 0; a number in [0, 1] -> itself; the
+    line-art variants ("sketch", "shading") hold no tone: 0.
     """
     if isinstance(variant, str):
         if variant == SCREENSTYLE:
             from screentone.augment import sample_alpha
 
             return sample_alpha(seed, epoch, key, *alpha_range)
-        if variant not in VARIANTS:
+        if variant not in (*VARIANTS, *LINE_ART_MEMBERS):
             raise ValueError(
-                f"unknown B&W variant {variant!r}; use {SCREENSTYLE!r}, one of {VARIANTS} or a blend weight in [0, 1]"
+                f"unknown B&W variant {variant!r}; use {SCREENSTYLE!r}, one of {(*VARIANTS, *LINE_ART_MEMBERS)} or "
+                "a blend weight in [0, 1]"
             )
         return 1.0 if variant == "tone" else 0.0
     alpha = float(variant)
@@ -200,11 +225,17 @@ def build_training_inputs(
 
     The default B&W frame is the screenstyle blend at the project's one alpha draw for (seed, epoch, sample key);
     "tone", "grey" or a fixed weight select the other variants. GSRP's high-resolution B&W frame uses the same alpha.
+    "sketch" or "shading" (format-3 samples) take that line-art member, and GSRP the plain line art.
     """
     decoded = sample if isinstance(sample, DecodedSample) else decode_sample(sample)
     alpha = variant_alpha(variant, decoded.key, seed=seed, epoch=epoch, alpha_range=alpha_range)
     layout = decoded.layout
-    bw = blended_bw(decoded.grey, decoded.tone, alpha)
+    if variant in LINE_ART_MEMBERS:
+        require_line_art(decoded.meta.get("sample_format_version"), f"sample {decoded.key!r}", str(variant))
+        bw = (decoded.sketch if variant == "sketch" else decoded.shading).convert("RGB")
+        hr_bw = decoded.hr_sketch.convert("RGB")
+    else:
+        bw, hr_bw = blended_bw(decoded.grey, decoded.tone, alpha), blended_bw(decoded.hr_grey, decoded.hr_tone, alpha)
     canvases = composite_inputs(layout, decoded.ring, bw)
     return TrainingInputs(
         alpha=alpha,
@@ -215,6 +246,6 @@ def build_training_inputs(
         mask=canvases.mask,
         refs_only=canvases.refs_only,
         frame_only=canvases.frame_only,
-        hr_bw=blended_bw(decoded.hr_grey, decoded.hr_tone, alpha),
+        hr_bw=hr_bw,
         hr_color=decoded.hr_color,
     )

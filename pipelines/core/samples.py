@@ -15,8 +15,12 @@ member             format     content
 ``hr_color.jpg``   JPEG q95   the colour frame at the GSRP size (default 1.5 W x 1.5 H)
 ``hr_grey.png``    PNG, L     its greyscale
 ``hr_tone.png``    PNG, L     its screentone rendered at the GSRP size
+``sketch.png``     PNG, L     the line-art family's "sketch" frame at W x H: the line art of the frame fitted at
+                              the GSRP size (bicubic), resized to W x H (bicubic), as the released app makes it
+``shading.png``    PNG, L     its "shading" frame: that line art shaded by the grey (`screentone.shading`), resized
+``hr_sketch.png``  PNG, L     the plain line art at the GSRP size: GSRP's guide for both line-art styles
 ``json``           JSON       frame id, series, chapter, sizes, the retrieval rows used, the encoder
-                              fingerprint, the renderer id, the code version that made it
+                              fingerprint, the renderer and line extractor ids, the code version that made it
 =================  =========  ==========================================================================
 
 Why these encodings: screentone is a pattern of dots a few pixels wide; JPEG's 8x8 DCT rings around them, and
@@ -28,9 +32,10 @@ model learns) costs about half of PNG's bytes.
 Bytes per sample, measured by `bench/bench_shards.py` on the generated "small" corpus (pages 576 x 816) at
 512 x 800 (GSRP 768 x 1200), mean per member: color.jpg 146 kB, grey.png 88 kB, tone.png 27 kB, ring.jpg
 614 kB, hr_color.jpg 252 kB, hr_grey.png 172 kB, hr_tone.png 51 kB, json 1.6 kB: 1.35 MB per sample, about
-740 samples per 1 GB shard. Alternatives: the tone as JPEG q95 would take 296 kB (and change pixels by up to 11
-grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with paper texture
-and gradients compress worse, so expect roughly 1.5-2x these figures (the shard planner measures them).
+740 samples per 1 GB shard. The line art of format 3 adds about 108 kB (sketch.png 41 kB, shading.png 47 kB,
+hr_sketch.png 20 kB; `bench/bench_line_art.py`). Alternatives: the tone as JPEG q95 would take 296 kB (and change
+pixels by up to 11 grey levels), the colour frame as PNG 286 kB. Generated pages are flat-coloured: real scans with
+paper texture and gradients compress worse, so expect roughly 1.5-2x these figures (the shard planner measures them).
 
 The fitted frame, references and screentone all use `pipelines.core.geometry` (paper's fit: resize, centre-crop
 first when the aspect is more than 15% off), so training, retrieval and inference agree on every pixel.
@@ -38,8 +43,14 @@ first when the aspect is more than 15% off), so training, retrieval and inferenc
 Sample format versions (`SAMPLE_FORMAT_VERSION`, in every sample's metadata, each split's manifest and
 shards/manifest.json): 1 built the ring with Lanczos (references fitted and patches resized); 2 builds it the
 released app's way (references fitted with its `process_image` rule and PIL bicubic, patches resized bicubic), so
-our models see the ring the released ones saw. Frames, greyscale and screentone are the same in both. Readers accept
-`READABLE_SAMPLE_FORMAT_VERSIONS` and refuse others (`check_sample_format_version`).
+our models see the ring the released ones saw. Frames, greyscale and screentone are the same in both. 3 adds the
+line-art members (sketch.png, shading.png, hr_sketch.png, made by the screentone stage with
+`pipelines.core.page_styles.pages_line_art`, the code colorize styles a page with); the other members are
+version 2's. Readers accept `READABLE_SAMPLE_FORMAT_VERSIONS` and refuse others (`check_sample_format_version`);
+the line-art styles need version 3 (`require_line_art`).
+
+The line art is not optional: every sample of a dataset has the same members (see above), and it costs little
+beside the rest of a sample (measured in docs/data-engineers.md), so every format-3 dataset trains both families.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -69,6 +80,9 @@ from pipelines.core.geometry import (
 from pipelines.core.pagestore import decode_page, encode_page
 from pipelines.core.schemas import QUERY_PATCHES, REF_PATCHES
 
+if TYPE_CHECKING:
+    from pipelines.core.page_styles import LineArtFrames
+
 FIELD_COLOR = "color.jpg"
 FIELD_GREY = "grey.png"
 FIELD_TONE = "tone.png"
@@ -76,7 +90,11 @@ FIELD_RING = "ring.jpg"
 FIELD_HR_COLOR = "hr_color.jpg"
 FIELD_HR_GREY = "hr_grey.png"
 FIELD_HR_TONE = "hr_tone.png"
+FIELD_SKETCH = "sketch.png"
+FIELD_SHADING = "shading.png"
+FIELD_HR_SKETCH = "hr_sketch.png"
 FIELD_META = "json"
+LINE_ART_FIELDS: tuple[str, ...] = (FIELD_SKETCH, FIELD_SHADING, FIELD_HR_SKETCH)  # from format version 3
 FIELDS: tuple[str, ...] = (
     FIELD_COLOR,
     FIELD_GREY,
@@ -85,11 +103,23 @@ FIELDS: tuple[str, ...] = (
     FIELD_HR_COLOR,
     FIELD_HR_GREY,
     FIELD_HR_TONE,
+    *LINE_ART_FIELDS,
     FIELD_META,
 )
 
-SAMPLE_FORMAT_VERSION = 2  # the one constant naming the sample bytes: the manifests record it, readers check it
-READABLE_SAMPLE_FORMAT_VERSIONS = (1, 2)  # the same fields and sizes; version 2 resamples the ring bicubic
+SAMPLE_FORMAT_VERSION = 3  # the one constant naming the sample bytes: the manifests record it, readers check it
+# 1 and 2: the same members and sizes (2 resamples the ring bicubic); 3 adds LINE_ART_FIELDS
+READABLE_SAMPLE_FORMAT_VERSIONS = (1, 2, 3)
+LINE_ART_FORMAT_VERSION = 3  # the first version whose samples hold the line art
+# the screentone stage's variants (rows of its table) that become the line-art members, and their sizes
+LINE_ART_VARIANTS = {FIELD_SKETCH: "sketch", FIELD_SHADING: "shading", FIELD_HR_SKETCH: "hires_sketch"}
+
+
+def encode_line_art(frames: LineArtFrames, png_level: int = 6) -> dict[str, bytes]:
+    """A page's line art (`pipelines.core.page_styles.pages_line_art`) as the screentone stage stores it: PNG per
+    variant of `LINE_ART_VARIANTS`."""
+    images = {FIELD_SKETCH: frames.sketch, FIELD_SHADING: frames.shading, FIELD_HR_SKETCH: frames.hires_lines}
+    return {LINE_ART_VARIANTS[name]: encode_page(image, "png", png_level=png_level) for name, image in images.items()}
 
 
 class SampleFormatError(PreconditionError):
@@ -120,6 +150,21 @@ def check_sample_format_version(version: Any, where: str) -> int:
     return 1 if version is None else int(version)
 
 
+def fields_of_version(version: int) -> tuple[str, ...]:
+    """The members a sample of a readable format `version` has."""
+    return FIELDS if version >= LINE_ART_FORMAT_VERSION else tuple(f for f in FIELDS if f not in LINE_ART_FIELDS)
+
+
+def require_line_art(version: Any, where: str, style: str) -> None:
+    """Refuse, in one line naming the rebuild, a line-art `style` on samples older than format 3 (no line art)."""
+    found = 1 if version is None else int(version)
+    if found < LINE_ART_FORMAT_VERSION:
+        raise SampleFormatError(
+            f"{where} holds samples of sample format version {found}, without line art; the {style!r} style needs "
+            f"version {LINE_ART_FORMAT_VERSION}: rewrite the shards with python -m jobs.pipeline ... --rebuild"
+        )
+
+
 class SampleError(ValueError):
     """A frame that cannot become a sample; the message names the frame and the cause."""
 
@@ -136,6 +181,7 @@ class SampleConfig:
     encoder_id: str = ""  # the retrieval encoder's id, names its embeddings folder
     encoder_fingerprint: Mapping[str, Any] = field(default_factory=dict)
     renderer_id: str = ""
+    line_extractor_id: str = ""  # what made the line-art members (`pipelines.core.page_styles.line_extractor_id`)
     code_version: Mapping[str, Any] = field(default_factory=dict)
     inputs: Mapping[str, Any] = field(default_factory=dict)  # upstream settings (retrieval run, screentone seed)
     fit_resample: str = RESAMPLE_LANCZOS  # how frames are fitted (their tone was rendered from the same fit)
@@ -175,6 +221,7 @@ class SampleConfig:
             "encoder_id": self.encoder_id,
             "encoder_fingerprint": dict(self.encoder_fingerprint),
             "renderer_id": self.renderer_id,
+            "line_extractor_id": self.line_extractor_id,
             "code_version": dict(self.code_version),
             "inputs": dict(self.inputs),
             **fit,
@@ -242,7 +289,7 @@ class ChapterPages:
 
 
 def _checked_tone(data: bytes | None, frame_id: str, variant: str, size: tuple[int, int]) -> bytes:
-    """The stored screentone PNG, validated (present, decodable, mode L, rendered at exactly `size`)."""
+    """A stored screentone-stage PNG (tone or line art), validated (present, decodable, mode L, exactly `size`)."""
     if data is None:
         raise SampleError(f"frame {frame_id}: no {variant!r} screentone rendering (run the screentone job)")
     try:
@@ -314,8 +361,11 @@ def build_sample(
     tone: bytes | None,
     hires_tone: bytes | None,
     config: SampleConfig,
+    line_art: Mapping[str, bytes | None],
 ) -> dict[str, bytes | str]:
-    """The members of one frame's sample (plus ``__key__``); raises `SampleError` naming what is missing."""
+    """The members of one frame's sample (plus ``__key__``); raises `SampleError` naming what is missing.
+
+    `line_art`: the screentone stage's PNGs by variant (`LINE_ART_VARIANTS`: sketch, shading, hires_sketch)."""
     key = frame.frame_id
     if not key or "." in key or "/" in key:
         raise SampleError(f"frame id {key!r} cannot be a WebDataset key (it must be non-empty, without '.' or '/')")
@@ -324,6 +374,15 @@ def build_sample(
     grid = retrieval_grid(frame.frame_id, retrievals)
     tone = _checked_tone(tone, frame.frame_id, "train", config.size)
     hires_tone = _checked_tone(hires_tone, frame.frame_id, "hires", config.hires_size)
+    line_art_members = {
+        name: _checked_tone(
+            line_art.get(variant),
+            frame.frame_id,
+            variant,
+            config.hires_size if name == FIELD_HR_SKETCH else config.size,
+        )
+        for name, variant in LINE_ART_VARIANTS.items()
+    }
     page = pages.page(frame.frame_id)
     color = pages.fitted(frame.frame_id, width, height, resample=config.fit_resample)
     hr_color = pages.fitted(frame.frame_id, hr_width, hr_height, keep=False, resample=config.fit_resample)
@@ -345,6 +404,7 @@ def build_sample(
         "encoder_id": config.encoder_id,
         "encoder_fingerprint": dict(config.encoder_fingerprint),
         "renderer_id": config.renderer_id,
+        "line_extractor_id": config.line_extractor_id,
         "code_version": dict(config.code_version),
         "sample_format_version": SAMPLE_FORMAT_VERSION,
     }
@@ -358,6 +418,7 @@ def build_sample(
         FIELD_HR_COLOR: encode_page(hr_color, "jpeg", config.jpeg_quality),
         FIELD_HR_GREY: encode_page(hr_color.convert("L"), "png", png_level=level),
         FIELD_HR_TONE: hires_tone,
+        **line_art_members,
         FIELD_META: json.dumps(meta, sort_keys=True, separators=(",", ":")).encode(),
     }
 

@@ -147,10 +147,11 @@ SCREENTONE = pa.schema(
     [
         pa.field("frame_id", pa.string(), nullable=False),
         pa.field("chapter_id", pa.string(), nullable=False),
-        pa.field("width", pa.int32()),  # the resolution it was rendered at (never resampled afterwards)
+        pa.field("width", pa.int32()),  # its size (tone is rendered at it, never resampled afterwards)
         pa.field("height", pa.int32()),
-        pa.field("variant", pa.string(), nullable=False),  # "train" (W x H) | "hires" (GSRP size)
-        pa.field("renderer", pa.string(), nullable=False),
+        # tone: "train" (W x H) | "hires" (GSRP size); line art: "sketch" | "shading" (W x H) | "hires_sketch"
+        pa.field("variant", pa.string(), nullable=False),
+        pa.field("renderer", pa.string(), nullable=False),  # the renderer id; the line extractor's for line art
         pa.field("image", pa.binary()),  # lossless PNG, mode L
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),

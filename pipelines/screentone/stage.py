@@ -1,24 +1,34 @@
-"""The screentone stage: render every frame's screentone at the sizes the shards use, once, beside the page store.
+"""The screentone stage: render every frame's screentone and line art at the sizes the shards use, once, beside
+the page store.
 
 Units are kept chapters. Each frame is fitted to the training size W x H and to the GSRP size, and the colour
 page is rendered at exactly that size (tone is never resampled afterwards). Frames go to the renderer in
 batches of ``batch_size`` pages of one size, each with its own seed, so a batch renders what single pages
-render (exactly on CPU in float32). A frame that fails becomes an error row; a chapter is done when its marker
-exists, so reruns only render what is missing.
+render (exactly on CPU in float32).
+
+Beside the tone, each frame gets the line-art family's inputs, made as colorize makes them
+(`pipelines.core.page_styles.pages_line_art`): ``sketch`` and ``shading`` at W x H and ``hires_sketch`` (the
+plain line art, GSRP's guide) at the GSRP size. The extractor is the release's network when
+``line_extractor_weights`` (an erika.pth) is given, batched on the worker's device, else weight-free XDoG; its id
+(`pipelines.core.page_styles.line_extractor_id`) fills those rows' ``renderer`` column. A frame that fails becomes
+error rows; a chapter is done when its marker exists and records the same options (renderer and extractor ids
+included), so reruns only render what is missing.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout, fit_image, hires_size
 from pipelines.core.layout import DataLayout, subfolders
+from pipelines.core.page_styles import line_extractor_id, pages_line_art
 from pipelines.core.pagestore import (
     decode_page,
     encode_page,
@@ -26,6 +36,7 @@ from pipelines.core.pagestore import (
     kept_chapter_ids,
     read_chapter_pages,
 )
+from pipelines.core.samples import LINE_ART_VARIANTS, encode_line_art
 from pipelines.core.schemas import SCREENTONE, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.core.seeding import derive_seed
 from pipelines.core.storage import (
@@ -38,9 +49,13 @@ from pipelines.core.storage import (
 )
 from pipelines.runtime.distributor import Unit, run_units
 
+if TYPE_CHECKING:
+    from model.line_extractor import LineExtractor
+
 STAGE = "screentone"
 VARIANT_TRAIN = "train"
 VARIANT_HIRES = "hires"
+VARIANT_SKETCH, VARIANT_SHADING, VARIANT_HIRES_SKETCH = LINE_ART_VARIANTS.values()
 
 
 @dataclass(frozen=True)
@@ -53,13 +68,25 @@ class ScreentoneOptions:
     device: str | None = None
     batch_size: int = 8  # pages of one size per renderer call; does not change the output on CPU
     fit_resample: str = RESAMPLE_LANCZOS  # the fit the tone is rendered from (the shards' frames use the same)
+    line_extractor_weights: str | None = None  # erika.pth of the line-art variants (None: weight-free XDoG)
 
     @property
     def sizes(self) -> dict[str, tuple[int, int]]:
+        """The tone variants and their sizes."""
         return {
             VARIANT_TRAIN: (self.width, self.height),
             VARIANT_HIRES: hires_size(self.width, self.height, self.hires_scale),
         }
+
+    @property
+    def line_art_sizes(self) -> dict[str, tuple[int, int]]:
+        """The line-art variants and their sizes."""
+        train, hires = self.sizes.values()
+        return {VARIANT_SKETCH: train, VARIANT_SHADING: train, VARIANT_HIRES_SKETCH: hires}
+
+    @property
+    def all_sizes(self) -> dict[str, tuple[int, int]]:
+        return {**self.sizes, **self.line_art_sizes}
 
 
 def frame_seed(seed: int, frame_id: str, variant: str) -> int:
@@ -77,22 +104,24 @@ def render_frame(page: Image.Image, frame_id: str, options: ScreentoneOptions, r
 
 
 def render_frames(
-    pages: Mapping[str, bytes], options: ScreentoneOptions, renderer
+    pages: Mapping[str, bytes], options: ScreentoneOptions, renderer, lines: LineExtractor | None = None
 ) -> tuple[dict[str, dict[str, bytes]], dict[str, str]]:
-    """PNG tone per variant of every frame (as `render_frame` gives them), and an error per frame that failed.
+    """PNG tone per variant of every frame (as `render_frame` gives them), plus its line-art variants when `lines`
+    is given, and an error per frame that failed.
 
     Frames are taken ``options.batch_size`` at a time; per variant their fitted pages (all of one size) go to
-    ``renderer.render_batch`` together. A batch that fails is rendered again page by page, so only the broken
-    frame becomes an error.
+    ``renderer.render_batch`` together, and their line art is extracted in one call. A batch that fails is
+    rendered again page by page, so only the broken frame becomes an error.
     """
     tones: dict[str, dict[str, bytes]] = {}
     errors: dict[str, str] = {}
     frame_ids = sorted(pages)
     for start in range(0, len(frame_ids), max(1, options.batch_size)):
+        decoded: dict[str, Image.Image] = {}
         fitted: dict[str, dict[str, np.ndarray]] = {}
         for frame_id in frame_ids[start : start + options.batch_size]:
             try:
-                page = decode_page(pages[frame_id])
+                decoded[frame_id] = page = decode_page(pages[frame_id])
                 fitted[frame_id] = {
                     v: np.asarray(fit_image(page, w, h, resample=options.fit_resample))
                     for v, (w, h) in options.sizes.items()
@@ -102,7 +131,29 @@ def render_frames(
         for variant in options.sizes:
             for frame_id, tone in _render_variant(fitted, variant, options, renderer, errors).items():
                 tones.setdefault(frame_id, {})[variant] = encode_page(Image.fromarray(tone, mode="L"), "png")
+        if lines is not None:
+            for frame_id, line_art in _line_art_variants(decoded, options, lines, errors).items():
+                tones.setdefault(frame_id, {}).update(line_art)
     return {frame_id: tone for frame_id, tone in tones.items() if frame_id not in errors}, errors
+
+
+def _line_art_variants(
+    decoded: dict[str, Image.Image], options: ScreentoneOptions, lines: LineExtractor, errors: dict
+) -> dict[str, dict[str, bytes]]:
+    """PNG line-art variants of the decoded frames not in `errors`; a failed batch is redone page by page."""
+    train, hires = options.sizes.values()
+    frame_ids = [frame_id for frame_id in decoded if frame_id not in errors]
+    try:
+        made = pages_line_art([decoded[frame_id] for frame_id in frame_ids], train, hires, lines.many)
+        return {frame_id: encode_line_art(frames) for frame_id, frames in zip(frame_ids, made, strict=True)}
+    except Exception:  # noqa: BLE001 - find the broken page: extract again one page at a time
+        out: dict[str, dict[str, bytes]] = {}
+        for frame_id in frame_ids:
+            try:
+                out[frame_id] = encode_line_art(pages_line_art([decoded[frame_id]], train, hires, lines.many)[0])
+            except Exception as exc:  # noqa: BLE001 - one bad frame is a row, not a failed chapter
+                errors[frame_id] = f"line art: {type(exc).__name__}: {exc}"
+        return out
 
 
 def _render_variant(
@@ -124,7 +175,7 @@ def _render_variant(
 
 
 def _chapter_worker(unit: Unit) -> dict[str, Any]:
-    data, options, renderer_id = unit.payload
+    data, options, renderer_id, lines_id = unit.payload
     layout = DataLayout.at(data)
     options = ScreentoneOptions(**options)
     from screentone.render import renderer_for  # torch only where a renderer runs
@@ -132,25 +183,27 @@ def _chapter_worker(unit: Unit) -> dict[str, Any]:
     renderer = renderer_for(options.renderer, options.device)
     if renderer.id != renderer_id:
         raise RuntimeError(f"worker built renderer {renderer.id}, the driver planned {renderer_id}: weights differ")
-    tones, errors = render_frames(read_chapter_pages(layout, unit.key), options, renderer)
+    lines = _line_extractor(options.line_extractor_weights, options.device)
+    tones, errors = render_frames(read_chapter_pages(layout, unit.key), options, renderer, lines)
     rows: list[dict[str, Any]] = []
+    made_by = {variant: lines_id if variant in options.line_art_sizes else renderer_id for variant in options.all_sizes}
     for frame_id in sorted([*tones, *errors]):
-        base = {"frame_id": frame_id, "chapter_id": unit.key, "renderer": renderer_id}
+        base = {"frame_id": frame_id, "chapter_id": unit.key}
         if frame_id in errors:
             error = f"frame {frame_id} of chapter {unit.key}: {errors[frame_id]}"
             failed = {"width": None, "height": None, "image": None, "status": STATUS_ERROR, "error": error}
-            rows += [{**base, "variant": variant, **failed} for variant in options.sizes]
+            rows += [{**base, "renderer": made_by[v], "variant": v, **failed} for v in options.all_sizes]
             continue
         for variant, png in tones[frame_id].items():
-            width, height = options.sizes[variant]
+            width, height = options.all_sizes[variant]
             rows.append(
-                {**base, "variant": variant, "width": width, "height": height, "image": png}
-                | {"status": STATUS_OK, "error": None}
+                {**base, "renderer": made_by[variant], "variant": variant, "width": width, "height": height}
+                | {"image": png, "status": STATUS_OK, "error": None}
             )
     output = _chapter_output(layout, renderer_id, options, unit.key)
     write_parquet(table_from_rows(rows, SCREENTONE), output, SCREENTONE)
     stats = {
-        "options": _done_options(options, renderer_id),
+        "options": _done_options(options, renderer_id, lines_id),
         "batch_size": options.batch_size,
         "frames": len(tones) + len(errors),
         "errors": len(errors),
@@ -168,15 +221,27 @@ def recorded_options(options: ScreentoneOptions) -> dict[str, Any]:
     return recorded
 
 
-def _done_options(options: ScreentoneOptions, renderer_id: str) -> dict[str, Any]:
-    """What a chapter's output depends on: the options without the batch size, plus the renderer id."""
-    return {k: v for k, v in recorded_options(options).items() if k != "batch_size"} | {"renderer_id": renderer_id}
+@functools.cache
+def _line_extractor(weights: str | None, device: str | None) -> LineExtractor:
+    """One extractor per worker process (the network's weights load once, as the renderers' do)."""
+    from model.line_extractor import LineExtractor
+
+    return LineExtractor(weights, device)
 
 
-def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str) -> bool:
-    """Done = marker present and written with the same options (another seed or scale renders again)."""
+def _done_options(options: ScreentoneOptions, renderer_id: str, lines_id: str) -> dict[str, Any]:
+    """What a chapter's output depends on: the options without the batch size and the weights' path, plus the
+    renderer and line extractor ids (the extractor's contents, not where its file lies)."""
+    kept = {k: v for k, v in recorded_options(options).items() if k not in ("batch_size", "line_extractor_weights")}
+    return kept | {"renderer_id": renderer_id, "line_extractor_id": lines_id}
+
+
+def chapter_done(
+    layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str, lines_id: str
+) -> bool:
+    """Done = marker present and written with the same options (another seed, scale or extractor renders again)."""
     output = _chapter_output(layout, renderer_id, options, chapter_id)
-    return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id)
+    return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id, lines_id)
 
 
 def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
@@ -209,17 +274,18 @@ def run_screentone(
     from screentone.render import renderer_for  # torch only where a renderer runs
 
     renderer = renderer_for(options.renderer, options.device)
-    neural = not renderer.id.startswith("halftone")
+    lines_id = line_extractor_id(options.line_extractor_weights)
+    neural = not renderer.id.startswith("halftone") or options.line_extractor_weights is not None
     num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
     purged = purge_taken_down(layout)
     chapter_ids = kept_chapter_ids(layout)
-    payload = (str(layout.root), asdict(options), renderer.id)
+    payload = (str(layout.root), asdict(options), renderer.id, lines_id)
     units = [Unit(key=chapter_id, payload=payload) for chapter_id in chapter_ids]
     started = time.perf_counter()
     report = run_units(
         units,
         _chapter_worker,
-        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key),
+        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key, lines_id),
         desc="screentone chapters",
         units_per_task=chapters_per_task,
         num_gpus=num_gpus,
@@ -231,8 +297,9 @@ def run_screentone(
         "stage": STAGE,
         "complete": not report.failed,
         "renderer_id": renderer.id,
+        "line_extractor_id": lines_id,
         "options": recorded_options(options),
-        "sizes": {variant: list(size) for variant, size in options.sizes.items()},
+        "sizes": {variant: list(size) for variant, size in options.all_sizes.items()},
         "folder": str(layout.screentone(renderer.id, options.width, options.height).relative_to(layout.root)),
         "chapters": len(units),
         "chapters_rendered": len(report.results),

@@ -1,7 +1,8 @@
 """A ColorFlow-Bench-shaped benchmark from held-out series: a folder to hand to inference and evaluation jobs.
 
 ColorFlow-Bench (unreleased) holds 30 chapters not in training, each with 40 colour reference pages and 50
-black-and-white pages in two styles (screenstyle and greyscale) with their colour ground truth. This builder
+black-and-white pages in two styles (screenstyle and greyscale) with their colour ground truth; we add the
+line-art family's two styles (sketch and shading) beside them. This builder
 makes the same shape from the corpus: chapters are chosen (seeded) among the kept chapters of benchmark series
 (held out of training and validation by `pipelines.shards.splits`) with at least `refs + bw` stored colour pages; in
 each, a seeded draw picks `refs` reference pages and `bw` pages to turn black and white. Counts are options, so
@@ -16,6 +17,8 @@ Folder layout (``OUT/benchmark/``, format version 2)::
     <chapter_id>/bw_grey/<page_id>.png       its greyscale (ITU-R 601 luma), lossless
     <chapter_id>/bw_<style>/<page_id>.png    its screentone at the benchmark size, lossless; <style> names the
                                              renderer (``halftone`` or ``screenstyle``, the prefix of its id)
+    <chapter_id>/bw_sketch/<page_id>.png     the line art of its greyscale (the screentone stage's extractor)
+    <chapter_id>/bw_shading/<page_id>.png    that line art shaded by the greyscale (`screentone.shading`)
     <chapter_id>.done.json             the chapter's completion marker
 
 B&W folders are named for what rendered them, and ``index.json`` lists each style with its folder and renderer
@@ -25,8 +28,10 @@ format version with a clear error instead of guessing.
 
 The benchmark size defaults to the GSRP output size (1.5x the training size, 768 x 1200): the B&W pages are what
 the pipeline colours and the ground truth is aligned pixel for pixel, so PSNR/SSIM need no resampling.
-Screentone is rendered at that size and never resampled (an inference job that downsizes it for ICP does so
-as it would with any scanned page). References keep their stored size: retrieval fits them itself.
+Screentone and line art are made at that size and never resampled (an inference job that downsizes them for ICP
+does so as it would with any scanned page; colorize's sketch and shading styles extract line art again from the
+given page, as the released app does with any input). The ground truth and the grey and screentone inputs are the
+same bytes with or without the line-art styles. References keep their stored size: retrieval fits them itself.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from pipelines.core.benchmark_format import (
 )
 from pipelines.core.geometry import fit_image
 from pipelines.core.layout import DataLayout
+from pipelines.core.page_styles import line_art_frames, line_extractor_id
 from pipelines.core.pagestore import decode_page, encode_page
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
 from pipelines.core.storage import (
@@ -81,6 +87,7 @@ class BenchmarkConfig:
     height: int = 1200
     seed: int = 0
     renderer: str = "halftone"  # screentone renderer spec (see screentone.render.make_renderer)
+    line_extractor_weights: str | None = None  # erika.pth of the line-art styles (None: XDoG)
     jpeg_quality: int = 95
 
     def __post_init__(self) -> None:
@@ -114,6 +121,7 @@ class BenchmarkPlan:
     eligible: int  # eligible chapters in the benchmark series
     requested: int
     renderer_id: str = ""
+    line_extractor_id: str = ""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -203,8 +211,9 @@ def select_benchmark(
 
 def _plan_fingerprint(plan: BenchmarkPlan) -> str:
     payload = {
-        "config": asdict(plan.config),
+        "config": {k: v for k, v in asdict(plan.config).items() if k != "line_extractor_weights"},
         "renderer_id": plan.renderer_id,
+        "line_extractor_id": plan.line_extractor_id,
         "chapters": [asdict(c) for c in plan.chapters],
         "format": BENCHMARK_FORMAT_VERSION,
     }
@@ -217,6 +226,7 @@ class ChapterTask:
     chapter: BenchChapter
     config: BenchmarkConfig
     fingerprint: str
+    line_extractor_id: str
 
 
 def _chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool:
@@ -226,6 +236,7 @@ def _chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool
 
 def write_chapter(task: ChapterTask) -> dict[str, Any]:
     """Write one benchmark chapter into a temporary folder, swap it in, then write its marker."""
+    from model.line_extractor import LineExtractor
     from screentone.render import renderer_for
 
     layout = DataLayout.at(task.data)
@@ -236,7 +247,8 @@ def write_chapter(task: ChapterTask) -> dict[str, Any]:
     if missing:
         raise FileNotFoundError(f"chapter {chapter.chapter_id}: pages {missing[:5]} are not in its page store")
     renderer = renderer_for(config.renderer)
-    styles = benchmark_styles(renderer.id)
+    lines = LineExtractor(config.line_extractor_weights)
+    styles = benchmark_styles(renderer.id, task.line_extractor_id)
     tone_style = style_of(renderer.id)
     final = layout.benchmark / chapter.chapter_id
     tmp = final.with_name(f"{final.name}{TMP_TAG}{uuid.uuid4().hex[:8]}")
@@ -256,6 +268,10 @@ def write_chapter(task: ChapterTask) -> dict[str, Any]:
         (tmp / gt).write_bytes(encode_page(color, "jpeg", config.jpeg_quality))
         (tmp / inputs[GREY_STYLE]).write_bytes(encode_page(color.convert("L"), "png"))
         (tmp / inputs[tone_style]).write_bytes(encode_page(Image.fromarray(tone, mode="L"), "png"))
+        grey = np.asarray(color.convert("L"))
+        line_art = line_art_frames(lines(grey), grey, (config.width, config.height))  # at this size: not resized
+        (tmp / inputs["sketch"]).write_bytes(encode_page(line_art.sketch, "png"))
+        (tmp / inputs["shading"]).write_bytes(encode_page(line_art.shading, "png"))
         bw.append({"page_id": page_id, "page_index": page_index, "gt": gt, "inputs": inputs})
     index = {
         "format_version": BENCHMARK_FORMAT_VERSION,
@@ -302,6 +318,7 @@ def write_benchmark(
 
     layout = DataLayout.at(data)
     plan.renderer_id = renderer_for(plan.config.renderer).id
+    plan.line_extractor_id = line_extractor_id(plan.config.line_extractor_weights)
     fingerprint = _plan_fingerprint(plan)
     top = layout.benchmark / "benchmark.json"
     if top.exists() and read_json(top).get("fingerprint") == fingerprint:
@@ -309,7 +326,10 @@ def write_benchmark(
     if top.exists():
         top.unlink()  # a different plan: its chapters are rebuilt or removed below
     _sweep(layout.benchmark, {c.chapter_id for c in plan.chapters})
-    units = [Unit(c.chapter_id, ChapterTask(str(layout.root), c, plan.config, fingerprint)) for c in plan.chapters]
+    units = [
+        Unit(c.chapter_id, ChapterTask(str(layout.root), c, plan.config, fingerprint, plan.line_extractor_id))
+        for c in plan.chapters
+    ]
     report = run_units(
         units,
         _write_chapter_unit,
@@ -337,7 +357,8 @@ def write_benchmark(
                 "config": asdict(plan.config),
                 "size": [plan.config.width, plan.config.height],
                 "renderer_id": plan.renderer_id,
-                "styles": benchmark_styles(plan.renderer_id),
+                "line_extractor_id": plan.line_extractor_id,
+                "styles": benchmark_styles(plan.renderer_id, plan.line_extractor_id),
                 "layout": FOLDER_LAYOUT,
                 "chapters": [
                     {

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_LANCZOS, hires_size
 from pipelines.core.layout import DataLayout
+from pipelines.core.page_styles import line_extractor_id
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
 from pipelines.core.storage import atomic_write_json, read_json, read_parquet, sha256_file, stable_hash, write_parquet
@@ -69,6 +70,7 @@ class ShardOptions:
     bench_series: tuple[str, ...] | None = None
     seed: int = 0
     renderer: str = "halftone"  # screentone renderer spec; its id selects the renderings to read
+    line_extractor_weights: str | None = None  # erika.pth of the line art (None: XDoG); its id is checked
     leakage_threshold: float = 0.95
     leakage_confirm: bool = True
     ivf_min_train: int = 100_000
@@ -205,6 +207,7 @@ def run_shards(
     sample_sizes = [(width, height), hires_size(width, height, options.hires_scale)]
     encoder_id, encoder_fingerprint = _encoder(layout)
     renderer_id = _renderer_id(options.renderer, layout, sample_sizes)
+    lines_id = line_extractor_id(options.line_extractor_weights)
     version = code_version()
     upstream = _upstream(layout)
     _check_fit(upstream, options.fit_resample, layout)
@@ -213,6 +216,7 @@ def run_shards(
             "options": options.recorded(),
             "encoder": encoder_id,
             "renderer": renderer_id,
+            "line_extractor": lines_id,
             "code": version,
             "upstream": upstream,
             "input_files": _input_files(layout),
@@ -234,6 +238,7 @@ def run_shards(
         height=bench_height,
         seed=options.seed,
         renderer=options.renderer,
+        line_extractor_weights=options.line_extractor_weights,
         jpeg_quality=options.jpeg_quality,
     )
     split_config = SplitConfig(
@@ -309,6 +314,7 @@ def run_shards(
         encoder_id=encoder_id,
         encoder_fingerprint=encoder_fingerprint,
         renderer_id=renderer_id,
+        line_extractor_id=lines_id,
         code_version=version,
         inputs=upstream,
         fit_resample=options.fit_resample,
@@ -380,6 +386,7 @@ def run_shards(
         "config_fingerprint": config_fingerprint,
         "encoder_id": encoder_id,
         "renderer_id": renderer_id,
+        "line_extractor_id": lines_id,
         "series_per_split": counts,
         "frames_per_split": {name: len(by_split[name]) for name in by_split},
         "frames_without_pool": without_pool,

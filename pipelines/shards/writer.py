@@ -52,6 +52,7 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import read_chapter_pages
 from pipelines.core.samples import (
     FIELDS,
+    LINE_ART_VARIANTS,
     SAMPLE_FORMAT_VERSION,
     ChapterPages,
     FrameRecord,
@@ -146,8 +147,9 @@ def _module_file(root: Path, module: str) -> Path | None:
 def shard_code_files(root: Path | None = None) -> list[Path]:
     """The source files that produce shard bytes: the modules of the shards stage and every project module they
     import, transitively (package ``__init__`` files included), less the execution-only `pipelines.runtime`.
-    Editing anything else (the other stages' drivers, ``model/``, ``training/``, ``jobs/``, inference,
-    evaluation, reports) leaves the code version, and so finished shards, untouched."""
+    Editing anything else (the other stages' drivers, ``model/`` apart from the line extractor network the
+    benchmark's line art runs, ``training/``, ``jobs/``, inference, evaluation, reports) leaves the code version,
+    and so finished shards, untouched."""
     root = root or REPO_ROOT
     seen: set[str] = set()
     files: set[Path] = set()
@@ -257,21 +259,24 @@ def write_tar(path: str | Path, samples: Iterable[Mapping[str, Any]], fields: tu
 
 
 def read_screentone_chapter(
-    layout: DataLayout, renderer_id: str, size: tuple[int, int], chapter_id: str
+    layout: DataLayout, renderer_id: str, size: tuple[int, int], chapter_id: str, line_extractor_id: str = ""
 ) -> dict[tuple[str, str], bytes | str]:
     """(frame_id, variant) -> PNG bytes, or the error text the screentone job recorded for it.
 
-    A chapter with no rendering file gives an empty dict: its frames become error rows, not a crash.
+    Tone rows must come from `renderer_id`, line-art rows from `line_extractor_id`. A chapter with no rendering
+    file gives an empty dict: its frames become error rows, not a crash.
     """
     path = layout.screentone(renderer_id, *size) / f"{chapter_id}.parquet"
     if not path.exists():
         return {}
     table = read_parquet(path, SCREENTONE)
     out: dict[tuple[str, str], bytes | str] = {}
+    line_art = set(LINE_ART_VARIANTS.values())
     for row in table.to_pylist():
         cell = (row["frame_id"], row["variant"])
-        if row["renderer"] != renderer_id:
-            out[cell] = f"screentone row rendered by {row['renderer']!r}, expected {renderer_id!r}"
+        expected = line_extractor_id if row["variant"] in line_art else renderer_id
+        if row["renderer"] != expected:
+            out[cell] = f"screentone row {row['variant']!r} made by {row['renderer']!r}, expected {expected!r}"
         elif row["status"] != STATUS_OK or row["image"] is None:
             out[cell] = f"screentone job failed on it: {row['error']}"
         else:
@@ -315,18 +320,22 @@ def iter_frame_samples(
             except Exception as exc:  # noqa: BLE001 - an unreadable chapter fails its frames, not the shard
                 pages, chapter_error = None, f"chapter {frame.chapter_id}: page store unreadable: {exc}"
             # both variants live in the training size's folder: "train" (W x H) and "hires" (GSRP size)
-            tones = read_screentone_chapter(layout, config.renderer_id, config.size, frame.chapter_id)
+            tones = read_screentone_chapter(
+                layout, config.renderer_id, config.size, frame.chapter_id, config.line_extractor_id
+            )
         if chapter_error is not None or pages is None:
             yield frame, None, f"frame {frame.frame_id}: {chapter_error}"
             continue
         tone = tones.get((frame.frame_id, "train"))
         hires = tones.get((frame.frame_id, "hires"))
-        failed = next((t for t in (tone, hires) if isinstance(t, str)), None)
+        line_art = {variant: tones.get((frame.frame_id, variant)) for variant in LINE_ART_VARIANTS.values()}
+        failed = next((t for t in (tone, hires, *line_art.values()) if isinstance(t, str)), None)
         if failed is not None:
             yield frame, None, f"frame {frame.frame_id}: {failed}"
             continue
         try:
-            sample = build_sample(frame, pages, retrievals.get(frame.frame_id, []), tone, hires, config)
+            rows = retrievals.get(frame.frame_id, [])
+            sample = build_sample(frame, pages, rows, tone, hires, config, line_art)
         except SampleError as exc:
             yield frame, None, str(exc)
             continue
