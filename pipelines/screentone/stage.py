@@ -9,6 +9,7 @@ exists, so reruns only render what is missing.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -166,6 +167,10 @@ def chapter_done(layout: DataLayout, renderer_id: str, options: ScreentoneOption
     return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id)
 
 
+def _unit_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, unit: Unit) -> bool:
+    return chapter_done(layout, renderer_id, options, unit.key)
+
+
 def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
     return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
 
@@ -206,7 +211,7 @@ def run_screentone(
     report = run_units(
         units,
         _chapter_worker,
-        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key),
+        is_done=functools.partial(_unit_done, layout, renderer.id, options),  # picklable: runs in check tasks
         desc="screentone chapters",
         units_per_task=chapters_per_task,
         num_gpus=num_gpus,

@@ -43,7 +43,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.core.benchmark_format import (
@@ -66,6 +65,7 @@ from pipelines.core.storage import (
     publish_tree,
     read_json,
     read_parquet,
+    read_table,
     write_marker,
 )
 from pipelines.runtime.distributor import Unit, run_units
@@ -138,8 +138,8 @@ CHAPTER_COLUMNS = ["chapter_id", "series", "kept", "status"]
 
 def read_frames(layout: DataLayout) -> tuple[pa.Table, pa.Table]:
     """(frames, chapters) of an ingested data folder, reading only the columns this stage uses."""
-    pages = pq.read_table(layout.pages, columns=PAGE_COLUMNS)
-    chapters = pq.read_table(layout.chapters, columns=CHAPTER_COLUMNS)
+    pages = read_table(layout.pages, columns=PAGE_COLUMNS)
+    chapters = read_table(layout.chapters, columns=CHAPTER_COLUMNS)
     return frame_pages(pages, chapters), chapters
 
 

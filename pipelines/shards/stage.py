@@ -18,13 +18,12 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.core.geometry import RANKS_PER_PATCH, hires_size
 from pipelines.core.layout import DataLayout
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
-from pipelines.core.storage import atomic_write_json, read_json, read_parquet, sha256_file, stable_hash, write_parquet
+from pipelines.core.storage import atomic_write_json, read_json, read_parquet, read_table, stable_hash, write_parquet
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -109,7 +108,7 @@ def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
     """Frames whose ring shows a patch of one of `pages`."""
     if not pages:
         return set()
-    table = pq.read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"])
+    table = read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"])
     mask = pc.and_(
         pc.less(table["rank"], RANKS_PER_PATCH),
         pc.is_in(table["ref_page_id"], value_set=pa.array(sorted(pages), pa.string())),
@@ -121,7 +120,7 @@ def _pool_status(layout: DataLayout) -> dict[str, str]:
     """frame_id -> status of its reference pool ("excluded": too few references, so no retrievals by design)."""
     if not layout.pools.exists():
         return {}
-    table = pq.read_table(layout.pools, columns=["frame_id", "status"])
+    table = read_table(layout.pools, columns=["frame_id", "status"])
     return dict(zip(table.column("frame_id").to_pylist(), table.column("status").to_pylist(), strict=True))
 
 
@@ -150,11 +149,12 @@ def _upstream(layout: DataLayout) -> dict[str, Any]:
     }
 
 
-def _input_files(layout: DataLayout) -> dict[str, str | None]:
-    """Content hashes of the tables this stage reads. Upstream writes are byte-deterministic, so a rerun of an
-    upstream stage that changed nothing leaves these equal and the stage stays skipped."""
-    files = {"pages": layout.pages, "chapters": layout.chapters, "retrievals": layout.retrievals, "pools": layout.pools}
-    return {name: sha256_file(path) if path.exists() else None for name, path in files.items()}
+def _input_tables(layout: DataLayout) -> dict[str, Any]:
+    """Fingerprints of the tables this stage reads, as the upstream summaries record them: each built from the
+    sha256 of the parts, computed by the tasks that wrote them, so no table is hashed here. Upstream writes are
+    byte-deterministic, so a rerun of an upstream stage that changed nothing leaves these equal and the stage
+    stays skipped."""
+    return {stage: read_json(layout.summary(stage)).get("tables") for stage in ("ingest", "retrieval")}
 
 
 def run_shards(
@@ -193,7 +193,7 @@ def run_shards(
             "renderer": renderer_id,
             "code": version,
             "upstream": upstream,
-            "input_files": _input_files(layout),
+            "input_tables": _input_tables(layout),
         }
     )
     summary_path = layout.summary(STAGE)
