@@ -5,6 +5,7 @@ OUT/
   pages.parquet/<chapter_id>.parquet       the pages table: a folder of one part per chapter (a Parquet dataset)
   chapters.parquet/<chapter_id>.parquet    the chapters table, one part (one row) per chapter
   ingest/markers/<chapter_id>.done.json    a chapter's ingestion marker: signature, counts, its parts' sha256
+  ingest/kept.json                         the ids of the kept chapters (what later stages work on)
   pagestore/<chapter_id>.parquet           normalised colour frames of kept chapters (PAGE_STORE)
   ingest.summary.json                      run summary, written last: the stage's completion marker
   retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids, pages/ hashes), one
@@ -49,6 +50,11 @@ class DataLayout:
     @property
     def ingest_markers(self) -> Path:
         return self.root / "ingest" / "markers"
+
+    @property
+    def kept_chapters(self) -> Path:
+        """The sorted ids of the kept chapters (JSON), written with the ingestion summary: later stages' list."""
+        return self.root / "ingest" / "kept.json"
 
     @property
     def legacy_ingest_parts(self) -> tuple[Path, Path]:

@@ -9,11 +9,12 @@ from __future__ import annotations
 import io
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines.core.layout import DataLayout
-from pipelines.core.schemas import PAGE_STORE
-from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_parquet, table_parts, write_parquet
+from pipelines.core.schemas import PAGE_STORE, STATUS_OK
+from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_json, read_parquet, read_table, write_parquet
 
 ENCODINGS = ("jpeg", "png", "webp")
 INGEST_STAGE = "ingest"  # the stage whose summary says the page store is complete
@@ -59,8 +60,8 @@ def load_chapter_images(layout: DataLayout, chapter_id: str) -> dict[str, Image.
 def kept_chapter_ids(layout: DataLayout) -> list[str]:
     """Sorted ids of the chapters whose colour pages are training frames: kept, and read without error.
 
-    One listing of the page store: ingestion writes a chapter's page-store part exactly when it keeps the
-    chapter and removes it otherwise (other options, a failed task, a take-down), so no table is read. Later
+    Ingestion writes them with its summary (`ingest/kept.json`, from its per-chapter records), so no table is
+    read; an output folder of an earlier version has no such file and its chapters table is read instead. Later
     stages start from these, so they need a finished ingestion, whose summary is written last.
     """
     summary = layout.summary(INGEST_STAGE)
@@ -68,7 +69,11 @@ def kept_chapter_ids(layout: DataLayout) -> list[str]:
         raise FileNotFoundError(
             f"{summary} is missing: run the ingestion job first (python -m jobs.ingest) on {layout.root}"
         )
-    return sorted(chapter_of(path) for path in table_parts(layout.pagestore))
+    if layout.kept_chapters.exists():
+        return sorted(read_json(layout.kept_chapters))
+    chapters = read_table(layout.chapters, columns=["chapter_id", "kept", "status"])
+    kept = pc.and_(pc.equal(chapters["kept"], True), pc.equal(chapters["status"], STATUS_OK))
+    return sorted(chapters.filter(kept).column("chapter_id").to_pylist())
 
 
 def ingested_chapter_ids(layout: DataLayout) -> set[str]:

@@ -534,6 +534,10 @@ def _run_ingest(
             "chapters_per_task": chapters_per_task,
         },
     }
+    kept_ids = sorted(
+        c for c, r in zip(ids, records, strict=True) if r.get("kept") and r["chapter_status"] == STATUS_OK
+    )
+    atomic_write_json(layout.kept_chapters, kept_ids)
     atomic_write_json(layout.summary(STAGE), summary)
     if verbose:
         print(format_summary(summary), flush=True)
