@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -305,6 +306,12 @@ def ingest_unit(unit: Unit) -> dict[str, Any]:
     return process_chapter(unit.payload)
 
 
+@functools.lru_cache(maxsize=4)
+def _input_root(uri: str) -> InputRoot:
+    """One InputRoot per check process (opening one checks the root is a folder: once, not per chapter)."""
+    return InputRoot(uri)
+
+
 def chapter_marker(layout: DataLayout, chapter_id: str) -> Path:
     """The output a chapter's completion marker is named after (`ingest/markers/<chapter_id>.done.json`)."""
     return layout.ingest_markers / chapter_id
@@ -322,7 +329,7 @@ def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str
         return None
     if marker.get("options") != fingerprint or "parts" not in marker:
         return None
-    if marker.get("signature") != chapter_signature(InputRoot(task.input_root), task.chapter):
+    if marker.get("signature") != chapter_signature(_input_root(task.input_root), task.chapter):
         return None
     chapter_id = task.chapter.chapter_id
     parts_there = part_path(layout.pages, chapter_id).exists() and part_path(layout.chapters, chapter_id).exists()
