@@ -82,6 +82,29 @@ def test_kept_chapter_ids(ingested, tmp_path) -> None:
         kept_chapter_ids(DataLayout.at(tmp_path))
 
 
+def test_an_output_folder_of_single_file_tables_is_read_then_replaced(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = shutil.copytree(out, tmp_path / "out")
+    layout = DataLayout.at(copy)
+    tables = {
+        table: read_table(table, schema) for table, schema in ((layout.pages, PAGES), (layout.chapters, CHAPTERS))
+    }
+    for table, rows in tables.items():  # the layout of an earlier version: one file per table, no markers
+        shutil.rmtree(table)
+        pq.write_table(rows, table)
+    shutil.rmtree(layout.ingest_markers)
+    layout.kept_chapters.unlink()
+    legacy_parts = layout.legacy_ingest_parts[0]
+    legacy_parts.mkdir(parents=True)
+    assert read_table(layout.pages, PAGES).equals(tables[layout.pages])  # readers read the old file as before
+    assert kept_chapter_ids(layout) == kept_chapter_ids(DataLayout.at(out))
+    summary = run_ingest(info.root, copy, local=True, verbose=False)
+    assert summary["run"]["chapters_processed"] == summary["chapters"]["total"]  # no marker names parts: redone
+    assert layout.pages.is_dir() and not legacy_parts.exists()
+    assert read_table(layout.pages, PAGES).equals(tables[layout.pages])
+    assert summary["tables"] == json.loads((out / SUMMARY).read_text())["tables"]
+
+
 def test_one_row_per_file_and_one_error_row_per_broken_file(ingested) -> None:
     info, out, _ = ingested
     labels = _labels(info)
