@@ -30,6 +30,7 @@ or with inconsistent files is skipped and listed in the summary, never read: its
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -94,7 +95,10 @@ def by_chapter(pages: Iterable[PageRef]) -> dict[str, set[str]]:
     return out
 
 
-READ_THREADS = 8  # chapters whose vectors are read at once: file reads wait on storage, so threads suffice
+# chapters whose vectors are read at once: threads overlap the waits on storage; on local disk the per-chapter
+# work holds the GIL, so more threads than cores only cost (measured on 2 cores: 8 threads 1.85 ms per chapter,
+# 2 threads 1.22)
+READ_THREADS = min(8, os.cpu_count() or 1)
 WINDOW_PER_THREAD = 4  # chapters read ahead per thread: bounds what the reading holds besides the index
 
 
