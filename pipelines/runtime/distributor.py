@@ -111,12 +111,18 @@ def _apply(fn: Callable[[Any], Any], unit: Unit) -> dict[str, Any]:
 
 
 def map_in_tasks(
-    fn: Callable[[Any], Any], items: Sequence[Any], *, desc: str, chunk: int = CHECK_CHUNK, local: bool = False
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    desc: str,
+    chunk: int = CHECK_CHUNK,
+    local: bool = False,
+    in_tasks_from: int = CHECK_IN_TASKS_FROM,
 ) -> list[Any]:
     """`fn` over `items` (results in item order), as Ray tasks of `chunk` items: the cheap per-unit reads (markers,
     file stats) a driver must not do one after another. In this process when `local` or for fewer than
-    `CHECK_IN_TASKS_FROM` items. An item whose call raised gets None (a check that fails means "not done")."""
-    if local or len(items) < CHECK_IN_TASKS_FROM:
+    `in_tasks_from` items. An item whose call raised gets None (a check that fails means "not done")."""
+    if local or len(items) < in_tasks_from:
         values = []
         for item in items:
             try:

@@ -35,7 +35,7 @@ import hashlib
 import json
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,10 +136,14 @@ PAGE_COLUMNS = ["page_id", "chapter_id", "series", "chapter", "page_index", "is_
 CHAPTER_COLUMNS = ["chapter_id", "series", "kept", "status"]
 
 
-def read_frames(layout: DataLayout) -> tuple[pa.Table, pa.Table]:
-    """(frames, chapters) of an ingested data folder, reading only the columns this stage uses."""
-    pages = read_table(layout.pages, columns=PAGE_COLUMNS)
-    chapters = read_table(layout.chapters, columns=CHAPTER_COLUMNS)
+def read_frames(
+    layout: DataLayout, read: Callable[[Path, list[str]], pa.Table] | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """(frames, chapters) of an ingested data folder, reading only the columns this stage uses (with `read(table,
+    columns)`, by default `read_table` here)."""
+    read = read or (lambda table, columns: read_table(table, columns=columns))
+    pages = read(layout.pages, PAGE_COLUMNS)
+    chapters = read(layout.chapters, CHAPTER_COLUMNS)
     return frame_pages(pages, chapters), chapters
 
 

@@ -11,6 +11,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,7 +24,17 @@ from pipelines.core.geometry import RANKS_PER_PATCH, hires_size
 from pipelines.core.layout import DataLayout
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
-from pipelines.core.storage import atomic_write_json, read_json, read_parquet, read_table, stable_hash, write_parquet
+from pipelines.core.storage import (
+    atomic_write_json,
+    chapter_of,
+    read_json,
+    read_parquet,
+    read_table,
+    stable_hash,
+    table_parts,
+    write_parquet,
+)
+from pipelines.runtime.distributor import map_in_tasks
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -116,12 +127,37 @@ def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
     return set(table.filter(mask).column("frame_id").to_pylist())
 
 
-def _pool_status(layout: DataLayout) -> dict[str, str]:
+def _pool_status(layout: DataLayout, local: bool) -> dict[str, str]:
     """frame_id -> status of its reference pool ("excluded": too few references, so no retrievals by design)."""
     if not layout.pools.exists():
         return {}
-    table = read_table(layout.pools, columns=["frame_id", "status"])
+    table = read_whole(layout.pools, ["frame_id", "status"], local)
     return dict(zip(table.column("frame_id").to_pylist(), table.column("status").to_pylist(), strict=True))
+
+
+PARTS_PER_READ = 256  # parts one reading task returns
+
+
+def _read_parts(table: str, columns: list[str], keys: list[str]) -> pa.Table:
+    return read_table(table, columns=columns, keys=keys)
+
+
+def read_whole(table: Path, columns: list[str], local: bool) -> pa.Table:
+    """Columns of a whole table for the plan: on Ray its parts are read by tasks of `PARTS_PER_READ` parts (the
+    driver lists the folder once and concatenates what they return); in this process by threads when `local`."""
+    if local or not table.is_dir():
+        return read_table(table, columns=columns)
+    keys = [chapter_of(part) for part in table_parts(table)]
+    chunks = [keys[i : i + PARTS_PER_READ] for i in range(0, len(keys), PARTS_PER_READ)]
+    read = functools.partial(_read_parts, str(table), columns)
+    tables = map_in_tasks(read, chunks, desc=f"read {table.name}", chunk=1, in_tasks_from=2)
+    if any(t is None for t in tables):
+        raise RuntimeError(f"{table}: a task reading its parts failed; rerun the shard job")
+    return pa.concat_tables(tables, promote_options="default") if tables else read_table(table, columns=columns)
+
+
+def _read_whole_for(local: bool, table: Path, columns: list[str]) -> pa.Table:
+    return read_whole(table, columns, local)
 
 
 def _records(frames: pa.Table) -> list[FrameRecord]:
@@ -202,7 +238,11 @@ def run_shards(
         if previous.get("config_fingerprint") == config_fingerprint and previous.get("complete"):
             return {**previous, "skipped": True}
 
-    frames, chapters = read_frames(layout)
+    if not local:
+        from pipelines.runtime.ray import init_ray
+
+        init_ray()
+    frames, chapters = read_frames(layout, functools.partial(_read_whole_for, local))
     bench_width, bench_height = options.bench_size or sample_sizes[1]
     bench_config = BenchmarkConfig(
         chapters=options.bench_chapters,
@@ -239,7 +279,7 @@ def run_shards(
 
     # 2. leakage: benchmark pages and validation frames against training frames
     records = _records(frames)
-    pool_status = _pool_status(layout)
+    pool_status = _pool_status(layout, local)
     without_pool: dict[str, int] = {}
     by_split: dict[str, list[FrameRecord]] = {name: [] for name in (TRAIN, VAL, BENCH)}
     for record in records:
@@ -269,11 +309,6 @@ def run_shards(
     reasons |= {f: "leakage: its ring shows a near-duplicate of a held-out page" for f in referencing}
     leakage["train_frames_removed_as_duplicates"] = len(removed)
     leakage["train_frames_removed_referencing_duplicates"] = len(referencing)
-
-    if not local:
-        from pipelines.runtime.ray import init_ray
-
-        init_ray()
 
     # 3. the benchmark folder
     benchmark = write_benchmark(layout.root, bench_plan, code_version=version, local=local)
