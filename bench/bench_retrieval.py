@@ -36,7 +36,7 @@ from pipelines.core.pagestore import decode_page, read_chapter_pages
 from pipelines.core.patches import page_patches
 from pipelines.core.schemas import POOLS, QUERY_PATCHES, REF_PATCHES, STATUS_OK
 from pipelines.core.search import PoolSearcher, RefKeys, padded_rows
-from pipelines.core.storage import read_parquet
+from pipelines.core.storage import read_table
 from pipelines.ingest.stage import run_ingest
 from pipelines.retrieval.stage import RetrievalOptions, run_retrieval
 from pipelines.sample_corpus.generate import generate_corpus
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
         frames = summary["frames_ok"]
         job_seconds = summary["embeddings"]["seconds"]
         job_passes = summary["embeddings"]["encoder_images"]
-        pools = read_parquet(layout.pools, POOLS).to_pylist()
+        pools = read_table(layout.pools, POOLS).to_pylist()
         pools = [p for p in pools if p["status"] == STATUS_OK]
         sample = pools[:: max(1, len(pools) // args.baseline_frames)][: args.baseline_frames]
         base_seconds, base_passes = per_frame_pipeline(layout, sample, width, height)

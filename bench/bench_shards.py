@@ -33,7 +33,7 @@ from PIL import Image
 from pipelines.core.layout import DataLayout
 from pipelines.core.samples import FIELDS, FrameRecord, SampleConfig, sample_nbytes
 from pipelines.core.schemas import PAGES, SHARD_INDEX, table_from_rows
-from pipelines.core.storage import fsync_dir, read_json, read_parquet, write_parquet
+from pipelines.core.storage import fsync_dir, read_json, read_table, write_parquet
 from pipelines.ingest.stage import run_ingest
 from pipelines.retrieval.stage import run_retrieval
 from pipelines.sample_corpus.generate import generate_corpus
@@ -54,7 +54,7 @@ def build_data(work: Path, size: tuple[int, int], scale: float) -> Path:
 
 
 def frames_of(layout: DataLayout) -> list[FrameRecord]:
-    pages = read_parquet(layout.pages, PAGES).to_pylist()
+    pages = read_table(layout.pages, PAGES).to_pylist()
     return sorted(
         (
             FrameRecord(p["page_id"], p["series"], p["chapter_id"], p["chapter"], p["page_index"])

@@ -9,6 +9,7 @@ marker is removed, and the record says why, so nothing is ever marked complete o
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -24,6 +25,7 @@ from pipelines.core.sources import input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
 from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
 from pipelines.retrieval.stage import RetrievalOptions
+from pipelines.runtime.distributor import map_in_tasks
 from pipelines.runtime.preconditions import (
     check_chapters,
     check_encoder,
@@ -180,7 +182,9 @@ def _run_pipeline(
             continue
         settings = options.stage_settings(stage)
         if stage == "ingest":
-            settings = {**settings, "input": input_root, "chapters": input_signature(input_root)}
+            # the chapters' signatures (a stat of every page) are taken in Ray tasks; the driver lists the folders
+            mapper = functools.partial(map_in_tasks, desc="input signatures", local=local)
+            settings = {**settings, "input": input_root, "chapters": input_signature(input_root, mapper)}
         settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (

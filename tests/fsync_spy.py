@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipelines.core.storage import MARKER_SUFFIX
 
-_TMP = re.compile(r"\.tmp-[^/]*")
+_TMP = re.compile(r"/\.?([^/]*?)\.tmp-[^/]*")  # /dir/[.]name.tmp-<pid>-<id> (a temporary, hidden or not) -> /dir/name
 
 
 @contextlib.contextmanager
@@ -22,7 +22,7 @@ def record_fsyncs() -> Iterator[list[str]]:
     original = os.fsync
 
     def spy(fd: int) -> None:
-        events.append(_TMP.sub("", os.readlink(f"/proc/self/fd/{fd}")))
+        events.append(_TMP.sub(r"/\1", os.readlink(f"/proc/self/fd/{fd}")))
         original(fd)
 
     os.fsync = spy

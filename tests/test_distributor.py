@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.schemas import STATUS_ERROR, STATUS_OK
-from pipelines.core.storage import is_done, write_marker
-from pipelines.runtime.distributor import Unit, run_units
+from pipelines.core.storage import is_done, read_marker, write_marker
+from pipelines.runtime.distributor import CHECK_IN_TASKS_FROM, Unit, run_units
 from pipelines.runtime.faults import FaultPolicy, StalledError, configure_faults
 
 
@@ -67,6 +68,25 @@ def test_ray_run_retries_a_crashed_worker_then_fails_only_its_unit(tmp_path: Pat
         "lost_objects_recovered": 0,
         "causes": {"WorkerCrashedError": 1},
     }
+
+
+def _marker_in_task(out_dir: str, unit: Unit) -> dict | None:
+    """A check that reads the unit's marker and says which process read it."""
+    return {**read_marker(Path(out_dir) / unit.key), "pid": os.getpid()} if is_done(Path(out_dir) / unit.key) else None
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_markers_are_read_by_check_tasks_not_the_driver(tmp_path: Path) -> None:
+    units = _units(tmp_path, list(range(10, 10 + CHECK_IN_TASKS_FROM + 6)))
+    for unit in units[:-2]:
+        write_marker(tmp_path / unit.key, {"square": unit.payload[1] ** 2})
+    check = functools.partial(_marker_in_task, str(tmp_path))
+    report = run_units(units, _square_worker, is_done=check, desc="t", units_per_task=4)
+    assert report.skipped == [u.key for u in units[:-2]] and [r["key"] for r in report.results] == [
+        u.key for u in units[-2:]
+    ]
+    assert report.skipped_records["u12"]["square"] == 144
+    assert os.getpid() not in {record["pid"] for record in report.skipped_records.values()}
 
 
 @pytest.fixture

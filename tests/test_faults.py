@@ -92,11 +92,7 @@ def _files(root: Path, under: str) -> dict[str, bytes]:
 
 
 def _retrieval_outputs(root: Path) -> dict[str, bytes]:
-    return {
-        **_files(root, "retrieval"),
-        "pools.parquet": (root / "pools.parquet").read_bytes(),
-        "retrievals.parquet": (root / "retrievals.parquet").read_bytes(),
-    }
+    return {**_files(root, "retrieval"), **_files(root, "pools.parquet"), **_files(root, "retrievals.parquet")}
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import shutil
 import zipfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import PIPELINE_ARGS
@@ -21,7 +22,8 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.samples import SampleFormatError
 from pipelines.core.schemas import DUPLICATES, PAGES, RETRIEVALS, SHARD_PLAN, SPLITS
 from pipelines.core.seeding import unit_hash
-from pipelines.core.storage import read_json, read_parquet
+from pipelines.core.sources import stable_id
+from pipelines.core.storage import read_json, read_parquet, read_table
 from pipelines.shards.splits import split_of
 from pipelines.shards.stage import ShardOptions
 from training.data import check_shards, resolve_shard_source, resumed_source
@@ -43,9 +45,12 @@ def _members(tar: Path) -> dict[str, dict[str, bytes]]:
     return {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in samples}
 
 
+TABLES = ("pages.parquet", "chapters.parquet", "pools.parquet", "retrievals.parquet")
+
+
 def _chapter_files(data: Path) -> dict[str, bytes]:
     """Every per-chapter file (and folder record) of the stages that keep one file set per chapter."""
-    folders = [data / name for name in ("ingest", "pagestore", "retrieval", "screentone")]
+    folders = [data / name for name in ("ingest", "pagestore", "retrieval", "screentone", *TABLES)]
     return {str(p.relative_to(data)): p.read_bytes() for f in folders for p in sorted(f.rglob("*")) if p.is_file()}
 
 
@@ -89,9 +94,17 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     assert manifest["generation"] == 1 and manifest["generations"][1]["frames_added"] == 24
     assert {g["sample_format_version"] for g in manifest["generations"]} == {manifest["sample_format_version"]}
     assert (layout.shards("train") / "manifest.g0000.json").is_file()  # the shard list a resumed run keeps
-    new_files = sorted(set(_chapter_files(data)) - set(first_files))
-    for folder in ("ingest/pages", "ingest/chapters", "pagestore", "retrieval/embeddings", "retrieval/runs"):
+    now_files = _chapter_files(data)
+    new_files = sorted(set(now_files) - set(first_files))
+    for folder in ("ingest/markers", "pagestore", "retrieval/embeddings", "retrieval/search"):
         assert any(name.startswith(folder) for name in new_files), folder
+    # each table folder gained one part, the added chapter's; every old part (every old file) kept its bytes
+    added_id = stable_id(f"{series}/{copy.name}")
+    for table in TABLES:
+        assert [n for n in new_files if n.startswith(f"{table}/")] == [f"{table}/{added_id}.parquet"], table
+    assert [n for n in first_files if now_files[n] != first_files[n]] == ["ingest/kept.json"]
+    assert pq.read_table(data / "chapters.parquet").num_rows == 8  # pyarrow reads the folder as one table
+    assert read_table(layout.pages, columns=["chapter_id"]).num_rows == added["ingest"]["summary"]["pages"]["total"]
     assert any(name.startswith("screentone") and name.endswith(".done.json") for name in new_files)
 
     # the chapter taken down: its files go in every stage, only the tars that held its frames go, and the new
@@ -151,11 +164,11 @@ def test_a_new_held_out_chapter_removes_its_leaked_train_frame_from_one_tar(
     # frames the leakage check removes (it and the frames whose ring shows it) sit in one tar
     shard_of = {r["frame_id"]: r["shard"] for r in read_parquet(train / "plan.parquet", SHARD_PLAN).to_pylist()}
     shown_by: dict[str, set[str]] = {}
-    for row in read_parquet(layout.retrievals, RETRIEVALS).to_pylist():
+    for row in read_table(layout.retrievals, RETRIEVALS).to_pylist():
         if row["rank"] < RANKS_PER_PATCH:
             shown_by.setdefault(row["ref_page_id"], set()).add(row["frame_id"])
     leaked = next(p for p in sorted(shard_of) if {shard_of[f] for f in shown_by.get(p, ())} == {shard_of[p]})
-    source = {r["page_id"]: r["source"] for r in read_parquet(layout.pages, PAGES).to_pylist()}[leaked]
+    source = {r["page_id"]: r["source"] for r in read_table(layout.pages, PAGES).to_pylist()}[leaked]
 
     # a new series that goes to validation by its hash, whose one chapter holds 20 benchmark pages (held out
     # already, so no other leak) and a copy of the train page

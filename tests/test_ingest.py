@@ -25,9 +25,9 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import kept_chapter_ids, load_chapter_images
 from pipelines.core.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
 from pipelines.core.sources import stable_id
-from pipelines.core.storage import marker_path
+from pipelines.core.storage import marker_path, part_path, read_table, table_parts
 from pipelines.ingest.color import classify_features
-from pipelines.ingest.stage import IngestOptions, pages_part, run_ingest
+from pipelines.ingest.stage import IngestOptions, chapter_marker, run_ingest
 
 SUMMARY = "ingest.summary.json"
 
@@ -64,8 +64,10 @@ def ingested(tiny_corpus, ray_local, tmp_path_factory):
 def test_outputs_follow_the_schemas(ingested) -> None:
     _, out, summary = ingested
     layout = DataLayout.at(out)
-    assert pq.read_schema(layout.pages).remove_metadata() == PAGES
-    assert pq.read_schema(layout.chapters).remove_metadata() == CHAPTERS
+    for table, schema in ((layout.pages, PAGES), (layout.chapters, CHAPTERS)):
+        parts = table_parts(table)
+        assert parts and all(pq.read_schema(part).remove_metadata() == schema for part in parts)
+        assert pq.read_table(table).num_rows == read_table(table, schema).num_rows  # a folder pyarrow reads whole
     assert pq.read_schema(layout.manifest).remove_metadata() == MANIFEST
     assert summary == json.loads(layout.summary("ingest").read_text())
     assert summary["run"]["mode"] == "ray" and summary["run"]["chapters_failed"] == 0
@@ -78,6 +80,29 @@ def test_kept_chapter_ids(ingested, tmp_path) -> None:
     assert kept == sorted(stable_id(source) for source in info.chapter_sources(min_color_pages=21)) and len(kept) == 2
     with pytest.raises(FileNotFoundError, match=r"ingest\.summary\.json is missing: run the ingestion job first"):
         kept_chapter_ids(DataLayout.at(tmp_path))
+
+
+def test_an_output_folder_of_single_file_tables_is_read_then_replaced(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = shutil.copytree(out, tmp_path / "out")
+    layout = DataLayout.at(copy)
+    tables = {
+        table: read_table(table, schema) for table, schema in ((layout.pages, PAGES), (layout.chapters, CHAPTERS))
+    }
+    for table, rows in tables.items():  # the layout of an earlier version: one file per table, no markers
+        shutil.rmtree(table)
+        pq.write_table(rows, table)
+    shutil.rmtree(layout.ingest_markers)
+    layout.kept_chapters.unlink()
+    legacy_parts = layout.legacy_ingest_parts[0]
+    legacy_parts.mkdir(parents=True)
+    assert read_table(layout.pages, PAGES).equals(tables[layout.pages])  # readers read the old file as before
+    assert kept_chapter_ids(layout) == kept_chapter_ids(DataLayout.at(out))
+    summary = run_ingest(info.root, copy, local=True, verbose=False)
+    assert summary["run"]["chapters_processed"] == summary["chapters"]["total"]  # no marker names parts: redone
+    assert layout.pages.is_dir() and not legacy_parts.exists()
+    assert read_table(layout.pages, PAGES).equals(tables[layout.pages])
+    assert summary["tables"] == json.loads((out / SUMMARY).read_text())["tables"]
 
 
 def test_one_row_per_file_and_one_error_row_per_broken_file(ingested) -> None:
@@ -179,10 +204,10 @@ def test_resume_after_lost_outputs_gives_the_same_bytes(ingested, tmp_path) -> N
     kept = [c["chapter_id"] for c in pq.read_table(layout.chapters).to_pylist() if c["kept"]]
     dropped = [c["chapter_id"] for c in pq.read_table(layout.chapters).to_pylist() if not c["kept"]]
     for chapter_id in (kept[0], dropped[0]):
-        marker_path(pages_part(layout, chapter_id)).unlink()  # as if killed before the marker
+        marker_path(chapter_marker(layout, chapter_id)).unlink()  # as if killed before the marker
     layout.pagestore_chapter(kept[0]).unlink()
-    pages_part(layout, dropped[0]).write_bytes(b"partial garbage from a killed writer")
-    (layout.ingest_pages / "x.parquet.tmp-123-abcd").write_bytes(b"leftover temporary file")
+    part_path(layout.pages, dropped[0]).write_bytes(b"partial garbage from a killed writer")
+    (layout.pages / ".x.parquet.tmp-123-abcd").write_bytes(b"leftover temporary file")
     (copy / SUMMARY).unlink()
     summary = run_ingest(info.root, copy, local=True, verbose=False)
     assert summary["run"]["chapters_processed"] == 2
@@ -197,14 +222,14 @@ def test_kill_mid_run_then_rerun(ingested, tmp_path, repo_root) -> None:
     process = subprocess.Popen(command, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while not list((out / "ingest" / "pages").glob("*.done.json")) and time.monotonic() < deadline:
+        while not list((out / "ingest" / "markers").glob("*.done.json")) and time.monotonic() < deadline:
             assert process.poll() is None, "the job ended before any chapter was done"
             time.sleep(0.02)
         os.kill(process.pid, signal.SIGKILL)
     finally:
         process.wait(timeout=60)
     assert not (out / SUMMARY).exists(), "the kill came after the end of the run"
-    done_before = len(list((out / "ingest" / "pages").glob("*.done.json")))
+    done_before = len(list((out / "ingest" / "markers").glob("*.done.json")))
     summary = run_ingest(info.root, out, local=True, verbose=False)
     assert summary["run"]["chapters_reused"] == done_before >= 1
     assert _hashes(out) == _hashes(reference)
@@ -266,8 +291,8 @@ def test_failed_chapter_task_leaves_the_summary_incomplete(tmp_path) -> None:
         (root / "s1" / chapter).mkdir(parents=True)
         (root / "s1" / chapter / "1.png").write_bytes(_png((128, 128, 128)))
     out = tmp_path / "out"
-    blocked = DataLayout.at(out).ingest_chapters / f"{stable_id('s1/b')}.parquet"
-    blocked.mkdir(parents=True)  # the chapter's table part cannot be written: its task fails
+    blocked = part_path(DataLayout.at(out).pages, stable_id("s1/b"))
+    blocked.mkdir(parents=True)  # the chapter's pages part cannot be written: its task fails
     args = ["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]
     assert ingest_main(args) == 1
     summary = json.loads((out / SUMMARY).read_text())

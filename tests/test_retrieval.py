@@ -244,14 +244,14 @@ def test_a_killed_run_resumes_to_identical_output(weightfree_run: tuple[Path, di
     store = EmbeddingStore(out / first["outputs"]["embeddings"])
     chapter_id = sorted(p.stem for p in store.folder.glob("*.npy"))[0]
     # killed while rewriting a chapter: marker gone, new vectors (a page fewer) beside the old ids file, a
-    # temporary file left behind, and killed again before retrievals.parquet was rewritten
+    # temporary file left behind, and killed again after its search marker went, before its retrievals part was
+    # rewritten
     rows = store.state(chapter_id)["rows"]
     store.marker(chapter_id).unlink()
     np.save(store.vectors_path(chapter_id), np.zeros((rows - 9, first["encoder"]["fingerprint"]["dim"]), np.float16))
     (store.folder / f"{chapter_id}.npy.tmp-1-deadbeef").write_bytes(b"junk")
-    run_marker = out / first["outputs"]["run"] / "retrievals" / f"{chapter_id}.done.json"
-    run_marker.unlink()
-    (out / "retrievals.parquet").unlink()
+    (out / "retrieval" / "search" / f"{chapter_id}.done.json").unlink()
+    (out / "retrievals.parquet" / f"{chapter_id}.parquet").unlink()
     (out / "retrieval.summary.json").unlink()
 
     # the leakage check on that state reads nothing of the killed chapter and says so

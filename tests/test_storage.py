@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines.core.storage import (
@@ -13,9 +16,12 @@ from pipelines.core.storage import (
     is_done,
     read_json,
     read_parquet_parts,
+    read_table,
     sweep_tmp,
+    tables_fingerprint,
     write_marker,
     write_parquet,
+    write_part,
 )
 
 
@@ -47,3 +53,24 @@ def test_markers_and_parts(tmp_path: Path) -> None:
     write_marker(tmp_path / "parts", {"rows": 2})
     assert is_done(tmp_path / "parts")
     assert read_parquet_parts(tmp_path / "missing", schema).num_rows == 0
+
+
+def test_a_table_folder_reads_as_one_table_and_by_chapter(tmp_path: Path) -> None:
+    schema = pa.schema([pa.field("chapter_id", pa.string(), nullable=False), pa.field("x", pa.int32())])
+    table = tmp_path / "retrievals.parquet"
+    digests = {
+        c: write_part(table, c, pa.table({"chapter_id": [c, c], "x": [i, i + 10]}), schema) for i, c in enumerate("ab")
+    }
+    assert digests["a"] == hashlib.sha256((table / "a.parquet").read_bytes()).hexdigest()  # the part's fingerprint
+    (table / ".c.parquet.tmp-1-abc").write_bytes(b"a part still being written: hidden from every reader")
+    assert pq.read_table(table).num_rows == read_table(table, schema).num_rows == 4
+    assert ds.dataset(table, format="parquet").to_table().column("x").to_pylist() == [0, 10, 1, 11]
+    (table / "z.parquet").write_bytes(b"another chapter's broken part")
+    assert read_table(table, schema, keys=["b"]).column("x").to_pylist() == [1, 11]  # z is never opened
+    assert read_table(table, schema, keys=["missing"]).num_rows == 0
+    with pytest.raises(pa.ArrowInvalid):
+        read_table(table, schema)
+    legacy = tmp_path / "pools.parquet"  # a single file of an earlier version is read the same way
+    write_parquet(pa.table({"chapter_id": ["a", "b"], "x": [1, 2]}), legacy, schema)
+    assert read_table(legacy, schema, keys=["b"]).column("x").to_pylist() == [2]
+    assert tables_fingerprint(digests) != tables_fingerprint({**digests, "b": digests["a"]})

@@ -2,15 +2,17 @@
 
 OUT/
   manifest.parquet                         chapters found in the input (MANIFEST)
-  ingest/pages/<chapter_id>.parquet        per-chapter parts of the pages table (+ .done.json markers)
-  ingest/chapters/<chapter_id>.parquet     per-chapter row of the chapters table
+  pages.parquet/<chapter_id>.parquet       the pages table: a folder of one part per chapter (a Parquet dataset)
+  chapters.parquet/<chapter_id>.parquet    the chapters table, one part (one row) per chapter
+  ingest/markers/<chapter_id>.done.json    a chapter's ingestion marker: signature, counts, its parts' sha256
+  ingest/kept.json                         the ids of the kept chapters (what later stages work on)
   pagestore/<chapter_id>.parquet           normalised colour frames of kept chapters (PAGE_STORE)
-  pages.parquet, chapters.parquet          consolidated tables, written when the stage completes
   ingest.summary.json                      run summary, written last: the stage's completion marker
   retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids, pages/ hashes), one
                                            folder per encoder and page size (the id hashes both)
-  retrieval/runs/<run_id>/                 pools and retrievals of one (encoder, size, refs, k, seed) setting
-  pools.parquet, retrievals.parquet        consolidated tables of the latest retrieval run
+  retrieval/runs/<run_id>/run.json         the settings of a retrieval run (encoder, size, refs, k, seed)
+  retrieval/search/<chapter_id>.done.json  a chapter's search marker: run id, counts, its parts' sha256
+  pools.parquet/, retrievals.parquet/      the latest retrieval run's tables, one part per chapter
   screentone/<renderer_id>/<WxH>/          per-chapter screentone renderings (SCREENTONE)
   splits.parquet                           series -> split
   duplicates.parquet                       leakage check: held-out pages and their training near-duplicates
@@ -18,6 +20,11 @@ OUT/
   shards/manifest.json                     the dataset manifest (every split and shard, config, code version)
   benchmark/                               ColorFlow-Bench-style held-out chapters
   shards.summary.json                      run summary of the shard job, written last
+
+A table (`pages.parquet`, `chapters.parquet`, `pools.parquet`, `retrievals.parquet`) is a folder of part files
+that pyarrow.dataset, DuckDB (`read_parquet('OUT/pages.parquet/*.parquet')`) and Ray Data read as one table; a
+run adds or replaces the parts of the chapters it processed and never rewrites the others. Read them in code
+with `pipelines.core.storage.read_table`, which also reads the single files of an output folder written before.
 """
 
 from __future__ import annotations
@@ -41,12 +48,18 @@ class DataLayout:
         return self.root / "manifest.parquet"
 
     @property
-    def ingest_pages(self) -> Path:
-        return self.root / "ingest" / "pages"
+    def ingest_markers(self) -> Path:
+        return self.root / "ingest" / "markers"
 
     @property
-    def ingest_chapters(self) -> Path:
-        return self.root / "ingest" / "chapters"
+    def kept_chapters(self) -> Path:
+        """The sorted ids of the kept chapters (JSON), written with the ingestion summary: later stages' list."""
+        return self.root / "ingest" / "kept.json"
+
+    @property
+    def legacy_ingest_parts(self) -> tuple[Path, Path]:
+        """Where an earlier version kept the per-chapter parts it consolidated (removed by the next ingestion)."""
+        return self.root / "ingest" / "pages", self.root / "ingest" / "chapters"
 
     @property
     def pagestore(self) -> Path:
@@ -80,6 +93,10 @@ class DataLayout:
 
     def retrieval_run(self, run_id: str) -> Path:
         return self.retrieval_runs / run_id
+
+    @property
+    def search_markers(self) -> Path:
+        return self.root / "retrieval" / "search"
 
     @property
     def pools(self) -> Path:

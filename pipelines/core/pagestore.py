@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
-from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_parquet, write_parquet
+from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_json, read_parquet, read_table, write_parquet
 
 ENCODINGS = ("jpeg", "png", "webp")
 INGEST_STAGE = "ingest"  # the stage whose summary says the page store is complete
@@ -60,14 +60,18 @@ def load_chapter_images(layout: DataLayout, chapter_id: str) -> dict[str, Image.
 def kept_chapter_ids(layout: DataLayout) -> list[str]:
     """Sorted ids of the chapters whose colour pages are training frames: kept, and read without error.
 
-    Later stages start from these, so they need a finished ingestion, whose summary is written last.
+    Ingestion writes them with its summary (`ingest/kept.json`, from its per-chapter records), so no table is
+    read; an output folder of an earlier version has no such file and its chapters table is read instead. Later
+    stages start from these, so they need a finished ingestion, whose summary is written last.
     """
     summary = layout.summary(INGEST_STAGE)
     if not summary.exists():
         raise FileNotFoundError(
             f"{summary} is missing: run the ingestion job first (python -m jobs.ingest) on {layout.root}"
         )
-    chapters = read_parquet(layout.chapters).select(["chapter_id", "kept", "status"])
+    if layout.kept_chapters.exists():
+        return sorted(read_json(layout.kept_chapters))
+    chapters = read_table(layout.chapters, columns=["chapter_id", "kept", "status"])
     kept = pc.and_(pc.equal(chapters["kept"], True), pc.equal(chapters["status"], STATUS_OK))
     return sorted(chapters.filter(kept).column("chapter_id").to_pylist())
 
@@ -75,5 +79,5 @@ def kept_chapter_ids(layout: DataLayout) -> list[str]:
 def ingested_chapter_ids(layout: DataLayout) -> set[str]:
     """Ids of the chapters ingestion has a completion marker for: the chapters of the input (ingestion purges
     the markers of chapters taken down from it). A later stage purges the files of any other chapter."""
-    folder = layout.ingest_pages
+    folder = layout.ingest_markers
     return {chapter_of(path) for path in folder.glob(f"*{MARKER_SUFFIX}")} if folder.is_dir() else set()

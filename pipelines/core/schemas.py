@@ -257,12 +257,25 @@ TABLES: dict[str, pa.Schema] = {
 }
 
 
+# tables stored as Parquet datasets under the data folder: a folder of one part per chapter (pipelines.core.layout)
+DATASET_FOLDERS: dict[str, str] = {
+    "pages": "pages.parquet",
+    "chapters": "chapters.parquet",
+    "pools": "pools.parquet",
+    "retrievals": "retrievals.parquet",
+}
+
+
 def markdown() -> str:
     """The schema section of docs/reference/schemas.md, generated so docs and code cannot drift
     (tests/test_docs.py compares them); `python -m pipelines.core.schemas` prints it."""
     lines: list[str] = []
     for name, schema in TABLES.items():
-        lines += [f"#### {name}", "", "| column | type | nullable |", "| --- | --- | --- |"]
+        lines += [f"#### {name}", ""]
+        if name in DATASET_FOLDERS:
+            folder = DATASET_FOLDERS[name]
+            lines += [f"A Parquet dataset: `OUT/{folder}/<chapter_id>.parquet`, one part per chapter.", ""]
+        lines += ["| column | type | nullable |", "| --- | --- | --- |"]
         lines += [f"| `{f.name}` | `{f.type}` | {'yes' if f.nullable else 'no'} |" for f in schema]
         lines.append("")
     return "\n".join(lines)

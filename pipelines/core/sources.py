@@ -17,12 +17,14 @@ directories, opens files and reads bytes through the filesystem object.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
 import re
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -272,10 +274,19 @@ def chapter_signature(root: InputRoot, chapter: ChapterEntry) -> str:
     return stable_hash([chapter.kind, token], 16)
 
 
-def input_signature(root: str | os.PathLike | InputRoot) -> str:
-    """A hash of every chapter's id and signature: changes when a chapter is added, removed or changed."""
+def input_signature(
+    root: str | os.PathLike | InputRoot, mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None
+) -> str:
+    """A hash of every chapter's id and signature: changes when a chapter is added, removed or changed.
+
+    `mapper(fn, items)` computes the chapters' signatures (default: one after another here); the pipeline passes
+    one that runs them in Ray tasks, so the driver only lists the series and chapter folders.
+    """
     root = root if isinstance(root, InputRoot) else InputRoot(root)
-    return stable_hash([[c.chapter_id, chapter_signature(root, c)] for c in list_chapters(root)])
+    chapters = list_chapters(root)
+    signature = functools.partial(chapter_signature, root)
+    signatures = mapper(signature, chapters) if mapper is not None else [signature(c) for c in chapters]
+    return stable_hash([[c.chapter_id, s] for c, s in zip(chapters, signatures, strict=True)])
 
 
 def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | None, str | None]]) -> list[PageEntry]:

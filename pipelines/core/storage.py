@@ -17,11 +17,14 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 TMP_TAG = ".tmp-"
@@ -71,13 +74,19 @@ def replace_tree(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def tmp_sibling(final: Path) -> Path:
+    """A unique temporary name beside `final`, hidden (leading dot) so that readers of a table folder
+    (pyarrow.dataset, DuckDB globs, Ray Data) never see a part that is still being written."""
+    return final.with_name(f".{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; if the block succeeds, fsync it, rename it over `path` and fsync
     the folder, so the file is on disk under its final name before anything (a marker) declares it done."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f"{final.name}{TMP_TAG}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = tmp_sibling(final)
     try:
         yield tmp
         fsync_file(tmp)
@@ -123,10 +132,102 @@ def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa
 
 
 def read_parquet_parts(folder: str | os.PathLike, schema: pa.Schema) -> pa.Table:
-    """Concatenate every completed part of a table folder in name order (deterministic row order)."""
-    parts = sorted(p for p in Path(folder).glob("*.parquet") if TMP_TAG not in p.name) if Path(folder).exists() else []
-    tables = [read_parquet(p, schema) for p in parts]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
+    """Concatenate every completed part of a table folder in name order (deterministic row order); none if the
+    folder does not exist."""
+    return read_table(folder, schema) if Path(folder).is_dir() else schema.empty_table()
+
+
+PART_SUFFIX = ".parquet"
+
+
+def table_parts(table: str | os.PathLike) -> list[Path]:
+    """The completed part files of a table folder in name order (hidden temporary files are not parts)."""
+    folder = Path(table)
+    if not folder.is_dir():
+        return []
+    with os.scandir(folder) as entries:  # one listing; the type comes with each entry
+        names = [
+            e.name
+            for e in entries
+            if e.name.endswith(PART_SUFFIX) and not e.name.startswith((".", "_")) and e.is_file()
+        ]
+    return [folder / name for name in sorted(names)]
+
+
+def part_path(table: str | os.PathLike, key: str) -> Path:
+    """The part of a table folder that holds unit `key` (a chapter id): `<table>/<key>.parquet`."""
+    return Path(table) / f"{key}{PART_SUFFIX}"
+
+
+def write_part(table: str | os.PathLike, key: str, rows: pa.Table, schema: pa.Schema) -> str:
+    """Write unit `key`'s part of a table folder atomically; returns the part's fingerprint (sha256 of its bytes),
+    computed here by the task that writes it, so nobody ever hashes a whole table."""
+    rows = rows.select(schema.names).cast(schema)
+    digest = hashlib.sha256()
+    with atomic_path(part_path(table, key)) as tmp:
+        pq.write_table(rows, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tables_fingerprint(parts: dict[str, str]) -> str:
+    """One fingerprint of a table from its parts' fingerprints (key -> part sha256)."""
+    return stable_hash(sorted(parts.items()))
+
+
+READ_THREADS = 8  # part files read at once: small files cost an open and a footer each, which threads overlap
+
+
+def _read_parts(files: list[Path], schema: pa.Schema | None, columns: list[str] | None, expression: Any) -> pa.Table:
+    """Parts read by a pool of threads (pyarrow's own dataset scan reads tiny files one after another), in order."""
+
+    def read(path: Path) -> pa.Table:
+        part = pq.ParquetFile(path).read(columns=columns, use_threads=False)
+        if schema is not None:
+            part = part.cast(pa.schema([schema.field(name) for name in part.column_names]))
+        return part.filter(expression) if expression is not None else part
+
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(files))) as pool:
+        parts = list(pool.map(read, files))
+    return pa.concat_tables(parts, promote_options="default")
+
+
+def read_table(
+    table: str | os.PathLike,
+    schema: pa.Schema | None = None,
+    *,
+    keys: Iterable[str] | None = None,
+    columns: list[str] | None = None,
+    filter: Any = None,  # noqa: A002 - the pyarrow.dataset keyword
+) -> pa.Table:
+    """Read a table: a folder of part files (read as one dataset, parts in name order), or a single Parquet file
+    (an output folder written before tables became folders is read transparently).
+
+    `keys` reads only those units' parts (a shard task reads only its chapters' retrievals); on a single file it
+    filters on `chapter_id` instead. `columns` and `filter` (a pyarrow.compute expression) are pushed down.
+    """
+    path = Path(table)
+    if path.is_file():
+        expression = filter
+        if keys is not None:
+            chosen = pc.is_in(pc.field("chapter_id"), pa.array(sorted(set(keys)), pa.string()))
+            expression = chosen if expression is None else expression & chosen
+        result = ds.dataset(path, format="parquet").to_table(columns=columns, filter=expression)
+    elif path.is_dir() or keys is not None:
+        files = (
+            table_parts(path) if keys is None else [p for k in sorted(set(keys)) if (p := part_path(path, k)).exists()]
+        )
+        if not files:
+            empty = schema.empty_table() if schema is not None else pa.table({})
+            return empty.select(columns) if columns is not None and schema is not None else empty
+        result = _read_parts(files, schema, columns, filter)
+    else:
+        raise FileNotFoundError(f"table {path} is missing")
+    if schema is not None and columns is None:
+        result = result.select(schema.names).cast(schema)
+    return result
 
 
 def stable_hash(obj: Any, length: int | None = None) -> str:

@@ -3,11 +3,14 @@
 The unit of work is a chapter, listed in a manifest before any page is decoded. A worker reads its chapter's
 pages in reading order, decodes each small and classifies it, decides whether the chapter is kept (at least
 `min_color_pages` colour pages: a frame plus its references), writes the kept chapter's colour pages to the page
-store once (full quality, upright RGB), then its parts of the pages and chapters tables, then its completion
-marker. The driver fans chapters out over Ray in batches, consolidates the tables in manifest order and writes
-the run summary last. Every output name derives from the input, so a rerun rewrites the same bytes and skips
-the chapters already marked done with the same options and the same chapter signature (see
-`pipelines.core.sources.chapter_signature`): a chapter whose pages were added or replaced since is ingested again.
+store once (full quality, upright RGB), then its parts of the pages and chapters tables (`pages.parquet/` and
+`chapters.parquet/`, folders of one part per chapter), then its completion marker with its counts and its parts'
+sha256. The driver lists the series and chapter folders once and holds one small record per chapter: the
+chapters' signatures and markers are read by Ray tasks, and the summary and the tables' fingerprints come from
+the records, so no table is ever rewritten or hashed whole. Every output name derives from the input, so a rerun
+rewrites the same bytes and skips the chapters already marked done with the same options and the same chapter
+signature (see `pipelines.core.sources.chapter_signature`): a chapter whose pages were added or replaced since is
+ingested again.
 The summary's `complete` is false when a chapter's task failed, so a later run (or the whole-pipeline job) knows
 to retry it.
 """
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.core.decode import (
     DEFAULT_ANALYSIS_SIDE,
@@ -55,13 +59,15 @@ from pipelines.core.storage import (
     atomic_write_json,
     is_done,
     marker_path,
+    part_path,
     purge_chapter_files,
     read_json,
-    read_parquet,
     stable_hash,
     sweep_tmp,
+    tables_fingerprint,
     write_marker,
     write_parquet,
+    write_part,
 )
 from pipelines.ingest.color import ColorThresholds, FeatureConfig, classify, page_features
 from pipelines.runtime.distributor import RunReport, Unit, run_units
@@ -110,15 +116,14 @@ class IngestOptions:
 class ChapterTask:
     """What a worker needs for one chapter (picklable, small).
 
-    `signature` is taken when the driver lists the chapter and goes into the completion marker: if the chapter
-    changes while it is processed, the next run sees a different signature and redoes it.
+    The chapter's signature is taken by the task before it reads a page and goes into the completion marker: if
+    the chapter changes while it is processed, the next run sees a different signature and redoes it.
     """
 
     input_root: str
     output: str
     chapter: ChapterEntry
     options: IngestOptions
-    signature: str
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -272,26 +277,28 @@ def _read_chapter(
 
 
 def process_chapter(task: ChapterTask) -> dict[str, Any]:
-    """Ingest one chapter and write its outputs (page store, table parts, marker last); returns its counts."""
+    """Ingest one chapter and write its outputs (page store, table parts, marker last); returns its record."""
     chapter, options = task.chapter, task.options
     layout = DataLayout.at(task.output)
     chapter_id = chapter.chapter_id
     root = InputRoot(task.input_root)  # an unreachable input root fails the task: nothing is marked done
+    signature = chapter_signature(root, chapter)
     chapter_row, rows, stored = _read_chapter(root, chapter, options)
     store_path = layout.pagestore_chapter(chapter_id)
     if stored:
         write_chapter_pages(layout, chapter_id, stored)
     else:
         store_path.unlink(missing_ok=True)  # a previous run with other options may have kept this chapter
-    write_parquet(table_from_rows([chapter_row], CHAPTERS), chapter_part(layout, chapter_id), CHAPTERS)
-    pages_path = pages_part(layout, chapter_id)
-    write_parquet(table_from_rows(rows, PAGES), pages_path, PAGES)
+    parts = {
+        "chapters": write_part(layout.chapters, chapter_id, table_from_rows([chapter_row], CHAPTERS), CHAPTERS),
+        "pages": write_part(layout.pages, chapter_id, table_from_rows(rows, PAGES), PAGES),
+    }
     counts = {k: chapter_row[k] for k in ("n_pages", "n_color", "n_bw", "n_error", "kept")}
     counts["n_stored"] = len(stored)
     status = chapter_row["status"]
-    marker = {"chapter_id": chapter_id, "options": options.fingerprint(), "signature": task.signature, "status": status}
-    write_marker(pages_path, {**marker, **counts})
-    return {**counts, "chapter_status": status}
+    marker = {"chapter_id": chapter_id, "options": options.fingerprint(), "signature": signature, "status": status}
+    write_marker(chapter_marker(layout, chapter_id), {**marker, **counts, "parts": parts})
+    return {**counts, "chapter_status": status, "parts": parts}
 
 
 def ingest_unit(unit: Unit) -> dict[str, Any]:
@@ -299,68 +306,100 @@ def ingest_unit(unit: Unit) -> dict[str, Any]:
     return process_chapter(unit.payload)
 
 
-def pages_part(layout: DataLayout, chapter_id: str) -> Path:
-    return layout.ingest_pages / f"{chapter_id}.parquet"
+@functools.lru_cache(maxsize=4)
+def _input_root(uri: str) -> InputRoot:
+    """One InputRoot per check process (opening one checks the root is a folder: once, not per chapter)."""
+    return InputRoot(uri)
 
 
-def chapter_part(layout: DataLayout, chapter_id: str) -> Path:
-    return layout.ingest_chapters / f"{chapter_id}.parquet"
+def chapter_marker(layout: DataLayout, chapter_id: str) -> Path:
+    """The output a chapter's completion marker is named after (`ingest/markers/<chapter_id>.done.json`)."""
+    return layout.ingest_markers / chapter_id
 
 
 def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
-    """The chapter's completion marker if written with these options (`fingerprint`) and the task's chapter
-    signature, else None."""
-    part = pages_part(layout, task.chapter.chapter_id)
-    if not is_done(part):
+    """The chapter's completion marker if written with these options (`fingerprint`) and the chapter's current
+    signature (taken now: this runs in a check task), with both its table parts in place; else None."""
+    output = chapter_marker(layout, task.chapter.chapter_id)
+    if not is_done(output):
         return None
     try:
-        marker = read_json(marker_path(part))
+        marker = read_json(marker_path(output))
     except (OSError, ValueError):
         return None
-    current = marker.get("options") == fingerprint and marker.get("signature") == task.signature
-    return marker if current else None
+    if marker.get("options") != fingerprint or "parts" not in marker:
+        return None
+    if marker.get("signature") != chapter_signature(_input_root(task.input_root), task.chapter):
+        return None
+    chapter_id = task.chapter.chapter_id
+    parts_there = part_path(layout.pages, chapter_id).exists() and part_path(layout.chapters, chapter_id).exists()
+    return marker if parts_there else None
 
 
-def chapter_done(layout: DataLayout, task: ChapterTask, fingerprint: str) -> bool:
-    """Skip on rerun: finished with the same options and contents, and readable. Unreadable chapters are retried
-    each run (a mount that was down or an archive that was still being copied may be fine now); other options or
-    changed pages redo it."""
+def chapter_done(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
+    """Skip on rerun: finished with the same options and contents, and readable; returns the marker (the
+    chapter's record) then. Unreadable chapters are retried each run (a mount that was down or an archive that was
+    still being copied may be fine now); other options or changed pages redo it."""
     marker = _marker(layout, task, fingerprint)
-    return marker is not None and marker.get("status") == STATUS_OK
+    return marker if marker is not None and marker.get("status") == STATUS_OK else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 
 
-def _consolidate(
-    layout: DataLayout, tasks: list[ChapterTask], report: RunReport, fingerprint: str
-) -> tuple[pa.Table, pa.Table]:
-    """Tables in manifest order from the per-chapter parts; a chapter whose task crashed gets an error row."""
-    failures = {r["key"]: r.get("error") for r in report.failed}
-    page_tables, chapter_rows = [], []
+def _failed_chapter(layout: DataLayout, chapter: ChapterEntry, error: str) -> dict[str, Any]:
+    """A chapter whose task crashed: its old outputs go (marker first) and its chapters part becomes an error row;
+    returns its record. Only failed chapters cost the driver a write."""
+    chapter_id = chapter.chapter_id
+    marker_path(chapter_marker(layout, chapter_id)).unlink(missing_ok=True)
+    for stale in (part_path(layout.pages, chapter_id), layout.pagestore_chapter(chapter_id)):
+        with contextlib.suppress(OSError):  # whatever made the task fail may block this too: the row says it
+            stale.unlink(missing_ok=True)
+    row = _chapter_row(chapter, [], False, "chapter task failed")
+    row.update(status=STATUS_ERROR, error=f"{chapter.source}: {error}")
+    part = write_part(layout.chapters, chapter_id, table_from_rows([row], CHAPTERS), CHAPTERS)
+    counts = {k: row[k] for k in ("n_pages", "n_color", "n_bw", "n_error", "kept")}
+    return {**counts, "n_stored": 0, "chapter_status": STATUS_ERROR, "parts": {"chapters": part}}
+
+
+def _records(layout: DataLayout, tasks: list[ChapterTask], report: RunReport) -> list[dict[str, Any]]:
+    """One small record per chapter in manifest order: its counts, status and parts' sha256, from the task that
+    processed it, the marker a check task read, or (a crashed task) the error part written here."""
+    results = {r["key"]: r for r in report.results}
+    records = []
     for task in tasks:
-        chapter = task.chapter
-        part = chapter_part(layout, chapter.chapter_id)
-        pages_path = pages_part(layout, chapter.chapter_id)
-        if _marker(layout, task, fingerprint) is not None and part.exists():
-            chapter_rows.extend(read_parquet(part, CHAPTERS).to_pylist())
-            page_tables.append(read_parquet(pages_path, PAGES))
+        chapter_id = task.chapter.chapter_id
+        if chapter_id in report.skipped_records:
+            marker = report.skipped_records[chapter_id]
+            records.append({**marker, "chapter_status": marker["status"]})
             continue
-        row = _chapter_row(chapter, [], False, "chapter task failed")
-        error = failures.get(chapter.chapter_id) or "no output: the chapter's task did not finish"
-        row.update(status=STATUS_ERROR, error=f"{chapter.source}: {error}")
-        chapter_rows.append(row)
-    pages = pa.concat_tables(page_tables) if page_tables else PAGES.empty_table()
-    return pages, table_from_rows(chapter_rows, CHAPTERS)
+        result = results[chapter_id]
+        if result.get("status") == STATUS_ERROR:
+            error = result.get("error") or "no output: the chapter's task did not finish"
+            records.append(_failed_chapter(layout, task.chapter, error))
+        else:
+            records.append(result)
+    return records
+
+
+def _remove_legacy_tables(layout: DataLayout) -> None:
+    """An output folder of an earlier version kept its tables as single files consolidated from per-chapter
+    parts in ingest/pages and ingest/chapters; its chapters have no marker here, so they are ingested again
+    and the old files go."""
+    for table in (layout.pages, layout.chapters):
+        if table.is_file():
+            table.unlink()
+    for folder in layout.legacy_ingest_parts:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _sweep_tmp(layout: DataLayout) -> None:
     """Remove temporary files a killed ingestion left, only in this stage's folders (other stages may be running)."""
-    for folder in (layout.ingest_pages, layout.ingest_chapters, layout.pagestore):
+    for folder in (layout.ingest_markers, layout.pages, layout.chapters, layout.pagestore):
         sweep_tmp(folder)
-    for final in (layout.manifest, layout.pages, layout.chapters, layout.summary(STAGE)):
-        for leftover in final.parent.glob(f"{final.name}{TMP_TAG}*"):
+    for final in (layout.manifest, layout.summary(STAGE)):
+        for leftover in final.parent.glob(f".{final.name}{TMP_TAG}*"):
             leftover.unlink(missing_ok=True)
 
 
@@ -368,13 +407,9 @@ def purge_taken_down(layout: DataLayout, listed_ids: set[str]) -> set[str]:
     """Delete the page store part, table parts and marker of every chapter no longer in the input (`listed_ids`);
     returns their ids. Later stages purge their own files of chapters without an ingestion marker."""
     purged: set[str] = set()
-    for folder in (layout.ingest_pages, layout.ingest_chapters, layout.pagestore):  # markers (ingest/pages) first
+    for folder in (layout.ingest_markers, layout.pages, layout.chapters, layout.pagestore):  # markers first
         purged |= purge_chapter_files(folder, listed_ids)
     return purged
-
-
-def _count(table: pa.Table, column: str, value: Any) -> int:
-    return int(pc.sum(pc.equal(table.column(column), value)).as_py() or 0)
 
 
 def run_ingest(
@@ -434,10 +469,11 @@ def _run_ingest(
 ) -> dict[str, Any]:
     layout = DataLayout.at(output)
     layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
+    _remove_legacy_tables(layout)
     _sweep_tmp(layout)
     purged = purge_taken_down(layout, listed_ids)
     write_parquet(manifest_table(chapters), layout.manifest)
-    tasks = [ChapterTask(input_uri, output, c, options, chapter_signature(root, c)) for c in chapters]
+    tasks = [ChapterTask(input_uri, output, c, options) for c in chapters]
     listed = time.perf_counter()
 
     fingerprint = options.fingerprint()
@@ -456,10 +492,17 @@ def _run_ingest(
         max_retries=max_retries,
         local=local,
     )
-    pages, chapter_table = _consolidate(layout, tasks, report, fingerprint)
-    write_parquet(pages, layout.pages, PAGES)
-    write_parquet(chapter_table, layout.chapters, CHAPTERS)
+    records = _records(layout, tasks, report)
+    ids = [task.chapter.chapter_id for task in tasks]
+    tables = {
+        name: tables_fingerprint({c: r["parts"][name] for c, r in zip(ids, records, strict=True) if name in r["parts"]})
+        for name in ("pages", "chapters")
+    }
 
+    def total(key: str) -> int:
+        return sum(int(r.get(key) or 0) for r in records)
+
+    kept = sum(bool(r.get("kept")) for r in records)
     processed_pages = sum(int(r.get("n_pages", 0)) for r in report.results)
     summary = {
         "stage": STAGE,
@@ -469,18 +512,19 @@ def _run_ingest(
         "options": options.to_dict(),
         "options_fingerprint": fingerprint,
         "chapters": {
-            "total": chapter_table.num_rows,
-            "kept": _count(chapter_table, "kept", True),
-            "dropped": chapter_table.num_rows - _count(chapter_table, "kept", True),
-            "error": _count(chapter_table, "status", STATUS_ERROR),
+            "total": len(records),
+            "kept": kept,
+            "dropped": len(records) - kept,
+            "error": sum(r.get("chapter_status") == STATUS_ERROR for r in records),
         },
         "pages": {
-            "total": pages.num_rows,
-            "color": _count(pages, "is_color", True),
-            "bw": _count(pages, "is_color", False),
-            "error": _count(pages, "status", STATUS_ERROR),
-            "stored": _count(pages, "stored", True),
+            "total": total("n_pages"),
+            "color": total("n_color"),
+            "bw": total("n_bw"),
+            "error": total("n_error"),
+            "stored": total("n_stored"),
         },
+        "tables": tables,  # fingerprints from the parts' sha256 (what later stages' fingerprints build on)
         "run": {
             "chapters_processed": len(report.results),
             "chapters_reused": len(report.skipped),
@@ -497,6 +541,10 @@ def _run_ingest(
             "chapters_per_task": chapters_per_task,
         },
     }
+    kept_ids = sorted(
+        c for c, r in zip(ids, records, strict=True) if r.get("kept") and r["chapter_status"] == STATUS_OK
+    )
+    atomic_write_json(layout.kept_chapters, kept_ids)
     atomic_write_json(layout.summary(STAGE), summary)
     if verbose:
         print(format_summary(summary), flush=True)

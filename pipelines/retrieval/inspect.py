@@ -20,7 +20,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.core.contact_sheets import RetrievedPatch, draw_contact_sheet
@@ -30,7 +29,7 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import decode_page, read_chapter_pages
 from pipelines.core.patches import fitted_page
 from pipelines.core.schemas import PAGE_STORE, POOLS, QUERY_PATCHES, RETRIEVALS, STATUS_OK
-from pipelines.core.storage import read_json, read_jsonl, read_parquet
+from pipelines.core.storage import read_json, read_jsonl, read_parquet, read_table
 
 
 def retrieval_run_info(layout: DataLayout) -> dict[str, Any]:
@@ -42,7 +41,8 @@ def retrieval_run_info(layout: DataLayout) -> dict[str, Any]:
 
 
 def _frame_rows(layout: DataLayout, frame_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
-    table = pq.read_table(layout.retrievals, filters=[("frame_id", "in", sorted(frame_ids))]).select(RETRIEVALS.names)
+    wanted = pc.is_in(pc.field("frame_id"), pa.array(sorted(frame_ids), pa.string()))
+    table = read_table(layout.retrievals, columns=RETRIEVALS.names, filter=wanted)
     rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in table.to_pylist():
         rows[row["frame_id"]].append(row)
@@ -108,7 +108,7 @@ def write_contact_sheets(
     """
     layout = DataLayout.at(data)
     retrieval_run_info(layout)
-    pools = read_parquet(layout.pools, POOLS)
+    pools = read_table(layout.pools, POOLS)
     if frame_ids is None:
         candidates = sorted(pools.filter(pc.equal(pools["status"], STATUS_OK)).column("frame_id").to_pylist())
         if not candidates:
@@ -192,9 +192,9 @@ def character_hit_rate(data: str | os.PathLike, labels: str | os.PathLike, *, mi
     info = retrieval_run_info(layout)
     width, height = info["params"]["width"], info["params"]["height"]
     by_source = {label["source"]: label for label in read_jsonl(labels)}
-    pages = read_parquet(layout.pages).select(["page_id", "source"]).to_pylist()
+    pages = read_table(layout.pages, columns=["page_id", "source"]).to_pylist()
     label_of = {p["page_id"]: by_source[p["source"]] for p in pages if p["source"] in by_source}
-    pools = read_parquet(layout.pools, POOLS)
+    pools = read_table(layout.pools, POOLS)
     pools = pools.filter(pc.equal(pools["status"], STATUS_OK)).to_pylist()
     retrievals = _frame_rows(layout, {p["frame_id"] for p in pools})
     query_boxes, ref_boxes = quadrant_boxes(width, height), reference_boxes(width, height)

@@ -18,9 +18,12 @@ candidates are the other frames of its chapter. Two stages, both resumable chapt
    change of k, cap, pool size or seed re-searches from the stored vectors with zero encoder calls. The summary
    reports how many distinct reference pages each frame's patches come from.
 
-Then the current chapters' parts are streamed into `pools.parquet` and `retrievals.parquet`, and
-`retrieval.summary.json` (what was embedded, reused and re-searched) is written last. No process holds all
-embeddings: every step works on one chapter. On a cluster, OUT must be on storage every node can read and write.
+The search task writes its chapter's parts of `pools.parquet/` and `retrievals.parquet/` (folders of one part
+per chapter: the tables of the latest run) and its marker with its counts and parts' sha256; the driver keeps one
+small record per chapter (the markers and page-store stats are read by check tasks) and writes
+`retrieval.summary.json` (what was embedded, reused and re-searched, the tables' fingerprints) last. No process
+holds all embeddings and no table is rewritten: every step works on one chapter. On a cluster, OUT must be on
+storage every node can read and write.
 
 Files under OUT (see `pipelines.core.layout`):
 
@@ -30,18 +33,17 @@ Files under OUT (see `pipelines.core.layout`):
     retrieval/embeddings/<encoder_id>/pages/<chapter>.parquet  EMBEDDED_PAGES: bytes sha1, edge hashes, status
     retrieval/embeddings/<encoder_id>/<chapter>.done.json      marker: content version, page-store file stat
     retrieval/runs/<run_id>/run.json                           the run's parameters
-    retrieval/runs/<run_id>/{pools,retrievals}/<chapter>.parquet (+ retrievals/<chapter>.done.json)
+    retrieval/search/<chapter>.done.json                       search marker: run id, embeddings version, counts
+    pools.parquet/<chapter>.parquet, retrievals.parquet/<chapter>.parquet   the chapter's parts of the tables
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.core.embeddings import PATCHES_PER_PAGE, QUERY_ROLE, REF_ROLE, ChapterEmbeddings, EmbeddingStore
 from pipelines.core.encoders import (
@@ -80,18 +81,20 @@ from pipelines.core.schemas import (
 )
 from pipelines.core.search import PoolSearcher, RefKeys, padded_rows
 from pipelines.core.storage import (
-    atomic_path,
     atomic_write_json,
     marker_path,
+    part_path,
     purge_chapter_files,
     read_json,
     read_parquet,
+    read_table,
     stable_hash,
     sweep_tmp,
+    tables_fingerprint,
     write_marker,
-    write_parquet,
+    write_part,
 )
-from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.distributor import Unit, map_in_tasks, run_units
 from pipelines.runtime.faults import (
     ACTOR_RESTART,
     LOST_OBJECT,
@@ -796,21 +799,28 @@ def _embed_on_ray(
 
 @dataclass(frozen=True)
 class SearchJob:
+    root: str
     embeddings_folder: str
-    run_folder: str
+    run_id: str
     chapter_id: str
     version: str
     params: RetrievalOptions
     faiss_threads: int = 1
 
 
-def _run_paths(run_folder: Path, chapter_id: str) -> tuple[Path, Path]:
-    return run_folder / "pools" / f"{chapter_id}.parquet", run_folder / "retrievals" / f"{chapter_id}.parquet"
-
-
-def search_state(run_folder: Path, chapter_id: str) -> dict[str, Any] | None:
-    path = marker_path(run_folder / "retrievals" / chapter_id)
+def search_state(layout: DataLayout, chapter_id: str) -> dict[str, Any] | None:
+    path = marker_path(layout.search_markers / chapter_id)
     return read_json(path) if path.exists() else None
+
+
+def search_done(layout: DataLayout, job: SearchJob) -> dict[str, Any] | None:
+    """The chapter's search marker if it holds this run's search of these embeddings and its parts are in place
+    (run in a check task: the driver reads no marker)."""
+    state = search_state(layout, job.chapter_id)
+    if state is None or state.get("run_id") != job.run_id or state.get("embeddings_version") != job.version:
+        return None
+    in_place = all(part_path(t, job.chapter_id).exists() for t in (layout.pools, layout.retrievals))
+    return state if in_place else None
 
 
 def chapter_retrievals(
@@ -937,22 +947,31 @@ def _frame_counts(pools: list[Pool]) -> dict[str, int]:
 
 
 def search_chapter(unit: Unit) -> dict[str, Any]:
-    """Stage-2 worker: one chapter's pools and retrievals, written to the run folder (marker last)."""
+    """Stage-2 worker: one chapter's pools and retrievals, written as its parts of the tables (marker last)."""
     job: SearchJob = unit.payload
+    layout = DataLayout.at(job.root)
     embeddings = EmbeddingStore(Path(job.embeddings_folder)).load(job.chapter_id)
     if embeddings.version != job.version:
         raise RuntimeError(f"chapter {job.chapter_id}: embeddings changed during the run; rerun the job")
     pools, retrievals = chapter_retrievals(embeddings, job.params, job.faiss_threads)
-    run_folder = Path(job.run_folder)
-    pools_path, retrievals_path = _run_paths(run_folder, job.chapter_id)
-    write_parquet(table_from_rows([p.row(job.chapter_id) for p in pools], POOLS), pools_path, POOLS)
-    write_parquet(table_from_rows(retrievals, RETRIEVALS), retrievals_path, RETRIEVALS)
+    marker_path(layout.search_markers / job.chapter_id).unlink(missing_ok=True)  # parts change: marker goes first
+    retrieval_table = table_from_rows(retrievals, RETRIEVALS)
+    parts = {
+        "pools": write_part(
+            layout.pools, job.chapter_id, table_from_rows([p.row(job.chapter_id) for p in pools], POOLS), POOLS
+        ),
+        "retrievals": write_part(layout.retrievals, job.chapter_id, retrieval_table, RETRIEVALS),
+    }
     stats = {
+        "run_id": job.run_id,
         "embeddings_version": job.version,
         "retrievals": len(retrievals),
+        "pools_rows": len(pools),
+        "distinct_ref_pages": distinct_pages_histogram(retrieval_table),
+        "parts": parts,
         **_frame_counts(pools),
     }
-    write_marker(run_folder / "retrievals" / job.chapter_id, stats)
+    write_marker(layout.search_markers / job.chapter_id, stats)
     return stats
 
 
@@ -961,12 +980,8 @@ def search_chapter(unit: Unit) -> dict[str, Any]:
 
 def _stored_pages(layout: DataLayout, chapter_ids: set[str]) -> dict[str, list[str]]:
     """chapter_id -> its stored page ids per the pages table (used to report frames of failed chapters)."""
-    pages = read_parquet(layout.pages).select(["page_id", "chapter_id", "stored"])
-    pages = pages.filter(
-        pc.and_(
-            pc.equal(pages["stored"], True), pc.is_in(pages["chapter_id"], pa.array(sorted(chapter_ids), pa.string()))
-        )
-    )
+    pages = read_table(layout.pages, keys=chapter_ids, columns=["page_id", "chapter_id", "stored"])
+    pages = pages.filter(pc.equal(pages["stored"], True))
     out: dict[str, list[str]] = {}
     for page_id, chapter_id in zip(
         pages.column("page_id").to_pylist(), pages.column("chapter_id").to_pylist(), strict=True
@@ -987,22 +1002,6 @@ def _write_encoder_record(folder: Path, info: EncoderInfo) -> None:
     atomic_write_json(path, record)
 
 
-def _iter_parts(run_folder: Path, chapters: list[str], which: int, schema: pa.Schema) -> Iterator[pa.Table]:
-    for chapter_id in chapters:
-        yield read_parquet(_run_paths(run_folder, chapter_id)[which], schema)
-
-
-def _stream_table(path: Path, schema: pa.Schema, tables: Iterator[pa.Table]) -> int:
-    """Write tables one after another into one Parquet file (bounded memory), atomically; returns rows."""
-    rows = 0
-    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for table in tables:
-            if table.num_rows:
-                writer.write_table(table.select(schema.names).cast(schema))
-                rows += table.num_rows
-    return rows
-
-
 def purge_taken_down(layout: DataLayout) -> set[str]:
     """Delete the embeddings (every encoder and size) and the search parts (every run) of chapters ingestion no
     longer lists; returns their ids. Markers go before data: a chapter's search marker sits beside its retrievals,
@@ -1012,10 +1011,45 @@ def purge_taken_down(layout: DataLayout) -> set[str]:
     for encoder_folder in subfolders(layout.embeddings_root):
         for folder in (encoder_folder, encoder_folder / "pages"):
             purged |= purge_chapter_files(folder, keep)
-    for run_folder in subfolders(layout.retrieval_runs):
+    for run_folder in subfolders(layout.retrieval_runs):  # parts an earlier version kept per run
         for folder in (run_folder / "retrievals", run_folder / "pools"):
             purged |= purge_chapter_files(folder, keep)
+    for folder in (layout.search_markers, layout.pools, layout.retrievals):
+        purged |= purge_chapter_files(folder, keep)
     return purged
+
+
+def _drop_other_chapters(layout: DataLayout, chapters: list[str]) -> None:
+    """The tables hold the current chapters only: parts of chapters ingested but no longer kept go (a listing of
+    each folder; markers first), and the single-file tables of an earlier version are replaced."""
+    for table in (layout.pools, layout.retrievals):
+        if table.is_file():
+            table.unlink()
+    for folder in (layout.search_markers, layout.pools, layout.retrievals):
+        purge_chapter_files(folder, set(chapters))
+
+
+def _embedding_check(job: EmbedJob) -> dict[str, Any] | None:
+    """Run in a check task: the chapter's embeddings marker (small fields) and whether it is up to date with the
+    chapter's page-store file."""
+    state = EmbeddingStore(Path(job.folder)).state(job.chapter_id)
+    if state is None:
+        return None
+    source = DataLayout.at(job.root).pagestore_chapter(job.chapter_id)
+    current = not job.rebuild and source.exists() and state.get("pagestore") == _pagestore_stat(source)
+    return {
+        "version": state["version"],
+        "n_ok": state.get("n_ok", 0),
+        "n_error": state.get("n_error", 0),
+        "current": current,
+    }
+
+
+def _failed_search(layout: DataLayout, chapter_id: str, pool_rows: list[dict[str, Any]]) -> str:
+    """A failed chapter's parts: its error pools (one per stored frame) and no retrievals; marker first."""
+    marker_path(layout.search_markers / chapter_id).unlink(missing_ok=True)
+    part_path(layout.retrievals, chapter_id).unlink(missing_ok=True)
+    return write_part(layout.pools, chapter_id, table_from_rows(pool_rows, POOLS), POOLS)
 
 
 def run_retrieval(
@@ -1040,29 +1074,27 @@ def run_retrieval(
     layout.summary("retrieval").unlink(missing_ok=True)
     if not local:
         init_ray()
-    for folder in (store.folder, run_folder):
+    for folder in (store.folder, run_folder, layout.search_markers, layout.pools, layout.retrievals):
         sweep_tmp(folder)
     purged = purge_taken_down(layout)
+    _drop_other_chapters(layout, chapters)
     store.folder.mkdir(parents=True, exist_ok=True)
     _write_encoder_record(store.folder, info)
     atomic_write_json(
         run_folder / "run.json", {"run_id": run_id, "encoder_id": info.encoder_id, **params.search_settings()}
     )
 
-    # stage 1: embeddings
+    # stage 1: embeddings (markers and page-store stats read by check tasks)
     stage1_started = time.perf_counter()
-    jobs, up_to_date = [], []
-    states = {chapter_id: store.state(chapter_id) for chapter_id in chapters}
-    for chapter_id, state in states.items():
-        source = layout.pagestore_chapter(chapter_id)
-        if not rebuild and state is not None and source.exists() and state.get("pagestore") == _pagestore_stat(source):
-            up_to_date.append(chapter_id)
-        else:
-            jobs.append(
-                EmbedJob(
-                    str(layout.root), chapter_id, str(store.folder), width, height, info, rebuild, params.fit_resample
-                )
-            )
+    all_jobs = [
+        EmbedJob(str(layout.root), c, str(store.folder), width, height, info, rebuild, params.fit_resample)
+        for c in chapters
+    ]
+    found = map_in_tasks(_embedding_check, all_jobs, desc="embeddings check", local=local)
+    checks = dict(zip(chapters, found, strict=True))
+    jobs = [job for job in all_jobs if not (checks[job.chapter_id] or {}).get("current")]
+    up_to_date = [c for c in chapters if (checks[c] or {}).get("current")]
+    states = {c: checks[c] for c in up_to_date}
     options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors, threads=params.encoder_threads)
     embed_faults = FaultCounts()
     if not jobs:
@@ -1071,7 +1103,7 @@ def run_retrieval(
         embed_results, workers = _embed_locally(jobs, info, options)
     else:
         embed_results, workers = _embed_on_ray(jobs, info, options, embed_faults)
-    states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})
+    states.update({job.chapter_id: store.state(job.chapter_id) for job in jobs})  # the changed chapters only
     failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
     embed_summary = {
         "chapters_up_to_date": len(up_to_date),
@@ -1094,17 +1126,17 @@ def run_retrieval(
     # stage 2: pools and search
     versions = {c: state["version"] for c, state in states.items() if c not in failed and state is not None}
     units = [
-        Unit(c, SearchJob(str(store.folder), str(run_folder), c, versions[c], params, params.faiss_threads))
+        Unit(c, SearchJob(str(layout.root), str(store.folder), run_id, c, versions[c], params, params.faiss_threads))
         for c in chapters
         if c in versions
     ]
-
-    def is_done(unit: Unit) -> bool:
-        state = search_state(run_folder, unit.key)
-        return not rebuild and state is not None and state.get("embeddings_version") == versions[unit.key]
-
     report = run_units(
-        units, search_chapter, is_done=is_done, desc="retrieval search", num_cpus=params.faiss_threads, local=local
+        units,
+        search_chapter,
+        is_done=lambda unit: None if rebuild else search_done(layout, unit.payload),
+        desc="retrieval search",
+        num_cpus=params.faiss_threads,
+        local=local,
     )
     failed.update({r["key"]: r["error"] for r in report.failed})
     search_summary = {
@@ -1118,32 +1150,32 @@ def run_retrieval(
     for counts in (embed_faults, report.faults):
         stage_faults.add(counts)
 
-    # consolidation: the current chapters' parts, then the summary (the stage's completion marker)
-    done = [c for c in chapters if c not in failed]
+    # the tables: every chapter's record (from its search task or its check), failed chapters' error parts
+    records = {r["key"]: r for r in report.results if r.get("status") != STATUS_ERROR} | report.skipped_records
     error_frames = _stored_pages(layout, set(failed)) if failed else {}
-    error_pools = [
-        error_pool(frame_id, f"chapter failed: {failed[c]}").row(c)
-        for c in sorted(failed)
-        for frame_id in error_frames.get(c, [])
-    ]
-    pool_parts = itertools.chain(_iter_parts(run_folder, done, 0, POOLS), [table_from_rows(error_pools, POOLS)])
-    pool_table_rows = _stream_table(layout.pools, POOLS, pool_parts)
-    histogram: Counter[str] = Counter()  # distinct pages per frame, counted as the parts stream past (a frame's
-    # retrievals all sit in its chapter's part), not by reading the written table back
-
-    def counted(parts: Iterator[pa.Table]) -> Iterator[pa.Table]:
-        for part in parts:
-            histogram.update(distinct_pages_histogram(part))
-            yield part
-
-    retrieval_rows = _stream_table(layout.retrievals, RETRIEVALS, counted(_iter_parts(run_folder, done, 1, RETRIEVALS)))
+    error_pools = 0
+    for chapter_id in sorted(failed):
+        rows = [
+            error_pool(f, f"chapter failed: {failed[chapter_id]}").row(chapter_id)
+            for f in error_frames.get(chapter_id, [])
+        ]
+        records[chapter_id] = {"parts": {"pools": _failed_search(layout, chapter_id, rows)}, "pools_rows": len(rows)}
+        error_pools += len(rows)
+    histogram: Counter[str] = Counter()
     frames = {"frames": 0, "frames_ok": 0, "frames_short": 0, "frames_excluded": 0, "frames_error": 0}
-    for chapter_id in done:
-        state = search_state(run_folder, chapter_id) or {}
+    for chapter_id in chapters:
+        record = records.get(chapter_id, {})
+        histogram.update(record.get("distinct_ref_pages", {}))
         for key in frames:
-            frames[key] += state.get(key, 0)
-    frames["frames"] += len(error_pools)
-    frames["frames_error"] += len(error_pools)
+            frames[key] += record.get(key, 0)
+    frames["frames"] += error_pools
+    frames["frames_error"] += error_pools
+    tables = {
+        name: tables_fingerprint({c: r["parts"][name] for c, r in records.items() if name in r.get("parts", {})})
+        for name in ("pools", "retrievals")
+    }
+    pool_table_rows = sum(r.get("pools_rows", 0) for r in records.values())
+    retrieval_rows = sum(r.get("retrievals", 0) for r in records.values())
     summary = {
         "stage": "retrieval",
         "complete": not failed,  # False makes the whole-pipeline job run this stage again (failed chapters)
@@ -1158,6 +1190,7 @@ def run_retrieval(
         "pools_rows": pool_table_rows,
         "retrieval_rows": retrieval_rows,
         "distinct_ref_pages_per_frame": distinct_pages_summary(dict(histogram)),
+        "tables": tables,  # fingerprints from the parts' sha256 (the shard stage's plan builds on them)
         "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
         "faults": stage_faults.as_dict(),
         "outputs": {

@@ -1,7 +1,8 @@
 """Resumable fan-out of work units over Ray: the only place the stages talk to Ray's task API.
 
 A unit (a chapter, a shard, ...) has a deterministic key and a worker that writes its own outputs atomically,
-then its completion marker. The distributor skips units already marked done, runs the rest as Ray tasks in
+then its completion marker. The distributor skips units already marked done (the markers are read by Ray
+tasks of `CHECK_CHUNK` units, not by the driver, from `CHECK_IN_TASKS_FROM` units on), runs the rest as Ray tasks in
 batches with a bounded number in flight, shows a progress bar, submits a batch again when its worker or node was
 lost (up to the fault policy's `max_retries` times, counted in the summary), turns a batch lost on every attempt
 into error rows instead of a dead job, and fails with one line when nothing finishes for the policy's
@@ -10,6 +11,7 @@ into error rows instead of a dead job, and fails with one line when nothing fini
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -51,6 +53,7 @@ class RunReport:
 
     results: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    skipped_records: dict[str, dict[str, Any]] = field(default_factory=dict)  # what `is_done` returned, if a dict
     seconds: float = 0.0
     faults: FaultCounts = field(default_factory=FaultCounts)
 
@@ -99,6 +102,53 @@ def batched(items: Sequence[Any], size: int) -> list[list[Any]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+CHECK_CHUNK = 256  # units whose markers one check task reads
+CHECK_IN_TASKS_FROM = 64  # fewer units are checked by the driver: cheaper than starting a task
+
+
+def _apply(fn: Callable[[Any], Any], unit: Unit) -> dict[str, Any]:
+    return {"value": fn(unit.payload)}
+
+
+def map_in_tasks(
+    fn: Callable[[Any], Any],
+    items: Sequence[Any],
+    *,
+    desc: str,
+    chunk: int = CHECK_CHUNK,
+    local: bool = False,
+    in_tasks_from: int = CHECK_IN_TASKS_FROM,
+) -> list[Any]:
+    """`fn` over `items` (results in item order), as Ray tasks of `chunk` items: the cheap per-unit reads (markers,
+    file stats) a driver must not do one after another. In this process when `local` or for fewer than
+    `in_tasks_from` items. An item whose call raised gets None (a check that fails means "not done")."""
+    if local or len(items) < in_tasks_from:
+        values = []
+        for item in items:
+            try:
+                values.append(fn(item))
+            except Exception:  # noqa: BLE001 - an unreadable marker is a unit to redo, not a crash
+                values.append(None)
+        return values
+    units = [Unit(key=str(i), payload=item) for i, item in enumerate(items)]
+    bar = tqdm(total=len(units), desc=desc, unit="unit", dynamic_ncols=True, mininterval=1.0, disable=True)
+    results = _run_on_ray(
+        functools.partial(_apply, fn),
+        batched(units, chunk),
+        bar,
+        desc,
+        {"num_cpus": 1.0, "num_gpus": 0.0},
+        None,
+        fault_policy().max_retries,
+        FaultCounts(),
+    )
+    values: list[Any] = [None] * len(units)
+    for result in results:
+        if result.get("status") != STATUS_ERROR:
+            values[int(result["key"])] = result.get("value")
+    return values
+
+
 def run_units(
     units: Sequence[Unit],
     worker: Callable[[Unit], dict[str, Any]],
@@ -115,6 +165,9 @@ def run_units(
 ) -> RunReport:
     """Run `worker` on every unit not yet done, as Ray tasks of `units_per_task` units.
 
+    `is_done(unit)` runs in check tasks (`map_in_tasks`), so it must be picklable and read only its own unit's
+    files; a dict it returns counts as done and is kept in `report.skipped_records` (a marker's counts, say).
+
     `max_retries` (default: the fault policy's) bounds how often a batch lost with its worker or node is submitted
     again. `local=True` runs in this process (no Ray): used by tests of a worker and by tiny runs. Results come
     back in unit order whatever the completion order, so summaries are deterministic.
@@ -122,8 +175,13 @@ def run_units(
     started = time.perf_counter()
     report = RunReport()
     todo: list[Unit] = []
-    for unit in units:
-        (report.skipped.append(unit.key) if is_done(unit) else todo.append(unit))
+    for unit, done in zip(units, map_in_tasks(is_done, units, desc=f"{desc} (check)", local=local), strict=True):
+        if not done:
+            todo.append(unit)
+            continue
+        report.skipped.append(unit.key)
+        if isinstance(done, dict):
+            report.skipped_records[unit.key] = done
     order = {unit.key: i for i, unit in enumerate(todo)}
     bar = tqdm(total=len(todo), desc=desc, unit="unit", dynamic_ncols=True, mininterval=1.0)
     if local:

@@ -244,6 +244,10 @@ def chapter_done(
     return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id, lines_id)
 
 
+def _unit_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, lines_id: str, unit: Unit) -> bool:
+    return chapter_done(layout, renderer_id, options, unit.key, lines_id)
+
+
 def _chapter_output(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str):
     return layout.screentone(renderer_id, options.width, options.height) / f"{chapter_id}.parquet"
 
@@ -285,7 +289,7 @@ def run_screentone(
     report = run_units(
         units,
         _chapter_worker,
-        is_done=lambda u: chapter_done(layout, renderer.id, options, u.key, lines_id),
+        is_done=functools.partial(_unit_done, layout, renderer.id, options, lines_id),  # picklable: check tasks run it
         desc="screentone chapters",
         units_per_task=chapters_per_task,
         num_gpus=num_gpus,

@@ -40,7 +40,7 @@ import hashlib
 import json
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.core.benchmark_format import (
@@ -72,6 +71,7 @@ from pipelines.core.storage import (
     publish_tree,
     read_json,
     read_parquet,
+    read_table,
     write_marker,
 )
 from pipelines.runtime.distributor import Unit, run_units
@@ -144,10 +144,14 @@ PAGE_COLUMNS = ["page_id", "chapter_id", "series", "chapter", "page_index", "is_
 CHAPTER_COLUMNS = ["chapter_id", "series", "kept", "status"]
 
 
-def read_frames(layout: DataLayout) -> tuple[pa.Table, pa.Table]:
-    """(frames, chapters) of an ingested data folder, reading only the columns this stage uses."""
-    pages = pq.read_table(layout.pages, columns=PAGE_COLUMNS)
-    chapters = pq.read_table(layout.chapters, columns=CHAPTER_COLUMNS)
+def read_frames(
+    layout: DataLayout, read: Callable[[Path, list[str]], pa.Table] | None = None
+) -> tuple[pa.Table, pa.Table]:
+    """(frames, chapters) of an ingested data folder, reading only the columns this stage uses (with `read(table,
+    columns)`, by default `read_table` here)."""
+    read = read or (lambda table, columns: read_table(table, columns=columns))
+    pages = read(layout.pages, PAGE_COLUMNS)
+    chapters = read(layout.chapters, CHAPTER_COLUMNS)
     return frame_pages(pages, chapters), chapters
 
 

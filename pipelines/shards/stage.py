@@ -11,6 +11,7 @@ uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_LANCZOS, hires_size
@@ -26,7 +26,17 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.page_styles import line_extractor_id
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
-from pipelines.core.storage import atomic_write_json, read_json, read_parquet, sha256_file, stable_hash, write_parquet
+from pipelines.core.storage import (
+    atomic_write_json,
+    chapter_of,
+    read_json,
+    read_parquet,
+    read_table,
+    stable_hash,
+    table_parts,
+    write_parquet,
+)
+from pipelines.runtime.distributor import map_in_tasks
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -121,7 +131,7 @@ def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
     """Frames whose ring shows a patch of one of `pages`."""
     if not pages:
         return set()
-    table = pq.read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"])
+    table = read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"])
     mask = pc.and_(
         pc.less(table["rank"], RANKS_PER_PATCH),
         pc.is_in(table["ref_page_id"], value_set=pa.array(sorted(pages), pa.string())),
@@ -129,12 +139,37 @@ def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
     return set(table.filter(mask).column("frame_id").to_pylist())
 
 
-def _pool_status(layout: DataLayout) -> dict[str, str]:
+def _pool_status(layout: DataLayout, local: bool) -> dict[str, str]:
     """frame_id -> status of its reference pool ("excluded": too few references, so no retrievals by design)."""
     if not layout.pools.exists():
         return {}
-    table = pq.read_table(layout.pools, columns=["frame_id", "status"])
+    table = read_whole(layout.pools, ["frame_id", "status"], local)
     return dict(zip(table.column("frame_id").to_pylist(), table.column("status").to_pylist(), strict=True))
+
+
+PARTS_PER_READ = 256  # parts one reading task returns
+
+
+def _read_parts(table: str, columns: list[str], keys: list[str]) -> pa.Table:
+    return read_table(table, columns=columns, keys=keys)
+
+
+def read_whole(table: Path, columns: list[str], local: bool) -> pa.Table:
+    """Columns of a whole table for the plan: on Ray its parts are read by tasks of `PARTS_PER_READ` parts (the
+    driver lists the folder once and concatenates what they return); in this process by threads when `local`."""
+    if local or not table.is_dir():
+        return read_table(table, columns=columns)
+    keys = [chapter_of(part) for part in table_parts(table)]
+    chunks = [keys[i : i + PARTS_PER_READ] for i in range(0, len(keys), PARTS_PER_READ)]
+    read = functools.partial(_read_parts, str(table), columns)
+    tables = map_in_tasks(read, chunks, desc=f"read {table.name}", chunk=1, in_tasks_from=2)
+    if any(t is None for t in tables):
+        raise RuntimeError(f"{table}: a task reading its parts failed; rerun the shard job")
+    return pa.concat_tables(tables, promote_options="default") if tables else read_table(table, columns=columns)
+
+
+def _read_whole_for(local: bool, table: Path, columns: list[str]) -> pa.Table:
+    return read_whole(table, columns, local)
 
 
 def _records(frames: pa.Table) -> list[FrameRecord]:
@@ -173,11 +208,12 @@ def _check_fit(upstream: dict[str, Any], fit_resample: str, layout: DataLayout) 
         )
 
 
-def _input_files(layout: DataLayout) -> dict[str, str | None]:
-    """Content hashes of the tables this stage reads. Upstream writes are byte-deterministic, so a rerun of an
-    upstream stage that changed nothing leaves these equal and the stage stays skipped."""
-    files = {"pages": layout.pages, "chapters": layout.chapters, "retrievals": layout.retrievals, "pools": layout.pools}
-    return {name: sha256_file(path) if path.exists() else None for name, path in files.items()}
+def _input_tables(layout: DataLayout) -> dict[str, Any]:
+    """Fingerprints of the tables this stage reads, as the upstream summaries record them: each built from the
+    sha256 of the parts, computed by the tasks that wrote them, so no table is hashed here. Upstream writes are
+    byte-deterministic, so a rerun of an upstream stage that changed nothing leaves these equal and the stage
+    stays skipped."""
+    return {stage: read_json(layout.summary(stage)).get("tables") for stage in ("ingest", "retrieval")}
 
 
 def run_shards(
@@ -219,7 +255,7 @@ def run_shards(
             "line_extractor": lines_id,
             "code": version,
             "upstream": upstream,
-            "input_files": _input_files(layout),
+            "input_tables": _input_tables(layout),
         }
     )
     summary_path = layout.summary(STAGE)
@@ -228,7 +264,11 @@ def run_shards(
         if previous.get("config_fingerprint") == config_fingerprint and previous.get("complete"):
             return {**previous, "skipped": True}
 
-    frames, chapters = read_frames(layout)
+    if not local:
+        from pipelines.runtime.ray import init_ray
+
+        init_ray()
+    frames, chapters = read_frames(layout, functools.partial(_read_whole_for, local))
     bench_width, bench_height = options.bench_size or sample_sizes[1]
     bench_config = BenchmarkConfig(
         chapters=options.bench_chapters,
@@ -266,7 +306,7 @@ def run_shards(
 
     # 2. leakage: benchmark pages and validation frames against training frames
     records = _records(frames)
-    pool_status = _pool_status(layout)
+    pool_status = _pool_status(layout, local)
     without_pool: dict[str, int] = {}
     by_split: dict[str, list[FrameRecord]] = {name: [] for name in (TRAIN, VAL, BENCH)}
     for record in records:
@@ -296,11 +336,6 @@ def run_shards(
     reasons |= {f: "leakage: its ring shows a near-duplicate of a held-out page" for f in referencing}
     leakage["train_frames_removed_as_duplicates"] = len(removed)
     leakage["train_frames_removed_referencing_duplicates"] = len(referencing)
-
-    if not local:
-        from pipelines.runtime.ray import init_ray
-
-        init_ray()
 
     # 3. the benchmark folder
     benchmark = write_benchmark(layout.root, bench_plan, code_version=version, local=local)

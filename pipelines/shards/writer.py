@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import read_chapter_pages
@@ -81,6 +80,7 @@ from pipelines.core.storage import (
     read_json,
     read_marker,
     read_parquet,
+    read_table,
     stable_hash,
     sweep_tmp,
     write_marker,
@@ -285,13 +285,14 @@ def read_screentone_chapter(
 
 
 def read_retrievals(layout: DataLayout, chapter_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """frame_id -> its retrieval rows, reading only the given chapters' rows of the retrievals table."""
+    """frame_id -> its retrieval rows, reading only the given chapters' parts of the retrievals table (no other
+    part, not even a footer, is opened)."""
     chapter_ids = sorted(set(chapter_ids))
     if not chapter_ids:
         return {}
     if not layout.retrievals.exists():
         raise FileNotFoundError(f"{layout.retrievals} is missing: run the retrieval job (jobs.retrieval) first")
-    table = pq.read_table(layout.retrievals, filters=[("chapter_id", "in", chapter_ids)]).select(RETRIEVALS.names)
+    table = read_table(layout.retrievals, RETRIEVALS, keys=chapter_ids)
     out: dict[str, list[dict[str, Any]]] = {}
     for row in table.to_pylist():
         out.setdefault(row["frame_id"], []).append(row)
