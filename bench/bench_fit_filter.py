@@ -120,6 +120,8 @@ def measure(folders: list[Path], size: tuple[int, int], encoder_spec: str) -> No
         pixels.extend(pixel_figures(*(fitted_page(page, width, height, name) for name in FILTERS)) for page in pages)
         by_filter = [retrieval_sets(vectors[name]) for name in FILTERS]
         agreement.extend(len(a & b) / max(len(a), 1) for a, b in zip(*by_filter, strict=True))
+    if not chapters:
+        raise SystemExit("bench_fit_filter: no chapter folder holds two decodable colour pages to compare")
     print(f"{chapters} chapters, {fits} colour pages, fitted to {width}x{height}; encoder {info.encoder_id}")
     print(
         f"pixels, bicubic vs Lanczos: mean {np.mean([p['mean'] for p in pixels]):.2f} grey levels, max "
@@ -147,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--encoder", default="weightfree", help="encoder spec (default: the weight-free encoder)")
     args = parser.parse_args(argv)
     if args.pages:
+        missing = [str(root) for root in args.pages if not root.is_dir()]
+        if missing:
+            parser.error(f"--pages {' '.join(missing)}: no such folder")
         measure(list(chapter_folders(args.pages)), args.size, args.encoder)
         return
     from pipelines.sample_corpus.generate import generate_corpus

@@ -15,6 +15,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from inference.colorize import run_colorize
 from inference.line_art import find_line_extractor_weights
@@ -202,35 +203,63 @@ def build_settings(args: argparse.Namespace) -> ColorizeOptions:
             prompt_cache=args.prompt_cache,
         )
         defaults = export_defaults(args.icp, args.gsrp)
-    width, height = args.size or defaults.get("size", (512, 800))
     style, screenstyle_weights = _page_style(args)
 
     def chosen(value, key: str, fallback):
         """The command line wins, then the export's export.json, then the released app's value."""
         return value if value is not None else defaults.get(key, fallback)
 
-    sampling = SamplingOptions(
+    return _options(
+        args,
+        models,
+        size=args.size or defaults.get("size", (512, 800)),
+        sr_scale=chosen(args.sr_scale, "sr_scale", 1.5),
         steps=chosen(args.steps, "steps", 10),
         guidance_scale=chosen(args.guidance_scale, "guidance_scale", 7.5),
         prompt=chosen(args.prompt, "prompt", "manga"),
         negative_prompt=chosen(args.negative_prompt, "negative_prompt", ""),
+        style=style,
+        screenstyle_weights=screenstyle_weights,
+        line_extractor_weights=_line_extractor(args, style),
+    )
+
+
+def _options(
+    args: argparse.Namespace,
+    models: Any,
+    *,
+    size: tuple[int, int],
+    sr_scale: float,
+    steps: int,
+    guidance_scale: float,
+    prompt: str,
+    negative_prompt: str,
+    style: str,
+    **style_weights: str | None,
+) -> ColorizeOptions:
+    """The settings both families build the same way from the run's flags, given what each family chose."""
+    sampling = SamplingOptions(
+        steps=steps,
+        guidance_scale=guidance_scale,
+        prompt=prompt,
+        negative_prompt=negative_prompt,
         conditioning_scale=args.conditioning_scale,
         dtype=args.dtype or "float32",  # a placeholder: main chooses the default once the inputs are listed
         memory=args.memory,
         gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
     )
+    width, height = size
     return ColorizeOptions(
         width=width,
         height=height,
-        sr_scale=chosen(args.sr_scale, "sr_scale", 1.5),
+        sr_scale=sr_scale,
         seed=args.seed,
         encoder=args.encoder or default_encoder(args.colorflow_weights),
         max_per_page=args.max_per_page,
         sampling=sampling,
         models=models,
         style=style,
-        screenstyle_weights=screenstyle_weights,
-        line_extractor_weights=_line_extractor(args, style),
+        **style_weights,
     )
 
 
@@ -270,27 +299,16 @@ def _lineart_settings(args: argparse.Namespace, weights: Path) -> ColorizeOption
         )
         defaults = export_defaults(str(weights), args.gsrp)
     prompt, negative = text_cache_prompts(models.text_cache) if models else ("", "")
-    width, height = args.size or defaults.get("size", (512, 800))
     line_extractor = _line_extractor(args, style)
-    sampling = SamplingOptions(
+    return _options(
+        args,
+        models,
+        size=args.size or defaults.get("size", (512, 800)),
+        sr_scale=args.sr_scale if args.sr_scale is not None else defaults.get("sr_scale", 1.5),
         steps=args.steps if args.steps is not None else 10,
         guidance_scale=args.guidance_scale if args.guidance_scale is not None else DEFAULT_GUIDANCE,
         prompt=prompt,
         negative_prompt=negative,
-        conditioning_scale=args.conditioning_scale,
-        dtype=args.dtype or "float32",  # a placeholder: main chooses the default once the inputs are listed
-        memory=args.memory,
-        gsrp_statistics=args.gsrp_statistics or _default_statistics(models),
-    )
-    return ColorizeOptions(
-        width=width,
-        height=height,
-        sr_scale=args.sr_scale if args.sr_scale is not None else defaults.get("sr_scale", 1.5),
-        seed=args.seed,
-        encoder=args.encoder or default_encoder(args.colorflow_weights),
-        max_per_page=args.max_per_page,
-        sampling=sampling,
-        models=models,
         style=style,
         line_extractor_weights=line_extractor,
     )

@@ -27,6 +27,21 @@ class TrainerArgumentParser(JobArgumentParser):
         return shlex.split(arg_line, comments=True)
 
 
+def add_icp_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """How both ICP trainers (SD1.5 and PixArt) draw their samples from the shards: tone weights, crops, mixing."""
+    parser.add_argument(
+        "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_scale", type=pair_arg(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH"
+    )
+    parser.add_argument(
+        "--crop_aspect", type=pair_arg(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH"
+    )
+    parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
+    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
+
+
 def add_safety_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags both trainers share for damaged inputs and a shared output folder."""
     parser.add_argument(

@@ -27,6 +27,14 @@ from pipelines.core.errors import UsageError
 EMA_FOLDER = "ema"  # the EMA export, inside the raw export's folder
 
 
+def add_adamw_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, weight_decay: float) -> None:
+    """AdamW's hyperparameters, which `make_optimizer` reads; the default weight decay is the trainer's own."""
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
+    parser.add_argument("--adam_weight_decay", type=float, default=weight_decay, help="AdamW weight decay")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+
+
 def add_optimizer_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the memory ladder's optimizer and of the EMA, the same in both trainers."""
     parser.add_argument(

@@ -59,6 +59,7 @@ from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, pre
 from training.inputs import TrainerArgumentParser, add_safety_arguments, check_base_model, check_vae_folder
 from training.optimization import (
     EMA_FOLDER,
+    add_adamw_arguments,
     add_optimizer_arguments,
     averaged_weights,
     check_optimizer_arguments,
@@ -127,10 +128,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     train.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate (our choice)")
     train.add_argument("--lr_scheduler", default="constant", help="diffusers get_scheduler name")
     train.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
-    train.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    train.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    train.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    train.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_adamw_arguments(train, weight_decay=0.0)
     add_optimizer_arguments(train)
     train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     train.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")

@@ -57,14 +57,15 @@ from training.data import (
 from training.early_stop import BadSampleBudget, Preemption, ignore_sigterm, preempted
 from training.inputs import (
     TrainerArgumentParser,
+    add_icp_stream_arguments,
     add_safety_arguments,
     check_base_model,
     check_resolution,
-    pair_arg,
     vae_factor,
 )
 from training.optimization import (
     EMA_FOLDER,
+    add_adamw_arguments,
     add_optimizer_arguments,
     averaged_weights,
     check_optimizer_arguments,
@@ -102,17 +103,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="training WxH: each side of a frame's size capped at it (default: the frames' own sizes)",
     )
     parser.add_argument("--bw_variant", type=bw_variant_arg, default="screenstyle", help="screenstyle|grey|tone|weight")
-    parser.add_argument(
-        "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
-    )
-    parser.add_argument(
-        "--crop_scale", type=pair_arg(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH"
-    )
-    parser.add_argument(
-        "--crop_aspect", type=pair_arg(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH"
-    )
-    parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
-    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
+    add_icp_stream_arguments(parser)
     add_safety_arguments(parser)
     # training
     parser.add_argument("--output_dir", type=Path, required=True, help="run folder: checkpoints, logs, export")
@@ -130,10 +121,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes")
     parser.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name")
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_adamw_arguments(parser, weight_decay=1e-2)
     add_optimizer_arguments(parser)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")

@@ -58,7 +58,8 @@ from training.data import (
     frame_size,
     resolve_shard_source,
 )
-from training.inputs import pair_arg
+from training.inputs import add_icp_stream_arguments
+from training.optimization import add_adamw_arguments
 from training.reproducibility import step_generator, trainable_digest
 from training.validation import validation_canvases, validation_inputs
 
@@ -89,17 +90,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="sketch",
         help="B&W input: sketch or shading (the line-art styles), or screenstyle|grey|tone|weight",
     )
-    parser.add_argument(
-        "--alpha_range", type=pair_arg(float), default=(0.0, 1.0), help="screenstyle tone weight LOW,HIGH"
-    )
-    parser.add_argument(
-        "--crop_scale", type=pair_arg(float), default=(1.25, 2.0), help="crop side / frame side LOW,HIGH"
-    )
-    parser.add_argument(
-        "--crop_aspect", type=pair_arg(float), default=(1.0, 1.0), help="crop aspect / frame's LOW,HIGH"
-    )
-    parser.add_argument("--shuffle_shards", type=int, default=16, help="shards mixed per group (0: all)")
-    parser.add_argument("--dataloader_num_workers", type=int, default=2, help="DataLoader workers per process")
+    add_icp_stream_arguments(parser)
     # training
     parser.add_argument("--output_dir", type=Path, required=True, help="run folder: checkpoints, logs, export")
     parser.add_argument("--seed", type=int, default=0, help="fixes data order, crops, noise, timesteps, prompt drops")
@@ -111,10 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scale_lr", action="store_true", help="multiply lr by batch x accumulation x processes")
     parser.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name")
     parser.add_argument("--lr_warmup_steps", type=int, default=0, help="warm-up steps")
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    add_adamw_arguments(parser, weight_decay=1e-2)
     parser.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm")
     parser.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+")
