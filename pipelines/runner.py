@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.core.cli import faults_text, summary_failures, summary_faults
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout
 from pipelines.core.layout import DataLayout
-from pipelines.core.sources import input_signature
+from pipelines.core.sources import chapter_signatures, input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
 from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
 from pipelines.retrieval.stage import RetrievalOptions
@@ -119,12 +119,17 @@ def stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
     return getattr(importlib.import_module(f"pipelines.{stage}.stage"), f"run_{stage}")
 
 
-def _run_stage(stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool) -> dict:
+def _run_stage(
+    stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool, signatures: dict[str, str]
+) -> dict:
     run = stage_runner(stage)
     inputs = (input_root, layout.root) if stage == "ingest" else (layout.root,)
     stage_options = options.stage_options(stage)
     if stage == "ingest":
-        return run(*inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local)
+        # the signatures the pipeline just took: ingestion keys its ledger on them instead of taking them again
+        return run(
+            *inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local, signatures=signatures
+        )
     if stage == "shards":  # never rebuilt implicitly: new chapters append a generation, other settings refuse
         return run(*inputs, stage_options, local=local, rebuild=options.rebuild)
     return run(*inputs, stage_options, local=local)
@@ -172,6 +177,7 @@ def _run_pipeline(
     record: dict[str, Any] = {"input": input_root, "stages": {}}
     rerun_downstream = False
     incomplete: set[str] = set()
+    signatures: dict[str, str] = {}
     started = time.perf_counter()
     for stage in STAGES:
         unfinished = [needed for needed in NEEDS[stage] if needed in incomplete]
@@ -184,7 +190,8 @@ def _run_pipeline(
         if stage == "ingest":
             # the chapters' signatures (a stat of every page) are taken in Ray tasks; the driver lists the folders
             mapper = functools.partial(map_in_tasks, desc="input signatures", local=local)
-            settings = {**settings, "input": input_root, "chapters": input_signature(input_root, mapper)}
+            signatures = chapter_signatures(input_root, mapper)
+            settings = {**settings, "input": input_root, "chapters": input_signature(signatures)}
         settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (
@@ -197,7 +204,7 @@ def _run_pipeline(
         if current:
             summary, skipped = read_json(layout.summary(stage)), True
         else:
-            summary, skipped = _run_stage(stage, input_root, layout, options, local), False
+            summary, skipped = _run_stage(stage, input_root, layout, options, local, signatures), False
             rerun_downstream = True
         if summary.get("complete") is not True:
             incomplete.add(stage)

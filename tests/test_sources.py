@@ -25,6 +25,7 @@ from pipelines.core.sources import (
     InputRoot,
     PageReadError,
     chapter_signature,
+    chapter_signatures,
     escape_reason,
     input_signature,
     is_junk,
@@ -210,12 +211,12 @@ def test_chapter_signature_follows_page_changes_only(tmp_path: Path) -> None:
     root = InputRoot(tmp_path)
     folder, archive = list_chapters(root)
     signatures = {chapter_signature(root, folder)}
-    whole = input_signature(tmp_path)
-    assert chapter_signature(root, folder) in signatures and input_signature(root) == whole
+    whole = input_signature(chapter_signatures(tmp_path))
+    assert chapter_signature(root, folder) in signatures and input_signature(chapter_signatures(root)) == whole
 
     (chapter_dir / "ComicInfo.xml").write_text("<x/>")  # not a page: no change
     (chapter_dir / "Thumbs.db").write_bytes(b"junk")
-    assert chapter_signature(root, folder) in signatures and input_signature(root) == whole
+    assert chapter_signature(root, folder) in signatures and input_signature(chapter_signatures(root)) == whole
 
     def changed() -> None:
         signature = chapter_signature(root, folder)
@@ -233,7 +234,7 @@ def test_chapter_signature_follows_page_changes_only(tmp_path: Path) -> None:
     changed()
     (chapter_dir / "3.png").rename(chapter_dir / "4.png")
     changed()
-    assert input_signature(root) != whole
+    assert input_signature(chapter_signatures(root)) != whole
 
     archive_signature = chapter_signature(root, archive)
     _zip(tmp_path / "s" / "d.cbz", [("1.png", _png(1)), ("2.png", _png(2))])
@@ -244,10 +245,10 @@ def test_chapter_signature_on_an_fsspec_root() -> None:
     fs = fsspec.filesystem("memory")
     fs.pipe("/sig-dump/s1/ch1/1.png", _png(1))
     root = InputRoot("memory://sig-dump")
-    before = input_signature(root)
-    assert input_signature(root) == before
+    before = input_signature(chapter_signatures(root))
+    assert input_signature(chapter_signatures(root)) == before
     fs.pipe("/sig-dump/s1/ch1/1.png", _png(2) + b"-replaced")
-    assert input_signature(root) != before
+    assert input_signature(chapter_signatures(root)) != before
 
 
 def test_corrupt_archive_fails_to_open(tmp_path: Path) -> None:

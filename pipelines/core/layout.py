@@ -8,6 +8,9 @@ OUT/
   ingest/kept.json                         the ids of the kept chapters (what later stages work on)
   pagestore/<chapter_id>.parquet           normalised colour frames of kept chapters (PAGE_STORE)
   ingest.summary.json                      run summary, written last: the stage's completion marker
+  ledgers/<name>.parquet                   per stage, what each chapter was last finished from (LEDGER): a
+                                           rerun skips the chapters whose key still matches without reading
+                                           their markers
   retrieval/embeddings/<encoder_id>/       per-chapter embeddings (.npy fp16 + .parquet ids, pages/ hashes), one
                                            folder per encoder and page size (the id hashes both)
   retrieval/runs/<run_id>/run.json         the settings of a retrieval run (encoder, size, refs, k, seed)
@@ -78,6 +81,11 @@ class DataLayout:
 
     def summary(self, stage: str) -> Path:
         return self.root / f"{stage}.summary.json"
+
+    def ledger(self, name: str) -> Path:
+        """A stage's chapter ledger (`pipelines.core.ledger`): `name` is the stage, plus what its output folder
+        is specific to (an encoder, a renderer and size)."""
+        return self.root / "ledgers" / f"{name}.parquet"
 
     # retrieval
     @property

@@ -219,6 +219,15 @@ DUPLICATES = pa.schema(
 )
 
 
+LEDGER = pa.schema(
+    [
+        pa.field("chapter_id", pa.string(), nullable=False),
+        pa.field("key", pa.string(), nullable=False),  # hash of what the chapter's output depends on
+        pa.field("record", pa.string(), nullable=False),  # JSON: what the chapter's task returned (counts, parts)
+    ]
+)
+
+
 def names(schema: pa.Schema) -> list[str]:
     """Column names of a schema, in order."""
     return list(schema.names)
@@ -254,6 +263,7 @@ TABLES: dict[str, pa.Schema] = {
     "shard index": SHARD_INDEX,
     "sample errors": SAMPLE_ERRORS,
     "duplicates": DUPLICATES,
+    "chapter ledger": LEDGER,
 }
 
 

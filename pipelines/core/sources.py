@@ -274,19 +274,25 @@ def chapter_signature(root: InputRoot, chapter: ChapterEntry) -> str:
     return stable_hash([chapter.kind, token], 16)
 
 
-def input_signature(
+def chapter_signatures(
     root: str | os.PathLike | InputRoot, mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None
-) -> str:
-    """A hash of every chapter's id and signature: changes when a chapter is added, removed or changed.
+) -> dict[str, str]:
+    """chapter_id -> `chapter_signature` of every chapter under the root, in listing order.
 
-    `mapper(fn, items)` computes the chapters' signatures (default: one after another here); the pipeline passes
-    one that runs them in Ray tasks, so the driver only lists the series and chapter folders.
+    `mapper(fn, items)` computes the signatures (default: one after another here); the pipeline passes one that
+    runs them in Ray tasks, so the driver only lists the series and chapter folders.
     """
     root = root if isinstance(root, InputRoot) else InputRoot(root)
     chapters = list_chapters(root)
     signature = functools.partial(chapter_signature, root)
     signatures = mapper(signature, chapters) if mapper is not None else [signature(c) for c in chapters]
-    return stable_hash([[c.chapter_id, s] for c, s in zip(chapters, signatures, strict=True)])
+    return {c.chapter_id: s for c, s in zip(chapters, signatures, strict=True)}
+
+
+def input_signature(signatures: dict[str, str]) -> str:
+    """A hash of every chapter's id and signature (`chapter_signatures`): changes when a chapter is added,
+    removed or changed."""
+    return stable_hash([[chapter_id, s] for chapter_id, s in signatures.items()])
 
 
 def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | None, str | None]]) -> list[PageEntry]:

@@ -303,10 +303,13 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str]) -> set[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return set()
+    with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
+        files = [e.name for e in entries if e.is_file() and TMP_TAG not in e.name]
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
-        for path in sorted(folder.glob(f"*{suffix}")):
-            if TMP_TAG in path.name or chapter_of(path) in keep or not path.is_file():
+        for name in sorted(n for n in files if n.endswith(suffix)):
+            path = folder / name
+            if chapter_of(path) in keep:
                 continue
             path.unlink(missing_ok=True)
             purged.add(chapter_of(path))

@@ -425,6 +425,7 @@ def run_ingest(
     task_memory: int | None = None,
     max_retries: int | None = None,
     verbose: bool = True,
+    signatures: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the ingestion of `input_root` into `output`; returns the run summary (also written as JSON).
 

@@ -162,11 +162,13 @@ def run_units(
     max_in_flight: int | None = None,
     max_retries: int | None = None,
     local: bool = False,
+    vouched: dict[str, dict[str, Any]] | None = None,
 ) -> RunReport:
     """Run `worker` on every unit not yet done, as Ray tasks of `units_per_task` units.
 
     `is_done(unit)` runs in check tasks (`map_in_tasks`), so it must be picklable and read only its own unit's
     files; a dict it returns counts as done and is kept in `report.skipped_records` (a marker's counts, say).
+    Units in `vouched` (key -> record, from the stage's ledger: `pipelines.core.ledger`) are done without a check.
 
     `max_retries` (default: the fault policy's) bounds how often a batch lost with its worker or node is submitted
     again. `local=True` runs in this process (no Ray): used by tests of a worker and by tiny runs. Results come
@@ -175,7 +177,11 @@ def run_units(
     started = time.perf_counter()
     report = RunReport()
     todo: list[Unit] = []
-    for unit, done in zip(units, map_in_tasks(is_done, units, desc=f"{desc} (check)", local=local), strict=True):
+    vouched = vouched or {}
+    report.skipped_records.update({u.key: vouched[u.key] for u in units if u.key in vouched})
+    report.skipped.extend(u.key for u in units if u.key in vouched)
+    to_check = [unit for unit in units if unit.key not in vouched]
+    for unit, done in zip(to_check, map_in_tasks(is_done, to_check, desc=f"{desc} (check)", local=local), strict=True):
         if not done:
             todo.append(unit)
             continue
