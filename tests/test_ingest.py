@@ -21,6 +21,7 @@ from PIL import Image
 
 from jobs.ingest import main as ingest_main
 from jobs.ingest import parse_args
+from pipelines.core.errors import PreconditionError
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import kept_chapter_ids, load_chapter_images
 from pipelines.core.schemas import CHAPTERS, MANIFEST, PAGES, STATUS_ERROR, STATUS_OK
@@ -93,6 +94,7 @@ def test_an_output_folder_of_single_file_tables_is_read_then_replaced(ingested, 
         shutil.rmtree(table)
         pq.write_table(rows, table)
     shutil.rmtree(layout.ingest_markers)
+    shutil.rmtree(layout.ledger("ingest").parent)  # an earlier version kept no ledger
     layout.kept_chapters.unlink()
     legacy_parts = layout.legacy_ingest_parts[0]
     legacy_parts.mkdir(parents=True)
@@ -271,6 +273,7 @@ def test_changed_pages_reingest_only_their_chapters(ingested, tmp_path) -> None:
     summary = run_ingest(dump, copy, local=True, verbose=False)
     assert summary["run"]["chapters_processed"] == 2
     assert summary["run"]["chapters_reused"] == summary["chapters"]["total"] - 2
+    assert summary["run"]["chapters_vouched"] == summary["chapters"]["total"] - 2  # the ledger: no marker read
     layout = DataLayout.at(copy)
     pages = {p["source"]: p for p in pq.read_table(layout.pages).to_pylist()}
     assert pages[replaced]["is_color"] is False and not pages[replaced]["stored"]
@@ -283,6 +286,42 @@ def test_changed_pages_reingest_only_their_chapters(ingested, tmp_path) -> None:
     run_ingest(dump, fresh, local=True, verbose=False)
     assert _hashes(copy) == _hashes(fresh)  # as if the changed dump had been ingested from scratch
     assert run_ingest(dump, copy, local=True, verbose=False)["run"]["chapters_processed"] == 0
+
+
+def test_the_ledger_vouches_for_unchanged_chapters_until_a_run_is_killed(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    layout = DataLayout.at(copy)
+    chapter_id = sorted(kept_chapter_ids(layout))[0]
+    marker = marker_path(chapter_marker(layout, chapter_id))
+    marker.write_text("{not json")  # never read while the ledger vouches for the chapter
+    summary = run_ingest(info.root, copy, local=True, verbose=False)
+    total = summary["chapters"]["total"]
+    assert summary["run"]["chapters_vouched"] == total and summary["run"]["chapters_processed"] == 0
+    assert summary["tables"] == json.loads((out / SUMMARY).read_text())["tables"]
+    ledger = layout.ledger("ingest")
+    written = ledger.stat().st_mtime_ns
+    run_ingest(info.root, copy, local=True, verbose=False)
+    assert ledger.stat().st_mtime_ns == written  # a run that changed nothing leaves the ledger as it was
+    (copy / SUMMARY).unlink()  # as after a killed run: the ledger is not trusted, every marker is read
+    summary = run_ingest(info.root, copy, local=True, verbose=False)
+    assert summary["run"]["chapters_vouched"] == 0 and summary["run"]["chapters_processed"] == 1
+    assert json.loads(marker.read_text())["chapter_id"] == chapter_id
+    assert _hashes(copy) == _hashes(out)
+
+
+def test_a_trial_limit_over_a_fuller_output_is_refused(ingested, tmp_path) -> None:
+    info, out, _ = ingested
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    before = _hashes(copy)
+    with pytest.raises(PreconditionError, match=r"--limit 2: .* already holds 5 ingested chapters outside"):
+        run_ingest(info.root, copy, local=True, verbose=False, limit=2)
+    assert _hashes(copy) == before
+    fresh = tmp_path / "fresh"
+    assert run_ingest(info.root, fresh, local=True, verbose=False, limit=2)["chapters"]["total"] == 2
+    assert run_ingest(info.root, fresh, local=True, verbose=False, limit=2)["run"]["chapters_processed"] == 0
 
 
 def test_failed_chapter_task_leaves_the_summary_incomplete(tmp_path) -> None:

@@ -9,8 +9,10 @@ skips every chapter whose stored key matches, without a task or a marker read (`
 differs, or that the ledger lacks, are checked against their markers as before, so a missing or stale ledger only
 costs time, never correctness.
 
-The ledger is trusted as a stage summary is: a file deleted by hand under a vouched chapter is not noticed. Delete
-the ledger (or pass the stage's rebuild option) to have every marker read again.
+A stage reads its ledger only when its summary exists at the start of the run (the previous run completed; a
+killed run leaves no summary, and the next run reads every marker). It is trusted as a stage summary is: a file
+deleted by hand under a vouched chapter is not noticed. Delete the ledger (or pass the stage's rebuild option) to
+have every marker read again.
 """
 
 from __future__ import annotations

@@ -40,7 +40,8 @@ from pipelines.core.decode import (
 )
 from pipelines.core.errors import PreconditionError
 from pipelines.core.layout import DataLayout
-from pipelines.core.pagestore import ENCODINGS, encode_page, write_chapter_pages
+from pipelines.core.ledger import LedgerEntry, chapter_key, read_ledger, vouched, write_ledger
+from pipelines.core.pagestore import ENCODINGS, encode_page, ingested_chapter_ids, write_chapter_pages
 from pipelines.core.schemas import CHAPTERS, COLOR_FEATURE_FIELDS, PAGES, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.core.sources import (
     DEFAULT_MAX_FILE_BYTES,
@@ -70,7 +71,7 @@ from pipelines.core.storage import (
     write_part,
 )
 from pipelines.ingest.color import ColorThresholds, FeatureConfig, classify, page_features
-from pipelines.runtime.distributor import RunReport, Unit, run_units
+from pipelines.runtime.distributor import RunReport, Unit, map_in_tasks, run_units
 from pipelines.runtime.preconditions import check_input_root, check_output_creatable, created_folder
 
 STAGE = "ingest"
@@ -78,6 +79,7 @@ DEFAULT_MIN_COLOR_PAGES = 21  # a training frame plus 20 reference pages from th
 DEFAULT_STORE_LONGEST_SIDE = 2048  # room for the 1280x2000 inference size; frames are fitted later
 DEFAULT_CHAPTERS_PER_TASK = 4
 FEATURE_NAMES = [f.name for f in COLOR_FEATURE_FIELDS]
+MARKER_COUNTS = ("n_pages", "n_color", "n_bw", "n_error", "kept", "n_stored")  # a chapter's counts in its marker
 FEATURE_TYPES = {f.name: f.type for f in COLOR_FEATURE_FIELDS}
 
 
@@ -124,6 +126,7 @@ class ChapterTask:
     output: str
     chapter: ChapterEntry
     options: IngestOptions
+    signature: str | None = None  # taken before this run (the check compares the marker with it); None: take it
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -293,12 +296,12 @@ def process_chapter(task: ChapterTask) -> dict[str, Any]:
         "chapters": write_part(layout.chapters, chapter_id, table_from_rows([chapter_row], CHAPTERS), CHAPTERS),
         "pages": write_part(layout.pages, chapter_id, table_from_rows(rows, PAGES), PAGES),
     }
-    counts = {k: chapter_row[k] for k in ("n_pages", "n_color", "n_bw", "n_error", "kept")}
+    counts = {k: chapter_row[k] for k in MARKER_COUNTS if k != "n_stored"}
     counts["n_stored"] = len(stored)
     status = chapter_row["status"]
     marker = {"chapter_id": chapter_id, "options": options.fingerprint(), "signature": signature, "status": status}
     write_marker(chapter_marker(layout, chapter_id), {**marker, **counts, "parts": parts})
-    return {**counts, "chapter_status": status, "parts": parts}
+    return {**counts, "chapter_status": status, "parts": parts, "signature": signature}
 
 
 def ingest_unit(unit: Unit) -> dict[str, Any]:
@@ -329,7 +332,8 @@ def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str
         return None
     if marker.get("options") != fingerprint or "parts" not in marker:
         return None
-    if marker.get("signature") != chapter_signature(_input_root(task.input_root), task.chapter):
+    signature = task.signature or chapter_signature(_input_root(task.input_root), task.chapter)
+    if marker.get("signature") != signature:
         return None
     chapter_id = task.chapter.chapter_id
     parts_there = part_path(layout.pages, chapter_id).exists() and part_path(layout.chapters, chapter_id).exists()
@@ -381,6 +385,40 @@ def _records(layout: DataLayout, tasks: list[ChapterTask], report: RunReport) ->
         else:
             records.append(result)
     return records
+
+
+def _ledger_key(fingerprint: str, signature: str | None) -> str:
+    """A chapter is current when ingested with these options from pages with this signature."""
+    return chapter_key(fingerprint, signature)
+
+
+def _ledger_entries(
+    tasks: list[ChapterTask], records: list[dict[str, Any]], fingerprint: str
+) -> dict[str, LedgerEntry]:
+    """The ledger after this run: every chapter ingested fine, keyed by the signature its record was made from
+    (a chapter that changed while its task ran is checked again next run). Unreadable chapters get no entry: they
+    are retried every run."""
+    entries = {}
+    for task, record in zip(tasks, records, strict=True):
+        if record.get("chapter_status") != STATUS_OK or not record.get("signature"):
+            continue
+        fields = {k: record[k] for k in MARKER_COUNTS}
+        marker = {**fields, "parts": record["parts"], "signature": record["signature"], "status": STATUS_OK}
+        marker.update(chapter_id=task.chapter.chapter_id, options=fingerprint)  # the marker's fields, nothing else
+        entries[task.chapter.chapter_id] = LedgerEntry(_ledger_key(fingerprint, record["signature"]), marker)
+    return entries
+
+
+def _refuse_mixed_trial(layout: DataLayout, limited: list[ChapterEntry], listed_ids: set[str], limit: int) -> None:
+    """A `--limit` trial over an output that already holds other listed chapters would leave their parts in the
+    tables beside the trial's: refused before anything is written."""
+    inside = {c.chapter_id for c in limited}
+    outside = sorted((ingested_chapter_ids(layout) & listed_ids) - inside)
+    if outside:
+        raise PreconditionError(
+            f"--limit {limit}: {layout.root} already holds {len(outside)} ingested chapters outside the first {limit} "
+            f"(e.g. {outside[0]}); a trial run would mix its tables with them: use a new --output, or drop --limit"
+        )
 
 
 def _remove_legacy_tables(layout: DataLayout) -> None:
@@ -445,8 +483,10 @@ def run_ingest(
     listed_ids = {chapter.chapter_id for chapter in chapters}  # before --limit: a trial run purges nothing it skips
     if limit is not None:
         chapters = chapters[: max(0, limit)]
+        _refuse_mixed_trial(DataLayout.at(output), chapters, listed_ids, limit)
     run = {"listed_ids": listed_ids, "chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
     run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
+    run.update(signatures=signatures)
     with created_folder(output):
         return _run_ingest(root, input_uri, output, chapters, options, **run)
 
@@ -467,22 +507,32 @@ def _run_ingest(
     max_retries: int | None,
     verbose: bool,
     started: float,
+    signatures: dict[str, str] | None,
 ) -> dict[str, Any]:
     layout = DataLayout.at(output)
-    layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
+    summary_path = layout.summary(STAGE)
     _remove_legacy_tables(layout)
-    _sweep_tmp(layout)
+    # after a killed run: its temporary files go, and its ledger is not trusted (every marker is read)
+    ledger = read_ledger(layout.ledger(STAGE)) if summary_path.exists() else {}
+    if not ledger:
+        _sweep_tmp(layout)
+    summary_path.unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     purged = purge_taken_down(layout, listed_ids)
     write_parquet(manifest_table(chapters), layout.manifest)
-    tasks = [ChapterTask(input_uri, output, c, options) for c in chapters]
-    listed = time.perf_counter()
-
-    fingerprint = options.fingerprint()
-    units = [Unit(key=task.chapter.chapter_id, payload=task) for task in tasks]
     if not local:
         from pipelines.runtime.ray import init_ray
 
         init_ray(ray_address, num_cpus=num_cpus)
+    if signatures is None:  # a stat of every page, in tasks: what the ledger keys on and the checks compare with
+        taken = map_in_tasks(functools.partial(chapter_signature, root), chapters, desc="signatures", local=local)
+        signatures = {c.chapter_id: s for c, s in zip(chapters, taken, strict=True) if s is not None}
+    tasks = [ChapterTask(input_uri, output, c, options, signatures.get(c.chapter_id)) for c in chapters]
+    listed = time.perf_counter()
+
+    fingerprint = options.fingerprint()
+    keys = {t.chapter.chapter_id: _ledger_key(fingerprint, t.signature) for t in tasks if t.signature}
+    units = [Unit(key=task.chapter.chapter_id, payload=task) for task in tasks]
+    trusted = vouched(ledger, keys)
     report = run_units(
         units,
         ingest_unit,
@@ -492,6 +542,7 @@ def _run_ingest(
         memory=task_memory,
         max_retries=max_retries,
         local=local,
+        vouched=trusted,
     )
     records = _records(layout, tasks, report)
     ids = [task.chapter.chapter_id for task in tasks]
@@ -529,6 +580,7 @@ def _run_ingest(
         "run": {
             "chapters_processed": len(report.results),
             "chapters_reused": len(report.skipped),
+            "chapters_vouched": len(trusted),  # reused on the ledger's word: no marker read
             "chapters_failed": len(report.failed),
             "chapters_purged": len(purged),
             "failures": [{"chapter_id": r["key"], "error": r.get("error")} for r in report.failed],
@@ -546,7 +598,8 @@ def _run_ingest(
         c for c, r in zip(ids, records, strict=True) if r.get("kept") and r["chapter_status"] == STATUS_OK
     )
     atomic_write_json(layout.kept_chapters, kept_ids)
-    atomic_write_json(layout.summary(STAGE), summary)
+    write_ledger(layout.ledger(STAGE), _ledger_entries(tasks, records, fingerprint), ledger)
+    atomic_write_json(summary_path, summary)
     if verbose:
         print(format_summary(summary), flush=True)
     return summary
