@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.core.cli import faults_text, summary_failures, summary_faults
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout
 from pipelines.core.layout import DataLayout
-from pipelines.core.sources import chapter_signatures, input_signature
+from pipelines.core.sources import ChapterListing, chapter_signatures, input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
 from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
 from pipelines.retrieval.stage import RetrievalOptions
@@ -120,16 +120,19 @@ def stage_runner(stage: str) -> Callable[..., dict[str, Any]]:
 
 
 def _run_stage(
-    stage: str, input_root: str, layout: DataLayout, options: PipelineOptions, local: bool, signatures: dict[str, str]
+    stage: str,
+    input_root: str,
+    layout: DataLayout,
+    options: PipelineOptions,
+    local: bool,
+    listing: ChapterListing | None,
 ) -> dict:
     run = stage_runner(stage)
     inputs = (input_root, layout.root) if stage == "ingest" else (layout.root,)
     stage_options = options.stage_options(stage)
     if stage == "ingest":
-        # the signatures the pipeline just took: ingestion keys its ledger on them instead of taking them again
-        return run(
-            *inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local, signatures=signatures
-        )
+        # the listing and signatures the pipeline just took: ingestion keys its ledger on them, not taken again
+        return run(*inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local, listing=listing)
     if stage == "shards":  # never rebuilt implicitly: new chapters append a generation, other settings refuse
         return run(*inputs, stage_options, local=local, rebuild=options.rebuild)
     return run(*inputs, stage_options, local=local)
@@ -177,7 +180,7 @@ def _run_pipeline(
     record: dict[str, Any] = {"input": input_root, "stages": {}}
     rerun_downstream = False
     incomplete: set[str] = set()
-    signatures: dict[str, str] = {}
+    listing: ChapterListing | None = None
     started = time.perf_counter()
     for stage in STAGES:
         unfinished = [needed for needed in NEEDS[stage] if needed in incomplete]
@@ -190,8 +193,8 @@ def _run_pipeline(
         if stage == "ingest":
             # the chapters' signatures (a stat of every page) are taken in Ray tasks; the driver lists the folders
             mapper = functools.partial(map_in_tasks, desc="input signatures", local=local)
-            signatures = chapter_signatures(input_root, mapper)
-            settings = {**settings, "input": input_root, "chapters": input_signature(signatures)}
+            listing = chapter_signatures(input_root, mapper)
+            settings = {**settings, "input": input_root, "chapters": input_signature(listing)}
         settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (
@@ -204,7 +207,7 @@ def _run_pipeline(
         if current:
             summary, skipped = read_json(layout.summary(stage)), True
         else:
-            summary, skipped = _run_stage(stage, input_root, layout, options, local, signatures), False
+            summary, skipped = _run_stage(stage, input_root, layout, options, local, listing), False
             rerun_downstream = True
         if summary.get("complete") is not True:
             incomplete.add(stage)

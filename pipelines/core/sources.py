@@ -274,10 +274,19 @@ def chapter_signature(root: InputRoot, chapter: ChapterEntry) -> str:
     return stable_hash([chapter.kind, token], 16)
 
 
+@dataclass(frozen=True)
+class ChapterListing:
+    """The chapters under a root with their signatures, taken once: the pipeline's "ingest is current" check and
+    ingestion's ledger both use it."""
+
+    chapters: list[ChapterEntry]
+    signatures: dict[str, str]  # chapter_id -> chapter_signature (missing where taking it failed)
+
+
 def chapter_signatures(
     root: str | os.PathLike | InputRoot, mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None
-) -> dict[str, str]:
-    """chapter_id -> `chapter_signature` of every chapter under the root, in listing order.
+) -> ChapterListing:
+    """Every chapter under the root and its `chapter_signature`, in listing order.
 
     `mapper(fn, items)` computes the signatures (default: one after another here); the pipeline passes one that
     runs them in Ray tasks, so the driver only lists the series and chapter folders.
@@ -286,13 +295,13 @@ def chapter_signatures(
     chapters = list_chapters(root)
     signature = functools.partial(chapter_signature, root)
     signatures = mapper(signature, chapters) if mapper is not None else [signature(c) for c in chapters]
-    return {c.chapter_id: s for c, s in zip(chapters, signatures, strict=True)}
+    return ChapterListing(chapters, {c.chapter_id: s for c, s in zip(chapters, signatures, strict=True) if s})
 
 
-def input_signature(signatures: dict[str, str]) -> str:
+def input_signature(listing: ChapterListing) -> str:
     """A hash of every chapter's id and signature (`chapter_signatures`): changes when a chapter is added,
     removed or changed."""
-    return stable_hash([[chapter_id, s] for chapter_id, s in signatures.items()])
+    return stable_hash([[c.chapter_id, listing.signatures.get(c.chapter_id)] for c in listing.chapters])
 
 
 def _in_reading_order(chapter_source: str, candidates: list[tuple[str, int | None, str | None]]) -> list[PageEntry]:

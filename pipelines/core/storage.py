@@ -293,18 +293,24 @@ def chapter_of(path: Path) -> str:
     return path.name.split(".", 1)[0]
 
 
-def purge_chapter_files(folder: str | os.PathLike, keep: set[str]) -> set[str]:
+def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: Iterable[str] | None = None) -> set[str]:
     """Delete the per-chapter files (`<chapter_id>.npy`, `.parquet` and their `.done.json` markers) in `folder`
     (not below it) whose chapter is not in `keep`; returns the ids of the chapters purged.
 
-    Markers go before data, so a purge killed half-way never leaves a marker over missing files; a rerun purges
-    the rest. Other files (`encoder.json`, `run.json`) and temporary files are left alone.
+    `candidates`, when given, are the only chapters that may have files here (those a completed run left, from its
+    ledger or manifest): their names are looked at and the folder is not listed. Otherwise the folder is listed
+    once. Markers go before data, so a purge killed half-way never leaves a marker over missing files; a rerun
+    purges the rest. Other files (`encoder.json`, `run.json`) and temporary files are left alone.
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    if candidates is not None:
+        names = [f"{c}{suffix}" for suffix in CHAPTER_FILE_SUFFIXES for c in sorted(set(candidates) - keep)]
+        files = [name for name in names if (folder / name).is_file()]
+    elif not folder.is_dir():
         return set()
-    with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
-        files = [e.name for e in entries if e.is_file() and TMP_TAG not in e.name]
+    else:
+        with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
+            files = [e.name for e in entries if e.is_file() and TMP_TAG not in e.name]
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
         for name in sorted(n for n in files if n.endswith(suffix)):

@@ -46,6 +46,7 @@ from pipelines.core.schemas import CHAPTERS, COLOR_FEATURE_FIELDS, PAGES, STATUS
 from pipelines.core.sources import (
     DEFAULT_MAX_FILE_BYTES,
     ChapterEntry,
+    ChapterListing,
     ChapterReader,
     InputRoot,
     PageEntry,
@@ -63,6 +64,7 @@ from pipelines.core.storage import (
     part_path,
     purge_chapter_files,
     read_json,
+    read_parquet,
     stable_hash,
     sweep_tmp,
     tables_fingerprint,
@@ -441,12 +443,13 @@ def _sweep_tmp(layout: DataLayout) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def purge_taken_down(layout: DataLayout, listed_ids: set[str]) -> set[str]:
+def purge_taken_down(layout: DataLayout, listed_ids: set[str], held: list[str] | None = None) -> set[str]:
     """Delete the page store part, table parts and marker of every chapter no longer in the input (`listed_ids`);
-    returns their ids. Later stages purge their own files of chapters without an ingestion marker."""
+    returns their ids. `held`: the chapters the folders can hold (a completed run's manifest), so none is listed.
+    Later stages purge their own files of chapters without an ingestion marker."""
     purged: set[str] = set()
     for folder in (layout.ingest_markers, layout.pages, layout.chapters, layout.pagestore):  # markers first
-        purged |= purge_chapter_files(folder, listed_ids)
+        purged |= purge_chapter_files(folder, listed_ids, held)
     return purged
 
 
@@ -463,7 +466,7 @@ def run_ingest(
     task_memory: int | None = None,
     max_retries: int | None = None,
     verbose: bool = True,
-    signatures: dict[str, str] | None = None,
+    listing: ChapterListing | None = None,
 ) -> dict[str, Any]:
     """Run the ingestion of `input_root` into `output`; returns the run summary (also written as JSON).
 
@@ -477,7 +480,7 @@ def run_ingest(
     input_uri = check_input_root(input_root)
     output = str(check_output_creatable(output))
     root = InputRoot(input_uri)
-    chapters = list_chapters(root)
+    chapters = listing.chapters if listing is not None else list_chapters(root)
     if not chapters:
         raise PreconditionError(f"--input {input_root}: {layout_problem(root)}")
     listed_ids = {chapter.chapter_id for chapter in chapters}  # before --limit: a trial run purges nothing it skips
@@ -486,7 +489,7 @@ def run_ingest(
         _refuse_mixed_trial(DataLayout.at(output), chapters, listed_ids, limit)
     run = {"listed_ids": listed_ids, "chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
     run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
-    run.update(signatures=signatures)
+    run.update(signatures=listing.signatures if listing is not None else None)
     with created_folder(output):
         return _run_ingest(root, input_uri, output, chapters, options, **run)
 
@@ -513,11 +516,14 @@ def _run_ingest(
     summary_path = layout.summary(STAGE)
     _remove_legacy_tables(layout)
     # after a killed run: its temporary files go, and its ledger is not trusted (every marker is read)
-    ledger = read_ledger(layout.ledger(STAGE)) if summary_path.exists() else {}
-    if not ledger:
+    completed = summary_path.exists() and layout.manifest.exists()
+    ledger = read_ledger(layout.ledger(STAGE)) if completed else {}
+    if not completed:
         _sweep_tmp(layout)
+    # what a completed run left is named by its manifest: only those chapters' files are looked at, no listing
+    held = read_parquet(layout.manifest).column("chapter_id").to_pylist() if completed else None
     summary_path.unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
-    purged = purge_taken_down(layout, listed_ids)
+    purged = purge_taken_down(layout, listed_ids, held)
     write_parquet(manifest_table(chapters), layout.manifest)
     if not local:
         from pipelines.runtime.ray import init_ray
