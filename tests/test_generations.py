@@ -81,6 +81,7 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     shutil.copytree(colour, copy) if colour.is_dir() else shutil.copy2(colour, copy)
     added = pipeline_main(argv)["stages"]
     assert added["ingest"]["summary"]["run"]["chapters_processed"] == 1
+    assert added["ingest"]["summary"]["run"]["chapters_vouched"] == 7  # the others: no marker read
     assert added["retrieval"]["summary"]["embeddings"]["chapters_embedded"] == 1
     assert added["retrieval"]["summary"]["search"]["chapters_searched"] == 1
     assert added["screentone"]["summary"]["chapters_rendered"] == 1
