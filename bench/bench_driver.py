@@ -1,6 +1,6 @@
 """Driver-side cost per chapter of a whole-pipeline rerun, at two or more chapter counts, in one run.
 
-    python bench/bench_driver.py [--chapters 1000 3000] [--size 64x96] [--ray] [--work DIR]
+    python bench/bench_driver.py [--chapters 1000 3000] [--size 64x96] [--ray] [--work DIR [--keep]]
 
 Per N it builds a tree of N chapters of tiny pages (`<series>/<chapter>/` folders of PNGs written directly: a few
 colour pages and one black-and-white page per chapter, so every chapter is kept at `--min-color-pages`), runs the
@@ -12,11 +12,16 @@ the tree, the seconds each stage took in (b), and the ratio of the per-chapter c
 smallest (the baseline, measured in the same run): 1.0 means the driver's cost per chapter is flat, above 1.0
 that it grows faster than the chapter count. The issue's goals are checked against the figures: a no-op rerun
 over 10k chapters within 60 s, one added chapter within twice the no-op time plus its own work.
+
+`--keep` keeps each N's tree and data folder in `--work` (and the first run's wall time in `first.json` beside
+them): a later run with the same `--work` reuses them, brings them current (after a code change that may redo a
+stage) and measures the reruns again, so the 10k tree (a first run of ~25 minutes here) is built once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -81,18 +86,34 @@ def timed_run(corpus: Path, data: Path, options: PipelineOptions, local: bool) -
     return seconds, record
 
 
-def measure(chapters: int, work: Path, size: tuple[int, int], color_pages: int, local: bool) -> dict[str, float]:
-    """First run, no-op rerun and one-chapter-added rerun over a fresh tree of `chapters` chapters."""
+def measure(
+    chapters: int, work: Path, size: tuple[int, int], color_pages: int, local: bool, keep: bool
+) -> dict[str, float]:
+    """First run, no-op rerun and one-chapter-added rerun over a tree of `chapters` chapters (fresh, or the one
+    `keep` left in `work`, then brought current and its first-run time read back)."""
     corpus, data = work / f"corpus-{chapters}", work / f"data-{chapters}"
-    build_tree(corpus, chapters, color_pages, size)
+    first_record = work / f"first-{chapters}.json"
+    added_folder = chapter_folder(corpus, chapters)
+    shutil.rmtree(added_folder, ignore_errors=True)  # a kept tree lost its added chapter: it is added again below
+    if not first_record.exists():
+        shutil.rmtree(corpus, ignore_errors=True)
+        shutil.rmtree(data, ignore_errors=True)
+        build_tree(corpus, chapters, color_pages, size)
     options = pipeline_options(size, color_pages)
     first, _ = timed_run(corpus, data, options, local)
+    if first_record.exists():
+        first = json.loads(first_record.read_text())["first"]
+    elif keep:
+        first_record.write_text(json.dumps({"first": first}))
     noop, _ = timed_run(corpus, data, options, local)
-    write_chapter(chapter_folder(corpus, chapters), chapters, color_pages, size)
+    write_chapter(added_folder, chapters, color_pages, size)
     added, record = timed_run(corpus, data, options, local)
     stages = {stage: record["stages"][stage]["seconds"] for stage in STAGES}
-    shutil.rmtree(corpus)
-    shutil.rmtree(data)
+    if keep:
+        shutil.rmtree(added_folder)
+    else:
+        shutil.rmtree(corpus)
+        shutil.rmtree(data)
     return {"first": first, "noop": noop, "added": added, **{f"stage_{s}": v for s, v in stages.items()}}
 
 
@@ -103,15 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-color-pages", type=int, default=3, help="colour pages per chapter (all kept)")
     parser.add_argument("--ray", action="store_true", help="run the stages on a local Ray instead of in-process")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep and reuse the trees in --work (see above)")
     args = parser.parse_args(argv)
+    if args.keep and args.work is None:
+        parser.error("--keep needs --work: the folder the trees are kept in")
     counts = sorted(set(args.chapters))
-    work = Path(tempfile.mkdtemp(prefix="bench-driver-", dir=args.work))
+    work = args.work if args.keep else Path(tempfile.mkdtemp(prefix="bench-driver-", dir=args.work))
+    work.mkdir(parents=True, exist_ok=True)
     mode = "local Ray" if args.ray else "in-process"
     print(f"pages {args.size[0]}x{args.size[1]}, {args.min_color_pages} colour + 1 B&W per chapter, {mode}")
     results = {}
     try:
         for chapters in counts:
-            figures = measure(chapters, work, args.size, args.min_color_pages, local=not args.ray)
+            figures = measure(chapters, work, args.size, args.min_color_pages, not args.ray, args.keep)
             results[chapters] = figures
             per = {key: 1000 * figures[key] / chapters for key in ("first", "noop", "added")}
             stages = ", ".join(f"{s} {figures[f'stage_{s}']:.1f} s" for s in STAGES)
@@ -122,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     small, large = counts[0], counts[-1]
     for key, what in (("noop", "no-op rerun"), ("added", "one chapter added")):
         ratio = (results[large][key] / large) / (results[small][key] / small)
