@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from pipelines.core.layout import DataLayout
-from pipelines.core.ledger import LedgerEntry, chapter_key, read_ledger, write_ledger
+from pipelines.core.ledger import INGEST_LEDGER, LedgerEntry, chapter_key, read_ledger, write_ledger
 from pipelines.core.pagestore import kept_chapter_ids
 from pipelines.core.storage import MARKER_SUFFIX, atomic_write_json, read_json
 from pipelines.ingest.stage import run_ingest
@@ -27,7 +27,7 @@ def ledger_from_ingest_markers(out: Path) -> None:
     layout = DataLayout.at(out)
     markers = {p.name.removesuffix(MARKER_SUFFIX): read_json(p) for p in layout.ingest_markers.glob("*.done.json")}
     entries = {c: LedgerEntry(chapter_key(m["options"], m["signature"]), m) for c, m in markers.items()}
-    write_ledger(layout.ledger("ingest"), entries, {})
+    write_ledger(layout.ledger(INGEST_LEDGER), entries, {})
 
 
 def _ingest(corpus: Path, out: Path) -> None:

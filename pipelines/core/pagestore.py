@@ -13,7 +13,6 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines.core.layout import DataLayout
-from pipelines.core.ledger import chapter_key, read_ledger
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
 from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_json, read_parquet, read_table, write_parquet
 
@@ -82,12 +81,3 @@ def ingested_chapter_ids(layout: DataLayout) -> set[str]:
     the markers of chapters taken down from it). A later stage purges the files of any other chapter."""
     folder = layout.ingest_markers
     return {chapter_of(path) for path in folder.glob(f"*{MARKER_SUFFIX}")} if folder.is_dir() else set()
-
-
-def ingested_versions(layout: DataLayout) -> dict[str, str]:
-    """chapter_id -> a version of what ingestion made of the chapter, from the ingest ledger: its key (options and
-    input signature) and its record's parts' sha256. Later stages key their ledgers on it, so a chapter ingested
-    again is checked again by them; the parts alone would miss a page store re-encoded under other options. Empty
-    without an ingest ledger (an older output folder): every chapter is then checked against its markers."""
-    ledger = read_ledger(layout.ledger(INGEST_STAGE))
-    return {c: chapter_key(e.key, e.record["parts"]) for c, e in ledger.items() if "parts" in e.record}

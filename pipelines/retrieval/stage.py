@@ -21,7 +21,10 @@ candidates are the other frames of its chapter. Two stages, both resumable chapt
 The search task writes its chapter's parts of `pools.parquet/` and `retrievals.parquet/` (folders of one part
 per chapter: the tables of the latest run) and its marker with its counts and parts' sha256; the driver keeps one
 small record per chapter (the markers and page-store stats are read by check tasks) and writes
-`retrieval.summary.json` (what was embedded, reused and re-searched, the tables' fingerprints) last. No process
+`retrieval.summary.json` (what was embedded, reused and re-searched, the tables' fingerprints) last. Chapter
+ledgers (`pipelines.core.ledger`: `embeddings-<encoder_id>`, keyed on the chapter's ingest version, and
+`retrieval`, keyed on run id and embeddings version) give those records back without a check for every chapter
+whose key still matches, so a rerun that adds a chapter checks that chapter only. No process
 holds all embeddings and no table is rewritten: every step works on one chapter. On a cluster, OUT must be on
 storage every node can read and write.
 
@@ -64,8 +67,8 @@ from pipelines.core.encoders import (
 )
 from pipelines.core.geometry import RESAMPLE_LANCZOS, RESAMPLERS
 from pipelines.core.layout import DataLayout, subfolders
-from pipelines.core.ledger import LedgerEntry, chapter_key, read_ledger, vouched, write_ledger
-from pipelines.core.pagestore import decode_page, ingested_chapter_ids, ingested_versions, kept_chapter_ids
+from pipelines.core.ledger import LedgerEntry, chapter_key, ingested_versions, read_ledger, vouched, write_ledger
+from pipelines.core.pagestore import decode_page, ingested_chapter_ids, kept_chapter_ids
 from pipelines.core.patches import page_patches, patch_geometry
 from pipelines.core.pools import NearDuplicateRule, Pool, chapter_pools, error_pool, page_hashes
 from pipelines.core.schemas import (

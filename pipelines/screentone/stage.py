@@ -12,7 +12,8 @@ plain line art, GSRP's guide) at the GSRP size. The extractor is the release's n
 ``line_extractor_weights`` (an erika.pth) is given, batched on the worker's device, else weight-free XDoG; its id
 (`pipelines.core.page_styles.line_extractor_id`) fills those rows' ``renderer`` column. A frame that fails becomes
 error rows; a chapter is done when its marker exists and records the same options (renderer and extractor ids
-included), so reruns only render what is missing.
+included), so reruns only render what is missing. The stage's ledger (`pipelines.core.ledger`, keyed on those
+options and the chapter's ingest version) spares the marker reads of chapters it vouches for.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from PIL import Image
 
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout, fit_image, hires_size
 from pipelines.core.layout import DataLayout, subfolders
-from pipelines.core.ledger import LedgerEntry, chapter_key, read_ledger, vouched, write_ledger
+from pipelines.core.ledger import LedgerEntry, chapter_key, ingested_versions, read_ledger, vouched, write_ledger
 from pipelines.core.page_styles import line_extractor_id, pages_line_art
 from pipelines.core.pagestore import (
     decode_page,
     encode_page,
     ingested_chapter_ids,
-    ingested_versions,
     kept_chapter_ids,
     read_chapter_pages,
 )
