@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import LEDGER
 from pipelines.core.storage import stable_hash, write_parquet
 
@@ -72,6 +73,18 @@ def write_ledger(path: str | os.PathLike, entries: dict[str, LedgerEntry], previ
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_parquet(table, path, LEDGER)
     return True
+
+
+INGEST_LEDGER = "ingest"  # the ledger ingestion writes; later stages key theirs on it
+
+
+def ingested_versions(layout: DataLayout) -> dict[str, str]:
+    """chapter_id -> a version of what ingestion made of the chapter, from its ledger: the entry's key (options,
+    input signature) and its record's parts' sha256. Later stages key their ledgers on it, so a chapter ingested
+    again is checked again by them (the parts alone would miss a page store re-encoded under other options). Empty
+    without an ingest ledger (an older output folder): every chapter is then checked against its markers."""
+    ledger = read_ledger(layout.ledger(INGEST_LEDGER))
+    return {c: chapter_key(e.key, e.record["parts"]) for c, e in ledger.items() if "parts" in e.record}
 
 
 def _json(record: dict[str, Any]) -> str:

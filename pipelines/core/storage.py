@@ -314,9 +314,9 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: I
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
         for name in sorted(n for n in files if n.endswith(suffix)):
-            path = folder / name
-            if chapter_of(path) in keep:
+            chapter_id = name.split(".", 1)[0]  # `chapter_of` on the name: a path is built only for what goes
+            if chapter_id in keep:
                 continue
-            path.unlink(missing_ok=True)
-            purged.add(chapter_of(path))
+            (folder / name).unlink(missing_ok=True)
+            purged.add(chapter_id)
     return purged

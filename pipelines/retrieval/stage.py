@@ -21,7 +21,10 @@ candidates are the other frames of its chapter. Two stages, both resumable chapt
 The search task writes its chapter's parts of `pools.parquet/` and `retrievals.parquet/` (folders of one part
 per chapter: the tables of the latest run) and its marker with its counts and parts' sha256; the driver keeps one
 small record per chapter (the markers and page-store stats are read by check tasks) and writes
-`retrieval.summary.json` (what was embedded, reused and re-searched, the tables' fingerprints) last. No process
+`retrieval.summary.json` (what was embedded, reused and re-searched, the tables' fingerprints) last. Chapter
+ledgers (`pipelines.core.ledger`: `embeddings-<encoder_id>`, keyed on the chapter's ingest version, and
+`retrieval`, keyed on run id and embeddings version) give those records back without a check for every chapter
+whose key still matches, so a rerun that adds a chapter checks that chapter only. No process
 holds all embeddings and no table is rewritten: every step works on one chapter. On a cluster, OUT must be on
 storage every node can read and write.
 
@@ -51,6 +54,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipelines.core.embeddings import PATCHES_PER_PAGE, QUERY_ROLE, REF_ROLE, ChapterEmbeddings, EmbeddingStore
 from pipelines.core.encoders import (
@@ -63,6 +67,7 @@ from pipelines.core.encoders import (
 )
 from pipelines.core.geometry import RESAMPLE_LANCZOS, RESAMPLERS
 from pipelines.core.layout import DataLayout, subfolders
+from pipelines.core.ledger import LedgerEntry, chapter_key, ingested_versions, read_ledger, vouched, write_ledger
 from pipelines.core.pagestore import decode_page, ingested_chapter_ids, kept_chapter_ids
 from pipelines.core.patches import page_patches, patch_geometry
 from pipelines.core.pools import NearDuplicateRule, Pool, chapter_pools, error_pool, page_hashes
@@ -820,7 +825,20 @@ def search_done(layout: DataLayout, job: SearchJob) -> dict[str, Any] | None:
     if state is None or state.get("run_id") != job.run_id or state.get("embeddings_version") != job.version:
         return None
     in_place = all(part_path(t, job.chapter_id).exists() for t in (layout.pools, layout.retrievals))
-    return state if in_place else None
+    if not in_place:
+        return None
+    if "pool_refs" not in state:  # a marker from before the pool bounds were recorded: read them off its part
+        pools = pq.read_table(part_path(layout.pools, job.chapter_id), columns=["ref_page_ids", "status"])
+        state = {**state, "pool_refs": _pool_refs(pools.filter(pc.equal(pools["status"], STATUS_OK)))}
+    return state
+
+
+def _pool_refs(ok_pools: pa.Table) -> list[int] | None:
+    """[fewest, most] reference pages in the pools of a chapter's usable frames (`ref_page_ids`); None if none."""
+    if ok_pools.num_rows == 0:
+        return None
+    sizes = pc.list_value_length(ok_pools["ref_page_ids"])
+    return [pc.min(sizes).as_py(), pc.max(sizes).as_py()]
 
 
 def chapter_retrievals(
@@ -956,10 +974,9 @@ def search_chapter(unit: Unit) -> dict[str, Any]:
     pools, retrievals = chapter_retrievals(embeddings, job.params, job.faiss_threads)
     marker_path(layout.search_markers / job.chapter_id).unlink(missing_ok=True)  # parts change: marker goes first
     retrieval_table = table_from_rows(retrievals, RETRIEVALS)
+    pool_table = table_from_rows([p.row(job.chapter_id) for p in pools], POOLS)
     parts = {
-        "pools": write_part(
-            layout.pools, job.chapter_id, table_from_rows([p.row(job.chapter_id) for p in pools], POOLS), POOLS
-        ),
+        "pools": write_part(layout.pools, job.chapter_id, pool_table, POOLS),
         "retrievals": write_part(layout.retrievals, job.chapter_id, retrieval_table, RETRIEVALS),
     }
     stats = {
@@ -968,6 +985,7 @@ def search_chapter(unit: Unit) -> dict[str, Any]:
         "retrievals": len(retrievals),
         "pools_rows": len(pools),
         "distinct_ref_pages": distinct_pages_histogram(retrieval_table),
+        "pool_refs": _pool_refs(pool_table.filter(pc.equal(pool_table["status"], STATUS_OK))),
         "parts": parts,
         **_frame_counts(pools),
     }
@@ -1045,6 +1063,11 @@ def _embedding_check(job: EmbedJob) -> dict[str, Any] | None:
     }
 
 
+def _search_record(result: dict[str, Any]) -> dict[str, Any]:
+    """A search task's result as its marker holds it (what a check or the ledger gives back on a rerun)."""
+    return {k: v for k, v in result.items() if k not in ("key", "status")}
+
+
 def _failed_search(layout: DataLayout, chapter_id: str, pool_rows: list[dict[str, Any]]) -> str:
     """A failed chapter's parts: its error pools (one per stored frame) and no retrievals; marker first."""
     marker_path(layout.search_markers / chapter_id).unlink(missing_ok=True)
@@ -1070,12 +1093,16 @@ def run_retrieval(
     run_id = params.run_id(info.encoder_id)
     run_folder = layout.retrieval_run(run_id)
     chapters = kept_chapter_ids(layout)
+    # a run that did not finish (no summary) may have left temporary files, and rewritten chapters its ledgers
+    # still vouch for: then the folders are swept and every marker is read (a completed run needs neither)
+    unfinished = not layout.summary("retrieval").exists()
     # the summary marks pools.parquet + retrievals.parquet as a matching pair: gone until both are rewritten
     layout.summary("retrieval").unlink(missing_ok=True)
     if not local:
         init_ray()
-    for folder in (store.folder, run_folder, layout.search_markers, layout.pools, layout.retrievals):
-        sweep_tmp(folder)
+    if unfinished:
+        for folder in (store.folder, run_folder, layout.search_markers, layout.pools, layout.retrievals):
+            sweep_tmp(folder)
     purged = purge_taken_down(layout)
     _drop_other_chapters(layout, chapters)
     store.folder.mkdir(parents=True, exist_ok=True)
@@ -1084,14 +1111,24 @@ def run_retrieval(
         run_folder / "run.json", {"run_id": run_id, "encoder_id": info.encoder_id, **params.search_settings()}
     )
 
-    # stage 1: embeddings (markers and page-store stats read by check tasks)
+    # stage 1: embeddings (chapters the ledger vouches for skip the check; check tasks read the others' markers
+    # and page-store stats)
     stage1_started = time.perf_counter()
+    embed_ledger_path = layout.ledger(f"embeddings-{info.encoder_id}")
+    embed_ledger = {} if rebuild or unfinished else read_ledger(embed_ledger_path)
+    ingested = ingested_versions(layout)
+    embed_keys = {c: chapter_key(ingested[c]) for c in chapters if c in ingested}
+    checks: dict[str, dict[str, Any] | None] = {
+        c: {**record, "current": True} for c, record in vouched(embed_ledger, embed_keys).items()
+    }
     all_jobs = [
         EmbedJob(str(layout.root), c, str(store.folder), width, height, info, rebuild, params.fit_resample)
         for c in chapters
     ]
-    found = map_in_tasks(_embedding_check, all_jobs, desc="embeddings check", local=local)
-    checks = dict(zip(chapters, found, strict=True))
+    to_check = [job for job in all_jobs if job.chapter_id not in checks]
+    found = map_in_tasks(_embedding_check, to_check, desc="embeddings check", local=local)
+    embed_vouched = len(checks)
+    checks.update(zip([job.chapter_id for job in to_check], found, strict=True))
     jobs = [job for job in all_jobs if not (checks[job.chapter_id] or {}).get("current")]
     up_to_date = [c for c in chapters if (checks[c] or {}).get("current")]
     states = {c: checks[c] for c in up_to_date}
@@ -1107,6 +1144,7 @@ def run_retrieval(
     failed: dict[str, str] = {r["chapter_id"]: r["error"] for r in embed_results if r["action"] == "failed"}
     embed_summary = {
         "chapters_up_to_date": len(up_to_date),
+        "chapters_vouched": embed_vouched,  # up to date per the ledger, without a check
         "chapters_embedded": sum(r["action"] == "embedded" for r in embed_results),
         "chapters_rewritten": sum(r["action"] == "rewritten" for r in embed_results),
         "chapters_unchanged": sum(r["action"] == "unchanged" for r in embed_results),
@@ -1130,6 +1168,9 @@ def run_retrieval(
         for c in chapters
         if c in versions
     ]
+    search_ledger = {} if rebuild or unfinished else read_ledger(layout.ledger("retrieval"))
+    search_keys = {c: chapter_key(run_id, version) for c, version in versions.items()}
+    search_vouched = vouched(search_ledger, search_keys)
     report = run_units(
         units,
         search_chapter,
@@ -1137,11 +1178,13 @@ def run_retrieval(
         desc="retrieval search",
         num_cpus=params.faiss_threads,
         local=local,
+        vouched=search_vouched,
     )
     failed.update({r["key"]: r["error"] for r in report.failed})
     search_summary = {
         "chapters_searched": len(report.results) - len(report.failed),
         "chapters_reused": len(report.skipped),
+        "chapters_vouched": len(search_vouched),  # reused per the ledger, without a check
         "chapters_failed": len(report.failed),
         "faults": report.faults.as_dict(),
         "seconds": round(report.seconds, 3),
@@ -1150,8 +1193,16 @@ def run_retrieval(
     for counts in (embed_faults, report.faults):
         stage_faults.add(counts)
 
-    # the tables: every chapter's record (from its search task or its check), failed chapters' error parts
-    records = {r["key"]: r for r in report.results if r.get("status") != STATUS_ERROR} | report.skipped_records
+    # the tables: every chapter's record (from its search task, its check or the ledger), failed chapters' error
+    # parts
+    searched = {r["key"]: _search_record(r) for r in report.results if r.get("status") != STATUS_ERROR}
+    records = searched | report.skipped_records
+    search_entries = {c: LedgerEntry(search_keys[c], records[c]) for c in [*searched, *report.skipped]}
+    embed_entries = {
+        c: LedgerEntry(embed_keys[c], {k: states[c].get(k, 0) for k in ("version", "n_ok", "n_error")})
+        for c in versions
+        if c in embed_keys
+    }
     error_frames = _stored_pages(layout, set(failed)) if failed else {}
     error_pools = 0
     for chapter_id in sorted(failed):
@@ -1175,6 +1226,7 @@ def run_retrieval(
         for name in ("pools", "retrievals")
     }
     pool_table_rows = sum(r.get("pools_rows", 0) for r in records.values())
+    pool_refs = [r["pool_refs"] for r in records.values() if r.get("pool_refs")]
     retrieval_rows = sum(r.get("retrievals", 0) for r in records.values())
     summary = {
         "stage": "retrieval",
@@ -1190,6 +1242,10 @@ def run_retrieval(
         "pools_rows": pool_table_rows,
         "retrieval_rows": retrieval_rows,
         "distinct_ref_pages_per_frame": distinct_pages_summary(dict(histogram)),
+        # reference pages in a usable frame's pool: --refs, fewer in short pools, never under --min-refs
+        "pool_refs_per_frame": {"min": min(r[0] for r in pool_refs), "max": max(r[1] for r in pool_refs)}
+        if pool_refs
+        else {},
         "tables": tables,  # fingerprints from the parts' sha256 (the shard stage's plan builds on them)
         "failures": [{"chapter_id": c, "error": failed[c]} for c in sorted(failed)],
         "faults": stage_faults.as_dict(),
@@ -1201,5 +1257,7 @@ def run_retrieval(
         },
         "seconds": round(time.perf_counter() - started, 3),
     }
+    write_ledger(embed_ledger_path, embed_entries, embed_ledger)
+    write_ledger(layout.ledger("retrieval"), search_entries, search_ledger)
     atomic_write_json(layout.summary("retrieval"), summary)
     return summary

@@ -12,7 +12,8 @@ plain line art, GSRP's guide) at the GSRP size. The extractor is the release's n
 ``line_extractor_weights`` (an erika.pth) is given, batched on the worker's device, else weight-free XDoG; its id
 (`pipelines.core.page_styles.line_extractor_id`) fills those rows' ``renderer`` column. A frame that fails becomes
 error rows; a chapter is done when its marker exists and records the same options (renderer and extractor ids
-included), so reruns only render what is missing.
+included), so reruns only render what is missing. The stage's ledger (`pipelines.core.ledger`, keyed on those
+options and the chapter's ingest version) spares the marker reads of chapters it vouches for.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from PIL import Image
 
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout, fit_image, hires_size
 from pipelines.core.layout import DataLayout, subfolders
+from pipelines.core.ledger import LedgerEntry, chapter_key, ingested_versions, read_ledger, vouched, write_ledger
 from pipelines.core.page_styles import line_extractor_id, pages_line_art
 from pipelines.core.pagestore import (
     decode_page,
@@ -42,8 +44,10 @@ from pipelines.core.seeding import derive_seed
 from pipelines.core.storage import (
     atomic_write_json,
     is_done,
+    marker_path,
     purge_chapter_files,
     read_marker,
+    sweep_tmp,
     write_marker,
     write_parquet,
 )
@@ -201,6 +205,7 @@ def _chapter_worker(unit: Unit) -> dict[str, Any]:
                 | {"image": png, "status": STATUS_OK, "error": None}
             )
     output = _chapter_output(layout, renderer_id, options, unit.key)
+    marker_path(output).unlink(missing_ok=True)  # the output changes: its old marker must not vouch for it
     write_parquet(table_from_rows(rows, SCREENTONE), output, SCREENTONE)
     stats = {
         "options": _done_options(options, renderer_id, lines_id),
@@ -238,13 +243,25 @@ def _done_options(options: ScreentoneOptions, renderer_id: str, lines_id: str) -
 
 def chapter_done(
     layout: DataLayout, renderer_id: str, options: ScreentoneOptions, chapter_id: str, lines_id: str
-) -> bool:
-    """Done = marker present and written with the same options (another seed, scale or extractor renders again)."""
+) -> dict[str, int] | None:
+    """Done = marker present and written with the same options (another seed, scale or extractor renders again);
+    returns the chapter's record (its frame and error counts, what the ledger keeps), None when not done."""
     output = _chapter_output(layout, renderer_id, options, chapter_id)
-    return is_done(output) and read_marker(output).get("options") == _done_options(options, renderer_id, lines_id)
+    if not is_done(output):
+        return None
+    marker = read_marker(output)
+    if marker.get("options") != _done_options(options, renderer_id, lines_id):
+        return None
+    return _chapter_record(marker)
 
 
-def _unit_done(layout: DataLayout, renderer_id: str, options: ScreentoneOptions, lines_id: str, unit: Unit) -> bool:
+def _chapter_record(stats: dict[str, Any]) -> dict[str, int]:
+    return {"frames": stats.get("frames", 0), "errors": stats.get("errors", 0)}
+
+
+def _unit_done(
+    layout: DataLayout, renderer_id: str, options: ScreentoneOptions, lines_id: str, unit: Unit
+) -> dict[str, int] | None:
     return chapter_done(layout, renderer_id, options, unit.key, lines_id)
 
 
@@ -274,6 +291,9 @@ def run_screentone(
 
     CompositeLayout(options.width, options.height)  # validates the size before any work
     layout = DataLayout.at(data)
+    # a run that did not finish (no summary) may have left temporary files, and rewritten chapters the ledger still
+    # vouches for: then the folder is swept and every marker is read (a completed run needs neither)
+    unfinished = not layout.summary(STAGE).exists()
     layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     from screentone.render import renderer_for  # torch only where a renderer runs
 
@@ -282,9 +302,19 @@ def run_screentone(
     neural = not renderer.id.startswith("halftone") or options.line_extractor_weights is not None
     num_gpus = 1.0 if neural and not local and cluster_has_gpus() else 0.0
     purged = purge_taken_down(layout)
+    folder = layout.screentone(renderer.id, options.width, options.height)
+    if unfinished:
+        sweep_tmp(folder)
     chapter_ids = kept_chapter_ids(layout)
     payload = (str(layout.root), asdict(options), renderer.id, lines_id)
     units = [Unit(key=chapter_id, payload=payload) for chapter_id in chapter_ids]
+    # chapters rendered with these options from the page store ingestion still vouches for skip the marker check
+    ledger_path = layout.ledger(f"{STAGE}-{renderer.id}-{options.width}x{options.height}")
+    ledger = {} if unfinished else read_ledger(ledger_path)
+    ingested = ingested_versions(layout)
+    done_options = _done_options(options, renderer.id, lines_id)
+    keys = {c: chapter_key(done_options, ingested[c]) for c in chapter_ids if c in ingested}
+    ledger_vouched = vouched(ledger, keys)
     started = time.perf_counter()
     report = run_units(
         units,
@@ -294,6 +324,7 @@ def run_screentone(
         units_per_task=chapters_per_task,
         num_gpus=num_gpus,
         local=local,
+        vouched=ledger_vouched,
     )
     seconds = time.perf_counter() - started
     frames = sum(r.get("frames", 0) for r in report.results)
@@ -304,15 +335,19 @@ def run_screentone(
         "line_extractor_id": lines_id,
         "options": recorded_options(options),
         "sizes": {variant: list(size) for variant, size in options.all_sizes.items()},
-        "folder": str(layout.screentone(renderer.id, options.width, options.height).relative_to(layout.root)),
+        "folder": str(folder.relative_to(layout.root)),
         "chapters": len(units),
         "chapters_rendered": len(report.results),
         "chapters_reused": len(report.skipped),
+        "chapters_vouched": len(ledger_vouched),  # reused per the ledger, without a check
         "chapters_purged": len(purged),
         "frames_rendered": frames,
         "frame_errors": sum(r.get("errors", 0) for r in report.results),
         "frames_per_second": round(frames / seconds, 3) if seconds > 0 else None,
         "distributor": report.summary(),
     }
+    rendered = {r["key"]: _chapter_record(r) for r in report.results if r.get("status") != STATUS_ERROR}
+    records = rendered | report.skipped_records
+    write_ledger(ledger_path, {c: LedgerEntry(keys[c], records[c]) for c in records if c in keys}, ledger)
     atomic_write_json(layout.summary(STAGE), summary)
     return summary
