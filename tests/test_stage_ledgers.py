@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from pipelines.core.layout import DataLayout
-from pipelines.core.ledger import INGEST_LEDGER, LedgerEntry, chapter_key, read_ledger, write_ledger
+from pipelines.core.ledger import LedgerEntry, read_ledger, write_ledger
 from pipelines.core.pagestore import kept_chapter_ids
-from pipelines.core.storage import MARKER_SUFFIX, atomic_write_json, read_json
+from pipelines.core.storage import atomic_write_json, read_json
 from pipelines.ingest.stage import run_ingest
 from pipelines.retrieval.stage import run_retrieval
 from pipelines.screentone.stage import ScreentoneOptions, run_screentone
@@ -21,18 +21,8 @@ SIZE = {"width": 128, "height": 192}
 TIMING = ("seconds", "frames_per_second", "distributor", "chapters_vouched")  # how a run went, not what it made
 
 
-def ledger_from_ingest_markers(out: Path) -> None:
-    """Stand-in for the ingest ledger ingestion is to write: one entry per ingest marker (key: options and input
-    signature; record: the marker, with its parts' sha256)."""
-    layout = DataLayout.at(out)
-    markers = {p.name.removesuffix(MARKER_SUFFIX): read_json(p) for p in layout.ingest_markers.glob("*.done.json")}
-    entries = {c: LedgerEntry(chapter_key(m["options"], m["signature"]), m) for c, m in markers.items()}
-    write_ledger(layout.ledger(INGEST_LEDGER), entries, {})
-
-
 def _ingest(corpus: Path, out: Path) -> None:
     run_ingest(corpus, out, local=True, verbose=False)
-    ledger_from_ingest_markers(out)
 
 
 def _stages(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:

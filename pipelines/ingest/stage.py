@@ -40,7 +40,7 @@ from pipelines.core.decode import (
 )
 from pipelines.core.errors import PreconditionError
 from pipelines.core.layout import DataLayout
-from pipelines.core.ledger import LedgerEntry, chapter_key, read_ledger, vouched, write_ledger
+from pipelines.core.ledger import INGEST_LEDGER, LedgerEntry, chapter_key, read_ledger, vouched, write_ledger
 from pipelines.core.pagestore import ENCODINGS, encode_page, ingested_chapter_ids, write_chapter_pages
 from pipelines.core.schemas import CHAPTERS, COLOR_FEATURE_FIELDS, PAGES, STATUS_ERROR, STATUS_OK, table_from_rows
 from pipelines.core.sources import (
@@ -517,7 +517,7 @@ def _run_ingest(
     _remove_legacy_tables(layout)
     # after a killed run: its temporary files go, and its ledger is not trusted (every marker is read)
     completed = summary_path.exists() and layout.manifest.exists()
-    ledger = read_ledger(layout.ledger(STAGE)) if completed else {}
+    ledger = read_ledger(layout.ledger(INGEST_LEDGER)) if completed else {}
     if not completed:
         _sweep_tmp(layout)
     # what a completed run left is named by its manifest: only those chapters' files are looked at, no listing
@@ -604,7 +604,7 @@ def _run_ingest(
         c for c, r in zip(ids, records, strict=True) if r.get("kept") and r["chapter_status"] == STATUS_OK
     )
     atomic_write_json(layout.kept_chapters, kept_ids)
-    write_ledger(layout.ledger(STAGE), _ledger_entries(tasks, records, fingerprint), ledger)
+    write_ledger(layout.ledger(INGEST_LEDGER), _ledger_entries(tasks, records, fingerprint), ledger)
     atomic_write_json(summary_path, summary)
     if verbose:
         print(format_summary(summary), flush=True)
