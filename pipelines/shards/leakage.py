@@ -18,14 +18,38 @@ patch, role "ref", patch 4; L2-normalised fp16), so no page is decoded or encode
 Every candidate is a DUPLICATES row (``duplicate`` False when the hash rejected it, so thresholds can be
 re-cut); the training pages of confirmed rows are removed from the training shards.
 
-Vectors are read only through `pipelines.retrieval.stage.EmbeddingStore`, only for the chapters of the pages asked
-for, by a pool of threads (`READ_THREADS` chapters at once, in a bounded window). Memory bound: the index holds
-every training frame's whole-page vector, train frames x dim x 4 bytes with the exact index (below
-`ivf_min_train`) or x 2 bytes with the IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB; the
-reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters' vectors besides, and the held-out vectors
-are searched chapter by chapter. A chapter without a completion marker (a retrieval run was killed while rewriting it)
-or with inconsistent files is skipped and listed in the summary, never read: its held-out pages count as
-``unchecked``, its training pages are not indexed.
+Vectors are read only through `pipelines.core.embeddings.EmbeddingStore`, only for the chapters of the pages asked
+for, by a pool of threads (`READ_THREADS` chapters at once, in a bounded window). A FAISS score only proposes a
+pair (within `SEARCH_MARGIN` of the threshold); every proposed pair is rescored exactly (`exact_cosine`), so a
+pair's score does not depend on the batch or index that found it. A chapter without a completion marker (a
+retrieval run was killed while rewriting it) or with inconsistent files is skipped and listed in the summary,
+never read: its held-out pages count as ``unchecked``, its training pages are not indexed.
+
+The state kept between runs (`layout.leakage_state`, used when the caller passes each chapter's embeddings
+version, from the embeddings ledger): the whole-page vectors already gathered, float16 as the retrieval job stored
+them, in a few vectors files; per page its chapter, split, the chapter's embeddings version and its row
+(`LEAKAGE_STATE_PAGES`); the candidate rows found so far (DUPLICATES, confirmed); for an IVF state its trained,
+empty index; and `state.json`, written last, naming those files and the settings they were computed under
+(encoder, threshold, confirmation and its rule, exact or IVF and the IVF settings): other settings start it over.
+A rerun drops the pages whose chapter version changed or that left the input, re-files the pages whose split
+changed (their vector is kept, their pairs searched again), reads the pages it lacks, and searches only pairs with
+a new side: new held-out pages against every training page, the held-out pages it kept against the new training
+pages; the rows of pairs whose two pages stay are kept. With the exact index the result equals a check from
+scratch (tested). With IVF the coarse quantiser is trained once, on the seeded sample of the run that first needs
+it, and kept: new training pages are searched by the kept held-out pages exactly, so a check from scratch (another
+sample, every pair through IVF) may differ slightly; the shard stage's `rebuild` starts the state over. Skipped
+chapters are not kept, so the next run reads them again; the state is written only after the search finished
+(new files under new names, then `state.json` atomically, then the old files removed), so a killed run leaves
+the previous state, which stays valid. The versions are trusted as the embeddings ledger is: a chapter re-embedded
+without the ledger saying so keeps its old vectors here.
+
+Memory bound: the index of training pages the new held-out pages are searched against holds every training
+frame's vector, train frames x dim x 4 bytes with the exact index (below `ivf_min_train`) or x 2 bytes with the
+IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB; it is built only when there are new held-out
+pages. The vectors read in a run are held until the state is written (pages read x dim x 2 bytes: every page on
+a first run); the reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters' vectors besides, and the
+stored vectors are normalised `STORED_CHUNK` at a time. Merging the vectors files (more than `MAX_SEGMENTS`, or
+under half of their rows live) holds every kept vector once (pages x dim x 2 bytes).
 """
 
 from __future__ import annotations
