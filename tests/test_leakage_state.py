@@ -125,6 +125,16 @@ def test_a_rerun_reads_only_what_changed_and_equals_a_full_check(tmp_path: Path)
     named = read_json(state_file)
     assert set(before) == {"state.json", named["pages"], named["candidates"], *named["segments"].values()}
 
+    # a run killed while writing its state left files the state does not name: the old state is used, they go
+    strays = [fixture.layout.leakage_state / "pages-999999.parquet", fixture.layout.leakage_state / ".state.json.tmp"]
+    for stray in strays:
+        stray.write_bytes(b"half written")
+    fixture.chapter("t9", "train", {0: ("b0-p2", True)})
+    table, summary = _run(fixture, versions=fixture.versions())
+    assert summary["state"]["chapters_read"] == 1 and not summary["state"]["started_over"]
+    assert table.equals(_run(fixture)[0]) and ("b0-p2", "t9-p0", True) in _pairs(table)
+    assert not any(stray.exists() for stray in strays)
+
     # another threshold, or rebuild: the state starts over (and stays equal to a full check)
     looser = LeakageConfig(threshold=0.9, seed=3)
     table_looser, summary_looser = _run(fixture, looser, versions=fixture.versions())
