@@ -482,6 +482,55 @@ def save_state(
 # ---- the check -------------------------------------------------------------------------------------------------
 
 
+def _new_rows(
+    layout: DataLayout,
+    store: EmbeddingStore,
+    pairs: list[tuple[str, str, float]],
+    held: dict[str, PageRef],
+    trained: dict[str, PageRef],
+    config: LeakageConfig,
+) -> pa.Table:
+    """DUPLICATES rows of the (held-out page, training page, score) pairs found, confirmed by edge hash."""
+    candidates = [
+        {
+            "page_id": page_id,
+            "split": held[page_id].split,
+            "series": held[page_id].series,
+            "train_page_id": train_page_id,
+            "train_series": trained[train_page_id].series,
+            "train_chapter_id": trained[train_page_id].chapter_id,
+            "score": min(1.0, score),
+            "hash_distance": None,
+            "duplicate": True,
+        }
+        for page_id, train_page_id, score in pairs
+    ]
+    if config.confirm and candidates:
+        pages = {(c["page_id"], held[c["page_id"]].chapter_id) for c in candidates}
+        pages |= {(c["train_page_id"], c["train_chapter_id"]) for c in candidates}
+        hashes = page_hashes(layout, store, pages)
+        for c in candidates:
+            a, b = hashes.get(c["page_id"]), hashes.get(c["train_page_id"])
+            if a is None or b is None:
+                continue  # a page without a stored image stays a duplicate on the embedding alone
+            c["hash_distance"] = hash_distance(a, b)
+            c["duplicate"] = is_same_art(c["hash_distance"], c["score"], config.rule)
+    return table_from_rows(candidates, DUPLICATES)
+
+
+def _in_row_order(table: pa.Table) -> pa.Table:
+    """DUPLICATES rows by split, held-out page, score (highest first), training page: one order however found."""
+    keys = pa.table(
+        {
+            "split": table["split"],
+            "page_id": table["page_id"],
+            "score": pc.negate(table["score"]),
+            "train": table["train_page_id"],
+        }
+    )
+    return table.take(pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]))
+
+
 def find_duplicates(
     layout: DataLayout,
     encoder_id: str,
@@ -580,51 +629,15 @@ def find_duplicates(
             for page_ids, vectors in state.chunks(kept_held):
                 pairs += new_train.pairs(page_ids, vectors, config.threshold)
 
-    candidates = [
-        {
-            "page_id": page_id,
-            "split": held[page_id].split,
-            "series": held[page_id].series,
-            "train_page_id": train_page_id,
-            "train_series": trained[train_page_id].series,
-            "train_chapter_id": trained[train_page_id].chapter_id,
-            "score": min(1.0, score),
-            "hash_distance": None,
-            "duplicate": True,
-        }
-        for page_id, train_page_id, score in pairs
-    ]
-    if config.confirm and candidates:
-        pages = {(c["page_id"], held[c["page_id"]].chapter_id) for c in candidates}
-        pages |= {(c["train_page_id"], c["train_chapter_id"]) for c in candidates}
-        hashes = page_hashes(layout, store, pages)
-        for c in candidates:
-            a, b = hashes.get(c["page_id"]), hashes.get(c["train_page_id"])
-            if a is None or b is None:
-                continue  # a page without a stored image stays a duplicate on the embedding alone
-            c["hash_distance"] = hash_distance(a, b)
-            c["duplicate"] = is_same_art(c["hash_distance"], c["score"], config.rule)
-    candidates = [table_from_rows(candidates, DUPLICATES)]
+    parts = [_new_rows(layout, store, pairs, held, trained, config)]
     if state is not None:  # the rows of pairs whose pages both stay
         old = state.candidates
         stays = pc.and_(
             pc.is_in(old["page_id"], value_set=pa.array(sorted(kept_held), pa.string())),
             pc.is_in(old["train_page_id"], value_set=pa.array(sorted(kept_train), pa.string())),
         )
-        candidates.append(old.filter(stays))
-    table = pa.concat_tables(candidates)
-    order = pc.sort_indices(
-        pa.table(
-            {
-                "split": table["split"],
-                "page_id": table["page_id"],
-                "score": pc.negate(table["score"]),
-                "train": table["train_page_id"],
-            }
-        ),
-        sort_keys=[("split", "ascending"), ("page_id", "ascending"), ("score", "ascending"), ("train", "ascending")],
-    )
-    table = table.take(order)
+        parts.append(old.filter(stays))
+    table = _in_row_order(pa.concat_tables(parts))
     changed = state is None or added or refiled or len(stored) != state.pages.num_rows or ivf != state.ivf
     if keep_state and changed:
         save_state(layout.leakage_state, settings, state, stored, added, held | trained, table, ivf)
