@@ -110,6 +110,9 @@ def test_a_rerun_reads_only_what_changed_and_equals_a_full_check(tmp_path: Path)
         assert table.equals(full_table), name
         assert summary == full_summary, name
         assert state["chapters_read"] == chapters_read and state["started_over"] == (name == "first run"), name
+        assert state["new_held_out_streamed"] == (
+            name in ("a val chapter repeats a train page", "a chapter moved to val")
+        )
         if pairs is not None:
             assert _pairs(table) == pairs
     # what the sequence planted, seen through the final splits: t1 is gone, t3 is held out now
@@ -176,13 +179,17 @@ def test_many_runs_merge_the_vectors_files(tmp_path: Path) -> None:
     assert table.equals(_run(fixture)[0]) and _pairs(table) == {("v0-p0", "t17-p0", True)}
 
 
-@pytest.mark.parametrize("added", ["train", "val"])
-def test_ivf_state_keeps_its_quantiser_and_finds_new_pairs(tmp_path: Path, added: str) -> None:
+@pytest.mark.parametrize(
+    ("added", "nlist"),
+    [("train", 2), ("val", 2), ("val", 4)],
+    ids=["train", "val-through-ivf", "val-streamed-exactly"],  # 4 new held-out pages: more than 2 lists, not 4
+)
+def test_ivf_state_keeps_its_quantiser_and_finds_new_pairs(tmp_path: Path, added: str, nlist: int) -> None:
     fixture = Fixture(tmp_path / "out")
     for chapter in ("t0", "t1", "t2", "t3"):
         fixture.chapter(chapter, "train")
     fixture.chapter("v0", "val", {0: ("t1-p2", True)})
-    ivf = LeakageConfig(threshold=0.95, ivf_min_train=1, nlist=2, nprobe=2, seed=3)
+    ivf = LeakageConfig(threshold=0.95, ivf_min_train=1, nlist=nlist, nprobe=2, seed=3)
     table, summary = _run(fixture, ivf, versions=fixture.versions())
     assert summary["index"] == "ivf" and _pairs(table) == {("v0-p0", "t1-p2", True)}
     quantiser = sorted(fixture.layout.leakage_state.glob("ivf-*.faiss"))
@@ -194,4 +201,5 @@ def test_ivf_state_keeps_its_quantiser_and_finds_new_pairs(tmp_path: Path, added
     table, summary = _run(fixture, ivf, versions=fixture.versions())
     new_pair = ("v0-p3", "t4-p1", True) if added == "train" else ("v1-p1", "t3-p3", True)
     assert _pairs(table) == {("v0-p0", "t1-p2", True), new_pair} and summary["state"]["chapters_read"] == 1
+    assert summary["state"]["new_held_out_streamed"] == (nlist == 4)
     assert sorted(fixture.layout.leakage_state.glob("ivf-*.faiss")) == quantiser  # trained once, kept

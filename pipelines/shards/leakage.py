@@ -25,31 +25,35 @@ pair's score does not depend on the batch or index that found it. A chapter with
 retrieval run was killed while rewriting it) or with inconsistent files is skipped and listed in the summary,
 never read: its held-out pages count as ``unchecked``, its training pages are not indexed.
 
-The state kept between runs (`layout.leakage_state`, used when the caller passes each chapter's embeddings
-version, from the embeddings ledger): the whole-page vectors already gathered, float16 as the retrieval job stored
-them, in a few vectors files; per page its chapter, split, the chapter's embeddings version and its row
+The state kept between runs (`layout.leakage_state`, used when the caller passes each chapter's embeddings version,
+from the embeddings ledger): the whole-page vectors already gathered, float16 as the retrieval job stored them, in a
+few vectors files; per page its chapter, split, the chapter's embeddings version and its row
 (`LEAKAGE_STATE_PAGES`); the candidate rows found so far (DUPLICATES, confirmed); for an IVF state its trained,
-empty index; and `state.json`, written last, naming those files and the settings they were computed under
-(encoder, threshold, confirmation and its rule, exact or IVF and the IVF settings): other settings start it over.
-A rerun drops the pages whose chapter version changed or that left the input, re-files the pages whose split
-changed (their vector is kept, their pairs searched again), reads the pages it lacks, and searches only pairs with
-a new side: new held-out pages against every training page, the held-out pages it kept against the new training
-pages; the rows of pairs whose two pages stay are kept. With the exact index the result equals a check from
-scratch (tested). With IVF the coarse quantiser is trained once, on the seeded sample of the run that first needs
-it, and kept: new training pages are searched by the kept held-out pages exactly, so a check from scratch (another
-sample, every pair through IVF) may differ slightly; the shard stage's `rebuild` starts the state over. Skipped
-chapters are not kept, so the next run reads them again; the state is written only after the search finished
-(new files under new names, then `state.json` atomically, then the old files removed), so a killed run leaves
-the previous state, which stays valid. The versions are trusted as the embeddings ledger is: a chapter re-embedded
-without the ledger saying so keeps its old vectors here.
+empty index; and `state.json`, written last, naming those files and the settings they were computed under (encoder,
+threshold, confirmation and its rule, exact or IVF and the IVF settings): other settings start it over. A rerun
+drops the pages whose chapter version changed or that left the input, re-files the pages whose split changed (their
+vector is kept, their pairs searched again), reads the pages it lacks, and searches only pairs with a new side: new
+held-out pages against every training page (an exact index of the new held-out pages, every training vector streamed
+past it from the state's files), the held-out pages it kept against the new training pages; the rows of pairs whose
+two pages stay are kept. With the exact index the result equals a check from scratch (tested). With IVF (from
+`ivf_min_train` training pages) the search is exact too as long as there are no more new held-out pages than IVF
+lists (streaming costs fewer multiply-adds than assigning every training vector to a list); beyond that every
+training page goes into an IVF index whose coarse quantiser is trained once, on the seeded sample of the run that
+first needs it, and kept in the state. So an IVF check from scratch (another sample, every pair through IVF) may
+differ slightly, usually finding fewer pairs; the shard stage's `rebuild` starts the state over. Skipped chapters
+are not kept, so the next run reads them again; the state is written only after the search finished (new files under
+new names, then `state.json` atomically, then the old files removed), so a killed run leaves the previous state,
+which stays valid. The versions are trusted as the embeddings ledger is: a chapter re-embedded without the ledger
+saying so keeps its old vectors here.
 
-Memory bound: the index of training pages the new held-out pages are searched against holds every training
-frame's vector, train frames x dim x 4 bytes with the exact index (below `ivf_min_train`) or x 2 bytes with the
-IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB; it is built only when there are new held-out
-pages. The vectors read in a run are held until the state is written (pages read x dim x 2 bytes: every page on
-a first run); the reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters' vectors besides, and the
-stored vectors are normalised `STORED_CHUNK` at a time. Merging the vectors files (more than `MAX_SEGMENTS`, or
-under half of their rows live) holds every kept vector once (pages x dim x 2 bytes).
+Memory bound: without a state (no versions, the first run, settings changed, more new held-out pages than IVF lists)
+the index of training pages holds every training frame's vector, train frames x dim x 4 bytes with the exact index
+(below `ivf_min_train`) or x 2 bytes with the IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB.
+Beside a state, the new held-out pages' index (x 4 bytes) and the new training pages' (x 4 bytes, only when the
+state has held-out pages) replace it. The vectors read in a run are held until the state is written (pages read x
+dim x 2 bytes: every page on a first run); the reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters'
+vectors besides, and the stored vectors are normalised `STORED_CHUNK` at a time. Merging the vectors files (more
+than `MAX_SEGMENTS`, or under half of their rows live) holds every kept vector once (pages x dim x 2 bytes).
 """
 
 from __future__ import annotations
@@ -287,6 +291,16 @@ class _Index:
                     yield page_id, self.page_ids[int(row)], score
 
 
+def ivf_lists(train_pages: int, config: LeakageConfig) -> int:
+    """IVF lists for `train_pages` training pages: `config.nlist`, else about 4 sqrt(n), at least 39 pages a list."""
+    return config.nlist or max(1, min(int(4 * np.sqrt(train_pages)), train_pages // 39))
+
+
+def _swapped(pairs: Iterable[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """(training page, held-out page, score) pairs as (held-out page, training page, score)."""
+    return [(held_page, train_page, score) for train_page, held_page, score in pairs]
+
+
 def _trained_ivf(
     store: EmbeddingStore, train: dict[str, PageRef], config: LeakageConfig, skipped: dict[str, str], kept: bytes | None
 ) -> tuple[Any, bytes | None]:
@@ -297,7 +311,7 @@ def _trained_ivf(
     if kept is not None:
         index = faiss.deserialize_index(np.frombuffer(kept, dtype=np.uint8))
     else:
-        nlist = config.nlist or max(1, min(int(4 * np.sqrt(len(train))), len(train) // 39))
+        nlist = ivf_lists(len(train), config)
         fraction = min(1.0, 256 * nlist / len(train))
         sample = [train[p] for p in sorted(train) if unit_hash(config.seed, "ivf-train", p) < fraction]
         chunks = [v for _, v in iter_page_vectors(store, by_chapter(sample), skipped)]
@@ -585,8 +599,16 @@ def find_duplicates(
     added: list[ChapterVectors] = []
     kind = "ivf" if use_ivf else "flat"
     ivf = state.ivf if state is not None else None
-    every_train = None  # every training page, searched by the new held-out pages
-    if unread_held or refiled_held:
+    pairs: list[tuple[str, str, float]] = []
+    with_vectors = set(kept_held) | set(refiled_held)
+    new_held = len(unread_held) + len(refiled_held)
+    # Beside a state, the new held-out pages are indexed (exactly) and every training vector streams past them: no
+    # index of the training pages is built. With IVF only while that costs fewer multiply-adds than assigning every
+    # training vector to one of the IVF lists (new held-out pages <= lists); else every training page is indexed.
+    streamed = state is not None and new_held > 0 and (not use_ivf or new_held <= ivf_lists(len(trained), config))
+    held_index = _Index() if streamed else None
+    every_train = None  # every training page, searched by the new held-out pages when they are not streamed past
+    if new_held and not streamed:
         every_train = _Index()
         if use_ivf:
             every_train.index, ivf = _trained_ivf(store, trained, config, skipped, ivf)
@@ -595,36 +617,44 @@ def find_duplicates(
         if every_train is not None and state is not None:
             for page_ids, vectors in state.chunks(kept_train):
                 every_train.add(page_ids, vectors)
+    if held_index is not None:
+        for page_ids, vectors in state.chunks(refiled_held):
+            held_index.add(page_ids, vectors)
+        for chapter in iter_chapter_vectors(store, by_chapter(unread_held), skipped):
+            with_vectors.update(chapter.page_ids)
+            held_index.add(chapter.page_ids, normalised(chapter.raw))
+            added.append(chapter)
+        for page_ids, vectors in state.chunks(kept_train):
+            pairs += _swapped(held_index.pairs(page_ids, vectors, config.threshold))
     new_train = _Index()  # the new training pages, searched by the held-out pages of the state
     train_indexed = len(kept_train) + len(refiled_train)
 
     def add_new_train(page_ids: list[str], vectors: np.ndarray) -> None:
         if every_train is not None:
             every_train.add(page_ids, vectors)
+        if held_index is not None:
+            pairs.extend(_swapped(held_index.pairs(page_ids, vectors, config.threshold)))
         if kept_held:
             new_train.add(page_ids, vectors)
 
-    pairs: list[tuple[str, str, float]] = []
-    with_vectors = set(kept_held) | set(refiled_held)
     if kind == "none":
         train_indexed = 0
     else:
-        if refiled_train:
-            for page_ids, vectors in state.chunks(refiled_train):
-                add_new_train(page_ids, vectors)
+        for page_ids, vectors in state.chunks(refiled_train) if refiled_train else ():
+            add_new_train(page_ids, vectors)
         for chapter in iter_chapter_vectors(store, by_chapter(unread_train), skipped):
             add_new_train(chapter.page_ids, normalised(chapter.raw))
             train_indexed += len(chapter.page_ids)
             if keep_state:
                 added.append(chapter)
-        if refiled_held:
-            for page_ids, vectors in state.chunks(refiled_held):
+        if every_train is not None:
+            for page_ids, vectors in state.chunks(refiled_held) if refiled_held else ():
                 pairs += every_train.pairs(page_ids, vectors, config.threshold)
-        for chapter in iter_chapter_vectors(store, by_chapter(unread_held), skipped):
-            with_vectors.update(chapter.page_ids)
-            pairs += every_train.pairs(chapter.page_ids, normalised(chapter.raw), config.threshold)
-            if keep_state:
-                added.append(chapter)
+            for chapter in iter_chapter_vectors(store, by_chapter(unread_held), skipped):
+                with_vectors.update(chapter.page_ids)
+                pairs += every_train.pairs(chapter.page_ids, normalised(chapter.raw), config.threshold)
+                if keep_state:
+                    added.append(chapter)
         if new_train.page_ids:
             for page_ids, vectors in state.chunks(kept_held):
                 pairs += new_train.pairs(page_ids, vectors, config.threshold)
@@ -676,6 +706,7 @@ def find_duplicates(
             "pages_kept": len(stored),
             "chapters_read": len({c.chapter_id for c in added}) if keep_state else None,
             "pages_read": sum(len(c.page_ids) for c in added) if keep_state else None,
+            "new_held_out_streamed": streamed,
         },
     }
     return table, summary
