@@ -13,6 +13,7 @@ from shard_inputs import Corpus, build_corpus, chapter_id_of, page_id_of
 from pipelines.core.embeddings import EmbeddingStore
 from pipelines.core.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_encoder
 from pipelines.core.layout import DataLayout
+from pipelines.core.ledger import LedgerEntry, write_ledger
 from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
 from pipelines.shards.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
 from pipelines.shards.stage import ShardOptions, run_shards
@@ -153,3 +154,16 @@ def test_the_shard_job_removes_duplicates_from_training(corpus: Corpus) -> None:
     assert copy_in_train in corpus.planted and corpus.pages[copy_in_train]["chapter_id"] == chapter_id_of(
         TRAIN_SERIES[0], "ch01"
     )
+
+
+def test_with_the_embeddings_ledger_the_shard_job_keeps_a_leakage_state(corpus: Corpus, tmp_path: Path) -> None:
+    layout = DataLayout.at(shutil.copytree(corpus.root, tmp_path / "out"))
+    store = _store(layout)
+    chapters = sorted({row["chapter_id"] for row in corpus.pages.values()})
+    entries = {c: LedgerEntry("key", {"version": store.state(c)["version"], "n_ok": 8, "n_error": 0}) for c in chapters}
+    write_ledger(layout.ledger(f"embeddings-{store.folder.name}"), entries, {})
+    summary = run_shards(layout.root, OPTIONS, local=True, rebuild=True)  # the copy may hold a finished run
+    state = summary["leakage"]["state"]
+    assert state["kept"] and state["started_over"] and state["pages_read"] == len(corpus.pages)
+    assert (layout.leakage_state / "state.json").is_file()
+    assert duplicate_train_pages(pq.read_table(layout.duplicates)) == set(corpus.planted)

@@ -19,6 +19,9 @@ OUT/
   screentone/<renderer_id>/<WxH>/          per-chapter screentone renderings (SCREENTONE)
   splits.parquet                           series -> split
   duplicates.parquet                       leakage check: held-out pages and their training near-duplicates
+  shards/leakage/                          the leakage check's state kept between runs: the whole-page vectors
+                                           it gathered, per page its chapter's embeddings version, and the
+                                           candidate pairs found so far (state.json, written last, names them)
   shards/<split>/                          WebDataset tars, Parquet indexes, stats markers, manifest.json
   shards/manifest.json                     the dataset manifest (every split and shard, config, code version)
   benchmark/                               ColorFlow-Bench-style held-out chapters
@@ -137,6 +140,11 @@ class DataLayout:
     @property
     def duplicates(self) -> Path:
         return self.root / "duplicates.parquet"
+
+    @property
+    def leakage_state(self) -> Path:
+        """The leakage check's state (`pipelines.shards.leakage`): a rerun reads only the chapters it lacks."""
+        return self.root / "shards" / "leakage"
 
     @property
     def shards_manifest(self) -> Path:

@@ -219,6 +219,18 @@ DUPLICATES = pa.schema(
 )
 
 
+LEAKAGE_STATE_PAGES = pa.schema(
+    [
+        pa.field("page_id", pa.string(), nullable=False),
+        pa.field("chapter_id", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # the split it was searched as (train, val, bench)
+        pa.field("version", pa.string(), nullable=False),  # its chapter's embeddings version when it was read
+        pa.field("segment", pa.int32(), nullable=False),  # the vectors file of the state that holds its vector
+        pa.field("row", pa.int64(), nullable=False),  # its row in that file
+    ]
+)
+
+
 LEDGER = pa.schema(
     [
         pa.field("chapter_id", pa.string(), nullable=False),
@@ -263,6 +275,7 @@ TABLES: dict[str, pa.Schema] = {
     "shard index": SHARD_INDEX,
     "sample errors": SAMPLE_ERRORS,
     "duplicates": DUPLICATES,
+    "leakage state pages": LEAKAGE_STATE_PAGES,
     "chapter ledger": LEDGER,
 }
 

@@ -18,22 +18,54 @@ patch, role "ref", patch 4; L2-normalised fp16), so no page is decoded or encode
 Every candidate is a DUPLICATES row (``duplicate`` False when the hash rejected it, so thresholds can be
 re-cut); the training pages of confirmed rows are removed from the training shards.
 
-Vectors are read only through `pipelines.retrieval.stage.EmbeddingStore`, only for the chapters of the pages asked
-for, by a pool of threads (`READ_THREADS` chapters at once, in a bounded window). Memory bound: the index holds
-every training frame's whole-page vector, train frames x dim x 4 bytes with the exact index (below
-`ivf_min_train`) or x 2 bytes with the IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB; the
-reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters' vectors besides, and the held-out vectors
-are searched chapter by chapter. A chapter without a completion marker (a retrieval run was killed while rewriting it)
-or with inconsistent files is skipped and listed in the summary, never read: its held-out pages count as
-``unchecked``, its training pages are not indexed.
+Vectors are read only through `pipelines.core.embeddings.EmbeddingStore`, only for the chapters of the pages asked
+for, by a pool of threads (`READ_THREADS` chapters at once, in a bounded window). A FAISS score only proposes a
+pair (within `SEARCH_MARGIN` of the threshold); every proposed pair is rescored exactly (`exact_cosine`), so a
+pair's score does not depend on the batch or index that found it. A chapter without a completion marker (a
+retrieval run was killed while rewriting it) or with inconsistent files is skipped and listed in the summary,
+never read: its held-out pages count as ``unchecked``, its training pages are not indexed.
+
+The state kept between runs (`layout.leakage_state`, used when the caller passes each chapter's embeddings version,
+from the embeddings ledger): the whole-page vectors already gathered, float16 as the retrieval job stored them, in a
+few vectors files; per page its chapter, split, the chapter's embeddings version and its row
+(`LEAKAGE_STATE_PAGES`); the candidate rows found so far (DUPLICATES, confirmed); for an IVF state its trained,
+empty index; and `state.json`, written last, naming those files and the settings they were computed under (encoder,
+threshold, confirmation and its rule, exact or IVF and the IVF settings): other settings start it over. A rerun
+drops the pages whose chapter version changed or that left the input, re-files the pages whose split changed (their
+vector is kept, their pairs searched again), reads the pages it lacks, and searches only pairs with a new side: new
+held-out pages against every training page (an exact index of the new held-out pages, every training vector streamed
+past it from the state's files), the held-out pages it kept against the new training pages; the rows of pairs whose
+two pages stay are kept. With the exact index the result equals a check from scratch (tested). With IVF (from
+`ivf_min_train` training pages) the search is exact too as long as there are no more new held-out pages than IVF
+lists (streaming costs fewer multiply-adds than assigning every training vector to a list); beyond that every
+training page goes into an IVF index whose coarse quantiser is trained once, on the seeded sample of the run that
+first needs it, and kept in the state. So an IVF check from scratch (another sample, every pair through IVF) may
+differ slightly, usually finding fewer pairs; the shard stage's `rebuild` starts the state over. Skipped chapters
+are not kept, so the next run reads them again; the state is written only after the search finished (new files under
+new names, then `state.json` atomically, then the old files removed), so a killed run leaves the previous state,
+which stays valid. The versions are trusted as the embeddings ledger is: a chapter re-embedded without the ledger
+saying so keeps its old vectors here.
+
+Memory bound: without a state (no versions, the first run, settings changed, more new held-out pages than IVF lists)
+the index of training pages holds every training frame's vector, train frames x dim x 4 bytes with the exact index
+(below `ivf_min_train`) or x 2 bytes with the IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB.
+Beside a state, the new held-out pages' index (x 4 bytes) and the new training pages' (x 4 bytes, only when the
+state has held-out pages) replace it. The vectors read in a run are held until the state is written (pages read x
+dim x 2 bytes: every page on a first run); the reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters'
+vectors besides, and the stored vectors are normalised `STORED_CHUNK` at a time. Merging the vectors files (more
+than `MAX_SEGMENTS`, or under half of their rows live) holds every kept vector once (pages x dim x 2 bytes).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,9 +77,16 @@ from pipelines.core.embeddings import REF_ROLE, EmbeddingStore
 from pipelines.core.geometry import WHOLE_PAGE_PATCH
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import decode_page, read_chapter_pages
-from pipelines.core.schemas import DUPLICATES, EMBEDDED_PAGES, table_from_rows
+from pipelines.core.schemas import DUPLICATES, EMBEDDED_PAGES, LEAKAGE_STATE_PAGES, table_from_rows
 from pipelines.core.seeding import unit_hash
-from pipelines.core.storage import read_parquet
+from pipelines.core.storage import (
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+    read_parquet,
+    write_parquet,
+)
 
 
 @dataclass(frozen=True)
@@ -102,16 +141,29 @@ READ_THREADS = min(8, os.cpu_count() or 1)
 WINDOW_PER_THREAD = 4  # chapters read ahead per thread: bounds what the reading holds besides the index
 
 
-def _chapter_vectors(
-    store: EmbeddingStore, chapter_id: str, page_ids: set[str]
-) -> tuple[list[str], np.ndarray] | str | None:
-    """(page ids, whole-page vectors float32 re-normalised) of one chapter's wanted pages; a reason (str) when the
-    chapter is skipped; None when none of the pages has a vector."""
+@dataclass(frozen=True)
+class ChapterVectors:
+    chapter_id: str
+    version: str  # the chapter's embeddings version (its marker's), what the state is keyed by
+    page_ids: list[str]
+    raw: np.ndarray  # the wanted pages' whole-page vectors as stored (float16, not re-normalised)
+
+
+def normalised(raw: np.ndarray) -> np.ndarray:
+    """float32 copies of `raw`'s rows scaled to unit length (stored fp16 vectors are only nearly unit)."""
+    vectors = np.array(raw, dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return vectors
+
+
+def _chapter_vectors(store: EmbeddingStore, chapter_id: str, page_ids: set[str]) -> ChapterVectors | str | None:
+    """One chapter's wanted pages and their stored whole-page vectors; a reason (str) when the chapter is
+    skipped; None when none of the pages has a vector."""
     try:
         stored = store.read_vectors(chapter_id)
         if stored is None:
             return "no completed embeddings (retrieval not run on it, or killed while writing it)"
-        _, ids, matrix = stored
+        marker, ids, matrix = stored
         mask = pc.and_(
             pc.and_(pc.equal(ids["role"], REF_ROLE), pc.equal(ids["patch"], WHOLE_PAGE_PATCH)),
             pc.is_in(ids["page_id"], value_set=pa.array(sorted(page_ids), pa.string())),
@@ -120,21 +172,20 @@ def _chapter_vectors(
         if ids.num_rows == 0:
             return None
         found, rows = ids.column("page_id").to_pylist(), ids.column("row").to_numpy()
-        vectors = np.asarray(matrix[rows], dtype=np.float32)
+        raw = np.asarray(matrix[rows], dtype=np.float16)
     except Exception as exc:  # noqa: BLE001 - one unreadable chapter is reported, it never ends the check
         return f"unreadable embeddings: {type(exc).__name__}: {exc}"
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return found, vectors
+    return ChapterVectors(chapter_id, str(marker.get("version", "")), found, raw)
 
 
-def iter_page_vectors(
+def iter_chapter_vectors(
     store: EmbeddingStore, wanted: dict[str, set[str]], skipped: dict[str, str], threads: int = READ_THREADS
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """Per chapter of `wanted` (chapter_id -> page ids), in chapter id order: those pages' whole-page vectors
-    (float32, re-normalised), read by `threads` threads at once.
+) -> Iterator[ChapterVectors]:
+    """Per chapter of `wanted` (chapter_id -> page ids), in chapter id order: those pages' stored whole-page
+    vectors, read by `threads` threads at once.
 
     Memory: besides what the caller keeps, at most `threads` x WINDOW_PER_THREAD chapters' vectors are held
-    (pages x dim x 4 bytes each). A chapter that is not completely embedded, or whose files cannot be read,
+    (pages x dim x 2 bytes each). A chapter that is not completely embedded, or whose files cannot be read,
     yields nothing and is recorded in `skipped` (chapter_id -> reason).
     """
     items = sorted(wanted.items())
@@ -149,6 +200,14 @@ def iter_page_vectors(
                     skipped[chapter_id] = result
                 elif result is not None:
                     yield result
+
+
+def iter_page_vectors(
+    store: EmbeddingStore, wanted: dict[str, set[str]], skipped: dict[str, str], threads: int = READ_THREADS
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """`iter_chapter_vectors` as (page ids, float32 unit vectors) per chapter."""
+    for chapter in iter_chapter_vectors(store, wanted, skipped, threads):
+        yield chapter.page_ids, normalised(chapter.raw)
 
 
 # ---- confirmation by edge hash ------------------------------------------------------------------------------
@@ -193,23 +252,71 @@ def is_same_art(distance: float, score: float, rule: pools.NearDuplicateRule) ->
 
 # ---- the search ------------------------------------------------------------------------------------------------
 
+SEARCH_MARGIN = 1e-3  # FAISS's float32 scores only propose pairs: all within this of the threshold are rescored
+SCORE_TOLERANCE = 1e-6  # a pair whose exact cosine is this close below the threshold still counts
+STORED_CHUNK = 4096  # state vectors normalised, added or searched at once
 
-def _build_index(store: EmbeddingStore, train: dict[str, PageRef], config: LeakageConfig, skipped: dict[str, str]):
-    """A FAISS index of the training pages' vectors, and the page id of each index row."""
+
+def exact_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The cosine of two unit vectors, correctly rounded (float64 products, `math.fsum`): a pure function of
+    the pair, so a pair scores the same whichever batch, index or run found it."""
+    return math.fsum((np.asarray(a, np.float64) * np.asarray(b, np.float64)).tolist())
+
+
+class _Index:
+    """A FAISS inner-product index filled chunk by chunk, with the page id of each row: exact (created flat on
+    the first vectors) unless a trained IVF index is given."""
+
+    def __init__(self, index: Any = None) -> None:
+        self.index = index
+        self.page_ids: list[str] = []
+
+    def add(self, page_ids: list[str], vectors: np.ndarray) -> None:
+        if self.index is None:
+            import faiss
+
+            self.index = faiss.IndexFlatIP(vectors.shape[1])
+        self.index.add(vectors)
+        self.page_ids += page_ids
+
+    def pairs(self, page_ids: list[str], vectors: np.ndarray, threshold: float) -> Iterator[tuple[str, str, float]]:
+        """(query page, index page, exact cosine) of every pair at or above `threshold`."""
+        if self.index is None or self.index.ntotal == 0:
+            return
+        lims, _, rows = self.index.range_search(vectors, threshold - SEARCH_MARGIN)
+        for i, page_id in enumerate(page_ids):
+            for row in rows[lims[i] : lims[i + 1]]:
+                score = exact_cosine(vectors[i], self.index.reconstruct(int(row)))
+                if score >= threshold - SCORE_TOLERANCE:
+                    yield page_id, self.page_ids[int(row)], score
+
+
+def ivf_lists(train_pages: int, config: LeakageConfig) -> int:
+    """IVF lists for `train_pages` training pages: `config.nlist`, else about 4 sqrt(n), at least 39 pages a list."""
+    return config.nlist or max(1, min(int(4 * np.sqrt(train_pages)), train_pages // 39))
+
+
+def _swapped(pairs: Iterable[tuple[str, str, float]]) -> list[tuple[str, str, float]]:
+    """(training page, held-out page, score) pairs as (held-out page, training page, score)."""
+    return [(held_page, train_page, score) for train_page, held_page, score in pairs]
+
+
+def _trained_ivf(
+    store: EmbeddingStore, train: dict[str, PageRef], config: LeakageConfig, skipped: dict[str, str], kept: bytes | None
+) -> tuple[Any, bytes | None]:
+    """An empty IVF index trained on a seeded sample of the training pages (or the one the state kept), and its
+    bytes to keep; (None, None) when no sampled page has a vector."""
     import faiss
 
-    if config.threads:
-        faiss.omp_set_num_threads(config.threads)
-    train_ids = set(train)
-    use_ivf = len(train_ids) >= config.ivf_min_train
-    index = None
-    if use_ivf:
-        nlist = config.nlist or max(1, min(int(4 * np.sqrt(len(train_ids))), len(train_ids) // 39))
-        fraction = min(1.0, 256 * nlist / len(train_ids))
-        sample = [train[p] for p in sorted(train_ids) if unit_hash(config.seed, "ivf-train", p) < fraction]
+    if kept is not None:
+        index = faiss.deserialize_index(np.frombuffer(kept, dtype=np.uint8))
+    else:
+        nlist = ivf_lists(len(train), config)
+        fraction = min(1.0, 256 * nlist / len(train))
+        sample = [train[p] for p in sorted(train) if unit_hash(config.seed, "ivf-train", p) < fraction]
         chunks = [v for _, v in iter_page_vectors(store, by_chapter(sample), skipped)]
         if not chunks:
-            return None, [], "none"
+            return None, None
         sample_vectors = np.concatenate(chunks)
         quantizer = faiss.IndexFlatIP(sample_vectors.shape[1])
         index = faiss.IndexIVFScalarQuantizer(
@@ -218,53 +325,200 @@ def _build_index(store: EmbeddingStore, train: dict[str, PageRef], config: Leaka
         index.cp.seed = config.seed
         index.train(sample_vectors)
         index.nprobe = min(config.nprobe, nlist)
-    row_ids: list[str] = []
-    for page_ids, vectors in iter_page_vectors(store, by_chapter(train.values()), skipped):
-        if index is None:
-            index = faiss.IndexFlatIP(vectors.shape[1])
-        index.add(vectors)
-        row_ids += page_ids
-    return index, row_ids, ("ivf" if use_ivf else "flat")
+        kept = faiss.serialize_index(index).tobytes()
+    index.set_direct_map_type(faiss.DirectMap.Array)  # pairs are rescored from the index's own vectors
+    return index, kept
 
 
-def find_duplicates(
+# ---- the state kept between runs ----------------------------------------------------------------------------
+
+STATE_FORMAT = 1
+STATE_FILE = "state.json"
+MAX_SEGMENTS = 16  # vectors files a state may hold before they are merged into one
+_GENERATION = re.compile(r"-(\d+)\.")
+
+
+@dataclass
+class LeakageState:
+    """What earlier runs gathered (see the module doc): per page its chapter, split, embeddings version and the
+    row of its stored (float16, as the retrieval job wrote it) vector; the candidate rows found among them."""
+
+    folder: Path
+    generation: int
+    pages: pa.Table  # LEAKAGE_STATE_PAGES
+    segments: dict[int, np.ndarray]  # segment -> its vectors, memory-mapped
+    candidates: pa.Table  # DUPLICATES
+    ivf: bytes | None  # the trained, empty IVF index (IVF states only, once trained)
+    files: dict[str, Any]  # the file names state.json gives
+
+    @classmethod
+    def load(cls, folder: Path, settings: dict[str, Any]) -> LeakageState | None:
+        """The state at `folder` if it was computed under `settings`; None (start over) if absent, made under
+        other settings or unreadable."""
+        path = folder / STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            meta = read_json(path)
+            if meta.get("format") != STATE_FORMAT or meta.get("settings") != settings:
+                return None
+            return cls(
+                folder,
+                int(meta["generation"]),
+                read_parquet(folder / meta["pages"], LEAKAGE_STATE_PAGES),
+                {int(s): np.load(folder / name, mmap_mode="r") for s, name in meta["segments"].items()},
+                read_parquet(folder / meta["candidates"], DUPLICATES),
+                (folder / meta["ivf"]).read_bytes() if meta.get("ivf") else None,
+                {key: meta[key] for key in ("segments", "pages", "candidates", "ivf")},
+            )
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid):
+            return None
+
+    def raw(self, rows: list[tuple[int, int]]) -> np.ndarray:
+        """The stored vectors at (segment, row) `rows`, in that order."""
+        order = np.lexsort(([r for _, r in rows], [s for s, _ in rows]))
+        out = np.empty((len(rows), next(iter(self.segments.values())).shape[1]), dtype=np.float16)
+        segments = np.array([s for s, _ in rows], dtype=np.int64)
+        wanted = np.array([r for _, r in rows], dtype=np.int64)
+        for segment in np.unique(segments):
+            positions = order[segments[order] == segment]
+            out[positions] = self.segments[int(segment)][wanted[positions]]
+        return out
+
+    def chunks(self, pages: dict[str, tuple[int, int]]) -> Iterator[tuple[list[str], np.ndarray]]:
+        """(page ids, float32 unit vectors) of stored `pages` (page_id -> (segment, row)), STORED_CHUNK at once."""
+        items = sorted(pages.items(), key=lambda item: item[1])
+        for start in range(0, len(items), STORED_CHUNK):
+            chunk = items[start : start + STORED_CHUNK]
+            yield [p for p, _ in chunk], normalised(self.raw([where for _, where in chunk]))
+
+
+def state_settings(encoder_id: str, config: LeakageConfig, ivf: bool) -> dict[str, Any]:
+    """What a state's vectors and candidate rows were computed under: any change starts the state over."""
+    settings = {
+        "encoder_id": encoder_id,
+        "threshold": config.threshold,
+        "confirm": config.confirm,
+        "rule": config.rule.as_dict(),
+        "index": "ivf" if ivf else "flat",
+    }
+    if ivf:
+        settings |= {"nlist": config.nlist, "nprobe": config.nprobe, "seed": config.seed}
+    return json.loads(json.dumps(settings))
+
+
+def _next_generation(folder: Path, state: LeakageState | None) -> int:
+    """Above every generation named in the folder, so a new state never overwrites a file the old one names."""
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION.search(p.name))] if folder.is_dir() else []
+    return 1 + max([state.generation if state else 0, *found])
+
+
+def save_state(
+    folder: Path,
+    settings: dict[str, Any],
+    previous: LeakageState | None,
+    kept: dict[str, tuple[int, int, str]],
+    added: list[ChapterVectors],
+    refs: dict[str, PageRef],
+    candidates: pa.Table,
+    ivf: bytes | None,
+) -> None:
+    """Write the new state: its files under new names first, then `state.json` naming them (atomically), then
+    remove what the old state named. A kill at any point leaves one complete state, the old or the new.
+
+    `kept`: page_id -> (segment, row, version) of the old state's pages that stay; `added`: vectors read this
+    run. Segments are merged into one when there would be more than MAX_SEGMENTS or under half their rows live.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    generation = _next_generation(folder, previous)
+    new_raw = [chapter.raw for chapter in added]
+    rows: list[dict[str, Any]] = []
+    for chapter in added:
+        for page_id in chapter.page_ids:
+            ref = refs[page_id]
+            rows.append(
+                {"page_id": page_id, "chapter_id": ref.chapter_id, "split": ref.split, "version": chapter.version}
+            )
+    segments = {segment for segment, _, _ in kept.values()}
+    stored_rows = sum(previous.segments[s].shape[0] for s in segments) if previous else 0
+    if kept and (len(segments) + bool(added) > MAX_SEGMENTS or stored_rows > 2 * len(kept)):
+        ordered = sorted(kept)  # merge: every live vector into the new segment
+        new_raw.insert(0, previous.raw([kept[p][:2] for p in ordered]))
+        old_rows = [
+            {"page_id": p, "chapter_id": refs[p].chapter_id, "split": refs[p].split, "version": kept[p][2]}
+            for p in ordered
+        ]
+        rows = old_rows + rows
+        segments = set()
+        kept_rows: list[dict[str, Any]] = []
+    else:
+        kept_rows = [
+            {
+                "page_id": p,
+                "chapter_id": refs[p].chapter_id,
+                "split": refs[p].split,
+                "version": version,
+                "segment": s,
+                "row": r,
+            }
+            for p, (s, r, version) in sorted(kept.items())
+        ]
+    names: dict[str, Any] = {"segments": {}}
+    if previous:
+        names["segments"] = {str(s): previous.files["segments"][str(s)] for s in sorted(segments)}
+    if new_raw:
+        for row_number, row in enumerate(rows):
+            row |= {"segment": generation, "row": row_number}
+        name = f"vectors-{generation:06d}.npy"
+        with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.concatenate(new_raw).astype(np.float16, copy=False))
+        names["segments"][str(generation)] = name
+    names["pages"] = f"pages-{generation:06d}.parquet"
+    write_parquet(table_from_rows(kept_rows + rows, LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
+    names["candidates"] = f"candidates-{generation:06d}.parquet"
+    write_parquet(candidates, folder / names["candidates"], DUPLICATES)
+    names["ivf"] = None
+    if ivf is not None:
+        if previous is not None and previous.ivf == ivf:
+            names["ivf"] = previous.files["ivf"]
+        else:
+            names["ivf"] = f"ivf-{generation:06d}.faiss"
+            atomic_write_bytes(folder / names["ivf"], ivf)
+    atomic_write_json(
+        folder / STATE_FILE, {"format": STATE_FORMAT, "settings": settings, "generation": generation} | names
+    )
+    named = {STATE_FILE, names["pages"], names["candidates"], names["ivf"], *names["segments"].values()}
+    for path in folder.iterdir():
+        if path.name not in named and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+# ---- the check -------------------------------------------------------------------------------------------------
+
+
+def _new_rows(
     layout: DataLayout,
-    encoder_id: str,
-    held_out: Iterable[PageRef],
-    train: Iterable[PageRef],
+    store: EmbeddingStore,
+    pairs: list[tuple[str, str, float]],
+    held: dict[str, PageRef],
+    trained: dict[str, PageRef],
     config: LeakageConfig,
-) -> tuple[pa.Table, dict[str, Any]]:
-    """Candidate and confirmed duplicates of held-out pages among training pages (DUPLICATES) and a summary."""
-    held = {p.page_id: p for p in held_out}
-    trained = {p.page_id: p for p in train}
-    overlap = sorted(set(held) & set(trained))
-    if overlap:
-        raise ValueError(f"pages {overlap[:5]} are both held out and in training: the split is broken")
-    store = embedding_store(layout, encoder_id)
-    skipped: dict[str, str] = {}
-    index, row_ids, kind = _build_index(store, trained, config, skipped)
-    candidates: list[dict[str, Any]] = []
-    checked: set[str] = set()
-    if index is not None and index.ntotal > 0:
-        for page_ids, vectors in iter_page_vectors(store, by_chapter(held.values()), skipped):
-            checked.update(page_ids)
-            lims, scores, rows = index.range_search(vectors, float(config.threshold) - 1e-6)
-            for i, page_id in enumerate(page_ids):
-                for score, row in zip(scores[lims[i] : lims[i + 1]], rows[lims[i] : lims[i + 1]], strict=True):
-                    other = trained[row_ids[int(row)]]
-                    candidates.append(
-                        {
-                            "page_id": page_id,
-                            "split": held[page_id].split,
-                            "series": held[page_id].series,
-                            "train_page_id": other.page_id,
-                            "train_series": other.series,
-                            "train_chapter_id": other.chapter_id,
-                            "score": min(1.0, float(score)),
-                            "hash_distance": None,
-                            "duplicate": True,
-                        }
-                    )
+) -> pa.Table:
+    """DUPLICATES rows of the (held-out page, training page, score) pairs found, confirmed by edge hash."""
+    candidates = [
+        {
+            "page_id": page_id,
+            "split": held[page_id].split,
+            "series": held[page_id].series,
+            "train_page_id": train_page_id,
+            "train_series": trained[train_page_id].series,
+            "train_chapter_id": trained[train_page_id].chapter_id,
+            "score": min(1.0, score),
+            "hash_distance": None,
+            "duplicate": True,
+        }
+        for page_id, train_page_id, score in pairs
+    ]
     if config.confirm and candidates:
         pages = {(c["page_id"], held[c["page_id"]].chapter_id) for c in candidates}
         pages |= {(c["train_page_id"], c["train_chapter_id"]) for c in candidates}
@@ -275,9 +529,152 @@ def find_duplicates(
                 continue  # a page without a stored image stays a duplicate on the embedding alone
             c["hash_distance"] = hash_distance(a, b)
             c["duplicate"] = is_same_art(c["hash_distance"], c["score"], config.rule)
-    candidates.sort(key=lambda c: (c["split"], c["page_id"], -c["score"], c["train_page_id"]))
-    table = table_from_rows(candidates, DUPLICATES)
-    confirmed = [c for c in candidates if c["duplicate"]]
+    return table_from_rows(candidates, DUPLICATES)
+
+
+def _in_row_order(table: pa.Table) -> pa.Table:
+    """DUPLICATES rows by split, held-out page, score (highest first), training page: one order however found."""
+    keys = pa.table(
+        {
+            "split": table["split"],
+            "page_id": table["page_id"],
+            "score": pc.negate(table["score"]),
+            "train": table["train_page_id"],
+        }
+    )
+    return table.take(pc.sort_indices(keys, sort_keys=[(name, "ascending") for name in keys.column_names]))
+
+
+def find_duplicates(
+    layout: DataLayout,
+    encoder_id: str,
+    held_out: Iterable[PageRef],
+    train: Iterable[PageRef],
+    config: LeakageConfig,
+    *,
+    versions: dict[str, str] | None = None,
+    rebuild: bool = False,
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Candidate and confirmed duplicates of held-out pages among training pages (DUPLICATES) and a summary.
+
+    `versions` (chapter_id -> embeddings version, from the embeddings ledger) turns on the state kept in
+    `layout.leakage_state`: only pages it lacks are read and only pairs with a new side searched. None reads
+    every vector and keeps no state; `rebuild` ignores the state and writes a new one.
+    """
+    held = {p.page_id: p for p in held_out}
+    trained = {p.page_id: p for p in train}
+    overlap = sorted(set(held) & set(trained))
+    if overlap:
+        raise ValueError(f"pages {overlap[:5]} are both held out and in training: the split is broken")
+    store = embedding_store(layout, encoder_id)
+    if config.threads:
+        import faiss
+
+        faiss.omp_set_num_threads(config.threads)
+    use_ivf = len(trained) >= config.ivf_min_train
+    settings = state_settings(encoder_id, config, use_ivf)
+    keep_state = versions is not None
+    state = LeakageState.load(layout.leakage_state, settings) if keep_state and not rebuild else None
+
+    # what the state still holds: pages of the same chapter version; those whose split changed are re-filed (their
+    # vector is kept, their pairs are searched again)
+    stored: dict[str, tuple[int, int, str]] = {}  # page_id -> (segment, row, version)
+    refiled: set[str] = set()
+    if state is not None:
+        columns = [state.pages.column(name).to_pylist() for name in LEAKAGE_STATE_PAGES.names]
+        for page_id, chapter_id, split, version, segment, row in zip(*columns, strict=True):
+            ref = held.get(page_id) or trained.get(page_id)
+            if ref and ref.chapter_id == chapter_id and versions.get(chapter_id) == version:
+                stored[page_id] = (segment, row, version)
+                if ref.split != split:
+                    refiled.add(page_id)
+    kept_train = {p: stored[p][:2] for p in stored if p in trained and p not in refiled}
+    kept_held = {p: stored[p][:2] for p in stored if p in held and p not in refiled}
+    refiled_train = {p: stored[p][:2] for p in refiled if p in trained}
+    refiled_held = {p: stored[p][:2] for p in refiled if p in held}
+    unread_train = [ref for p, ref in trained.items() if p not in stored]
+    unread_held = [ref for p, ref in held.items() if p not in stored]
+
+    skipped: dict[str, str] = {}
+    added: list[ChapterVectors] = []
+    kind = "ivf" if use_ivf else "flat"
+    ivf = state.ivf if state is not None else None
+    pairs: list[tuple[str, str, float]] = []
+    with_vectors = set(kept_held) | set(refiled_held)
+    new_held = len(unread_held) + len(refiled_held)
+    # Beside a state, the new held-out pages are indexed (exactly) and every training vector streams past them: no
+    # index of the training pages is built. With IVF only while that costs fewer multiply-adds than assigning every
+    # training vector to one of the IVF lists (new held-out pages <= lists); else every training page is indexed.
+    streamed = state is not None and new_held > 0 and (not use_ivf or new_held <= ivf_lists(len(trained), config))
+    held_index = _Index() if streamed else None
+    every_train = None  # every training page, searched by the new held-out pages when they are not streamed past
+    if new_held and not streamed:
+        every_train = _Index()
+        if use_ivf:
+            every_train.index, ivf = _trained_ivf(store, trained, config, skipped, ivf)
+            if every_train.index is None:
+                kind, every_train, keep_state = "none", None, False
+        if every_train is not None and state is not None:
+            for page_ids, vectors in state.chunks(kept_train):
+                every_train.add(page_ids, vectors)
+    if held_index is not None:
+        for page_ids, vectors in state.chunks(refiled_held):
+            held_index.add(page_ids, vectors)
+        for chapter in iter_chapter_vectors(store, by_chapter(unread_held), skipped):
+            with_vectors.update(chapter.page_ids)
+            held_index.add(chapter.page_ids, normalised(chapter.raw))
+            added.append(chapter)
+        for page_ids, vectors in state.chunks(kept_train):
+            pairs += _swapped(held_index.pairs(page_ids, vectors, config.threshold))
+    new_train = _Index()  # the new training pages, searched by the held-out pages of the state
+    train_indexed = len(kept_train) + len(refiled_train)
+
+    def add_new_train(page_ids: list[str], vectors: np.ndarray) -> None:
+        if every_train is not None:
+            every_train.add(page_ids, vectors)
+        if held_index is not None:
+            pairs.extend(_swapped(held_index.pairs(page_ids, vectors, config.threshold)))
+        if kept_held:
+            new_train.add(page_ids, vectors)
+
+    if kind == "none":
+        train_indexed = 0
+    else:
+        for page_ids, vectors in state.chunks(refiled_train) if refiled_train else ():
+            add_new_train(page_ids, vectors)
+        for chapter in iter_chapter_vectors(store, by_chapter(unread_train), skipped):
+            add_new_train(chapter.page_ids, normalised(chapter.raw))
+            train_indexed += len(chapter.page_ids)
+            if keep_state:
+                added.append(chapter)
+        if every_train is not None:
+            for page_ids, vectors in state.chunks(refiled_held) if refiled_held else ():
+                pairs += every_train.pairs(page_ids, vectors, config.threshold)
+            for chapter in iter_chapter_vectors(store, by_chapter(unread_held), skipped):
+                with_vectors.update(chapter.page_ids)
+                pairs += every_train.pairs(chapter.page_ids, normalised(chapter.raw), config.threshold)
+                if keep_state:
+                    added.append(chapter)
+        if new_train.page_ids:
+            for page_ids, vectors in state.chunks(kept_held):
+                pairs += new_train.pairs(page_ids, vectors, config.threshold)
+
+    parts = [_new_rows(layout, store, pairs, held, trained, config)]
+    if state is not None:  # the rows of pairs whose pages both stay
+        old = state.candidates
+        stays = pc.and_(
+            pc.is_in(old["page_id"], value_set=pa.array(sorted(kept_held), pa.string())),
+            pc.is_in(old["train_page_id"], value_set=pa.array(sorted(kept_train), pa.string())),
+        )
+        parts.append(old.filter(stays))
+    table = _in_row_order(pa.concat_tables(parts))
+    changed = state is None or added or refiled or len(stored) != state.pages.num_rows or ivf != state.ivf
+    if keep_state and changed:
+        save_state(layout.leakage_state, settings, state, stored, added, held | trained, table, ivf)
+
+    checked = with_vectors if train_indexed else set()
+    rows = table.select(["page_id", "split", "train_page_id", "duplicate"]).to_pylist()
+    confirmed = [r for r in rows if r["duplicate"]]
     unchecked = sorted(set(held) - checked)
     by_split = {}
     for split in sorted({p.split for p in held.values()}):
@@ -290,11 +687,11 @@ def find_duplicates(
     summary = {
         "index": kind,
         "train_pages": len(trained),
-        "train_pages_indexed": len(row_ids),
+        "train_pages_indexed": train_indexed,
         "held_out_pages": len(held),
-        "candidates": len(candidates),
+        "candidates": len(rows),
         "duplicates": len(confirmed),
-        "rejected_by_hash": len(candidates) - len(confirmed),
+        "rejected_by_hash": len(rows) - len(confirmed),
         "train_pages_removed": len({c["train_page_id"] for c in confirmed}),
         "unchecked": len(unchecked),
         "unchecked_examples": unchecked[:10],
@@ -303,6 +700,14 @@ def find_duplicates(
         "by_split": by_split,
         "config": {"threshold": config.threshold, "confirm": config.confirm, "rule": config.rule.as_dict()}
         | {k: v for k, v in asdict(config).items() if k not in ("threshold", "confirm", "rule")},
+        "state": {
+            "kept": keep_state,
+            "started_over": keep_state and state is None,
+            "pages_kept": len(stored),
+            "chapters_read": len({c.chapter_id for c in added}) if keep_state else None,
+            "pages_read": sum(len(c.page_ids) for c in added) if keep_state else None,
+            "new_held_out_streamed": streamed,
+        },
     }
     return table, summary
 

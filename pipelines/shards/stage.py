@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from pipelines.core.errors import PreconditionError
 from pipelines.core.geometry import RANKS_PER_PATCH, RESAMPLE_LANCZOS, hires_size
 from pipelines.core.layout import DataLayout
+from pipelines.core.ledger import read_ledger
 from pipelines.core.page_styles import line_extractor_id
 from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, SampleConfig
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
@@ -216,6 +217,13 @@ def _input_tables(layout: DataLayout) -> dict[str, Any]:
     return {stage: read_json(layout.summary(stage)).get("tables") for stage in ("ingest", "retrieval")}
 
 
+def _embedding_versions(layout: DataLayout, encoder_id: str) -> dict[str, str] | None:
+    """chapter_id -> embeddings version from the embeddings ledger, which keys the leakage state; None without a
+    ledger (the leakage check then reads every vector and keeps no state)."""
+    ledger = read_ledger(layout.ledger(f"embeddings-{encoder_id}"))
+    return {chapter: entry.record["version"] for chapter, entry in ledger.items()} or None
+
+
 def run_shards(
     data: str | Path,
     options: ShardOptions | None = None,
@@ -325,7 +333,15 @@ def run_shards(
         ivf_min_train=options.ivf_min_train,
         seed=options.seed,
     )
-    duplicates, leakage = find_duplicates(layout, encoder_id, held_out, train_refs, leakage_config)
+    duplicates, leakage = find_duplicates(
+        layout,
+        encoder_id,
+        held_out,
+        train_refs,
+        leakage_config,
+        versions=_embedding_versions(layout, encoder_id),
+        rebuild=rebuild,
+    )
     write_parquet(duplicates, layout.duplicates, DUPLICATES)
     removed = duplicate_train_pages(duplicates)
     referencing = (
