@@ -82,3 +82,17 @@ def pipeline_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pipeline")
     pipeline_main(["--generate-sample", str(root / "corpus"), "--output", str(root / "data"), *PIPELINE_ARGS])
     return root / "data"
+
+
+def write_upstream_ledgers(data: Path) -> None:
+    """The ingest and retrieval ledgers of a data folder, made from the chapter markers those stages write (both
+    hold the chapter's table `parts`), as the stages' own ledgers record them."""
+    from pipelines.core.layout import DataLayout
+    from pipelines.core.ledger import LedgerEntry, chapter_key, write_ledger
+    from pipelines.core.storage import MARKER_SUFFIX, read_json
+
+    layout = DataLayout.at(data)
+    for name, folder in (("ingest", layout.ingest_markers), ("retrieval", layout.search_markers)):
+        markers = {p.name.removesuffix(MARKER_SUFFIX): read_json(p) for p in sorted(folder.glob(f"*{MARKER_SUFFIX}"))}
+        entries = {c: LedgerEntry(chapter_key(m["parts"]), m) for c, m in markers.items()}
+        write_ledger(layout.ledger(name), entries, {})
