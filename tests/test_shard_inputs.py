@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -135,6 +136,13 @@ def test_on_ray_the_changed_parts_are_read_by_tasks(
         assert plan_inputs.read_parts(table, columns, local=False).equals(read_table(table, columns=columns))
 
 
+def _untimed(summary: Any) -> Any:
+    """A summary without its wall-clock figures (an empty split's run report has one each run)."""
+    if isinstance(summary, dict):
+        return {k: _untimed(v) for k, v in summary.items() if k != "seconds"}
+    return summary
+
+
 def test_the_stage_reads_no_part_when_no_table_changed(data: Path) -> None:
     layout = DataLayout.at(data)
     options = read_json(layout.shards_manifest)["options"]
@@ -146,9 +154,7 @@ def test_the_stage_reads_no_part_when_no_table_changed(data: Path) -> None:
     layout.summary("shards").unlink()
     rerun = run_shards(data, options, local=True)
     assert set(rerun["inputs"]["parts_read"].values()) == {0}
-    assert {k: v for k, v in rerun.items() if k not in ("seconds", "inputs")} == {
-        k: v for k, v in first.items() if k not in ("seconds", "inputs")
-    }
+    assert _untimed({**rerun, "inputs": None}) == _untimed({**first, "inputs": None})
     assert {p: p.read_bytes() for p in sorted((data / "shards").rglob("*.tar"))} == tars
     for name in ("ingest", "retrieval"):
         layout.ledger(name).unlink()
