@@ -24,6 +24,8 @@ OUT/
                                            candidate pairs found so far (state.json, written last, names them)
   shards/<split>/                          WebDataset tars, Parquet indexes, stats markers, manifest.json
   shards/manifest.json                     the dataset manifest (every split and shard, config, code version)
+  shards/inputs/<table>                    the planned columns of pages, chapters and pools, each row with its
+                                           part's sha256: a rerun reads only the parts that changed
   benchmark/                               ColorFlow-Bench-style held-out chapters
   shards.summary.json                      run summary of the shard job, written last
 
@@ -140,6 +142,11 @@ class DataLayout:
     @property
     def duplicates(self) -> Path:
         return self.root / "duplicates.parquet"
+
+    def shard_inputs(self, table: str) -> Path:
+        """The shard stage's snapshot of a table's planned columns (`pipelines.shards.inputs`), e.g.
+        ``shards/inputs/pages.parquet``."""
+        return self.root / "shards" / "inputs" / table
 
     @property
     def leakage_state(self) -> Path:

@@ -240,6 +240,11 @@ LEDGER = pa.schema(
 )
 
 
+# The shard stage's snapshot of the columns it plans from (`pipelines.shards.inputs`) keeps, beside each row of a
+# table's columns, the sha256 of the part it was read from: a rerun reads only the parts whose sha256 changed.
+SNAPSHOT_SHA256 = "part_sha256"
+
+
 def names(schema: pa.Schema) -> list[str]:
     """Column names of a schema, in order."""
     return list(schema.names)

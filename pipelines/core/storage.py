@@ -140,9 +140,7 @@ def read_parquet_parts(folder: str | os.PathLike, schema: pa.Schema) -> pa.Table
 PART_SUFFIX = ".parquet"
 
 
-def table_parts(table: str | os.PathLike) -> list[Path]:
-    """The completed part files of a table folder in name order (hidden temporary files are not parts)."""
-    folder = Path(table)
+def _part_names(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
     with os.scandir(folder) as entries:  # one listing; the type comes with each entry
@@ -151,7 +149,18 @@ def table_parts(table: str | os.PathLike) -> list[Path]:
             for e in entries
             if e.name.endswith(PART_SUFFIX) and not e.name.startswith((".", "_")) and e.is_file()
         ]
-    return [folder / name for name in sorted(names)]
+    return sorted(names)
+
+
+def table_parts(table: str | os.PathLike) -> list[Path]:
+    """The completed part files of a table folder in name order (hidden temporary files are not parts)."""
+    folder = Path(table)
+    return [folder / name for name in _part_names(folder)]
+
+
+def table_part_keys(table: str | os.PathLike) -> list[str]:
+    """The keys (chapter ids) of a table folder's completed parts in `table_parts` order, without a path each."""
+    return [name.split(".", 1)[0] for name in _part_names(Path(table))]
 
 
 def part_path(table: str | os.PathLike, key: str) -> Path:

@@ -11,7 +11,6 @@ uninterrupted run.
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -29,15 +28,12 @@ from pipelines.core.samples import FIELDS, SAMPLE_FORMAT_VERSION, FrameRecord, S
 from pipelines.core.schemas import DUPLICATES, SPLITS, STATUS_OK
 from pipelines.core.storage import (
     atomic_write_json,
-    chapter_of,
     read_json,
     read_parquet,
     read_table,
     stable_hash,
-    table_parts,
     write_parquet,
 )
-from pipelines.runtime.distributor import map_in_tasks
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -46,6 +42,7 @@ from pipelines.shards.benchmark import (
     select_benchmark,
     write_benchmark,
 )
+from pipelines.shards.inputs import PlanInputs
 from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
 from pipelines.shards.splits import (
     BENCH,
@@ -128,11 +125,12 @@ def _renderer_id(spec: str, layout: DataLayout, sizes: list[tuple[int, int]]) ->
     return renderer_id
 
 
-def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
-    """Frames whose ring shows a patch of one of `pages`."""
+def _frames_referencing(layout: DataLayout, pages: set[str], chapters: set[str]) -> set[str]:
+    """Frames whose ring shows a patch of one of `pages` (of `chapters`). A frame's pool holds pages of its own
+    chapter only (`pipelines.core.pools`), so only those chapters' parts of the retrievals table are read."""
     if not pages:
         return set()
-    table = read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"])
+    table = read_table(layout.retrievals, columns=["frame_id", "rank", "ref_page_id"], keys=sorted(chapters))
     mask = pc.and_(
         pc.less(table["rank"], RANKS_PER_PATCH),
         pc.is_in(table["ref_page_id"], value_set=pa.array(sorted(pages), pa.string())),
@@ -140,37 +138,12 @@ def _frames_referencing(layout: DataLayout, pages: set[str]) -> set[str]:
     return set(table.filter(mask).column("frame_id").to_pylist())
 
 
-def _pool_status(layout: DataLayout, local: bool) -> dict[str, str]:
+def _pool_status(layout: DataLayout, inputs: PlanInputs) -> dict[str, str]:
     """frame_id -> status of its reference pool ("excluded": too few references, so no retrievals by design)."""
     if not layout.pools.exists():
         return {}
-    table = read_whole(layout.pools, ["frame_id", "status"], local)
+    table = inputs.read(layout.pools, ["frame_id", "status"])
     return dict(zip(table.column("frame_id").to_pylist(), table.column("status").to_pylist(), strict=True))
-
-
-PARTS_PER_READ = 256  # parts one reading task returns
-
-
-def _read_parts(table: str, columns: list[str], keys: list[str]) -> pa.Table:
-    return read_table(table, columns=columns, keys=keys)
-
-
-def read_whole(table: Path, columns: list[str], local: bool) -> pa.Table:
-    """Columns of a whole table for the plan: on Ray its parts are read by tasks of `PARTS_PER_READ` parts (the
-    driver lists the folder once and concatenates what they return); in this process by threads when `local`."""
-    if local or not table.is_dir():
-        return read_table(table, columns=columns)
-    keys = [chapter_of(part) for part in table_parts(table)]
-    chunks = [keys[i : i + PARTS_PER_READ] for i in range(0, len(keys), PARTS_PER_READ)]
-    read = functools.partial(_read_parts, str(table), columns)
-    tables = map_in_tasks(read, chunks, desc=f"read {table.name}", chunk=1, in_tasks_from=2)
-    if any(t is None for t in tables):
-        raise RuntimeError(f"{table}: a task reading its parts failed; rerun the shard job")
-    return pa.concat_tables(tables, promote_options="default") if tables else read_table(table, columns=columns)
-
-
-def _read_whole_for(local: bool, table: Path, columns: list[str]) -> pa.Table:
-    return read_whole(table, columns, local)
 
 
 def _records(frames: pa.Table) -> list[FrameRecord]:
@@ -276,7 +249,8 @@ def run_shards(
         from pipelines.runtime.ray import init_ray
 
         init_ray()
-    frames, chapters = read_frames(layout, functools.partial(_read_whole_for, local))
+    inputs = PlanInputs(layout, local, rebuild)
+    frames, chapters = read_frames(layout, inputs.read)
     bench_width, bench_height = options.bench_size or sample_sizes[1]
     bench_config = BenchmarkConfig(
         chapters=options.bench_chapters,
@@ -314,7 +288,7 @@ def run_shards(
 
     # 2. leakage: benchmark pages and validation frames against training frames
     records = _records(frames)
-    pool_status = _pool_status(layout, local)
+    pool_status = _pool_status(layout, inputs)
     without_pool: dict[str, int] = {}
     by_split: dict[str, list[FrameRecord]] = {name: [] for name in (TRAIN, VAL, BENCH)}
     for record in records:
@@ -345,7 +319,9 @@ def run_shards(
     write_parquet(duplicates, layout.duplicates, DUPLICATES)
     removed = duplicate_train_pages(duplicates)
     referencing = (
-        _frames_referencing(layout, removed) - removed if options.drop_frames_referencing_duplicates else set()
+        _frames_referencing(layout, removed, {frame_of[p].chapter_id for p in removed}) - removed
+        if options.drop_frames_referencing_duplicates
+        else set()
     )
     train_frames = [r for r in by_split[TRAIN] if r.frame_id not in removed | referencing]
     reasons = {f: "leakage: near-duplicate of a held-out page" for f in removed}
@@ -441,6 +417,7 @@ def run_shards(
         "series_per_split": counts,
         "frames_per_split": {name: len(by_split[name]) for name in by_split},
         "frames_without_pool": without_pool,
+        "inputs": inputs.summary(),
         "leakage": leakage,
         "benchmark": benchmark,
         "splits": results,

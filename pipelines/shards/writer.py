@@ -110,18 +110,19 @@ def index_name(tar_name: str) -> str:
 
 
 # The shards stage's package; the project modules it imports complete the code scope. `pipelines.runtime` decides
-# where and how often code runs (Ray start-up, the distributor, preconditions), never what it writes: it is left out.
+# where and how often code runs (Ray start-up, the distributor, preconditions) and `pipelines.core.ledger` which
+# chapters are read again, never what is written: they are left out.
 SHARD_CODE_ROOTS = ("pipelines.shards",)
-EXECUTION_ONLY = ("pipelines.runtime",)
+EXECUTION_ONLY = ("pipelines.runtime", "pipelines.core.ledger")
 PROJECT_PACKAGES = ("pipelines", "screentone", "model", "training", "inference", "evaluation", "jobs")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _project_imports(path: Path, module: str) -> set[str]:
+def _project_imports(source: bytes, path: Path, module: str) -> set[str]:
     """Project modules a source file imports anywhere (top level or inside functions), by absolute name."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
+    for node in ast.walk(ast.parse(source, filename=str(path))):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -136,6 +137,21 @@ def _project_imports(path: Path, module: str) -> set[str]:
     return found
 
 
+_SOURCES: dict[tuple[Path, str], tuple[tuple[int, int], bytes, frozenset[str]]] = {}
+
+
+def _source(path: Path, module: str) -> tuple[bytes, frozenset[str]]:
+    """A source file's bytes and project imports, read and parsed again only when its size or modification time
+    changed: a process takes the code version once per stage run, and the AST walk of every file is most of it."""
+    stat = path.stat()
+    key = (stat.st_mtime_ns, stat.st_size)
+    cached = _SOURCES.get((path, module))
+    if cached is None or cached[0] != key:
+        source = path.read_bytes()
+        cached = _SOURCES[(path, module)] = (key, source, frozenset(_project_imports(source, path, module)))
+    return cached[1], cached[2]
+
+
 def _module_file(root: Path, module: str) -> Path | None:
     base = root.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
@@ -144,15 +160,10 @@ def _module_file(root: Path, module: str) -> Path | None:
     return None
 
 
-def shard_code_files(root: Path | None = None) -> list[Path]:
-    """The source files that produce shard bytes: the modules of the shards stage and every project module they
-    import, transitively (package ``__init__`` files included), less the execution-only `pipelines.runtime`.
-    Editing anything else (the other stages' drivers, ``model/`` apart from the line extractor network the
-    benchmark's line art runs, ``training/``, ``jobs/``, inference, evaluation, reports) leaves the code version,
-    and so finished shards, untouched."""
-    root = root or REPO_ROOT
+def _shard_code(root: Path) -> dict[Path, bytes]:
+    """path -> bytes of every file of `shard_code_files`."""
     seen: set[str] = set()
-    files: set[Path] = set()
+    files: dict[Path, bytes] = {}
     pending = [
         ".".join(path.relative_to(root).with_suffix("").parts)
         for package in SHARD_CODE_ROOTS
@@ -166,11 +177,20 @@ def shard_code_files(root: Path | None = None) -> list[Path]:
         path = _module_file(root, module)
         if path is None:
             continue  # a name imported from a module (``from pipelines.x import name``), not a module itself
-        files.add(path)
+        files[path], imports = _source(path, module)
         parts = module.split(".")
         pending.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run their __init__
-        pending.extend(_project_imports(path, module))
-    return sorted(files)
+        pending.extend(imports)
+    return files
+
+
+def shard_code_files(root: Path | None = None) -> list[Path]:
+    """The source files that produce shard bytes: the modules of the shards stage and every project module they
+    import, transitively (package ``__init__`` files included), less the execution-only `pipelines.runtime`.
+    Editing anything else (the other stages' drivers, ``model/`` apart from the line extractor network the
+    benchmark's line art runs, ``training/``, ``jobs/``, inference, evaluation, reports) leaves the code version,
+    and so finished shards, untouched."""
+    return sorted(_shard_code(root or REPO_ROOT))
 
 
 def code_version(root: Path | None = None) -> dict[str, Any]:
@@ -178,15 +198,17 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
 
     The source hash names that code exactly, and is the same in a git checkout, an installed copy and the working
     directory `ray job submit` uploads (where there is no .git), so equal code writes equal samples everywhere.
+    Files are parsed once per process and again only when changed (`_source`): the walk then costs a stat each.
     """
     try:
         version = importlib.metadata.version(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         version = "unknown"
     root = root or REPO_ROOT
+    code = _shard_code(root)
     digest = hashlib.sha256()
-    for path in shard_code_files(root):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(code):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + code[path] + b"\0")
     return {"package": PACKAGE, "version": version, "source_sha256": digest.hexdigest()}
 
 
@@ -584,6 +606,8 @@ def plan_generation(
     threshold = per_shard if policy.min_samples is None else policy.min_samples
     append = bool(new) and (not state["generations"] or policy.flush or len(new) >= threshold)
     pending = 0 if append else len(new)
+    if not gone and not append and not policy.compact:
+        return state, plan, pending  # new frames wait: no row of the plan is needed
     rows = plan.to_pylist()
     sizes = Counter(r["shard"] for r in rows if r["frame_id"] not in gone)
     small = sorted(name for name, count in sizes.items() if count < per_shard) if policy.compact else []
