@@ -17,6 +17,7 @@ have every marker read again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import LEDGER
-from pipelines.core.storage import stable_hash, write_parquet
+from pipelines.core.storage import write_parquet
 
 
 @dataclass(frozen=True)
@@ -38,21 +39,39 @@ class LedgerEntry:
 
 
 def chapter_key(*parts: Any) -> str:
-    """A ledger key from the things a chapter's output depends on (JSON-able values)."""
-    return stable_hash(list(parts), 24)
+    """A ledger key from the things a chapter's output depends on: strings as they are (a stage keys every chapter
+    on every run, so the common case stays cheap), other values by their canonical JSON. Hash settings dicts once
+    per run (`stable_hash`) rather than passing them for every chapter."""
+    text = "\x1f".join(p if isinstance(p, str) else json.dumps(p, sort_keys=True, default=str) for p in parts)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+_READ: dict[str, tuple[tuple[int, int, int], dict[str, LedgerEntry]]] = {}  # path -> (stat, entries) last read
 
 
 def read_ledger(path: str | os.PathLike) -> dict[str, LedgerEntry]:
-    """chapter_id -> entry; empty when the ledger is missing or unreadable (the stage then reads every marker)."""
+    """chapter_id -> entry; empty when the ledger is missing or unreadable (the stage then reads every marker).
+
+    The pipeline's stages read the same upstream ledgers in one process: a ledger whose file is unchanged since
+    this process last read it (same inode, size and modification time; writes replace the file) is not parsed again.
+    """
     path = Path(path)
-    if not path.is_file():
+    try:
+        stat = path.stat()
+    except OSError:
         return {}
+    signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    cached = _READ.get(str(path))
+    if cached is not None and cached[0] == signature:
+        return dict(cached[1])
     try:
         table = pq.read_table(path, columns=LEDGER.names)
     except (OSError, pa.ArrowInvalid):
         return {}
     columns = [table.column(name).to_pylist() for name in LEDGER.names]
-    return {chapter: LedgerEntry(key, json.loads(record)) for chapter, key, record in zip(*columns, strict=True)}
+    entries = {chapter: LedgerEntry(key, json.loads(record)) for chapter, key, record in zip(*columns, strict=True)}
+    _READ[str(path)] = (signature, entries)
+    return dict(entries)
 
 
 def vouched(ledger: dict[str, LedgerEntry], keys: dict[str, str]) -> dict[str, dict[str, Any]]:
@@ -63,12 +82,16 @@ def vouched(ledger: dict[str, LedgerEntry], keys: dict[str, str]) -> dict[str, d
 def write_ledger(path: str | os.PathLike, entries: dict[str, LedgerEntry], previous: dict[str, LedgerEntry]) -> bool:
     """Write the ledger atomically, rows in chapter order, when it differs from `previous` (what was read at the
     start): a run that changed nothing writes nothing. Returns whether it wrote."""
-    ids = sorted(entries)
-    rows = {c: (entries[c].key, _json(entries[c].record)) for c in ids}
-    if Path(path).is_file() and rows == {c: (e.key, _json(e.record)) for c, e in previous.items()}:
+    if Path(path).is_file() and entries == previous:  # records compared as values: no serialisation
         return False
+    ids = sorted(entries)
     table = pa.table(
-        {"chapter_id": ids, "key": [rows[c][0] for c in ids], "record": [rows[c][1] for c in ids]}, schema=LEDGER
+        {
+            "chapter_id": ids,
+            "key": [entries[c].key for c in ids],
+            "record": [json.dumps(entries[c].record, sort_keys=True, default=str) for c in ids],
+        },
+        schema=LEDGER,
     )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_parquet(table, path, LEDGER)
@@ -84,8 +107,8 @@ def ingested_versions(layout: DataLayout) -> dict[str, str]:
     again is checked again by them (the parts alone would miss a page store re-encoded under other options). Empty
     without an ingest ledger (an older output folder): every chapter is then checked against its markers."""
     ledger = read_ledger(layout.ledger(INGEST_LEDGER))
-    return {c: chapter_key(e.key, e.record["parts"]) for c, e in ledger.items() if "parts" in e.record}
-
-
-def _json(record: dict[str, Any]) -> str:
-    return json.dumps(record, sort_keys=True, default=str)
+    return {
+        c: chapter_key(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
+        for c, e in ledger.items()
+        if "parts" in e.record
+    }

@@ -47,6 +47,7 @@ from pipelines.core.storage import (
     marker_path,
     purge_chapter_files,
     read_marker,
+    stable_hash,
     sweep_tmp,
     write_marker,
     write_parquet,
@@ -313,7 +314,8 @@ def run_screentone(
     ledger = {} if unfinished else read_ledger(ledger_path)
     ingested = ingested_versions(layout)
     done_options = _done_options(options, renderer.id, lines_id)
-    keys = {c: chapter_key(done_options, ingested[c]) for c in chapter_ids if c in ingested}
+    options_key = stable_hash(done_options)
+    keys = {c: chapter_key(options_key, ingested[c]) for c in chapter_ids if c in ingested}
     ledger_vouched = vouched(ledger, keys)
     started = time.perf_counter()
     report = run_units(
