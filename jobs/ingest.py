@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory Ray reserves per task, in MB (default: none reserved)",
     )
     parser.add_argument(
-        "--limit", type=positive_int, default=None, help="only the first N chapters, for trial runs (default: all)"
+        "--limit",
+        type=positive_int,
+        default=None,
+        help="only the first N chapters, for trial runs into a fresh --output (default: all)",
     )
     add_fault_arguments(parser)
     add_ray_arguments(parser)
