@@ -85,6 +85,13 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     assert added["retrieval"]["summary"]["embeddings"]["chapters_embedded"] == 1
     assert added["retrieval"]["summary"]["search"]["chapters_searched"] == 1
     assert added["screentone"]["summary"]["chapters_rendered"] == 1
+    # every other chapter on its stage's ledger (no marker read), its table parts and vectors from the shard state
+    retrieval = added["retrieval"]["summary"]
+    assert retrieval["embeddings"]["chapters_vouched"] == retrieval["search"]["chapters_vouched"] == 2
+    assert added["screentone"]["summary"]["chapters_vouched"] == 2
+    shard_summary = added["shards"]["summary"]
+    assert set(shard_summary["inputs"]["parts_read"].values()) == {1}
+    assert shard_summary["leakage"]["state"]["chapters_read"] == 1
     train = added["shards"]["summary"]["splits"]["train"]
     now = _tars(data)
     assert {name: now[name] for name in first} == first
