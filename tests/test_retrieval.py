@@ -202,6 +202,7 @@ def test_changed_broken_and_missing_inputs(weightfree_run: tuple[Path, dict], tm
     table[1]["image"] = b"\xff\xd8 not a jpeg any more"
     write_parquet(pa.Table.from_pylist(table[:2] + table[3:], schema=PAGE_STORE), layout.pagestore_chapter(chapter_a))
     layout.pagestore_chapter(chapter_b).unlink()  # a chapter whose page store vanished
+    shutil.rmtree(layout.ledger("ingest").parent)  # files edited by hand: the ledgers go, as the docs say
 
     summary = run_retrieval(out, encoder="weightfree", **SIZE)
     embeddings = summary["embeddings"]

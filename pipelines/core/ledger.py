@@ -56,11 +56,9 @@ def read_ledger(path: str | os.PathLike) -> dict[str, LedgerEntry]:
     this process last read it (same inode, size and modification time; writes replace the file) is not parsed again.
     """
     path = Path(path)
-    try:
-        stat = path.stat()
-    except OSError:
+    signature = _file_signature(path)
+    if signature is None:
         return {}
-    signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
     cached = _READ.get(str(path))
     if cached is not None and cached[0] == signature:
         return dict(cached[1])
@@ -106,9 +104,30 @@ def ingested_versions(layout: DataLayout) -> dict[str, str]:
     input signature) and its record's parts' sha256. Later stages key their ledgers on it, so a chapter ingested
     again is checked again by them (the parts alone would miss a page store re-encoded under other options). Empty
     without an ingest ledger (an older output folder): every chapter is then checked against its markers."""
-    ledger = read_ledger(layout.ledger(INGEST_LEDGER))
-    return {
+    path = layout.ledger(INGEST_LEDGER)
+    ledger = read_ledger(path)
+    signature = _file_signature(path)
+    cached = _VERSIONS.get(str(path))
+    if cached is not None and cached[0] == signature:
+        return dict(cached[1])
+    versions = {
         c: chapter_key(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
         for c, e in ledger.items()
         if "parts" in e.record
     }
+    if signature is not None:
+        _VERSIONS[str(path)] = (signature, versions)
+    return dict(versions)
+
+
+_VERSIONS: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}  # ingest ledger path -> (stat, versions)
+
+
+def _file_signature(path: Path) -> tuple[int, int, int] | None:
+    """(inode, size, modification time) of a ledger file, None when it is missing: writes replace the file, so an
+    equal signature means the content this process already parsed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns

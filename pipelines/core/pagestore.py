@@ -7,6 +7,7 @@ the unit every later stage works in.
 from __future__ import annotations
 
 import io
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,7 +15,7 @@ from PIL import Image
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
-from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_json, read_parquet, read_table, write_parquet
+from pipelines.core.storage import MARKER_SUFFIX, read_json, read_parquet, read_table, write_parquet
 
 ENCODINGS = ("jpeg", "png", "webp")
 INGEST_STAGE = "ingest"  # the stage whose summary says the page store is complete
@@ -80,4 +81,7 @@ def ingested_chapter_ids(layout: DataLayout) -> set[str]:
     """Ids of the chapters ingestion has a completion marker for: the chapters of the input (ingestion purges
     the markers of chapters taken down from it). A later stage purges the files of any other chapter."""
     folder = layout.ingest_markers
-    return {chapter_of(path) for path in folder.glob(f"*{MARKER_SUFFIX}")} if folder.is_dir() else set()
+    if not folder.is_dir():
+        return set()
+    with os.scandir(folder) as entries:  # names only: no path object or stat per chapter
+        return {e.name.split(".", 1)[0] for e in entries if e.name.endswith(MARKER_SUFFIX) and e.name[0] != "."}

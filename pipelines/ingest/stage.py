@@ -395,13 +395,19 @@ def _ledger_key(fingerprint: str, signature: str | None) -> str:
 
 
 def _ledger_entries(
-    tasks: list[ChapterTask], records: list[dict[str, Any]], fingerprint: str
+    tasks: list[ChapterTask],
+    records: list[dict[str, Any]],
+    fingerprint: str,
+    kept: dict[str, LedgerEntry],
 ) -> dict[str, LedgerEntry]:
     """The ledger after this run: every chapter ingested fine, keyed by the signature its record was made from
-    (a chapter that changed while its task ran is checked again next run). Unreadable chapters get no entry: they
-    are retried every run."""
+    (a chapter that changed while its task ran is checked again next run); `kept`: the entries of the chapters the
+    old ledger vouched for, as they were. Unreadable chapters get no entry: they are retried every run."""
     entries = {}
     for task, record in zip(tasks, records, strict=True):
+        if task.chapter.chapter_id in kept:
+            entries[task.chapter.chapter_id] = kept[task.chapter.chapter_id]
+            continue
         if record.get("chapter_status") != STATUS_OK or not record.get("signature"):
             continue
         fields = {k: record[k] for k in MARKER_COUNTS}
@@ -604,7 +610,8 @@ def _run_ingest(
         c for c, r in zip(ids, records, strict=True) if r.get("kept") and r["chapter_status"] == STATUS_OK
     )
     atomic_write_json(layout.kept_chapters, kept_ids)
-    write_ledger(layout.ledger(INGEST_LEDGER), _ledger_entries(tasks, records, fingerprint), ledger)
+    entries = _ledger_entries(tasks, records, fingerprint, {c: ledger[c] for c in trusted})
+    write_ledger(layout.ledger(INGEST_LEDGER), entries, ledger)
     atomic_write_json(summary_path, summary)
     if verbose:
         print(format_summary(summary), flush=True)

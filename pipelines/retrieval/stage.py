@@ -1163,14 +1163,19 @@ def run_retrieval(
 
     # stage 2: pools and search
     versions = {c: state["version"] for c, state in states.items() if c not in failed and state is not None}
-    units = [
-        Unit(c, SearchJob(str(layout.root), str(store.folder), run_id, c, versions[c], params, params.faiss_threads))
-        for c in chapters
-        if c in versions
-    ]
     search_ledger = {} if rebuild or unfinished else read_ledger(layout.ledger("retrieval"))
     search_keys = {c: chapter_key(run_id, version) for c, version in versions.items()}
     search_vouched = vouched(search_ledger, search_keys)
+    units = [  # a chapter the ledger vouches for needs no job
+        Unit(
+            c,
+            None
+            if c in search_vouched
+            else SearchJob(str(layout.root), str(store.folder), run_id, c, versions[c], params, params.faiss_threads),
+        )
+        for c in chapters
+        if c in versions
+    ]
     report = run_units(
         units,
         search_chapter,

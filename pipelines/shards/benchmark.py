@@ -158,10 +158,14 @@ def read_frames(
 def eligible_chapters(frames: pa.Table, config: BenchmarkConfig) -> dict[str, dict[str, Any]]:
     """chapter_id -> {series, chapter, pages: [(page_id, page_index)]} for chapters with enough colour pages."""
     by_chapter: dict[str, dict[str, Any]] = {}
-    for row in frames.to_pylist():
-        empty = {"series": row["series"], "chapter": row["chapter"], "pages": []}
-        entry = by_chapter.setdefault(row["chapter_id"], empty)
-        entry["pages"].append((row["page_id"], row["page_index"]))
+    names = ("chapter_id", "series", "chapter", "page_id", "page_index")
+    for chapter_id, series, chapter, page_id, page_index in zip(
+        *(frames.column(name).to_pylist() for name in names), strict=True
+    ):
+        entry = by_chapter.get(chapter_id)
+        if entry is None:
+            entry = by_chapter[chapter_id] = {"series": series, "chapter": chapter, "pages": []}
+        entry["pages"].append((page_id, page_index))
     return {cid: e for cid, e in sorted(by_chapter.items()) if len(e["pages"]) >= config.pages_per_chapter}
 
 

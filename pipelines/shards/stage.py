@@ -147,10 +147,8 @@ def _pool_status(layout: DataLayout, inputs: PlanInputs) -> dict[str, str]:
 
 
 def _records(frames: pa.Table) -> list[FrameRecord]:
-    return [
-        FrameRecord(r["page_id"], r["series"], r["chapter_id"], r["chapter"], int(r["page_index"]))
-        for r in frames.to_pylist()
-    ]
+    columns = [frames.column(name).to_pylist() for name in ("page_id", "series", "chapter_id", "chapter", "page_index")]
+    return [FrameRecord(*values[:4], int(values[4])) for values in zip(*columns, strict=True)]
 
 
 def _benchmark_chapters(layout: DataLayout) -> list[str] | None:
