@@ -24,7 +24,8 @@ from pipelines.core.geometry import WHOLE_PAGE_PATCH
 from pipelines.core.layout import DataLayout
 from pipelines.core.pools import HASH_BYTES
 from pipelines.core.schemas import EMBEDDED_PAGES, EMBEDDINGS, table_from_rows
-from pipelines.shards.leakage import LeakageConfig, PageRef, find_duplicates
+from pipelines.shards.leakage import LeakageConfig, find_duplicates
+from pipelines.shards.leakage_vectors import PageRef
 
 ENCODER = "bench-encoder"
 

@@ -14,7 +14,8 @@ from pipelines.core.embeddings import EmbeddingStore
 from pipelines.core.encoders import WEIGHT_FREE, WeightFreeEncoder, resolve_encoder
 from pipelines.core.layout import DataLayout
 from pipelines.core.ledger import LedgerEntry, write_ledger
-from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
+from pipelines.shards.leakage import LeakageConfig, duplicate_train_pages, find_duplicates
+from pipelines.shards.leakage_vectors import PageRef
 from pipelines.shards.splits import TRAIN, VAL, SplitConfig, assign_splits, split_of
 from pipelines.shards.stage import ShardOptions, run_shards
 

@@ -15,7 +15,8 @@ from pipelines.core.layout import DataLayout
 from pipelines.core.pools import HASH_BYTES
 from pipelines.core.schemas import EMBEDDED_PAGES, EMBEDDINGS, table_from_rows
 from pipelines.core.storage import read_json
-from pipelines.shards.leakage import LeakageConfig, PageRef, find_duplicates
+from pipelines.shards.leakage import LeakageConfig, find_duplicates
+from pipelines.shards.leakage_vectors import PageRef
 
 ENCODER = "enc-test"
 DIM = 24

@@ -27,7 +27,8 @@ from pipelines.core.search import RefKeys, brute_force_topk
 from pipelines.core.storage import read_json, stable_hash, write_parquet
 from pipelines.ingest.stage import run_ingest
 from pipelines.retrieval.stage import inflight_limit, run_retrieval
-from pipelines.shards.leakage import LeakageConfig, PageRef, find_duplicates
+from pipelines.shards.leakage import LeakageConfig, find_duplicates
+from pipelines.shards.leakage_vectors import PageRef
 
 SIZE = {"width": 128, "height": 192}  # small frames keep the tests fast; the geometry is the paper's
 FRAMES = 48  # colour pages stored by ingestion for the tiny corpus (two kept chapters of 24)

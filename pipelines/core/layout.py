@@ -150,7 +150,7 @@ class DataLayout:
 
     @property
     def leakage_state(self) -> Path:
-        """The leakage check's state (`pipelines.shards.leakage`): a rerun reads only the chapters it lacks."""
+        """The leakage check's state (`pipelines.shards.leakage_state`): a rerun reads only the chapters it lacks."""
         return self.root / "shards" / "leakage"
 
     @property

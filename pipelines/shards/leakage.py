@@ -3,7 +3,7 @@
 Manga dumps repeat art: the same page re-saved in another release, a colour edition of a scan, a chapter
 uploaded twice under two series names. A held-out page whose twin is a training frame makes benchmark and
 validation scores lie. The check runs on the embeddings the retrieval job already stored (whole-page reference
-patch, role "ref", patch 4; L2-normalised fp16), so no page is decoded or encoded again for the search:
+patch, read by `pipelines.shards.leakage_vectors`), so no page is decoded or encoded again for the search:
 
 - every training page's vector goes into a FAISS inner-product index: exact (`IndexFlatIP`) below
   `ivf_min_train` pages, else an IVF index with fp16 scalar-quantised vectors (`nprobe` lists searched, the
@@ -18,54 +18,20 @@ patch, role "ref", patch 4; L2-normalised fp16), so no page is decoded or encode
 Every candidate is a DUPLICATES row (``duplicate`` False when the hash rejected it, so thresholds can be
 re-cut); the training pages of confirmed rows are removed from the training shards.
 
-Vectors are read only through `pipelines.core.embeddings.EmbeddingStore`, only for the chapters of the pages asked
-for, by a pool of threads (`READ_THREADS` chapters at once, in a bounded window). A FAISS score only proposes a
-pair (within `SEARCH_MARGIN` of the threshold); every proposed pair is rescored exactly (`exact_cosine`), so a
-pair's score does not depend on the batch or index that found it. A chapter without a completion marker (a
-retrieval run was killed while rewriting it) or with inconsistent files is skipped and listed in the summary,
-never read: its held-out pages count as ``unchecked``, its training pages are not indexed.
+A FAISS score only proposes a pair (within `SEARCH_MARGIN` of the threshold); every proposed pair is rescored
+exactly (`exact_cosine`), so a pair's score does not depend on the batch or index that found it. A chapter whose
+embeddings cannot be read completely is skipped and listed in the summary: its held-out pages count as
+``unchecked``, its training pages are not indexed.
 
-The state kept between runs (`layout.leakage_state`, used when the caller passes each chapter's embeddings version,
-from the embeddings ledger): the whole-page vectors already gathered, float16 as the retrieval job stored them, in a
-few vectors files; per page its chapter, split, the chapter's embeddings version and its row
-(`LEAKAGE_STATE_PAGES`); the candidate rows found so far (DUPLICATES, confirmed); for an IVF state its trained,
-empty index; and `state.json`, written last, naming those files and the settings they were computed under (encoder,
-threshold, confirmation and its rule, exact or IVF and the IVF settings): other settings start it over. A rerun
-drops the pages whose chapter version changed or that left the input, re-files the pages whose split changed (their
-vector is kept, their pairs searched again), reads the pages it lacks, and searches only pairs with a new side: new
-held-out pages against every training page (an exact index of the new held-out pages, every training vector streamed
-past it from the state's files), the held-out pages it kept against the new training pages; the rows of pairs whose
-two pages stay are kept. With the exact index the result equals a check from scratch (tested). With IVF (from
-`ivf_min_train` training pages) the search is exact too as long as there are no more new held-out pages than IVF
-lists (streaming costs fewer multiply-adds than assigning every training vector to a list); beyond that every
-training page goes into an IVF index whose coarse quantiser is trained once, on the seeded sample of the run that
-first needs it, and kept in the state. So an IVF check from scratch (another sample, every pair through IVF) may
-differ slightly, usually finding fewer pairs; the shard stage's `rebuild` starts the state over. Skipped chapters
-are not kept, so the next run reads them again; the state is written only after the search finished (new files under
-new names, then `state.json` atomically, then the old files removed), so a killed run leaves the previous state,
-which stays valid. The versions are trusted as the embeddings ledger is: a chapter re-embedded without the ledger
-saying so keeps its old vectors here.
-
-Memory bound: without a state (no versions, the first run, settings changed, more new held-out pages than IVF lists)
-the index of training pages holds every training frame's vector, train frames x dim x 4 bytes with the exact index
-(below `ivf_min_train`) or x 2 bytes with the IVF fp16 index, e.g. 1.2M frames x 1024 (ViT-H-14) x 2 = 2.5 GB.
-Beside a state, the new held-out pages' index (x 4 bytes) and the new training pages' (x 4 bytes, only when the
-state has held-out pages) replace it. The vectors read in a run are held until the state is written (pages read x
-dim x 2 bytes: every page on a first run); the reading holds at most `READ_THREADS` x `WINDOW_PER_THREAD` chapters'
-vectors besides, and the stored vectors are normalised `STORED_CHUNK` at a time. Merging the vectors files (more
-than `MAX_SEGMENTS`, or under half of their rows live) holds every kept vector once (pages x dim x 2 bytes).
+Given each chapter's embeddings version, the check keeps a state between runs and searches only pairs with a new
+side; that state and the check's memory bound are described in `pipelines.shards.leakage_state`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,19 +39,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.core import pools
-from pipelines.core.embeddings import REF_ROLE, EmbeddingStore
-from pipelines.core.geometry import WHOLE_PAGE_PATCH
+from pipelines.core.embeddings import EmbeddingStore
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import decode_page, read_chapter_pages
 from pipelines.core.schemas import DUPLICATES, EMBEDDED_PAGES, LEAKAGE_STATE_PAGES, table_from_rows
 from pipelines.core.seeding import unit_hash
-from pipelines.core.storage import (
-    atomic_path,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_json,
-    read_parquet,
-    write_parquet,
+from pipelines.core.storage import read_parquet
+from pipelines.shards.leakage_state import LeakageState, save_state, state_settings
+from pipelines.shards.leakage_vectors import (
+    ChapterVectors,
+    PageRef,
+    by_chapter,
+    embedding_store,
+    iter_chapter_vectors,
+    iter_page_vectors,
+    normalised,
 )
 
 
@@ -104,110 +72,18 @@ class LeakageConfig:
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"leakage threshold is a cosine similarity in [-1, 1], got {self.threshold}")
 
-
-@dataclass(frozen=True)
-class PageRef:
-    page_id: str
-    series: str
-    chapter_id: str
-    split: str
-
-
-# ---- stored embeddings ---------------------------------------------------------------------------------------
-
-
-def embedding_store(layout: DataLayout, encoder_id: str) -> EmbeddingStore:
-    """The encoder's embeddings as the retrieval job stored them; a clear error if it never ran."""
-    store = EmbeddingStore(layout.embeddings(encoder_id))
-    if not store.folder.exists():
-        raise FileNotFoundError(
-            f"no embeddings for encoder {encoder_id!r} at {store.folder}: run the retrieval job first"
-        )
-    return store
-
-
-def by_chapter(pages: Iterable[PageRef]) -> dict[str, set[str]]:
-    """chapter_id -> the page ids of `pages` in it: each chapter's embeddings are read once, and only these."""
-    out: dict[str, set[str]] = {}
-    for page in pages:
-        out.setdefault(page.chapter_id, set()).add(page.page_id)
-    return out
-
-
-# chapters whose vectors are read at once: threads overlap the waits on storage; on local disk the per-chapter
-# work holds the GIL, so more threads than cores only cost (measured on 2 cores: 8 threads 1.85 ms per chapter,
-# 2 threads 1.22)
-READ_THREADS = min(8, os.cpu_count() or 1)
-WINDOW_PER_THREAD = 4  # chapters read ahead per thread: bounds what the reading holds besides the index
-
-
-@dataclass(frozen=True)
-class ChapterVectors:
-    chapter_id: str
-    version: str  # the chapter's embeddings version (its marker's), what the state is keyed by
-    page_ids: list[str]
-    raw: np.ndarray  # the wanted pages' whole-page vectors as stored (float16, not re-normalised)
-
-
-def normalised(raw: np.ndarray) -> np.ndarray:
-    """float32 copies of `raw`'s rows scaled to unit length (stored fp16 vectors are only nearly unit)."""
-    vectors = np.array(raw, dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return vectors
-
-
-def _chapter_vectors(store: EmbeddingStore, chapter_id: str, page_ids: set[str]) -> ChapterVectors | str | None:
-    """One chapter's wanted pages and their stored whole-page vectors; a reason (str) when the chapter is
-    skipped; None when none of the pages has a vector."""
-    try:
-        stored = store.read_vectors(chapter_id)
-        if stored is None:
-            return "no completed embeddings (retrieval not run on it, or killed while writing it)"
-        marker, ids, matrix = stored
-        mask = pc.and_(
-            pc.and_(pc.equal(ids["role"], REF_ROLE), pc.equal(ids["patch"], WHOLE_PAGE_PATCH)),
-            pc.is_in(ids["page_id"], value_set=pa.array(sorted(page_ids), pa.string())),
-        )
-        ids = ids.filter(mask)
-        if ids.num_rows == 0:
-            return None
-        found, rows = ids.column("page_id").to_pylist(), ids.column("row").to_numpy()
-        raw = np.asarray(matrix[rows], dtype=np.float16)
-    except Exception as exc:  # noqa: BLE001 - one unreadable chapter is reported, it never ends the check
-        return f"unreadable embeddings: {type(exc).__name__}: {exc}"
-    return ChapterVectors(chapter_id, str(marker.get("version", "")), found, raw)
-
-
-def iter_chapter_vectors(
-    store: EmbeddingStore, wanted: dict[str, set[str]], skipped: dict[str, str], threads: int = READ_THREADS
-) -> Iterator[ChapterVectors]:
-    """Per chapter of `wanted` (chapter_id -> page ids), in chapter id order: those pages' stored whole-page
-    vectors, read by `threads` threads at once.
-
-    Memory: besides what the caller keeps, at most `threads` x WINDOW_PER_THREAD chapters' vectors are held
-    (pages x dim x 2 bytes each). A chapter that is not completely embedded, or whose files cannot be read,
-    yields nothing and is recorded in `skipped` (chapter_id -> reason).
-    """
-    items = sorted(wanted.items())
-    window = max(1, threads) * WINDOW_PER_THREAD
-    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="leakage-read") as pool:
-        for start in range(0, len(items), window):
-            chunk = items[start : start + window]
-            for (chapter_id, _), result in zip(
-                chunk, pool.map(lambda item: _chapter_vectors(store, *item), chunk), strict=True
-            ):
-                if isinstance(result, str):
-                    skipped[chapter_id] = result
-                elif result is not None:
-                    yield result
-
-
-def iter_page_vectors(
-    store: EmbeddingStore, wanted: dict[str, set[str]], skipped: dict[str, str], threads: int = READ_THREADS
-) -> Iterator[tuple[list[str], np.ndarray]]:
-    """`iter_chapter_vectors` as (page ids, float32 unit vectors) per chapter."""
-    for chapter in iter_chapter_vectors(store, wanted, skipped, threads):
-        yield chapter.page_ids, normalised(chapter.raw)
+    def result_settings(self, ivf: bool) -> dict[str, Any]:
+        """The settings the check's result depends on (the index kind `ivf` included): the state kept between
+        runs is valid only under them."""
+        settings = {
+            "threshold": self.threshold,
+            "confirm": self.confirm,
+            "rule": self.rule.as_dict(),
+            "index": "ivf" if ivf else "flat",
+        }
+        if ivf:
+            settings |= {"nlist": self.nlist, "nprobe": self.nprobe, "seed": self.seed}
+        return settings
 
 
 # ---- confirmation by edge hash ------------------------------------------------------------------------------
@@ -254,7 +130,6 @@ def is_same_art(distance: float, score: float, rule: pools.NearDuplicateRule) ->
 
 SEARCH_MARGIN = 1e-3  # FAISS's float32 scores only propose pairs: all within this of the threshold are rescored
 SCORE_TOLERANCE = 1e-6  # a pair whose exact cosine is this close below the threshold still counts
-STORED_CHUNK = 4096  # state vectors normalised, added or searched at once
 
 
 def exact_cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -328,169 +203,6 @@ def _trained_ivf(
         kept = faiss.serialize_index(index).tobytes()
     index.set_direct_map_type(faiss.DirectMap.Array)  # pairs are rescored from the index's own vectors
     return index, kept
-
-
-# ---- the state kept between runs ----------------------------------------------------------------------------
-
-STATE_FORMAT = 1
-STATE_FILE = "state.json"
-MAX_SEGMENTS = 16  # vectors files a state may hold before they are merged into one
-_GENERATION = re.compile(r"-(\d+)\.")
-
-
-@dataclass
-class LeakageState:
-    """What earlier runs gathered (see the module doc): per page its chapter, split, embeddings version and the
-    row of its stored (float16, as the retrieval job wrote it) vector; the candidate rows found among them."""
-
-    folder: Path
-    generation: int
-    pages: pa.Table  # LEAKAGE_STATE_PAGES
-    segments: dict[int, np.ndarray]  # segment -> its vectors, memory-mapped
-    candidates: pa.Table  # DUPLICATES
-    ivf: bytes | None  # the trained, empty IVF index (IVF states only, once trained)
-    files: dict[str, Any]  # the file names state.json gives
-
-    @classmethod
-    def load(cls, folder: Path, settings: dict[str, Any]) -> LeakageState | None:
-        """The state at `folder` if it was computed under `settings`; None (start over) if absent, made under
-        other settings or unreadable."""
-        path = folder / STATE_FILE
-        if not path.is_file():
-            return None
-        try:
-            meta = read_json(path)
-            if meta.get("format") != STATE_FORMAT or meta.get("settings") != settings:
-                return None
-            return cls(
-                folder,
-                int(meta["generation"]),
-                read_parquet(folder / meta["pages"], LEAKAGE_STATE_PAGES),
-                {int(s): np.load(folder / name, mmap_mode="r") for s, name in meta["segments"].items()},
-                read_parquet(folder / meta["candidates"], DUPLICATES),
-                (folder / meta["ivf"]).read_bytes() if meta.get("ivf") else None,
-                {key: meta[key] for key in ("segments", "pages", "candidates", "ivf")},
-            )
-        except (OSError, ValueError, KeyError, TypeError, pa.ArrowInvalid):
-            return None
-
-    def raw(self, rows: list[tuple[int, int]]) -> np.ndarray:
-        """The stored vectors at (segment, row) `rows`, in that order."""
-        order = np.lexsort(([r for _, r in rows], [s for s, _ in rows]))
-        out = np.empty((len(rows), next(iter(self.segments.values())).shape[1]), dtype=np.float16)
-        segments = np.array([s for s, _ in rows], dtype=np.int64)
-        wanted = np.array([r for _, r in rows], dtype=np.int64)
-        for segment in np.unique(segments):
-            positions = order[segments[order] == segment]
-            out[positions] = self.segments[int(segment)][wanted[positions]]
-        return out
-
-    def chunks(self, pages: dict[str, tuple[int, int]]) -> Iterator[tuple[list[str], np.ndarray]]:
-        """(page ids, float32 unit vectors) of stored `pages` (page_id -> (segment, row)), STORED_CHUNK at once."""
-        items = sorted(pages.items(), key=lambda item: item[1])
-        for start in range(0, len(items), STORED_CHUNK):
-            chunk = items[start : start + STORED_CHUNK]
-            yield [p for p, _ in chunk], normalised(self.raw([where for _, where in chunk]))
-
-
-def state_settings(encoder_id: str, config: LeakageConfig, ivf: bool) -> dict[str, Any]:
-    """What a state's vectors and candidate rows were computed under: any change starts the state over."""
-    settings = {
-        "encoder_id": encoder_id,
-        "threshold": config.threshold,
-        "confirm": config.confirm,
-        "rule": config.rule.as_dict(),
-        "index": "ivf" if ivf else "flat",
-    }
-    if ivf:
-        settings |= {"nlist": config.nlist, "nprobe": config.nprobe, "seed": config.seed}
-    return json.loads(json.dumps(settings))
-
-
-def _next_generation(folder: Path, state: LeakageState | None) -> int:
-    """Above every generation named in the folder, so a new state never overwrites a file the old one names."""
-    found = [int(m.group(1)) for p in folder.iterdir() if (m := _GENERATION.search(p.name))] if folder.is_dir() else []
-    return 1 + max([state.generation if state else 0, *found])
-
-
-def save_state(
-    folder: Path,
-    settings: dict[str, Any],
-    previous: LeakageState | None,
-    kept: dict[str, tuple[int, int, str]],
-    added: list[ChapterVectors],
-    refs: dict[str, PageRef],
-    candidates: pa.Table,
-    ivf: bytes | None,
-) -> None:
-    """Write the new state: its files under new names first, then `state.json` naming them (atomically), then
-    remove what the old state named. A kill at any point leaves one complete state, the old or the new.
-
-    `kept`: page_id -> (segment, row, version) of the old state's pages that stay; `added`: vectors read this
-    run. Segments are merged into one when there would be more than MAX_SEGMENTS or under half their rows live.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    generation = _next_generation(folder, previous)
-    new_raw = [chapter.raw for chapter in added]
-    rows: list[dict[str, Any]] = []
-    for chapter in added:
-        for page_id in chapter.page_ids:
-            ref = refs[page_id]
-            rows.append(
-                {"page_id": page_id, "chapter_id": ref.chapter_id, "split": ref.split, "version": chapter.version}
-            )
-    segments = {segment for segment, _, _ in kept.values()}
-    stored_rows = sum(previous.segments[s].shape[0] for s in segments) if previous else 0
-    if kept and (len(segments) + bool(added) > MAX_SEGMENTS or stored_rows > 2 * len(kept)):
-        ordered = sorted(kept)  # merge: every live vector into the new segment
-        new_raw.insert(0, previous.raw([kept[p][:2] for p in ordered]))
-        old_rows = [
-            {"page_id": p, "chapter_id": refs[p].chapter_id, "split": refs[p].split, "version": kept[p][2]}
-            for p in ordered
-        ]
-        rows = old_rows + rows
-        segments = set()
-        kept_rows: list[dict[str, Any]] = []
-    else:
-        kept_rows = [
-            {
-                "page_id": p,
-                "chapter_id": refs[p].chapter_id,
-                "split": refs[p].split,
-                "version": version,
-                "segment": s,
-                "row": r,
-            }
-            for p, (s, r, version) in sorted(kept.items())
-        ]
-    names: dict[str, Any] = {"segments": {}}
-    if previous:
-        names["segments"] = {str(s): previous.files["segments"][str(s)] for s in sorted(segments)}
-    if new_raw:
-        for row_number, row in enumerate(rows):
-            row |= {"segment": generation, "row": row_number}
-        name = f"vectors-{generation:06d}.npy"
-        with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.concatenate(new_raw).astype(np.float16, copy=False))
-        names["segments"][str(generation)] = name
-    names["pages"] = f"pages-{generation:06d}.parquet"
-    write_parquet(table_from_rows(kept_rows + rows, LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
-    names["candidates"] = f"candidates-{generation:06d}.parquet"
-    write_parquet(candidates, folder / names["candidates"], DUPLICATES)
-    names["ivf"] = None
-    if ivf is not None:
-        if previous is not None and previous.ivf == ivf:
-            names["ivf"] = previous.files["ivf"]
-        else:
-            names["ivf"] = f"ivf-{generation:06d}.faiss"
-            atomic_write_bytes(folder / names["ivf"], ivf)
-    atomic_write_json(
-        folder / STATE_FILE, {"format": STATE_FORMAT, "settings": settings, "generation": generation} | names
-    )
-    named = {STATE_FILE, names["pages"], names["candidates"], names["ivf"], *names["segments"].values()}
-    for path in folder.iterdir():
-        if path.name not in named and path.is_file():
-            path.unlink(missing_ok=True)
 
 
 # ---- the check -------------------------------------------------------------------------------------------------
@@ -572,7 +284,7 @@ def find_duplicates(
 
         faiss.omp_set_num_threads(config.threads)
     use_ivf = len(trained) >= config.ivf_min_train
-    settings = state_settings(encoder_id, config, use_ivf)
+    settings = state_settings(encoder_id, config.result_settings(use_ivf))
     keep_state = versions is not None
     state = LeakageState.load(layout.leakage_state, settings) if keep_state and not rebuild else None
 

@@ -43,7 +43,8 @@ from pipelines.shards.benchmark import (
     write_benchmark,
 )
 from pipelines.shards.inputs import PlanInputs
-from pipelines.shards.leakage import LeakageConfig, PageRef, duplicate_train_pages, find_duplicates
+from pipelines.shards.leakage import LeakageConfig, duplicate_train_pages, find_duplicates
+from pipelines.shards.leakage_vectors import PageRef
 from pipelines.shards.splits import (
     BENCH,
     TRAIN,
