@@ -46,14 +46,16 @@ def chapter_key(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-_READ: dict[str, tuple[tuple[int, int, int], dict[str, LedgerEntry]]] = {}  # path -> (stat, entries) last read
+# path -> (file signature, entries, each entry's record as stored) of the ledger this process last read or wrote
+_READ: dict[str, tuple[tuple[int, int, int], dict[str, LedgerEntry], dict[str, str]]] = {}
 
 
 def read_ledger(path: str | os.PathLike) -> dict[str, LedgerEntry]:
     """chapter_id -> entry; empty when the ledger is missing or unreadable (the stage then reads every marker).
 
     The pipeline's stages read the same upstream ledgers in one process: a ledger whose file is unchanged since
-    this process last read it (same inode, size and modification time; writes replace the file) is not parsed again.
+    this process last read or wrote it (same inode, size and modification time; writes replace the file) is not
+    parsed again.
     """
     path = Path(path)
     signature = _file_signature(path)
@@ -66,9 +68,9 @@ def read_ledger(path: str | os.PathLike) -> dict[str, LedgerEntry]:
         table = pq.read_table(path, columns=LEDGER.names)
     except (OSError, pa.ArrowInvalid):
         return {}
-    columns = [table.column(name).to_pylist() for name in LEDGER.names]
-    entries = {chapter: LedgerEntry(key, json.loads(record)) for chapter, key, record in zip(*columns, strict=True)}
-    _READ[str(path)] = (signature, entries)
+    chapters, keys, records = (table.column(name).to_pylist() for name in LEDGER.names)
+    entries = {c: LedgerEntry(key, json.loads(record)) for c, key, record in zip(chapters, keys, records, strict=True)}
+    _READ[str(path)] = (signature, entries, dict(zip(chapters, records, strict=True)))
     return dict(entries)
 
 
@@ -80,19 +82,24 @@ def vouched(ledger: dict[str, LedgerEntry], keys: dict[str, str]) -> dict[str, d
 def write_ledger(path: str | os.PathLike, entries: dict[str, LedgerEntry], previous: dict[str, LedgerEntry]) -> bool:
     """Write the ledger atomically, rows in chapter order, when it differs from `previous` (what was read at the
     start): a run that changed nothing writes nothing. Returns whether it wrote."""
-    if Path(path).is_file() and entries == previous:  # records compared as values: no serialisation
+    path = Path(path)
+    if path.is_file() and entries == previous:  # records compared as values: no serialisation
         return False
+    cached = _READ.get(str(path))
+    stored_entries, stored = (cached[1], cached[2]) if cached is not None else ({}, {})
     ids = sorted(entries)
-    table = pa.table(
-        {
-            "chapter_id": ids,
-            "key": [entries[c].key for c in ids],
-            "record": [json.dumps(entries[c].record, sort_keys=True, default=str) for c in ids],
-        },
-        schema=LEDGER,
-    )
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    records = [
+        stored[c]  # a record this process read from this file and still holds: its stored text is reused
+        if c in stored and stored_entries[c].record is entries[c].record
+        else json.dumps(entries[c].record, sort_keys=True, default=str)
+        for c in ids
+    ]
+    table = pa.table({"chapter_id": ids, "key": [entries[c].key for c in ids], "record": records}, schema=LEDGER)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_parquet(table, path, LEDGER)
+    signature = _file_signature(path)
+    if signature is not None:  # later stages of this process read what was just written without parsing it
+        _READ[str(path)] = (signature, dict(entries), dict(zip(ids, records, strict=True)))
     return True
 
 

@@ -1118,18 +1118,17 @@ def run_retrieval(
     embed_ledger = {} if rebuild or unfinished else read_ledger(embed_ledger_path)
     ingested = ingested_versions(layout)
     embed_keys = {c: chapter_key(ingested[c]) for c in chapters if c in ingested}
-    checks: dict[str, dict[str, Any] | None] = {
-        c: {**record, "current": True} for c, record in vouched(embed_ledger, embed_keys).items()
-    }
-    all_jobs = [
+    embed_trusted = vouched(embed_ledger, embed_keys)
+    checks: dict[str, dict[str, Any] | None] = {c: {**record, "current": True} for c, record in embed_trusted.items()}
+    to_check = [  # a chapter the ledger vouches for needs no job
         EmbedJob(str(layout.root), c, str(store.folder), width, height, info, rebuild, params.fit_resample)
         for c in chapters
+        if c not in checks
     ]
-    to_check = [job for job in all_jobs if job.chapter_id not in checks]
     found = map_in_tasks(_embedding_check, to_check, desc="embeddings check", local=local)
     embed_vouched = len(checks)
     checks.update(zip([job.chapter_id for job in to_check], found, strict=True))
-    jobs = [job for job in all_jobs if not (checks[job.chapter_id] or {}).get("current")]
+    jobs = [job for job in to_check if not (checks[job.chapter_id] or {}).get("current")]
     up_to_date = [c for c in chapters if (checks[c] or {}).get("current")]
     states = {c: checks[c] for c in up_to_date}
     options = EncoderOptions(batch_size=params.batch_size, actors=params.encoder_actors, threads=params.encoder_threads)
@@ -1203,8 +1202,10 @@ def run_retrieval(
     searched = {r["key"]: _search_record(r) for r in report.results if r.get("status") != STATUS_ERROR}
     records = searched | report.skipped_records
     search_entries = {c: LedgerEntry(search_keys[c], records[c]) for c in [*searched, *report.skipped]}
-    embed_entries = {
-        c: LedgerEntry(embed_keys[c], {k: states[c].get(k, 0) for k in ("version", "n_ok", "n_error")})
+    embed_entries = {  # the entries the ledger vouched for stay as they were (their stored text is reused)
+        c: embed_ledger[c]
+        if c in embed_trusted
+        else LedgerEntry(embed_keys[c], {k: states[c].get(k, 0) for k in ("version", "n_ok", "n_error")})
         for c in versions
         if c in embed_keys
     }

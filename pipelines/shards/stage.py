@@ -140,10 +140,12 @@ def _frames_referencing(layout: DataLayout, pages: set[str], chapters: set[str])
 
 
 def _pool_status(layout: DataLayout, inputs: PlanInputs) -> dict[str, str]:
-    """frame_id -> status of its reference pool ("excluded": too few references, so no retrievals by design)."""
+    """frame_id -> status of the frames whose reference pool is not ok ("excluded": too few references, so no
+    retrievals by design); every other frame's pool is ok."""
     if not layout.pools.exists():
         return {}
     table = inputs.read(layout.pools, ["frame_id", "status"])
+    table = table.filter(pc.not_equal(table["status"], STATUS_OK))  # the rest are ok: the caller's default
     return dict(zip(table.column("frame_id").to_pylist(), table.column("status").to_pylist(), strict=True))
 
 
