@@ -84,6 +84,7 @@ def write_report(
     report: dict[str, Any] = {
         "retrieval_cap": {"max_per_page": retrieval["params"].get("max_per_page")},
         "distinct_ref_pages_per_frame": retrieval.get("distinct_ref_pages_per_frame"),
+        "pool_refs_per_frame": retrieval.get("pool_refs_per_frame"),  # fewest and most references in a usable pool
         "retrieval_sheets": [
             str(p)
             for p in write_contact_sheets(data, random_frames=retrieval_frames, seed=seed, out_dir=folder / "retrieval")

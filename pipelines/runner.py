@@ -268,6 +268,8 @@ def _headline(stage: str, summary: dict[str, Any]) -> str:
             if distinct.get("frames")
             else ""
         )
+        pool = summary.get("pool_refs_per_frame") or {}
+        pages += f"; references per pool {pool['min']}-{pool['max']}" if pool else ""
         return (
             f"{summary['frames_ok']} frames with retrievals ({summary['frames_short']} short pools, "
             f"{summary['frames_excluded']} excluded, {summary['frames_error']} error); pages embedded "

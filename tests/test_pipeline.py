@@ -40,6 +40,8 @@ def test_pipeline_runs_skips_and_follows_new_chapters(tmp_path: Path) -> None:
     distinct = report_json["distinct_ref_pages_per_frame"]
     assert report_json["retrieval_cap"] == {"max_per_page": None}  # the paper's independent top-3
     assert 1 <= distinct["min"] <= distinct["median"] <= distinct["max"] <= 12 and distinct["frames"] > 0
+    pool = report_json["pool_refs_per_frame"]
+    assert 1 <= pool["min"] <= pool["max"] and distinct["max"] <= pool["max"]  # retrievals come from the pool
     hit_rate = report_json["retrieval_character_hit_rate"]
     assert hit_rate["query_patches"] > 0
     assert hit_rate["top1_rate"] > hit_rate["chance_rate"]  # retrieval beats a patch drawn at random from the pool
