@@ -15,7 +15,7 @@ from PIL import Image
 
 from pipelines.core.layout import DataLayout
 from pipelines.core.schemas import PAGE_STORE, STATUS_OK
-from pipelines.core.storage import MARKER_SUFFIX, read_json, read_parquet, read_table, write_parquet
+from pipelines.core.storage import MARKER_SUFFIX, chapter_of, read_json, read_parquet, read_table, write_parquet
 
 ENCODINGS = ("jpeg", "png", "webp")
 INGEST_STAGE = "ingest"  # the stage whose summary says the page store is complete
@@ -84,4 +84,4 @@ def ingested_chapter_ids(layout: DataLayout) -> set[str]:
     if not folder.is_dir():
         return set()
     with os.scandir(folder) as entries:  # names only: no path object or stat per chapter
-        return {e.name.split(".", 1)[0] for e in entries if e.name.endswith(MARKER_SUFFIX) and e.name[0] != "."}
+        return {chapter_of(e.name) for e in entries if e.name.endswith(MARKER_SUFFIX) and e.name[0] != "."}

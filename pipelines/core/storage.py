@@ -160,7 +160,7 @@ def table_parts(table: str | os.PathLike) -> list[Path]:
 
 def table_part_keys(table: str | os.PathLike) -> list[str]:
     """The keys (chapter ids) of a table folder's completed parts in `table_parts` order, without a path each."""
-    return [name.split(".", 1)[0] for name in _part_names(Path(table))]
+    return [chapter_of(name) for name in _part_names(Path(table))]
 
 
 def part_path(table: str | os.PathLike, key: str) -> Path:
@@ -297,9 +297,10 @@ def sweep_tmp(folder: str | os.PathLike) -> int:
 CHAPTER_FILE_SUFFIXES = (MARKER_SUFFIX, ".parquet", ".npy")  # a chapter's marker is listed first: it goes first
 
 
-def chapter_of(path: Path) -> str:
-    """The chapter id a per-chapter file is named by: its name up to the first dot (ids have none)."""
-    return path.name.split(".", 1)[0]
+def chapter_of(path: str | os.PathLike) -> str:
+    """The chapter id a per-chapter file is named by: its name up to the first dot (ids have none). Takes a path
+    or a bare file name (a folder listing's names need no path object each)."""
+    return os.path.basename(path).split(".", 1)[0]
 
 
 def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: Iterable[str] | None = None) -> set[str]:
@@ -323,7 +324,7 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: I
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
         for name in sorted(n for n in files if n.endswith(suffix)):
-            chapter_id = name.split(".", 1)[0]  # `chapter_of` on the name: a path is built only for what goes
+            chapter_id = chapter_of(name)  # on the name: a path is built only for what goes
             if chapter_id in keep:
                 continue
             (folder / name).unlink(missing_ok=True)
