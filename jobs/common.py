@@ -62,6 +62,16 @@ def line_extractor_file(text: str | None) -> str | None:
     return str(path.absolute())
 
 
+def add_verify_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check every chapter (and shard) against its completion marker and files, as after a killed run, "
+        "instead of trusting the last run's summary and chapter ledgers; redoes only what is missing (after files "
+        "were deleted or changed by hand)",
+    )
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("where it runs")
     group.add_argument(

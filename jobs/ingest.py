@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from collections.abc import Sequence
 
-from jobs.common import add_fault_arguments, add_ray_arguments, configure_fault_policy
+from jobs.common import add_fault_arguments, add_ray_arguments, add_verify_argument, configure_fault_policy
 from pipelines.core.cli import JobArgumentParser, configure_logging, outcome_line, positive_int, run_job
 from pipelines.core.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.core.pagestore import ENCODINGS
@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the first N chapters, for trial runs into a fresh --output (default: all)",
     )
     add_fault_arguments(parser)
+    add_verify_argument(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -139,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray_address=args.ray_address,
         num_cpus=args.num_cpus,
         task_memory=args.task_memory_mb * 1024 * 1024 if args.task_memory_mb else None,
+        verify=args.verify,
     )
     line = outcome_line(summary)
     if line:

@@ -12,7 +12,13 @@ import json
 import sys
 from pathlib import Path
 
-from jobs.common import add_common_arguments, add_fault_arguments, add_ray_arguments, configure_fault_policy
+from jobs.common import (
+    add_common_arguments,
+    add_fault_arguments,
+    add_ray_arguments,
+    add_verify_argument,
+    configure_fault_policy,
+)
 from jobs.retrieval import add_encoder_arguments, add_retrieval_arguments
 from jobs.shards import add_shard_arguments, shard_options
 from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
@@ -62,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_encoder_arguments(parser, "retrieval encoder pool")
     add_shard_arguments(parser)
     add_fault_arguments(parser)
+    add_verify_argument(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         min_color_pages=args.min_color_pages,
         chapters_per_task=args.chapters_per_task,
         rebuild=args.rebuild,
+        verify=args.verify,
     )
     configure_fault_policy(args)
     record = run_pipeline(

@@ -9,7 +9,14 @@ import argparse
 import json
 import sys
 
-from jobs.common import add_fault_arguments, add_fit_argument, add_ray_arguments, configure_fault_policy, start_ray
+from jobs.common import (
+    add_fault_arguments,
+    add_fit_argument,
+    add_ray_arguments,
+    add_verify_argument,
+    configure_fault_policy,
+    start_ray,
+)
 from pipelines.core.cli import JobArgumentParser, int_range, parse_size, positive_int, run_job
 from pipelines.core.encoders import DEFAULT_ENCODER, WEIGHT_FREE
 from pipelines.core.pools import NearDuplicateRule
@@ -111,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: not measured)",
     )
     add_fault_arguments(parser)
+    add_verify_argument(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     require_stage(args.data, "ingest", needed_by="retrieval")
     configure_fault_policy(args)
     start_ray(args)
-    summary = run_retrieval(args.data, options, local=args.local)
+    summary = run_retrieval(args.data, options, local=args.local, verify=args.verify)
     print(json.dumps(summary, indent=2, sort_keys=True))
     if args.eval_labels:
         hits = character_hit_rate(args.data, args.eval_labels).as_dict()

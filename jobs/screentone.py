@@ -11,6 +11,7 @@ from jobs.common import (
     add_common_arguments,
     add_fault_arguments,
     add_ray_arguments,
+    add_verify_argument,
     configure_fault_policy,
     line_extractor_file,
     start_ray,
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--chapters-per-task", type=positive_int, default=1, help="chapters rendered per Ray task")
     add_fault_arguments(parser)
+    add_verify_argument(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -58,7 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
         device=args.device,
         line_extractor_weights=line_extractor_file(args.line_extractor_weights),
     )
-    summary = run_screentone(args.data, options, chapters_per_task=args.chapters_per_task, local=args.local)
+    summary = run_screentone(
+        args.data, options, chapters_per_task=args.chapters_per_task, local=args.local, verify=args.verify
+    )
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

@@ -11,6 +11,7 @@ from jobs.common import (
     add_common_arguments,
     add_fault_arguments,
     add_ray_arguments,
+    add_verify_argument,
     configure_fault_policy,
     line_extractor_file,
     start_ray,
@@ -135,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     add_shard_arguments(parser)
     add_fault_arguments(parser)
+    add_verify_argument(parser)
     add_ray_arguments(parser)
     return parser
 
@@ -150,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         require_stage(args.data, stage, needed_by="shards")
     configure_fault_policy(args)
     start_ray(args)
-    summary = run_shards(args.data, shard_options(args), local=args.local, rebuild=args.rebuild)
+    summary = run_shards(args.data, shard_options(args), local=args.local, rebuild=args.rebuild, verify=args.verify)
     print(json.dumps(summary, indent=2, sort_keys=True))
     return summary
 

@@ -21,7 +21,7 @@ from typing import Any
 from pipelines.core.cli import faults_text, summary_failures, summary_faults
 from pipelines.core.geometry import RESAMPLE_LANCZOS, CompositeLayout
 from pipelines.core.layout import DataLayout
-from pipelines.core.sources import ChapterListing, chapter_signatures, input_signature
+from pipelines.core.sources import ChapterEntry, ChapterListing, chapter_signatures, input_signature
 from pipelines.core.storage import atomic_write_json, read_json, stable_hash
 from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
 from pipelines.retrieval.stage import RetrievalOptions
@@ -57,6 +57,7 @@ class PipelineOptions:
     min_color_pages: int = DEFAULT_MIN_COLOR_PAGES
     chapters_per_task: int = 4
     rebuild: bool = False  # rewrite the shards and the benchmark from scratch (a new sample format needs it)
+    verify: bool = False  # run every stage as after a killed run: no summary or ledger trusted, every marker read
 
     def stage_options(self, stage: str) -> Any:
         """The one options dataclass `stage`'s ``run_<stage>`` takes."""
@@ -130,12 +131,14 @@ def _run_stage(
     run = stage_runner(stage)
     inputs = (input_root, layout.root) if stage == "ingest" else (layout.root,)
     stage_options = options.stage_options(stage)
+    verify = options.verify
     if stage == "ingest":
         # the listing and signatures the pipeline just took: ingestion keys its ledger on them, not taken again
-        return run(*inputs, stage_options, chapters_per_task=options.chapters_per_task, local=local, listing=listing)
+        per_task = options.chapters_per_task
+        return run(*inputs, stage_options, chapters_per_task=per_task, local=local, listing=listing, verify=verify)
     if stage == "shards":  # never rebuilt implicitly: new chapters append a generation, other settings refuse
-        return run(*inputs, stage_options, local=local, rebuild=options.rebuild)
-    return run(*inputs, stage_options, local=local)
+        return run(*inputs, stage_options, local=local, rebuild=options.rebuild, verify=verify)
+    return run(*inputs, stage_options, local=local, verify=verify)
 
 
 def run_pipeline(
@@ -153,18 +156,19 @@ def run_pipeline(
     any folder is created; a failed first run removes the output folder it created if it is still empty.
     """
     input_root = check_input_root(input_root)
-    check_chapters(input_root)
+    chapters = check_chapters(input_root)
     output = check_output_creatable(output)
     width, height = options.shards.size
     CompositeLayout(width, height)  # the training size must suit the composite: refused before any work
     options.stage_options("retrieval")  # validates the retrieval settings at the pipeline's size, before any work
     check_encoder(options.retrieval.encoder)
     with created_folder(output):
-        return _run_pipeline(input_root, DataLayout.at(output), options, local, ray_address, num_cpus)
+        return _run_pipeline(input_root, chapters, DataLayout.at(output), options, local, ray_address, num_cpus)
 
 
 def _run_pipeline(
     input_root: str,
+    chapters: list[ChapterEntry],
     layout: DataLayout,
     options: PipelineOptions,
     local: bool,
@@ -193,12 +197,13 @@ def _run_pipeline(
         if stage == "ingest":
             # the chapters' signatures (a stat of every page) are taken in Ray tasks; the driver lists the folders
             mapper = functools.partial(map_in_tasks, desc="input signatures", local=local)
-            listing = chapter_signatures(input_root, mapper)
+            listing = chapter_signatures(input_root, mapper, chapters)
             settings = {**settings, "input": input_root, "chapters": input_signature(listing)}
         settings_hash = stable_hash(settings, 16)
         before = previous.get(stage, {})
         current = (
-            not rerun_downstream
+            not options.verify
+            and not rerun_downstream
             and before.get("fingerprint") == settings_hash
             and layout.summary(stage).exists()
             and read_json(layout.summary(stage)).get("complete") is True

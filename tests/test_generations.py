@@ -19,6 +19,7 @@ from conftest import PIPELINE_ARGS
 from jobs.pipeline import main as pipeline_main
 from pipelines.core.geometry import RANKS_PER_PATCH
 from pipelines.core.layout import DataLayout
+from pipelines.core.pagestore import kept_chapter_ids
 from pipelines.core.samples import SampleFormatError
 from pipelines.core.schemas import DUPLICATES, PAGES, RETRIEVALS, SHARD_PLAN, SPLITS
 from pipelines.core.seeding import unit_hash
@@ -139,6 +140,38 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     assert pinned.manifest == str(generation1)
     with pytest.raises(Exception, match="a later generation removed it"):
         check_shards(pinned)
+
+
+def test_verify_redoes_what_was_deleted_by_hand(tmp_path: Path, pipeline_data: Path) -> None:
+    """Files deleted by hand go unnoticed by a rerun that trusts its summaries and ledgers; `--verify` checks every
+    chapter and shard against its files and writes the missing ones again, with the same bytes."""
+    data = shutil.copytree(pipeline_data, tmp_path / "data")
+    layout = DataLayout.at(data)
+    chapter = kept_chapter_ids(layout)[0]
+    deleted = [
+        layout.pagestore_chapter(chapter),
+        next((data / "retrieval" / "embeddings").glob(f"*/{chapter}.npy")),
+        next((data / "screentone").rglob(f"{chapter}.parquet")),
+        sorted(layout.shards("train").glob("*.tar"))[0],
+    ]
+    before = {path: path.read_bytes() for path in deleted}
+    for path in deleted:
+        path.unlink()
+    argv = ["--input", str(pipeline_data.parent / "corpus"), "--output", str(data), *PIPELINE_ARGS]
+    trusted = pipeline_main(argv)["stages"]
+    assert all(entry["skipped"] for entry in trusted.values())
+    assert not any(path.exists() for path in deleted)
+
+    verified = pipeline_main([*argv, "--verify"])["stages"]
+    assert not any(entry["skipped"] for entry in verified.values())
+    assert {path: path.read_bytes() for path in deleted} == before
+    ingest = verified["ingest"]["summary"]["run"]
+    assert ingest["chapters_processed"] == 1 and ingest["chapters_vouched"] == 0
+    embeddings = verified["retrieval"]["summary"]["embeddings"]
+    assert embeddings["chapters_embedded"] == 1 and embeddings["chapters_vouched"] == 0
+    screentone = verified["screentone"]["summary"]
+    assert screentone["chapters_rendered"] == 1 and screentone["chapters_vouched"] == 0
+    assert verified["shards"]["summary"]["splits"]["train"]["units_run"] == 1
 
 
 def test_another_sample_format_is_never_appended_to(tmp_path: Path, pipeline_data: Path) -> None:

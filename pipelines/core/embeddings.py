@@ -64,6 +64,11 @@ class EmbeddingStore:
     def marker(self, chapter_id: str) -> Path:
         return marker_path(self.folder / chapter_id)
 
+    def files_present(self, chapter_id: str) -> bool:
+        """Every file `write` makes is there (a check after files were deleted by hand; their bytes are not read)."""
+        paths = (self.vectors_path(chapter_id), self.ids_path(chapter_id), self.pages_path(chapter_id))
+        return all(path.exists() for path in paths)
+
     def state(self, chapter_id: str) -> dict[str, Any] | None:
         """The chapter's completion marker (version, page-store stat), or None if not (completely) embedded."""
         path = self.marker(chapter_id)

@@ -117,17 +117,22 @@ def ingested_versions(layout: DataLayout) -> dict[str, str]:
     cached = _VERSIONS.get(str(path))
     if cached is not None and cached[0] == signature:
         return dict(cached[1])
+    # entries this process already versioned (the same objects, kept by a rewrite of the ledger) keep their version
+    known_entries, known = (cached[2], cached[1]) if cached is not None else ({}, {})
     versions = {
-        c: chapter_key(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
+        c: known[c]
+        if c in known and known_entries.get(c) is e
+        else chapter_key(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
         for c, e in ledger.items()
         if "parts" in e.record
     }
     if signature is not None:
-        _VERSIONS[str(path)] = (signature, versions)
+        _VERSIONS[str(path)] = (signature, versions, ledger)
     return dict(versions)
 
 
-_VERSIONS: dict[str, tuple[tuple[int, int, int], dict[str, str]]] = {}  # ingest ledger path -> (stat, versions)
+# ingest ledger path -> (its file signature, the versions, the entries they were computed from)
+_VERSIONS: dict[str, tuple[tuple[int, int, int], dict[str, str], dict[str, LedgerEntry]]] = {}
 
 
 def _file_signature(path: Path) -> tuple[int, int, int] | None:

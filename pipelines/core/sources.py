@@ -105,8 +105,8 @@ class ChapterEntry:
     kind: str  # KIND_FOLDER | KIND_ARCHIVE
     refused: str | None = None  # why the chapter must not be read (a symbolic link leading out of the root)
 
-    @property
-    def chapter_id(self) -> str:
+    @functools.cached_property
+    def chapter_id(self) -> str:  # computed once: the driver keys tens of thousands of chapters by it per run
         return stable_id(self.source)
 
     def row(self) -> dict[str, str]:
@@ -284,15 +284,18 @@ class ChapterListing:
 
 
 def chapter_signatures(
-    root: str | os.PathLike | InputRoot, mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None
+    root: str | os.PathLike | InputRoot,
+    mapper: Callable[[Callable[[Any], Any], list[Any]], list[Any]] | None = None,
+    chapters: list[ChapterEntry] | None = None,
 ) -> ChapterListing:
     """Every chapter under the root and its `chapter_signature`, in listing order.
 
     `mapper(fn, items)` computes the signatures (default: one after another here); the pipeline passes one that
-    runs them in Ray tasks, so the driver only lists the series and chapter folders.
+    runs them in Ray tasks, so the driver only lists the series and chapter folders. `chapters` is the root's
+    `list_chapters` when the caller has just taken it.
     """
     root = root if isinstance(root, InputRoot) else InputRoot(root)
-    chapters = list_chapters(root)
+    chapters = list_chapters(root) if chapters is None else chapters
     signature = functools.partial(chapter_signature, root)
     signatures = mapper(signature, chapters) if mapper is not None else [signature(c) for c in chapters]
     return ChapterListing(chapters, {c.chapter_id: s for c, s in zip(chapters, signatures, strict=True) if s})

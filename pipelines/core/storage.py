@@ -315,18 +315,20 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: I
     folder = Path(folder)
     if candidates is not None:
         names = [f"{c}{suffix}" for suffix in CHAPTER_FILE_SUFFIXES for c in sorted(set(candidates) - keep)]
-        files = [name for name in names if (folder / name).is_file()]
+        going = [name for name in names if (folder / name).is_file()]
     elif not folder.is_dir():
         return set()
     else:
         with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
-            files = [e.name for e in entries if e.is_file() and TMP_TAG not in e.name]
+            # on the names alone (the chapter id is the name up to its first dot): only what goes costs more
+            going = [
+                e.name
+                for e in entries
+                if e.name.partition(".")[0] not in keep and TMP_TAG not in e.name and e.is_file()
+            ]
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
-        for name in sorted(n for n in files if n.endswith(suffix)):
-            chapter_id = chapter_of(name)  # on the name: a path is built only for what goes
-            if chapter_id in keep:
-                continue
+        for name in sorted(n for n in going if n.endswith(suffix)):
             (folder / name).unlink(missing_ok=True)
-            purged.add(chapter_id)
+            purged.add(chapter_of(name))
     return purged

@@ -324,7 +324,8 @@ def chapter_marker(layout: DataLayout, chapter_id: str) -> Path:
 
 def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
     """The chapter's completion marker if written with these options (`fingerprint`) and the chapter's current
-    signature (taken now: this runs in a check task), with both its table parts in place; else None."""
+    signature (taken now: this runs in a check task), with both its table parts and its page-store file (when it
+    stored pages) in place; else None."""
     output = chapter_marker(layout, task.chapter.chapter_id)
     if not is_done(output):
         return None
@@ -339,7 +340,8 @@ def _marker(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str
         return None
     chapter_id = task.chapter.chapter_id
     parts_there = part_path(layout.pages, chapter_id).exists() and part_path(layout.chapters, chapter_id).exists()
-    return marker if parts_there else None
+    stored_there = not marker.get("n_stored") or layout.pagestore_chapter(chapter_id).exists()
+    return marker if parts_there and stored_there else None
 
 
 def chapter_done(layout: DataLayout, task: ChapterTask, fingerprint: str) -> dict[str, Any] | None:
@@ -473,12 +475,15 @@ def run_ingest(
     max_retries: int | None = None,
     verbose: bool = True,
     listing: ChapterListing | None = None,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Run the ingestion of `input_root` into `output`; returns the run summary (also written as JSON).
 
     `local=True` processes chapters in this process without Ray (debugging, tiny dumps). Otherwise Ray runs the
     chapters as tasks of `chapters_per_task` chapters: on the cluster at `ray_address` (or RAY_ADDRESS, set by
-    `ray job submit`), else on a local Ray started in-process.
+    `ray job submit`), else on a local Ray started in-process. `verify` runs as after a killed run: every
+    chapter's marker and files are checked (its ledger and the previous manifest are not trusted) and only what is
+    missing or stale is redone.
     """
     options = options or IngestOptions()
     started = time.perf_counter()
@@ -495,7 +500,7 @@ def run_ingest(
         _refuse_mixed_trial(DataLayout.at(output), chapters, listed_ids, limit)
     run = {"listed_ids": listed_ids, "chapters_per_task": chapters_per_task, "local": local, "ray_address": ray_address}
     run.update(num_cpus=num_cpus, task_memory=task_memory, max_retries=max_retries, verbose=verbose, started=started)
-    run.update(signatures=listing.signatures if listing is not None else None)
+    run.update(signatures=listing.signatures if listing is not None else None, verify=verify)
     with created_folder(output):
         return _run_ingest(root, input_uri, output, chapters, options, **run)
 
@@ -517,12 +522,13 @@ def _run_ingest(
     verbose: bool,
     started: float,
     signatures: dict[str, str] | None,
+    verify: bool,
 ) -> dict[str, Any]:
     layout = DataLayout.at(output)
     summary_path = layout.summary(STAGE)
     _remove_legacy_tables(layout)
     # after a killed run: its temporary files go, and its ledger is not trusted (every marker is read)
-    completed = summary_path.exists() and layout.manifest.exists()
+    completed = not verify and summary_path.exists() and layout.manifest.exists()
     ledger = read_ledger(layout.ledger(INGEST_LEDGER)) if completed else {}
     if not completed:
         _sweep_tmp(layout)

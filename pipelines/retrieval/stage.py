@@ -252,7 +252,8 @@ def prepare_chapter(job: EmbedJob) -> tuple[PreparedChapter, np.ndarray | None]:
         raise FileNotFoundError(f"chapter {job.chapter_id}: page store file {source} is missing (rerun ingestion)")
     stat = _pagestore_stat(source)
     stored = read_parquet(source, PAGE_STORE).select(["page_id", "image"])
-    old_state = None if job.rebuild else store.state(job.chapter_id)
+    # old vectors are reused only from a complete set of files (a file deleted by hand: the chapter is embedded anew)
+    old_state = None if job.rebuild or not store.files_present(job.chapter_id) else store.state(job.chapter_id)
     old_pages: dict[str, dict[str, Any]] = {}
     if old_state is not None:
         old_table = read_parquet(store.pages_path(job.chapter_id), EMBEDDED_PAGES)
@@ -1020,10 +1021,12 @@ def _write_encoder_record(folder: Path, info: EncoderInfo) -> None:
     atomic_write_json(path, record)
 
 
-def purge_taken_down(layout: DataLayout) -> set[str]:
+def purge_other_chapters(layout: DataLayout, chapters: list[str]) -> set[str]:
     """Delete the embeddings (every encoder and size) and the search parts (every run) of chapters ingestion no
-    longer lists; returns their ids. Markers go before data: a chapter's search marker sits beside its retrievals,
-    its embeddings marker beside its vectors."""
+    longer lists, and the search parts of chapters ingested but no longer kept (`chapters`: the kept ones), so the
+    tables hold the current chapters only; returns the ids of the chapters taken down. Each folder is listed
+    once; markers go before data: a chapter's search marker sits beside its retrievals, its embeddings marker
+    beside its vectors. The single-file tables of an earlier version are replaced."""
     keep = ingested_chapter_ids(layout)
     purged: set[str] = set()
     for encoder_folder in subfolders(layout.embeddings_root):
@@ -1032,29 +1035,25 @@ def purge_taken_down(layout: DataLayout) -> set[str]:
     for run_folder in subfolders(layout.retrieval_runs):  # parts an earlier version kept per run
         for folder in (run_folder / "retrievals", run_folder / "pools"):
             purged |= purge_chapter_files(folder, keep)
-    for folder in (layout.search_markers, layout.pools, layout.retrievals):
-        purged |= purge_chapter_files(folder, keep)
-    return purged
-
-
-def _drop_other_chapters(layout: DataLayout, chapters: list[str]) -> None:
-    """The tables hold the current chapters only: parts of chapters ingested but no longer kept go (a listing of
-    each folder; markers first), and the single-file tables of an earlier version are replaced."""
     for table in (layout.pools, layout.retrievals):
         if table.is_file():
             table.unlink()
+    kept = set(chapters)
     for folder in (layout.search_markers, layout.pools, layout.retrievals):
-        purge_chapter_files(folder, set(chapters))
+        purged |= purge_chapter_files(folder, kept) - keep  # no longer kept but still ingested: not taken down
+    return purged
 
 
 def _embedding_check(job: EmbedJob) -> dict[str, Any] | None:
     """Run in a check task: the chapter's embeddings marker (small fields) and whether it is up to date with the
-    chapter's page-store file."""
-    state = EmbeddingStore(Path(job.folder)).state(job.chapter_id)
+    chapter's page-store file, its own files in place."""
+    store = EmbeddingStore(Path(job.folder))
+    state = store.state(job.chapter_id)
     if state is None:
         return None
     source = DataLayout.at(job.root).pagestore_chapter(job.chapter_id)
     current = not job.rebuild and source.exists() and state.get("pagestore") == _pagestore_stat(source)
+    current = current and store.files_present(job.chapter_id)
     return {
         "version": state["version"],
         "n_ok": state.get("n_ok", 0),
@@ -1076,7 +1075,12 @@ def _failed_search(layout: DataLayout, chapter_id: str, pool_rows: list[dict[str
 
 
 def run_retrieval(
-    data: str | os.PathLike, options: RetrievalOptions | None = None, *, local: bool = False, **overrides: Any
+    data: str | os.PathLike,
+    options: RetrievalOptions | None = None,
+    *,
+    local: bool = False,
+    verify: bool = False,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Build (or update) the retrieval cache of an ingested data folder; returns the run summary.
 
@@ -1095,7 +1099,7 @@ def run_retrieval(
     chapters = kept_chapter_ids(layout)
     # a run that did not finish (no summary) may have left temporary files, and rewritten chapters its ledgers
     # still vouch for: then the folders are swept and every marker is read (a completed run needs neither)
-    unfinished = not layout.summary("retrieval").exists()
+    unfinished = verify or not layout.summary("retrieval").exists()  # `verify`: as after a killed run
     # the summary marks pools.parquet + retrievals.parquet as a matching pair: gone until both are rewritten
     layout.summary("retrieval").unlink(missing_ok=True)
     if not local:
@@ -1103,8 +1107,7 @@ def run_retrieval(
     if unfinished:
         for folder in (store.folder, run_folder, layout.search_markers, layout.pools, layout.retrievals):
             sweep_tmp(folder)
-    purged = purge_taken_down(layout)
-    _drop_other_chapters(layout, chapters)
+    purged = purge_other_chapters(layout, chapters)
     store.folder.mkdir(parents=True, exist_ok=True)
     _write_encoder_record(store.folder, info)
     atomic_write_json(

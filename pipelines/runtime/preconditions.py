@@ -11,9 +11,13 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipelines.core.errors import PreconditionError
 from pipelines.core.layout import DataLayout
+
+if TYPE_CHECKING:
+    from pipelines.core.sources import ChapterEntry
 
 STAGE_JOBS = {
     "ingest": "python -m jobs.ingest --input ROOT --output OUT",
@@ -44,12 +48,15 @@ def check_input_root(uri: str | os.PathLike) -> str:
     return text
 
 
-def check_chapters(input_root: str) -> None:
-    """Refuse an input with no chapter in the expected layout (see `sources.layout_problem`)."""
+def check_chapters(input_root: str) -> list[ChapterEntry]:
+    """The chapters under the input root (`sources.list_chapters`, returned so the caller does not list them
+    again); refuses an input with none in the expected layout (see `sources.layout_problem`)."""
     from pipelines.core.sources import layout_problem, list_chapters
 
-    if not list_chapters(input_root):
+    chapters = list_chapters(input_root)
+    if not chapters:
         raise PreconditionError(f"--input {input_root}: {layout_problem(input_root)}")
+    return chapters
 
 
 def check_output_creatable(path: str | os.PathLike, flag: str = "--output") -> Path:

@@ -248,7 +248,7 @@ def chapter_done(
     """Done = marker present and written with the same options (another seed, scale or extractor renders again);
     returns the chapter's record (its frame and error counts, what the ledger keeps), None when not done."""
     output = _chapter_output(layout, renderer_id, options, chapter_id)
-    if not is_done(output):
+    if not is_done(output) or not output.exists():
         return None
     marker = read_marker(output)
     if marker.get("options") != _done_options(options, renderer_id, lines_id):
@@ -286,6 +286,7 @@ def run_screentone(
     *,
     chapters_per_task: int = 1,
     local: bool = False,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Render the screentone of every frame; returns (and writes) the stage summary."""
     from pipelines.runtime.ray import cluster_has_gpus
@@ -294,7 +295,7 @@ def run_screentone(
     layout = DataLayout.at(data)
     # a run that did not finish (no summary) may have left temporary files, and rewritten chapters the ledger still
     # vouches for: then the folder is swept and every marker is read (a completed run needs neither)
-    unfinished = not layout.summary(STAGE).exists()
+    unfinished = verify or not layout.summary(STAGE).exists()  # `verify`: as after a killed run
     layout.summary(STAGE).unlink(missing_ok=True)  # the summary marks a complete run: not until this one is
     from screentone.render import renderer_for  # torch only where a renderer runs
 

@@ -204,13 +204,16 @@ def run_shards(
     *,
     local: bool = False,
     rebuild: bool = False,
+    verify: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """Run the whole shard stage on OUT=`data`; returns (and writes last, when complete) the stage summary.
 
     Options come as a `ShardOptions` and/or as keyword overrides of its fields, e.g.
     ``run_shards(out, size=(512, 800), bench_chapters=30, local=True)``. The stage is skipped when its summary
-    exists for the same options, code and input tables; `rebuild` replaces shards planned differently.
+    exists for the same options, code and input tables; `rebuild` replaces shards planned differently. `verify`
+    runs it anyway, reads the input tables whole (not through the plan snapshot) and checks every shard against
+    its marker, rewriting what is missing.
     """
     started = time.perf_counter()
     options = replace(options or ShardOptions(), **overrides)
@@ -241,7 +244,7 @@ def run_shards(
         }
     )
     summary_path = layout.summary(STAGE)
-    if not rebuild and summary_path.exists():
+    if not rebuild and not verify and summary_path.exists():
         previous = read_json(summary_path)
         if previous.get("config_fingerprint") == config_fingerprint and previous.get("complete"):
             return {**previous, "skipped": True}
@@ -250,7 +253,7 @@ def run_shards(
         from pipelines.runtime.ray import init_ray
 
         init_ray()
-    inputs = PlanInputs(layout, local, rebuild)
+    inputs = PlanInputs(layout, local, rebuild or verify)
     frames, chapters = read_frames(layout, inputs.read)
     bench_width, bench_height = options.bench_size or sample_sizes[1]
     bench_config = BenchmarkConfig(
@@ -364,6 +367,7 @@ def run_shards(
             shard_config,
             local=local,
             rebuild=rebuild,
+            verify=verify,
             policy=policy,
             reasons=reasons,
         )

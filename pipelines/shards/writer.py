@@ -34,6 +34,7 @@ frames. Writing the tar is not the bottleneck: it runs at disk speed, hashing as
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -193,6 +194,15 @@ def shard_code_files(root: Path | None = None) -> list[Path]:
     return sorted(_shard_code(root or REPO_ROOT))
 
 
+@functools.cache
+def _package_version() -> str:
+    """The installed package's version, looked up once per process (the lookup scans every installed package)."""
+    try:
+        return importlib.metadata.version(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def code_version(root: Path | None = None) -> dict[str, Any]:
     """Package version and a sha256 of the sources that produce shard bytes (`shard_code_files`).
 
@@ -200,10 +210,7 @@ def code_version(root: Path | None = None) -> dict[str, Any]:
     directory `ray job submit` uploads (where there is no .git), so equal code writes equal samples everywhere.
     Files are parsed once per process and again only when changed (`_source`): the walk then costs a stat each.
     """
-    try:
-        version = importlib.metadata.version(PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
-        version = "unknown"
+    version = _package_version()
     root = root or REPO_ROOT
     code = _shard_code(root)
     digest = hashlib.sha256()
@@ -661,9 +668,19 @@ def plan_generation(
     return state, plan, pending
 
 
-def _shard_done(folder: Path, name: str, generation: int) -> bool:
-    """Written, and by the generation that last planned it (a replaced shard's older marker does not count)."""
-    return is_done(folder / name) and read_marker(folder / name).get("generation", 0) == generation
+def _shard_done(folder: Path, name: str, generation: int, verify: bool = False) -> bool:
+    """Written, and by the generation that last planned it (a replaced shard's older marker does not count);
+    with `verify`, its tar also has the size its marker records and its index exists (a tar deleted or cut short
+    by hand is written again; its sha256 is the trainers' `--verify_shards` check, too slow for every run)."""
+    if not is_done(folder / name):
+        return False
+    marker = read_marker(folder / name)
+    if marker.get("generation", 0) != generation:
+        return False
+    if not verify:
+        return True
+    tar = folder / name
+    return tar.is_file() and tar.stat().st_size == marker.get("bytes") and (folder / marker["index"]).is_file()
 
 
 def finalise_split(layout: DataLayout, split: str, state: dict[str, Any], pending: int = 0) -> dict[str, Any]:
@@ -741,6 +758,7 @@ def write_split(
     *,
     local: bool = False,
     rebuild: bool = False,
+    verify: bool = False,
     policy: GenerationPolicy = GenerationPolicy(),
     reasons: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
@@ -748,7 +766,8 @@ def write_split(
 
     Existing tars keep their names and bytes, except those that held a removed frame (rewritten without it under
     their name, or deleted when emptied); new frames go to new shards of a new generation (`policy`). `rebuild`
-    deletes the split first (the only way to change sample format or settings).
+    deletes the split first (the only way to change sample format or settings); `verify` checks every shard against
+    its marker even when nothing changed, rewriting any that is missing or damaged.
     """
     layout = DataLayout.at(data)
     folder = layout.shards(split)
@@ -759,7 +778,7 @@ def write_split(
     before = read_json(folder / "plan.json") if (folder / "plan.json").exists() else None
     state, plan, pending = plan_generation(layout, split, frames, sample_config, shard_config, policy, reasons or {})
     changed = state.get("open") is not None
-    if not changed and manifest_path.exists() and state == before:
+    if not verify and not changed and manifest_path.exists() and state == before:
         manifest = read_json(manifest_path)
         return {
             "split": split,
@@ -787,7 +806,7 @@ def write_split(
     report = run_units(
         units,
         _write_shard_unit,
-        is_done=lambda unit: _shard_done(folder, unit.key, state["shards"][unit.key]),
+        is_done=lambda unit: _shard_done(folder, unit.key, state["shards"][unit.key], verify),
         desc=f"shards/{split}",
         local=local,
     )
