@@ -29,12 +29,6 @@ from pipelines.shards.splits import split_of
 from pipelines.shards.stage import ShardOptions
 from training.data import check_shards, resolve_shard_source, resumed_source
 
-ARGS = [
-    "--sample-preset", "tiny", "--size", "128x192", "--encoder", "weightfree", "--local",
-    "--bench-chapters", "1", "--bench-refs", "8", "--bench-bw", "8", "--bench-max-series-fraction", "0.5",
-    "--max-samples", "6",
-]  # fmt: skip
-
 
 def _tars(data: Path) -> dict[str, bytes]:
     return {str(p.relative_to(data)): p.read_bytes() for p in sorted((data / "shards").rglob("*.tar"))}
@@ -61,7 +55,7 @@ def _stats(data: Path) -> dict[str, tuple[int, int]]:
 
 def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
     corpus, data = tmp_path / "corpus", tmp_path / "data"
-    argv = ["--generate-sample", str(corpus), "--output", str(data), *ARGS]
+    argv = ["--generate-sample", str(corpus), "--output", str(data), *PIPELINE_ARGS]
     pipeline_main(argv)
     layout = DataLayout.at(data)
     first = _tars(data)
@@ -144,7 +138,7 @@ def test_add_take_down_and_rerun_a_chapter(tmp_path: Path) -> None:
 
 def test_verify_redoes_what_was_deleted_by_hand(tmp_path: Path, pipeline_data: Path) -> None:
     """Files deleted by hand go unnoticed by a rerun that trusts its summaries and ledgers; `--verify` checks every
-    chapter and shard against its files and writes the missing ones again, with the same bytes."""
+    chapter, shard and benchmark chapter against its files and writes the missing ones again, with the same bytes."""
     data = shutil.copytree(pipeline_data, tmp_path / "data")
     layout = DataLayout.at(data)
     chapter = kept_chapter_ids(layout)[0]
@@ -153,6 +147,7 @@ def test_verify_redoes_what_was_deleted_by_hand(tmp_path: Path, pipeline_data: P
         next((data / "retrieval" / "embeddings").glob(f"*/{chapter}.npy")),
         next((data / "screentone").rglob(f"{chapter}.parquet")),
         sorted(layout.shards("train").glob("*.tar"))[0],
+        sorted((data / "benchmark").glob("*/gt/*.jpg"))[0],
     ]
     before = {path: path.read_bytes() for path in deleted}
     for path in deleted:
@@ -172,6 +167,7 @@ def test_verify_redoes_what_was_deleted_by_hand(tmp_path: Path, pipeline_data: P
     screentone = verified["screentone"]["summary"]
     assert screentone["chapters_rendered"] == 1 and screentone["chapters_vouched"] == 0
     assert verified["shards"]["summary"]["splits"]["train"]["units_run"] == 1
+    assert verified["shards"]["summary"]["benchmark"]["units_run"] == 1
 
 
 def test_another_sample_format_is_never_appended_to(tmp_path: Path, pipeline_data: Path) -> None:

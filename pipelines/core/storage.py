@@ -322,9 +322,7 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: I
         with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
             # on the names alone (the chapter id is the name up to its first dot): only what goes costs more
             going = [
-                e.name
-                for e in entries
-                if e.name.partition(".")[0] not in keep and TMP_TAG not in e.name and e.is_file()
+                e.name for e in entries if chapter_of(e.name) not in keep and TMP_TAG not in e.name and e.is_file()
             ]
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:

@@ -237,9 +237,23 @@ class ChapterTask:
     line_extractor_id: str
 
 
-def _chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str) -> bool:
+def _files_present(layout: DataLayout, chapter_id: str) -> bool:
+    """The chapter's index and every file it names are there (a check after files were deleted by hand)."""
+    folder = layout.benchmark / chapter_id
+    try:
+        index = read_json(folder / "index.json")
+    except (OSError, ValueError):
+        return False
+    named = [ref["file"] for ref in index["refs"]]
+    named += [name for page in index["bw"] for name in (page["gt"], *page["inputs"].values())]
+    return all((folder / name).is_file() for name in named)
+
+
+def _chapter_done(layout: DataLayout, chapter_id: str, fingerprint: str, verify: bool = False) -> bool:
+    """Marked done for this plan; with `verify`, its files are there too."""
     marker = marker_path(layout.benchmark / chapter_id)
-    return marker.exists() and read_json(marker).get("fingerprint") == fingerprint
+    done = marker.exists() and read_json(marker).get("fingerprint") == fingerprint
+    return done and (not verify or _files_present(layout, chapter_id))
 
 
 def write_chapter(task: ChapterTask) -> dict[str, Any]:
@@ -319,9 +333,16 @@ def _sweep(root: Path, keep: set[str]) -> None:
 
 
 def write_benchmark(
-    data: str | Path, plan: BenchmarkPlan, *, code_version: dict[str, Any] | None = None, local: bool = False
+    data: str | Path,
+    plan: BenchmarkPlan,
+    *,
+    code_version: dict[str, Any] | None = None,
+    local: bool = False,
+    verify: bool = False,
 ) -> dict[str, Any]:
-    """Write the benchmark folder (chapters as resumable units, then benchmark.json last); returns its summary."""
+    """Write the benchmark folder (chapters as resumable units, then benchmark.json last); returns its summary.
+    `verify` checks every chapter's files even when benchmark.json says the plan is written, and writes the
+    chapters missing any again (the same bytes: the benchmark stays frozen)."""
     from screentone.render import renderer_for
 
     layout = DataLayout.at(data)
@@ -329,9 +350,11 @@ def write_benchmark(
     plan.line_extractor_id = line_extractor_id(plan.config.line_extractor_weights)
     fingerprint = _plan_fingerprint(plan)
     top = layout.benchmark / "benchmark.json"
-    if top.exists() and read_json(top).get("fingerprint") == fingerprint:
-        return {**read_json(top)["summary"], "skipped": True}
-    if top.exists():
+    written = read_json(top) if top.exists() else None
+    same_plan = written is not None and written.get("fingerprint") == fingerprint
+    if same_plan and not verify:
+        return {**written["summary"], "skipped": True}
+    if written is not None and not same_plan:
         top.unlink()  # a different plan: its chapters are rebuilt or removed below
     _sweep(layout.benchmark, {c.chapter_id for c in plan.chapters})
     units = [
@@ -341,11 +364,11 @@ def write_benchmark(
     report = run_units(
         units,
         _write_chapter_unit,
-        is_done=lambda u: _chapter_done(layout, u.key, fingerprint),
+        is_done=lambda u: _chapter_done(layout, u.key, fingerprint, verify),
         desc="benchmark",
         local=local,
     )
-    complete = all(_chapter_done(layout, c.chapter_id, fingerprint) for c in plan.chapters)
+    complete = all(_chapter_done(layout, c.chapter_id, fingerprint, verify) for c in plan.chapters)
     summary = {
         "chapters": len(plan.chapters),
         "requested": plan.requested,

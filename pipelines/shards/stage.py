@@ -334,7 +334,7 @@ def run_shards(
     leakage["train_frames_removed_referencing_duplicates"] = len(referencing)
 
     # 3. the benchmark folder
-    benchmark = write_benchmark(layout.root, bench_plan, code_version=version, local=local)
+    benchmark = write_benchmark(layout.root, bench_plan, code_version=version, local=local, verify=verify)
 
     # 4. shards
     sample_config = SampleConfig(
