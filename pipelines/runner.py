@@ -26,6 +26,7 @@ from pipelines.core.storage import atomic_write_json, read_json, stable_hash
 from pipelines.ingest.stage import DEFAULT_MIN_COLOR_PAGES, IngestOptions
 from pipelines.retrieval.stage import RetrievalOptions
 from pipelines.runtime.distributor import map_in_tasks
+from pipelines.runtime.heap import runs_with_frozen_heap
 from pipelines.runtime.preconditions import (
     check_chapters,
     check_encoder,
@@ -141,6 +142,7 @@ def _run_stage(
     return run(*inputs, stage_options, local=local, verify=verify)
 
 
+@runs_with_frozen_heap
 def run_pipeline(
     input_root: str | os.PathLike,
     output: str | os.PathLike,

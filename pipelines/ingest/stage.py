@@ -74,6 +74,7 @@ from pipelines.core.storage import (
 )
 from pipelines.ingest.color import ColorThresholds, FeatureConfig, classify, page_features
 from pipelines.runtime.distributor import RunReport, Unit, map_in_tasks, run_units
+from pipelines.runtime.heap import runs_with_frozen_heap
 from pipelines.runtime.preconditions import check_input_root, check_output_creatable, created_folder
 
 STAGE = "ingest"
@@ -461,6 +462,7 @@ def purge_taken_down(layout: DataLayout, listed_ids: set[str], held: list[str] |
     return purged
 
 
+@runs_with_frozen_heap
 def run_ingest(
     input_root: str | os.PathLike,
     output: str | os.PathLike,

@@ -116,6 +116,7 @@ from pipelines.runtime.faults import (
     is_lost_object,
     is_lost_work,
 )
+from pipelines.runtime.heap import runs_with_frozen_heap
 from pipelines.runtime.ray import init_ray
 
 log = logging.getLogger(__name__)
@@ -1074,6 +1075,7 @@ def _failed_search(layout: DataLayout, chapter_id: str, pool_rows: list[dict[str
     return write_part(layout.pools, chapter_id, table_from_rows(pool_rows, POOLS), POOLS)
 
 
+@runs_with_frozen_heap
 def run_retrieval(
     data: str | os.PathLike,
     options: RetrievalOptions | None = None,

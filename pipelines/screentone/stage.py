@@ -53,6 +53,7 @@ from pipelines.core.storage import (
     write_parquet,
 )
 from pipelines.runtime.distributor import Unit, run_units
+from pipelines.runtime.heap import runs_with_frozen_heap
 
 if TYPE_CHECKING:
     from model.line_extractor import LineExtractor
@@ -280,6 +281,7 @@ def purge_taken_down(layout: DataLayout) -> set[str]:
     return purged
 
 
+@runs_with_frozen_heap
 def run_screentone(
     data: str,
     options: ScreentoneOptions = ScreentoneOptions(),

@@ -34,6 +34,7 @@ from pipelines.core.storage import (
     stable_hash,
     write_parquet,
 )
+from pipelines.runtime.heap import runs_with_frozen_heap
 from pipelines.shards.benchmark import (
     BenchmarkConfig,
     eligible_chapters,
@@ -198,6 +199,7 @@ def _embedding_versions(layout: DataLayout, encoder_id: str) -> dict[str, str] |
     return {chapter: entry.record["version"] for chapter, entry in ledger.items()} or None
 
 
+@runs_with_frozen_heap
 def run_shards(
     data: str | Path,
     options: ShardOptions | None = None,
