@@ -22,17 +22,22 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+_depth = 0  # frozen_heap blocks open in this process (gc.get_freeze_count walks every frozen object: not asked)
+
+
 @contextlib.contextmanager
 def frozen_heap() -> Iterator[None]:
     """Freeze the heap for the block; inside a block that already froze it (a stage run by the pipeline), nothing."""
-    if gc.get_freeze_count():
-        yield
-        return
-    gc.freeze()
+    global _depth
+    if _depth == 0:
+        gc.freeze()
+    _depth += 1
     try:
         yield
     finally:
-        gc.unfreeze()
+        _depth -= 1
+        if _depth == 0:
+            gc.unfreeze()
 
 
 def runs_with_frozen_heap(run: Callable[P, R]) -> Callable[P, R]:
