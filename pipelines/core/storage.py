@@ -300,7 +300,10 @@ CHAPTER_FILE_SUFFIXES = (MARKER_SUFFIX, ".parquet", ".npy")  # a chapter's marke
 def chapter_of(path: str | os.PathLike) -> str:
     """The chapter id a per-chapter file is named by: its name up to the first dot (ids have none). Takes a path
     or a bare file name (a folder listing's names need no path object each)."""
-    return os.path.basename(path).split(".", 1)[0]
+    name = os.fspath(path)
+    if "/" in name:  # a path (a listing's bare names skip the split: the driver calls this for every file listed)
+        name = os.path.basename(name)
+    return name.split(".", 1)[0]
 
 
 def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: Iterable[str] | None = None) -> set[str]:
