@@ -55,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from tqdm.auto import tqdm
 
 from pipelines.core.embeddings import PATCHES_PER_PAGE, QUERY_ROLE, REF_ROLE, ChapterEmbeddings, EmbeddingStore
 from pipelines.core.encoders import (
@@ -461,6 +462,9 @@ def inflight_limit(n_actors: int, cpus: int, chapter_bytes: int, budget: int) ->
     return max(floor, min(cpus + 2 * n_actors, budget // chapter_bytes))
 
 
+EMBED_BAR = "retrieval embeddings"
+
+
 def _embed_locally(
     jobs: list[EmbedJob], info: EncoderInfo, options: EncoderOptions
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -468,7 +472,7 @@ def _embed_locally(
     worker: EncoderWorker | None = None
     results = []
     embedded = 0
-    for job in jobs:
+    for job in tqdm(jobs, desc=EMBED_BAR, unit="chapter", dynamic_ncols=True, mininterval=1.0):
         try:
             prepared, patches = prepare_chapter(job)
             if prepared.stats is not None:
@@ -720,6 +724,7 @@ def _embed_on_ray(
         batch_size,
     )
     watchdog = ProgressWatchdog("retrieval embedding", policy)
+    bar = tqdm(total=len(jobs), desc=EMBED_BAR, unit="chapter", dynamic_ncols=True, mininterval=1.0)
     queue = deque(jobs)
     preparing: dict[Any, tuple[EmbedJob, Any]] = {}
     waiting: deque[tuple[EmbedJob, Any, Any]] = deque()
@@ -796,7 +801,9 @@ def _embed_on_ray(
                         retry_or_fail(job, "embedding", exc)
                         continue
                     actors.done(slot, actor, embedded=True)
+            bar.update(len(results) - bar.n)  # chapters finished: written, unchanged or failed
     finally:
+        bar.close()
         actors.stop()
     return [results[job.chapter_id] for job in jobs], actors.workers
 
