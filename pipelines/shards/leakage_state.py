@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.core.schemas import DUPLICATES, LEAKAGE_STATE_PAGES, table_from_rows
+from pipelines.core.schemas import DUPLICATES, LEAKAGE_STATE_PAGES
 from pipelines.core.storage import (
     atomic_path,
     atomic_write_bytes,
@@ -148,49 +148,34 @@ def save_state(
     folder.mkdir(parents=True, exist_ok=True)
     generation = _next_generation(folder, previous)
     new_raw = [chapter.raw for chapter in added]
-    rows: list[dict[str, Any]] = []
-    for chapter in added:
-        for page_id in chapter.page_ids:
-            ref = refs[page_id]
-            rows.append(
-                {"page_id": page_id, "chapter_id": ref.chapter_id, "split": ref.split, "version": chapter.version}
-            )
+    new_pages = [(page_id, chapter.version) for chapter in added for page_id in chapter.page_ids]
     segments = {segment for segment, _, _ in kept.values()}
     stored_rows = sum(previous.segments[s].shape[0] for s in segments) if previous else 0
+    ordered = sorted(kept)
     if kept and (len(segments) + bool(added) > MAX_SEGMENTS or stored_rows > 2 * len(kept)):
-        ordered = sorted(kept)  # merge: every live vector into the new segment
-        new_raw.insert(0, previous.raw([kept[p][:2] for p in ordered]))
-        old_rows = [
-            {"page_id": p, "chapter_id": refs[p].chapter_id, "split": refs[p].split, "version": kept[p][2]}
-            for p in ordered
-        ]
-        rows = old_rows + rows
-        segments = set()
-        kept_rows: list[dict[str, Any]] = []
-    else:
-        kept_rows = [
-            {
-                "page_id": p,
-                "chapter_id": refs[p].chapter_id,
-                "split": refs[p].split,
-                "version": version,
-                "segment": s,
-                "row": r,
-            }
-            for p, (s, r, version) in sorted(kept.items())
-        ]
+        new_raw.insert(0, previous.raw([kept[p][:2] for p in ordered]))  # merge: every live vector into the new one
+        new_pages = [(p, kept[p][2]) for p in ordered] + new_pages
+        segments, ordered = set(), []
     names: dict[str, Any] = {"segments": {}}
     if previous:
         names["segments"] = {str(s): previous.files["segments"][str(s)] for s in sorted(segments)}
     if new_raw:
-        for row_number, row in enumerate(rows):
-            row |= {"segment": generation, "row": row_number}
         name = f"vectors-{generation:06d}.npy"
         with atomic_path(folder / name) as tmp, open(tmp, "wb") as fh:
             np.save(fh, np.concatenate(new_raw).astype(np.float16, copy=False))
         names["segments"][str(generation)] = name
+    # built column by column: a row dict per page costs more than the rest of a one-chapter rerun at 10k chapters
+    page_ids = ordered + [p for p, _ in new_pages]
+    pages = {
+        "page_id": page_ids,
+        "chapter_id": [refs[p].chapter_id for p in page_ids],
+        "split": [refs[p].split for p in page_ids],
+        "version": [kept[p][2] for p in ordered] + [version for _, version in new_pages],
+        "segment": [kept[p][0] for p in ordered] + [generation] * len(new_pages),
+        "row": [kept[p][1] for p in ordered] + list(range(len(new_pages))),
+    }
     names["pages"] = f"pages-{generation:06d}.parquet"
-    write_parquet(table_from_rows(kept_rows + rows, LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
+    write_parquet(pa.table(pages, schema=LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
     names["candidates"] = f"candidates-{generation:06d}.parquet"
     write_parquet(candidates, folder / names["candidates"], DUPLICATES)
     names["ivf"] = None
