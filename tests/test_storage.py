@@ -14,6 +14,7 @@ from pipelines.core.storage import (
     atomic_path,
     atomic_write_json,
     is_done,
+    purge_chapter_files,
     read_json,
     read_parquet_parts,
     read_table,
@@ -74,3 +75,18 @@ def test_a_table_folder_reads_as_one_table_and_by_chapter(tmp_path: Path) -> Non
     write_parquet(pa.table({"chapter_id": ["a", "b"], "x": [1, 2]}), legacy, schema)
     assert read_table(legacy, schema, keys=["b"]).column("x").to_pylist() == [2]
     assert tables_fingerprint(digests) != tables_fingerprint({**digests, "b": digests["a"]})
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_purge_deletes_only_the_files_of_chapters_not_kept(tmp_path: Path, named: bool) -> None:
+    """Listed or named (`candidates`), a purge deletes a chapter's parts, vectors and marker, and nothing else: not
+    the kept chapter's files, a folder's own records, temporary files or subfolders."""
+    for name in ("keep.parquet", "keep.done.json", "gone.parquet", "gone.npy", "gone.done.json", "encoder.json"):
+        (tmp_path / name).write_text(name)
+    (tmp_path / ".gone.parquet.tmp-1-ab").write_text("being written")
+    (tmp_path / "pages").mkdir()
+    candidates = ["keep", "gone", "never"] if named else None
+    assert purge_chapter_files(tmp_path, {"keep"}, candidates) == {"gone"}
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".gone.parquet.tmp-1-ab", "encoder.json", "keep.done.json", "keep.parquet", "pages"]
+    assert purge_chapter_files(tmp_path, {"keep"}, candidates) == set()

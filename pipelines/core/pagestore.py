@@ -83,5 +83,5 @@ def ingested_chapter_ids(layout: DataLayout) -> set[str]:
     folder = layout.ingest_markers
     if not folder.is_dir():
         return set()
-    with os.scandir(folder) as entries:  # names only: no path object or stat per chapter
-        return {chapter_of(e.name) for e in entries if e.name.endswith(MARKER_SUFFIX) and e.name[0] != "."}
+    names = os.listdir(folder)  # names only: no path object or stat per chapter
+    return {chapter_of(name) for name in names if name.endswith(MARKER_SUFFIX) and name[0] != "."}

@@ -321,12 +321,9 @@ def purge_chapter_files(folder: str | os.PathLike, keep: set[str], candidates: I
         going = [name for name in names if (folder / name).is_file()]
     elif not folder.is_dir():
         return set()
-    else:
-        with os.scandir(folder) as entries:  # one listing; the entry types come with it, no stat per file
-            # on the names alone (the chapter id is the name up to its first dot): only what goes costs more
-            going = [
-                e.name for e in entries if chapter_of(e.name) not in keep and TMP_TAG not in e.name and e.is_file()
-            ]
+    else:  # one listing of names; only the names of chapters not kept cost a stat (the rule of `chapter_of`)
+        others = [name for name in os.listdir(folder) if name.split(".", 1)[0] not in keep]
+        going = [name for name in others if TMP_TAG not in name and (folder / name).is_file()]
     purged: set[str] = set()
     for suffix in CHAPTER_FILE_SUFFIXES:
         for name in sorted(n for n in going if n.endswith(suffix)):
