@@ -5,16 +5,16 @@
 Per N it builds a tree of N chapters of tiny pages (`<series>/<chapter>/` folders of PNGs written directly: a few
 colour pages and one black-and-white page per chapter, so every chapter is kept at `--min-color-pages`), runs the
 whole pipeline once (`pipelines.runner.run_pipeline`: weight-free encoder, halftone renderer, in-process unless
-`--ray`), then times, `--repeats` times each, (a) a no-op rerun, (b) a rerun with one chapter added (a new series)
-and (c) the rerun with that chapter removed again (a take-down), all wall clock of `run_pipeline`. (b) includes the
-added chapter's own work, measured as the wall time of the same pipeline over a fresh tree of that one chapter
-(after a run that loads every stage's imports, so both are timed warm; it includes each run's fixed costs) and
-printed beside the first run's wall time per chapter. It prints each figure's median and range, in milliseconds
-per chapter of the tree too, the median seconds each stage took in (b), and the ratio of the per-chapter cost at
-the largest N to the smallest (the baseline, measured in the same run): 1.0 means the driver's cost per chapter is
-flat, above 1.0 that it grows faster than the chapter count. The issue's goals are checked against the medians: a
-no-op rerun over 10k chapters within 60 s, and at every N one added chapter within twice the no-op time plus its
-own work.
+`--ray`), then times, in `--repeats` interleaved rounds, (a) a no-op rerun, (b) a rerun with one chapter added (a
+new series) and (c) the rerun with that chapter removed again (a take-down), all wall clock of `run_pipeline`. (b)
+includes the added chapter's own work, measured in each round as the wall time of the same pipeline over a fresh
+tree of that one chapter (after a run that loads every stage's imports, so both are timed warm; it includes each
+run's fixed costs) and printed beside the first run's wall time per chapter. It prints each figure's median and
+range, in milliseconds per chapter of the tree too, the median seconds each stage took in (b), and the ratio of the
+per-chapter cost at the largest N to the smallest (the baseline, measured in the same run): 1.0 means the driver's
+cost per chapter is flat, above 1.0 that it grows faster than the chapter count. The issue's goals are checked
+against the medians: a no-op rerun over 10k chapters within 60 s, and at every N one added chapter within twice the
+no-op time plus its own work.
 
 `--keep` keeps each N's tree and data folder in `--work` (and the first run's wall time in `first.json` beside
 them): a later run with the same `--work` reuses them, brings them current (after a code change that may redo a
@@ -94,9 +94,10 @@ def timed_run(corpus: Path, data: Path, options: PipelineOptions, local: bool) -
 def measure(
     chapters: int, work: Path, size: tuple[int, int], color_pages: int, local: bool, keep: bool, repeats: int
 ) -> dict[str, Any]:
-    """First run, then `repeats` times each: the one chapter's own run, a no-op rerun, and a rerun with one chapter
-    added followed by one with it removed again, over a tree of `chapters` chapters (fresh, or the one `keep` left
-    in `work`, then brought current and its first-run time read back). Each figure is the list of its times."""
+    """First run, then `repeats` rounds of: the one chapter's own run, a no-op rerun, a rerun with one chapter added
+    and one with it removed again, over a tree of `chapters` chapters (fresh, or the one `keep` left in `work`, then
+    brought current and its first-run time read back). The rounds interleave the figures, so a VM that speeds up or
+    slows down during the bench moves the goal's two sides together. Each figure is the list of its times."""
     corpus, data = work / f"corpus-{chapters}", work / f"data-{chapters}"
     first_record = work / f"first-{chapters}.json"
     added_folder = chapter_folder(corpus, chapters)
@@ -111,10 +112,11 @@ def measure(
         first = json.loads(first_record.read_text())["first"]
     elif keep:
         first_record.write_text(json.dumps({"first": first}))
-    own = one_chapter_runs(work, chapters, color_pages, size, options, local, repeats)
-    noop = [timed_run(corpus, data, options, local)[0] for _ in range(repeats)]
-    added, removed, stages = [], [], {stage: [] for stage in STAGES}
+    one_chapter_runs(work, chapters, color_pages, size, options, local, 0)  # loads what the stages import lazily
+    own, noop, added, removed, stages = [], [], [], [], {stage: [] for stage in STAGES}
     for _ in range(repeats):
+        own += one_chapter_runs(work, chapters, color_pages, size, options, local, 1, warm=True)
+        noop.append(timed_run(corpus, data, options, local)[0])
         write_chapter(added_folder, chapters, color_pages, size)
         seconds, record = timed_run(corpus, data, options, local)
         added.append(seconds)
@@ -137,21 +139,28 @@ def spread(times: list[float]) -> str:
 
 
 def one_chapter_runs(
-    work: Path, index: int, color_pages: int, size: tuple[int, int], options: PipelineOptions, local: bool, runs: int
+    work: Path,
+    index: int,
+    color_pages: int,
+    size: tuple[int, int],
+    options: PipelineOptions,
+    local: bool,
+    runs: int,
+    warm: bool = False,
 ) -> list[float]:
     """Wall times of the pipeline over a fresh tree of just the chapter the bench adds: that chapter's own work.
-    One more run comes first, untimed, to load what the stages import lazily (the renderer's line extractor, the
-    encoder), which a run that processed nothing (a kept tree already current) has not loaded yet."""
+    Unless `warm`, one more run comes first, untimed, to load what the stages import lazily (the renderer's line
+    extractor, the encoder), which a run that processed nothing (a kept tree already current) has not loaded yet."""
     corpus, data = work / "one-chapter", work / "one-chapter-data"
     times = []
-    for _ in range(runs + 1):
+    for _ in range(runs + (0 if warm else 1)):
         shutil.rmtree(corpus, ignore_errors=True)
         shutil.rmtree(data, ignore_errors=True)
         write_chapter(chapter_folder(corpus, index), index, color_pages, size)
         times.append(timed_run(corpus, data, options, local)[0])
-    shutil.rmtree(corpus)
-    shutil.rmtree(data)
-    return times[1:]
+    shutil.rmtree(corpus, ignore_errors=True)
+    shutil.rmtree(data, ignore_errors=True)
+    return times if warm else times[1:]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -143,13 +143,8 @@ PART_SUFFIX = ".parquet"
 def _part_names(folder: Path) -> list[str]:
     if not folder.is_dir():
         return []
-    with os.scandir(folder) as entries:  # one listing; the type comes with each entry
-        names = [
-            e.name
-            for e in entries
-            if e.name.endswith(PART_SUFFIX) and not e.name.startswith((".", "_")) and e.is_file()
-        ]
-    return sorted(names)
+    # one listing of names, no stat: a table folder holds part files only (and hidden temporary ones)
+    return sorted(n for n in os.listdir(folder) if n.endswith(PART_SUFFIX) and not n.startswith((".", "_")))
 
 
 def table_parts(table: str | os.PathLike) -> list[Path]:
