@@ -156,20 +156,17 @@ def read_frames(
 
 
 def eligible_chapters(frames: pa.Table, config: BenchmarkConfig) -> dict[str, dict[str, Any]]:
-    """chapter_id -> {series, chapter, pages: [(page_id, page_index)]} for chapters with enough colour pages, in
-    chapter order. Grouped in Arrow (single-threaded: a chapter's pages keep the frames' order), so Python builds
-    one entry per chapter, not one per frame."""
-    aggregations = [("series", "first"), ("chapter", "first"), ("page_id", "list"), ("page_index", "list")]
-    grouped = frames.group_by("chapter_id", use_threads=False).aggregate(aggregations)
-    grouped = grouped.filter(pc.greater_equal(pc.list_value_length(grouped["page_id_list"]), config.pages_per_chapter))
-    grouped = grouped.take(pc.sort_indices(grouped["chapter_id"]))
-    names = ("chapter_id", "series_first", "chapter_first", "page_id_list", "page_index_list")
-    return {
-        chapter_id: {"series": series, "chapter": chapter, "pages": list(zip(page_ids, indices, strict=True))}
-        for chapter_id, series, chapter, page_ids, indices in zip(
-            *(grouped[name].to_pylist() for name in names), strict=True
-        )
-    }
+    """chapter_id -> {series, chapter, pages: [(page_id, page_index)]} for chapters with enough colour pages."""
+    by_chapter: dict[str, dict[str, Any]] = {}
+    names = ("chapter_id", "series", "chapter", "page_id", "page_index")
+    for chapter_id, series, chapter, page_id, page_index in zip(
+        *(frames.column(name).to_pylist() for name in names), strict=True
+    ):
+        entry = by_chapter.get(chapter_id)
+        if entry is None:
+            entry = by_chapter[chapter_id] = {"series": series, "chapter": chapter, "pages": []}
+        entry["pages"].append((page_id, page_index))
+    return {cid: e for cid, e in sorted(by_chapter.items()) if len(e["pages"]) >= config.pages_per_chapter}
 
 
 def eligible_per_series(eligible: dict[str, dict[str, Any]]) -> dict[str, int]:

@@ -42,7 +42,7 @@ from pipelines.core import pools
 from pipelines.core.embeddings import EmbeddingStore
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import decode_page, read_chapter_pages
-from pipelines.core.schemas import DUPLICATES, EMBEDDED_PAGES, table_from_rows
+from pipelines.core.schemas import DUPLICATES, EMBEDDED_PAGES, LEAKAGE_STATE_PAGES, table_from_rows
 from pipelines.core.seeding import unit_hash
 from pipelines.core.storage import read_parquet
 from pipelines.shards.leakage_state import LeakageState, save_state, state_settings
@@ -293,7 +293,13 @@ def find_duplicates(
     stored: dict[str, tuple[int, int, str]] = {}  # page_id -> (segment, row, version)
     refiled: set[str] = set()
     if state is not None:
-        stored, refiled = state.matching(held | trained, versions)
+        columns = [state.pages.column(name).to_pylist() for name in LEAKAGE_STATE_PAGES.names]
+        for page_id, chapter_id, split, version, segment, row in zip(*columns, strict=True):
+            ref = held.get(page_id) or trained.get(page_id)
+            if ref and ref.chapter_id == chapter_id and versions.get(chapter_id) == version:
+                stored[page_id] = (segment, row, version)
+                if ref.split != split:
+                    refiled.add(page_id)
     kept_train = {p: stored[p][:2] for p in stored if p in trained and p not in refiled}
     kept_held = {p: stored[p][:2] for p in stored if p in held and p not in refiled}
     refiled_train = {p: stored[p][:2] for p in refiled if p in trained}

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.core.schemas import DUPLICATES, LEAKAGE_STATE_PAGES
 from pipelines.core.storage import (
@@ -108,44 +107,6 @@ class LeakageState:
             positions = order[segments[order] == segment]
             out[positions] = self.segments[int(segment)][wanted[positions]]
         return out
-
-    def matching(
-        self, refs: dict[str, PageRef], versions: dict[str, str]
-    ) -> tuple[dict[str, tuple[int, int, str]], set[str]]:
-        """(page_id -> (segment, row, version), in the state's row order, of its pages that `refs` still gives with
-        the same chapter, whose chapter still has the version `versions` gives; the ids among them whose split
-        changed). Joined in Arrow: a Python loop over the state's pages cost ~0.1 s of a one-chapter rerun at 10k
-        chapters."""
-        ids = list(refs)
-        now = pa.table(
-            {
-                "page_id": pa.array(ids, pa.string()),
-                "now_chapter": pa.array([refs[p].chapter_id for p in ids], pa.string()),
-                "now_split": pa.array([refs[p].split for p in ids], pa.string()),
-            }
-        )
-        chapters = list(versions)
-        now_versions = pa.table(
-            {
-                "now_chapter": pa.array(chapters, pa.string()),
-                "now_version": pa.array([versions[c] for c in chapters], pa.string()),
-            }
-        )
-        pages = self.pages.append_column("at", pa.array(np.arange(self.pages.num_rows, dtype=np.int64)))
-        joined = pages.join(now, "page_id", join_type="inner").join(now_versions, "now_chapter", join_type="inner")
-        same = pc.and_(
-            pc.equal(joined["chapter_id"], joined["now_chapter"]), pc.equal(joined["version"], joined["now_version"])
-        )
-        joined = joined.filter(same)
-        joined = joined.take(pc.sort_indices(joined["at"]))
-        columns = [joined[name].to_pylist() for name in ("page_id", "segment", "row", "version", "split", "now_split")]
-        stored = {}
-        refiled = set()
-        for page_id, segment, row, version, split, now_split in zip(*columns, strict=True):
-            stored[page_id] = (segment, row, version)
-            if split != now_split:
-                refiled.add(page_id)
-        return stored, refiled
 
     def chunks(self, pages: dict[str, tuple[int, int]]) -> Iterator[tuple[list[str], np.ndarray]]:
         """(page ids, float32 unit vectors) of stored `pages` (page_id -> (segment, row)), STORED_CHUNK at once."""
