@@ -23,7 +23,7 @@ def test_a_run_freezes_the_heap_once_and_gives_it_back_even_when_it_fails() -> N
 
     with pytest.raises(RuntimeError, match="a failed stage"):
         stage()
-    assert seen[0] > 0 and seen == [seen[0]] * 3
+    assert len(seen) == 3 and all(count > 0 for count in seen)  # frozen throughout, the nested block included
     assert gc.get_freeze_count() == 0
 
 
