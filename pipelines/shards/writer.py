@@ -187,7 +187,7 @@ def _shard_code(root: Path) -> dict[Path, bytes]:
 
 def shard_code_files(root: Path | None = None) -> list[Path]:
     """The source files that produce shard bytes: the modules of the shards stage and every project module they
-    import, transitively (package ``__init__`` files included), less the execution-only `pipelines.runtime`.
+    import, transitively (package ``__init__`` files included), less the execution-only ones (`EXECUTION_ONLY`).
     Editing anything else (the other stages' drivers, ``model/`` apart from the line extractor network the
     benchmark's line art runs, ``training/``, ``jobs/``, inference, evaluation, reports) leaves the code version,
     and so finished shards, untouched."""
