@@ -67,6 +67,14 @@ def _start_job(module: str, data: Path, cluster, pause: Path, *extra: str) -> su
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _running_task(cluster, name: str, job: subprocess.Popen):
     """The first task called `name` that is running (waiting on the pause file), from Ray's state API."""
     from ray.util.state import list_tasks
@@ -76,8 +84,9 @@ def _running_task(cluster, name: str, job: subprocess.Popen):
             running = list_tasks(address=_state_api(cluster), filters=[("name", "=", name), ("state", "=", "RUNNING")])
         except Exception:  # noqa: BLE001 - the state API answers once the job's tasks are reported
             running = []
-        if running and running[0].worker_pid:
-            return running[0]
+        alive = [task for task in running if task.worker_pid and _pid_alive(task.worker_pid)]
+        if alive:  # a task killed by an earlier test may still be listed as running for a while
+            return alive[0]
         time.sleep(0.5)
     raise AssertionError(f"the job ended before a {name} task ran: {job.communicate()[1][-3000:]}")
 
