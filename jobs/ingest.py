@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from jobs.common import add_fault_arguments, add_ray_arguments, add_verify_argument, configure_fault_policy
-from pipelines.core.cli import JobArgumentParser, configure_logging, outcome_line, positive_int, run_job
+from pipelines.core.cli import JobArgumentParser, configure_logging, positive_int, run_job
 from pipelines.core.decode import DEFAULT_ANALYSIS_SIDE, DEFAULT_MAX_PIXELS
 from pipelines.core.pagestore import ENCODINGS
 from pipelines.core.sources import DEFAULT_MAX_FILE_BYTES
@@ -126,7 +126,7 @@ def options_from_args(args: argparse.Namespace) -> IngestOptions:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     configure_logging()
     configure_fault_policy(args)
@@ -142,10 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         task_memory=args.task_memory_mb * 1024 * 1024 if args.task_memory_mb else None,
         verify=args.verify,
     )
-    line = outcome_line(summary)
-    if line:
-        print(f"{PROG}: {line}", file=sys.stderr)
-    return 0 if summary["complete"] else 1
+    return summary
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from PIL import Image
 
 from jobs.ingest import main as ingest_main
 from jobs.ingest import parse_args
+from pipelines.core.cli import run_job
 from pipelines.core.errors import PreconditionError
 from pipelines.core.layout import DataLayout
 from pipelines.core.pagestore import kept_chapter_ids, load_chapter_images
@@ -333,7 +334,7 @@ def test_failed_chapter_task_leaves_the_summary_incomplete(tmp_path) -> None:
     blocked = part_path(DataLayout.at(out).pages, stable_id("s1/b"))
     blocked.mkdir(parents=True)  # the chapter's pages part cannot be written: its task fails
     args = ["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]
-    assert ingest_main(args) == 1
+    assert run_job(ingest_main, args, prog="python -m jobs.ingest") == 1
     summary = json.loads((out / SUMMARY).read_text())
     assert summary["complete"] is False and summary["run"]["chapters_failed"] == 1
     chapters = {c["source"]: c for c in pq.read_table(out / "chapters.parquet").to_pylist()}
@@ -363,7 +364,8 @@ def test_unreadable_chapter_and_escaping_member_become_rows(tmp_path) -> None:
     flipped = raw.index(_png((0, 250, 0))) + 40  # a stored member's byte: its CRC-32 no longer matches
     (root / "s1" / "slip.cbz").write_bytes(raw[:flipped] + bytes([raw[flipped] ^ 0xFF]) + raw[flipped + 1 :])
     out = tmp_path / "out"
-    assert ingest_main(["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]) == 0
+    argv = ["--input", str(root), "--output", str(out), "--local", "--min-color-pages", "1"]
+    assert run_job(ingest_main, argv, prog="python -m jobs.ingest") == 0
     chapters = {c["source"]: c for c in pq.read_table(out / "chapters.parquet").to_pylist()}
     corrupt = chapters["s1/corrupt.cbz"]
     assert corrupt["status"] == STATUS_ERROR and not corrupt["kept"] and corrupt["n_pages"] == 0

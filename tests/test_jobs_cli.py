@@ -279,3 +279,30 @@ def test_an_os_error_names_its_path_and_reason(tmp_path: Path, capsys: pytest.Ca
     blocked.write_text("not a folder")
     assert run_job(tiny_pixart_main, [str(blocked / "tiny")], prog="python -m model.tiny_pixart") == 1
     assert capsys.readouterr().err.splitlines() == [f"python -m model.tiny_pixart: error: {blocked}: File exists"]
+
+
+def test_what_a_job_started_is_ended_before_its_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """A Ray session keeps forwarding its raylets' logs (a full disk, say) until it ends: `init_ray` registers its
+    end with `at_job_end`, and `run_job` runs those hooks, on success and on failure, before the job's last line."""
+    from pipelines.core.cli import at_job_end
+
+    def chatter() -> None:
+        print("(raylet) file_system_monitor: disk over 95% full", file=sys.stderr)
+
+    def incomplete(argv):
+        at_job_end(chatter)
+        at_job_end(chatter)  # registered once
+        return {"complete": False}
+
+    def crashing(argv):
+        at_job_end(chatter)
+        raise RuntimeError("no such folder")
+
+    assert run_job(incomplete, [], prog="job") == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("(raylet)") and len(lines) == 2 and lines[1].startswith("job: error: the run is")
+    assert run_job(crashing, [], prog="job") == 1
+    assert capsys.readouterr().err.splitlines()[1:] == ["job: error: no such folder"]
+    at_job_end(chatter)  # outside a job: the caller owns what it started, nothing runs later
+    assert run_job(lambda argv: {"complete": True}, [], prog="job") == 0
+    assert capsys.readouterr().err == ""

@@ -21,6 +21,31 @@ from pipelines.core.errors import JobFailed, JobStopped, PreconditionError, Usag
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
 
+_job_end_hooks: list[Callable[[], None]] | None = None  # a list while `run_job` runs a job
+
+
+def at_job_end(hook: Callable[[], None]) -> None:
+    """Run `hook` when the running job's ``main`` returns or raises, before its last line is printed.
+
+    Whatever the job started that still talks (a Ray session forwarding its workers' and raylets' logs) is stopped
+    by such a hook, so that the job's own line stays the last one. Outside `run_job` (a library call, a test)
+    nothing is registered: the caller owns what it started.
+    """
+    if _job_end_hooks is not None and hook not in _job_end_hooks:
+        _job_end_hooks.append(hook)
+
+
+def _call_main(main: Callable[[Sequence[str] | None], Any], argv: list[str]) -> Any:
+    """``main(argv)``, then the hooks it registered with `at_job_end`, whatever way it ended."""
+    global _job_end_hooks
+    outer, _job_end_hooks = _job_end_hooks, []
+    try:
+        return main(argv)
+    finally:
+        hooks, _job_end_hooks = _job_end_hooks, outer
+        for hook in reversed(hooks):
+            hook()
+
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Appends ``(default: X)`` to every option that takes a value, unless its text already states the default or
@@ -64,7 +89,7 @@ def run_job(
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        result = main(argv)
+        result = _call_main(main, argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2), already printed
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
     except KeyboardInterrupt:

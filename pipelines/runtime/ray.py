@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from pipelines.core.cli import at_job_end
+
 log = logging.getLogger(__name__)
 
 
@@ -12,7 +14,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to a Ray cluster or start a local one.
 
     `address` (or RAY_ADDRESS, which `ray job submit` sets for the entrypoint) connects to a running cluster;
-    without either a local Ray starts inside this process. Calling it twice is harmless.
+    without either a local Ray starts inside this process. Calling it twice is harmless. A job (`run_job`) that
+    starts the session here also ends it, before its last line: Ray's forwarded logs never follow that line.
     """
     import ray
 
@@ -32,6 +35,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env=runtime_env,
             log_to_driver=True,
         )
+    at_job_end(ray.shutdown)
 
 
 def cluster_has_gpus() -> bool:
