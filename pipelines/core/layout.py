@@ -144,9 +144,9 @@ class DataLayout:
         return self.root / "duplicates.parquet"
 
     def shard_inputs(self, table: str) -> Path:
-        """The shard stage's snapshot of a table's planned columns (`pipelines.shards.inputs`), e.g.
-        ``shards/inputs/pages.parquet``."""
-        return self.root / "shards" / "inputs" / table
+        """The shard stage's snapshot of a table's planned columns (`pipelines.shards.inputs`), an Arrow IPC file
+        named after the table, e.g. ``shards/inputs/pages.arrow`` for ``pages.parquet``."""
+        return self.root / "shards" / "inputs" / f"{table.removesuffix('.parquet')}.arrow"
 
     @property
     def leakage_state(self) -> Path:

@@ -34,16 +34,20 @@ from pipelines.core.storage import write_parquet
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    key: str  # what the chapter's output was made from (a hash the stage defines)
+    key: str  # what the chapter's output was made from (versions the stage joins with `chapter_key`)
     record: dict[str, Any]  # what its task (or its marker) said: counts, part fingerprints
 
 
-def chapter_key(*parts: Any) -> str:
-    """A ledger key from the things a chapter's output depends on: strings as they are (a stage keys every chapter
-    on every run, so the common case stays cheap), other values by their canonical JSON. Hash settings dicts once
-    per run (`stable_hash`) rather than passing them for every chapter."""
-    text = "\x1f".join(p if isinstance(p, str) else json.dumps(p, sort_keys=True, default=str) for p in parts)
-    return hashlib.sha256(text.encode()).hexdigest()[:24]
+def chapter_key(*parts: str) -> str:
+    """A ledger key from the versions a chapter's output depends on (hashes, run ids: short strings), joined as
+    they are: a stage keys every chapter on every run, so no hashing here. Hash settings once per run
+    (`stable_hash`) and versions once per chapter (`content_version`) before passing them."""
+    return ":".join(parts)
+
+
+def content_version(*parts: str) -> str:
+    """24 hex chars of the sha256 of `parts`: a short version of a chapter's output for later stages' keys."""
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:24]
 
 
 # path -> (file signature, entries, each entry's record as stored) of the ledger this process last read or wrote
@@ -122,7 +126,7 @@ def ingested_versions(layout: DataLayout) -> dict[str, str]:
     versions = {
         c: known[c]
         if c in known and known_entries.get(c) is e
-        else chapter_key(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
+        else content_version(e.key, *(f"{table}:{sha}" for table, sha in sorted(e.record["parts"].items())))
         for c, e in ledger.items()
         if "parts" in e.record
     }

@@ -234,7 +234,7 @@ LEAKAGE_STATE_PAGES = pa.schema(
 LEDGER = pa.schema(
     [
         pa.field("chapter_id", pa.string(), nullable=False),
-        pa.field("key", pa.string(), nullable=False),  # hash of what the chapter's output depends on
+        pa.field("key", pa.string(), nullable=False),  # the versions the chapter's output depends on, joined
         pa.field("record", pa.string(), nullable=False),  # JSON: what the chapter's task returned (counts, parts)
     ]
 )

@@ -1129,7 +1129,7 @@ def run_retrieval(
     embed_ledger_path = layout.ledger(f"embeddings-{info.encoder_id}")
     embed_ledger = {} if rebuild or unfinished else read_ledger(embed_ledger_path)
     ingested = ingested_versions(layout)
-    embed_keys = {c: chapter_key(ingested[c]) for c in chapters if c in ingested}
+    embed_keys = {c: ingested[c] for c in chapters if c in ingested}
     embed_trusted = vouched(embed_ledger, embed_keys)
     checks: dict[str, dict[str, Any] | None] = {c: {**record, "current": True} for c, record in embed_trusted.items()}
     to_check = [  # a chapter the ledger vouches for needs no job

@@ -48,13 +48,13 @@ from pipelines.core.storage import (
     atomic_path,
     atomic_write_bytes,
     atomic_write_json,
+    read_arrow,
     read_json,
-    read_parquet,
-    write_parquet,
+    write_arrow,
 )
 from pipelines.shards.leakage_vectors import ChapterVectors, PageRef, normalised
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: pages and candidates as Arrow IPC files (1: Parquet; such a state starts over)
 STATE_FILE = "state.json"
 MAX_SEGMENTS = 16  # vectors files a state may hold before they are merged into one
 STORED_CHUNK = 4096  # state vectors normalised, added or searched at once
@@ -88,9 +88,9 @@ class LeakageState:
             return cls(
                 folder,
                 int(meta["generation"]),
-                read_parquet(folder / meta["pages"], LEAKAGE_STATE_PAGES),
+                read_arrow(folder / meta["pages"], LEAKAGE_STATE_PAGES),
                 {int(s): np.load(folder / name, mmap_mode="r") for s, name in meta["segments"].items()},
-                read_parquet(folder / meta["candidates"], DUPLICATES),
+                read_arrow(folder / meta["candidates"], DUPLICATES),
                 (folder / meta["ivf"]).read_bytes() if meta.get("ivf") else None,
                 {key: meta[key] for key in ("segments", "pages", "candidates", "ivf")},
             )
@@ -174,10 +174,10 @@ def save_state(
         "segment": [kept[p][0] for p in ordered] + [generation] * len(new_pages),
         "row": [kept[p][1] for p in ordered] + list(range(len(new_pages))),
     }
-    names["pages"] = f"pages-{generation:06d}.parquet"
-    write_parquet(pa.table(pages, schema=LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
-    names["candidates"] = f"candidates-{generation:06d}.parquet"
-    write_parquet(candidates, folder / names["candidates"], DUPLICATES)
+    names["pages"] = f"pages-{generation:06d}.arrow"
+    write_arrow(pa.table(pages, schema=LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
+    names["candidates"] = f"candidates-{generation:06d}.arrow"
+    write_arrow(candidates, folder / names["candidates"], DUPLICATES)
     names["ivf"] = None
     if ivf is not None:
         if previous is not None and previous.ivf == ivf:
