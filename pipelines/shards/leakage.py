@@ -290,20 +290,26 @@ def find_duplicates(
 
     # what the state still holds: pages of the same chapter version; those whose split changed are re-filed (their
     # vector is kept, their pairs are searched again)
-    stored: dict[str, tuple[int, int, str]] = {}  # page_id -> (segment, row, version)
+    stored: dict[str, tuple[int, int, str, str, str]] = {}  # page_id -> (segment, row, version, chapter, split now)
     refiled: set[str] = set()
-    if state is not None:
+    kept_train: dict[str, tuple[int, int]] = {}  # page_id -> (segment, row), filed as before
+    kept_held: dict[str, tuple[int, int]] = {}
+    refiled_train: dict[str, tuple[int, int]] = {}  # page_id -> (segment, row), whose split changed
+    refiled_held: dict[str, tuple[int, int]] = {}
+    if state is not None:  # one pass over the state's pages: a rerun over 30k pages does nothing else per page
         columns = [state.pages.column(name).to_pylist() for name in LEAKAGE_STATE_PAGES.names]
         for page_id, chapter_id, split, version, segment, row in zip(*columns, strict=True):
-            ref = held.get(page_id) or trained.get(page_id)
-            if ref and ref.chapter_id == chapter_id and versions.get(chapter_id) == version:
-                stored[page_id] = (segment, row, version)
-                if ref.split != split:
-                    refiled.add(page_id)
-    kept_train = {p: stored[p][:2] for p in stored if p in trained and p not in refiled}
-    kept_held = {p: stored[p][:2] for p in stored if p in held and p not in refiled}
-    refiled_train = {p: stored[p][:2] for p in refiled if p in trained}
-    refiled_held = {p: stored[p][:2] for p in refiled if p in held}
+            ref, kept, moved = trained.get(page_id), kept_train, refiled_train
+            if ref is None:
+                ref, kept, moved = held.get(page_id), kept_held, refiled_held
+            if ref is None or ref.chapter_id != chapter_id or versions.get(chapter_id) != version:
+                continue
+            stored[page_id] = (segment, row, version, chapter_id, ref.split)
+            if ref.split != split:
+                refiled.add(page_id)
+                moved[page_id] = (segment, row)
+            else:
+                kept[page_id] = (segment, row)
     unread_train = [ref for p, ref in trained.items() if p not in stored]
     unread_held = [ref for p, ref in held.items() if p not in stored]
 
@@ -382,7 +388,8 @@ def find_duplicates(
     table = _in_row_order(pa.concat_tables(parts))
     changed = state is None or added or refiled or len(stored) != state.pages.num_rows or ivf != state.ivf
     if keep_state and changed:
-        save_state(layout.leakage_state, settings, state, stored, added, held | trained, table, ivf)
+        refs = held.get  # a page is held out or in training, never both (checked above)
+        save_state(layout.leakage_state, settings, state, stored, added, lambda p: refs(p) or trained[p], table, ivf)
 
     checked = with_vectors if train_indexed else set()
     rows = table.select(["page_id", "split", "train_page_id", "duplicate"]).to_pylist()

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,28 +133,30 @@ def save_state(
     folder: Path,
     settings: dict[str, Any],
     previous: LeakageState | None,
-    kept: dict[str, tuple[int, int, str]],
+    kept: dict[str, tuple[int, int, str, str, str]],
     added: list[ChapterVectors],
-    refs: dict[str, PageRef],
+    refs: Callable[[str], PageRef],
     candidates: pa.Table,
     ivf: bytes | None,
 ) -> None:
     """Write the new state: its files under new names first, then `state.json` naming them (atomically), then
     remove what the old state named. A kill at any point leaves one complete state, the old or the new.
 
-    `kept`: page_id -> (segment, row, version) of the old state's pages that stay; `added`: vectors read this
-    run. Segments are merged into one when there would be more than MAX_SEGMENTS or under half their rows live.
+    `kept`: page_id -> (segment, row, version, chapter_id, split) of the old state's pages that stay (split: the
+    one they have now); `added`: vectors read this run, whose pages `refs` (page_id -> its PageRef) files.
+    Segments are merged into one when there would be more than MAX_SEGMENTS or under half their rows live.
     """
     folder.mkdir(parents=True, exist_ok=True)
     generation = _next_generation(folder, previous)
     new_raw = [chapter.raw for chapter in added]
-    new_pages = [(page_id, chapter.version) for chapter in added for page_id in chapter.page_ids]
-    segments = {segment for segment, _, _ in kept.values()}
+    # (page_id, version, chapter_id, split) of the rows written to the new vectors file
+    new_pages = [(p, chapter.version, chapter.chapter_id, refs(p).split) for chapter in added for p in chapter.page_ids]
+    segments = {where[0] for where in kept.values()}
     stored_rows = sum(previous.segments[s].shape[0] for s in segments) if previous else 0
     ordered = sorted(kept)
     if kept and (len(segments) + bool(added) > MAX_SEGMENTS or stored_rows > 2 * len(kept)):
         new_raw.insert(0, previous.raw([kept[p][:2] for p in ordered]))  # merge: every live vector into the new one
-        new_pages = [(p, kept[p][2]) for p in ordered] + new_pages
+        new_pages = [(p, *kept[p][2:]) for p in ordered] + new_pages
         segments, ordered = set(), []
     names: dict[str, Any] = {"segments": {}}
     if previous:
@@ -165,14 +167,14 @@ def save_state(
             np.save(fh, np.concatenate(new_raw).astype(np.float16, copy=False))
         names["segments"][str(generation)] = name
     # built column by column: twice as fast as a dict per row (30k pages: 0.013 against 0.031 s)
-    page_ids = ordered + [p for p, _ in new_pages]
+    rows = [kept[p] for p in ordered]
     pages = {
-        "page_id": page_ids,
-        "chapter_id": [refs[p].chapter_id for p in page_ids],
-        "split": [refs[p].split for p in page_ids],
-        "version": [kept[p][2] for p in ordered] + [version for _, version in new_pages],
-        "segment": [kept[p][0] for p in ordered] + [generation] * len(new_pages),
-        "row": [kept[p][1] for p in ordered] + list(range(len(new_pages))),
+        "page_id": ordered + [p[0] for p in new_pages],
+        "chapter_id": [r[3] for r in rows] + [p[2] for p in new_pages],
+        "split": [r[4] for r in rows] + [p[3] for p in new_pages],
+        "version": [r[2] for r in rows] + [p[1] for p in new_pages],
+        "segment": [r[0] for r in rows] + [generation] * len(new_pages),
+        "row": [r[1] for r in rows] + list(range(len(new_pages))),
     }
     names["pages"] = f"pages-{generation:06d}.arrow"
     write_arrow(pa.table(pages, schema=LEAKAGE_STATE_PAGES), folder / names["pages"], LEAKAGE_STATE_PAGES)
