@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -281,7 +282,9 @@ def test_an_os_error_names_its_path_and_reason(tmp_path: Path, capsys: pytest.Ca
     assert capsys.readouterr().err.splitlines() == [f"python -m model.tiny_pixart: error: {blocked}: File exists"]
 
 
-def test_what_a_job_started_is_ended_before_its_last_line(capsys: pytest.CaptureFixture[str]) -> None:
+def test_what_a_job_started_is_ended_before_its_last_line(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     """A Ray session keeps forwarding its raylets' logs (a full disk, say) until it ends: `init_ray` registers its
     end with `at_job_end`, and `run_job` runs those hooks, on success and on failure, before the job's last line."""
     from pipelines.core.cli import at_job_end
@@ -303,6 +306,18 @@ def test_what_a_job_started_is_ended_before_its_last_line(capsys: pytest.Capture
     assert lines[0].startswith("(raylet)") and len(lines) == 2 and lines[1].startswith("job: error: the run is")
     assert run_job(crashing, [], prog="job") == 1
     assert capsys.readouterr().err.splitlines()[1:] == ["job: error: no such folder"]
+
+    def failing_end() -> None:
+        raise RuntimeError("the session was already gone")
+
+    def done_despite_a_failing_hook(argv):
+        at_job_end(failing_end)
+        return {"complete": True}
+
+    with caplog.at_level(logging.WARNING, logger="pipelines.core.cli"):
+        assert run_job(done_despite_a_failing_hook, [], prog="job") == 0  # the job's outcome stands
+    assert "failing_end failed: the session was already gone" in caplog.text
+    assert not [line for line in capsys.readouterr().err.splitlines() if line.startswith("job:")]
     at_job_end(chatter)  # outside a job: the caller owns what it started, nothing runs later
     assert run_job(lambda argv: {"complete": True}, [], prog="job") == 0
     assert capsys.readouterr().err == ""

@@ -20,6 +20,7 @@ from pipelines.core.errors import JobFailed, JobStopped, PreconditionError, Usag
 
 USAGE_ERROR = 2
 RUNTIME_ERROR = 1
+log = logging.getLogger(__name__)
 
 _job_end_hooks: list[Callable[[], None]] | None = None  # a list while `run_job` runs a job
 
@@ -44,7 +45,10 @@ def _call_main(main: Callable[[Sequence[str] | None], Any], argv: list[str]) -> 
     finally:
         hooks, _job_end_hooks = _job_end_hooks, outer
         for hook in reversed(hooks):
-            hook()
+            try:
+                hook()
+            except Exception as exc:  # noqa: BLE001 - ending a session must not turn the job's outcome into another
+                log.warning("at the end of the job, %s failed: %s", getattr(hook, "__qualname__", hook), exc)
 
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
