@@ -57,6 +57,7 @@ from pipelines.core.benchmark_format import (
     GREY_STYLE,
     benchmark_styles,
     page_seed,
+    read_chapter_index,
     style_of,
 )
 from pipelines.core.geometry import fit_image
@@ -241,7 +242,7 @@ def _files_present(layout: DataLayout, chapter_id: str) -> bool:
     """The chapter's index and every file it names are there (a check after files were deleted by hand)."""
     folder = layout.benchmark / chapter_id
     try:
-        index = read_json(folder / "index.json")
+        index = read_chapter_index(layout.benchmark, chapter_id)
     except (OSError, ValueError):
         return False
     named = [ref["file"] for ref in index["refs"]]

@@ -291,7 +291,6 @@ def find_duplicates(
     # what the state still holds: pages of the same chapter version; those whose split changed are re-filed (their
     # vector is kept, their pairs are searched again)
     stored: dict[str, tuple[int, int, str, str, str]] = {}  # page_id -> (segment, row, version, chapter, split now)
-    refiled: set[str] = set()
     kept_train: dict[str, tuple[int, int]] = {}  # page_id -> (segment, row), filed as before
     kept_held: dict[str, tuple[int, int]] = {}
     refiled_train: dict[str, tuple[int, int]] = {}  # page_id -> (segment, row), whose split changed
@@ -306,7 +305,6 @@ def find_duplicates(
                 continue
             stored[page_id] = (segment, row, version, chapter_id, ref.split)
             if ref.split != split:
-                refiled.add(page_id)
                 moved[page_id] = (segment, row)
             else:
                 kept[page_id] = (segment, row)
@@ -386,10 +384,19 @@ def find_duplicates(
         )
         parts.append(old.filter(stays))
     table = _in_row_order(pa.concat_tables(parts))
+    refiled = bool(refiled_train or refiled_held)
     changed = state is None or added or refiled or len(stored) != state.pages.num_rows or ivf != state.ivf
     if keep_state and changed:
-        refs = held.get  # a page is held out or in training, never both (checked above)
-        save_state(layout.leakage_state, settings, state, stored, added, lambda p: refs(p) or trained[p], table, ivf)
+        save_state(
+            layout.leakage_state,
+            settings,
+            state,
+            stored,
+            added,
+            lambda page_id: held.get(page_id) or trained[page_id],  # held out or training, never both (checked)
+            table,
+            ivf,
+        )
 
     checked = with_vectors if train_indexed else set()
     rows = table.select(["page_id", "split", "train_page_id", "duplicate"]).to_pylist()
